@@ -1,0 +1,75 @@
+"""Configuration of the training and evaluation data (the ``data`` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are batched, decoded and augmented."""
+
+    train_shards: str = ""
+    """Training shards: a brace pattern, a ``.txt`` list of URLs, or ``builtin`` / "" for the
+    built-in procedurally drawn scenes (generated once into ``cache_dir``)."""
+    eval_shards: str = ""
+    """Held-out shards for zero-shot and retrieval; "" with built-in data uses its eval split."""
+    cache_dir: str = "~/.cache/tritower"
+    """Folder for generated built-in data and its vocabulary."""
+    builtin_train_samples: int = 20000
+    """Number of built-in training scenes to generate."""
+    builtin_eval_samples: int = 1500
+    """Number of built-in held-out scenes (zero-shot and retrieval)."""
+    builtin_image_size: int = 64
+    """Side in pixels of the generated built-in scene images."""
+    batch_size: int = 256
+    """Global batch: image-text pairs per optimizer step over all ranks."""
+    num_workers: int = 1
+    """Dataloader worker processes per rank."""
+    shuffle_buffer: int = 2000
+    """Samples held in the in-worker shuffle buffer."""
+    crop_scale_min: float = 0.8
+    """Lower bound of the random-resized-crop area fraction (upper bound is 1)."""
+    caption_key: str = "txt"
+    """Field holding the caption: ``txt`` or ``json:<field>`` for a field of the json sidecar."""
+    train_weights: str = ""
+    """Sampling weights of the ``::``-separated sources of ``train_shards`` (e.g. ``1::3``);
+    "" weighs all sources equally. Needs ``resampled``: weights are per shard draw."""
+    resampled: bool = True
+    """True: each worker draws shards with replacement (infinite, mixes sources by weight).
+    False: every shard is read once per epoch, split disjointly over ranks x workers."""
+    tokenizer: str = ""
+    """WordPiece vocabulary: a vocab.txt path, a local model folder, or ``package:<name>``;
+    "" uses the built-in scene vocabulary (only with built-in data)."""
+    max_bad_fraction: float = 0.05
+    """Stop with an error naming the worst shards when more than this fraction of a worker's
+    samples is bad (undecodable image, bad caption, missing field, unreadable shard)."""
+    bad_check_min_samples: int = 200
+    """Samples a worker reads before ``max_bad_fraction`` is enforced (avoids noise at start)."""
+    builtin_seed: int = 0
+    """Seed of the built-in scene generator; the held-out split uses a different derived seed."""
+    builtin_shard_size: int = 1000
+    """Built-in scenes per tar shard."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError(f"data.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
+        if self.caption_key != "txt" and not self.caption_key.startswith("json:"):
+            raise ValueError(f"data.caption_key must be 'txt' or 'json:<field>', got {self.caption_key!r}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.train_weights and not self.resampled:
+            raise ValueError("data.train_weights needs data.resampled=True (weights are per draw)")
+        for name in ("builtin_train_samples", "builtin_eval_samples", "builtin_image_size",
+                     "builtin_shard_size"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def uses_builtin(self) -> bool:
+        """True when training reads the built-in generated scenes."""
+        return self.train_shards in ("", "builtin")

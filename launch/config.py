@@ -1,0 +1,267 @@
+"""The training configuration: one typed dataclass per concern, and the command-line overrides.
+
+A run is an experiment name (a function in ``launch/experiments.py`` returning a ``TrainConfig``)
+plus ``--section.field=value`` overrides, the form wandb sweep agents pass. Every override is
+checked against the dataclasses before anything is built: an unknown section or key fails at once,
+naming the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+
+from tritower.data.config import DataConfig
+from tritower.evaluation.config import EvalConfig
+from tritower.losses.config import LossConfig
+from tritower.model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the problem and the fix."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warm-up, then cosine decay)."""
+
+    lr: float = 5e-4
+    """Peak learning rate, reached at the end of warm-up."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; biases, norms and the temperature get none."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2 (0.98 as in CLIP, for stability at large batch)."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 30
+    """Steps of linear warm-up from 0 to ``lr``."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at ``lr * min_lr_ratio``."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+
+
+@dataclass
+class TrainLoopConfig:
+    """Length of the run, seeding and progress output."""
+
+    steps: int = 200
+    """Optimizer steps in the run."""
+    seed: int = 0
+    """Seed for model initialisation, data order and augmentation."""
+    log_every: int = 10
+    """Print a progress line (and log to wandb) every N steps."""
+    output_dir: str = "runs"
+    """Parent folder of run folders."""
+    run_name: str = ""
+    """Run folder name under ``output_dir`` ("" = experiment name)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Which ZeRO policy file to use and the numeric precision of training."""
+
+    zero: str = "zero_configs/z3.json"
+    """ZeRO/precision policy JSON (``--zero`` on the command line). Relative paths are tried
+    from the working directory, then from the installed package."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (fp16 uses dynamic loss scaling; GPUs only)."""
+    use_apex: bool = True
+    """Use NVIDIA apex's fused LayerNorm where apex is installed and the run is on CUDA."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and loading DeepSpeed checkpoints."""
+
+    save_at_end: bool = True
+    """Write a checkpoint (all ranks, through the engine) after the last step."""
+    resume: str = ""
+    """Checkpoint to load before training (``--resume PATH``): a run's ``checkpoints`` folder
+    (its ``latest`` tag) or one tag folder inside it."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (global rank 0 only)."""
+
+    mode: str = "offline"
+    """``online``, ``offline`` (local run files, no network needed) or ``disabled``."""
+    project: str = "tritower"
+    """wandb project."""
+    entity: str = ""
+    """wandb entity (team or user); "" = the default."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs, one section per concern."""
+
+    experiment: str = "clip_tiny"
+    """Name of the experiment the config came from (informational once built)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Top-level flags that are shorthands for a section field.
+ALIASES = {"zero": "deepspeed.zero", "resume": "checkpoint.resume"}
+
+CHOICES = {
+    "loss.kind": ("softmax", "sigmoid"),
+    "loss.impl": ("naive", "tiled", "triton"),
+    "loss.scope": ("global", "local"),
+    "deepspeed.precision": ("fp32", "bf16", "fp16"),
+    "wandb.mode": ("online", "offline", "disabled"),
+    "model.text_pooling": ("mean", "cls"),
+}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _field_types(section: object) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _convert(text: str, kind: typing.Any, key: str) -> typing.Any:
+    """Parse a command-line string into the field's declared type."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _convert(text, options[0], key)
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(kind) or (str,)
+        items = [s for s in text.strip("()[]").split(",") if s.strip()]
+        values = [_convert(s.strip(), inner, key) for s in items]
+        return tuple(values) if origin is tuple else values
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            number = float(text)  # accepts "1e3" as wandb sometimes writes integers
+            if number != int(number):
+                raise ValueError(text)
+            return int(number)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{key}={text!r}: expected a {kind.__name__}") from None
+    return text
+
+
+def apply_override(cfg: TrainConfig, key: str, text: str) -> None:
+    """Set ``section.field`` (or a top-level alias) from its command-line text."""
+    key = ALIASES.get(key, key)
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    valid_keys = [f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(cfg, s))]
+    if "." not in key:
+        raise ConfigError(
+            f"unknown option --{key}{_closest(key, list(ALIASES) + valid_keys)}; "
+            "options are --section.field=value, --experiment, --zero and --resume"
+        )
+    section_name, field_name = key.split(".", 1)
+    if section_name not in sections:
+        raise ConfigError(f"unknown config section '{section_name}'{_closest(section_name, sections)} in --{key}")
+    section = getattr(cfg, section_name)
+    types_by_field = _field_types(section)
+    if field_name not in types_by_field:
+        raise ConfigError(f"unknown config key '{key}'{_closest(key, valid_keys)}")
+    value = _convert(text, types_by_field[field_name], key)
+    setattr(section, field_name, value)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need several fields or a closed set of values; run before anything is built."""
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "train.steps": cfg.train.steps,
+        "train.log_every": cfg.train.log_every,
+        "model.embed_dim": cfg.model.embed_dim,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    from tritower.model import image_tower_spec, text_tower_spec
+
+    for key, lookup in (("model.image_tower", image_tower_spec), ("model.text_tower", text_tower_spec)):
+        try:
+            lookup(getattr(cfg.model, key.split(".")[1]))
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if cfg.optim.warmup_steps < 0 or cfg.eval.every_steps < 0:
+        raise ConfigError("optim.warmup_steps and eval.every_steps must be >= 0")
+
+
+def parse_cli(argv: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """Split argv into (experiment name, [(key, value text), ...]).
+
+    Accepts ``--key=value`` and ``--key value``; ``--local_rank`` (added by the ``deepspeed``
+    launcher) is accepted and ignored because the rank comes from the environment.
+    """
+    experiment = ""
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}: options are --section.field=value")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = token[2:], argv[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"{token} needs a value: write {token}=VALUE")
+        i += 1
+        key = key.replace("-", "_") if key in ("local-rank",) else key
+        if key == "local_rank":
+            continue
+        if key == "experiment":
+            experiment = value
+        else:
+            overrides.append((key, value))
+    return experiment, overrides
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """Build the run's config from the command line: experiment, then overrides, then checks."""
+    from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
+
+    name, overrides = parse_cli(argv)
+    cfg = get_experiment(name or DEFAULT_EXPERIMENT)
+    for key, value in overrides:
+        apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,124 @@
+"""Turns a ZeRO policy file plus the training config into the dict ``deepspeed.initialize`` takes.
+
+``zero_configs/*.json`` hold the ZeRO and precision policy only. The fields the trainer owns
+(batch sizes, accumulation, clipping, optimizer and schedule, which precision is on) say
+``"auto"`` there and are filled here, in this one place. A JSON that fixes one of them to a value
+other than the training config's is an error naming both values.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from tritower.launch.config import ConfigError, TrainConfig
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+# Top-level keys a policy file may hold; anything else is a typo or belongs in the training config.
+ALLOWED_KEYS = {
+    "zero_optimization", "bf16", "fp16", "train_batch_size", "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps", "gradient_clipping", "optimizer", "scheduler", "steps_per_print",
+    "wall_clock_breakdown", "communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "zero_allow_untested_optimizer", "activation_checkpointing",
+    "flops_profiler", "comms_logger", "data_types", "seq_parallel_communication_data_type",
+}
+
+
+def resolve_zero_path(path: str) -> Path:
+    """Find the policy file: as given, else relative to the installed package."""
+    candidates = [Path(path).expanduser(), PACKAGE_ROOT / path, PACKAGE_ROOT / "zero_configs" / Path(path).name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.name for p in (PACKAGE_ROOT / "zero_configs").glob("*.json")))
+    raise ConfigError(
+        f"ZeRO config file not found: {path}. Pass --zero with one of zero_configs/{{{available}}} "
+        "or a path to your own JSON."
+    )
+
+
+def load_policy(path: str) -> tuple[Path, dict[str, Any]]:
+    """Read and check the shape of a policy file."""
+    resolved = resolve_zero_path(path)
+    try:
+        policy = json.loads(resolved.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{resolved} is not valid JSON: {error}. Fix the file or pick one from zero_configs/.") from None
+    if not isinstance(policy, dict):
+        raise ConfigError(f"{resolved} must hold a JSON object (a ZeRO policy), found {type(policy).__name__}")
+    for key in policy:
+        if key not in ALLOWED_KEYS:
+            close = difflib.get_close_matches(key, sorted(ALLOWED_KEYS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{resolved}: unknown top-level key '{key}'{hint}. A ZeRO policy holds only "
+                "zero_optimization, precision and \"auto\" trainer fields."
+            )
+    stage = policy.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{resolved}: zero_optimization.stage must be 0, 1, 2 or 3, found {stage!r}")
+    return resolved, policy
+
+
+def _fill(policy: dict, dotted: str, value: Any, source: str, origin: Path) -> None:
+    """Set ``dotted`` to ``value`` where the policy says "auto" (or nothing); refuse a mismatch."""
+    *parents, leaf = dotted.split(".")
+    node = policy
+    for name in parents:
+        node = node.setdefault(name, {})
+    current = node.get(leaf, "auto")
+    if current == "auto":
+        node[leaf] = value
+        return
+    same = list(current) == list(value) if isinstance(value, (list, tuple)) else current == value
+    if not same:
+        raise ConfigError(
+            f"{origin} sets {dotted}={current!r} but the training config gives {value!r} ({source}). "
+            f"Set it to \"auto\" in the JSON (the trainer fills it) or change {source}."
+        )
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, micro_batches: int = 1) -> dict[str, Any]:
+    """The complete DeepSpeed config for this run and world size.
+
+    ``micro_batches`` is the number of gradient-accumulation micro-steps per optimizer step.
+    """
+    origin, policy = load_policy(cfg.deepspeed.zero)
+    policy = copy.deepcopy(policy)
+    global_batch = cfg.data.batch_size
+    if global_batch % (world_size * micro_batches):
+        raise ConfigError(
+            f"data.batch_size={global_batch} is not divisible by world size {world_size} x "
+            f"{micro_batches} micro-batches; choose a multiple of {world_size * micro_batches}"
+        )
+    opt = cfg.optim
+    if cfg.train.steps < opt.warmup_steps:
+        raise ConfigError(f"train.steps={cfg.train.steps} is shorter than optim.warmup_steps={opt.warmup_steps}")
+    fills = [
+        ("train_batch_size", global_batch, "data.batch_size"),
+        ("train_micro_batch_size_per_gpu", global_batch // (world_size * micro_batches), "data.batch_size / world size"),
+        ("gradient_accumulation_steps", micro_batches, "the trainer's micro-batch count"),
+        ("gradient_clipping", float(opt.grad_clip), "optim.grad_clip"),
+        ("optimizer.params.lr", opt.lr, "optim.lr"),
+        ("optimizer.params.betas", [opt.beta1, opt.beta2], "optim.beta1/beta2"),
+        ("optimizer.params.eps", opt.eps, "optim.eps"),
+        ("optimizer.params.weight_decay", opt.weight_decay, "optim.weight_decay"),
+        ("scheduler.params.total_num_steps", cfg.train.steps, "train.steps"),
+        ("scheduler.params.warmup_num_steps", opt.warmup_steps, "optim.warmup_steps"),
+        ("scheduler.params.cos_min_ratio", opt.min_lr_ratio, "optim.min_lr_ratio"),
+        ("bf16.enabled", cfg.deepspeed.precision == "bf16", "deepspeed.precision"),
+        ("fp16.enabled", cfg.deepspeed.precision == "fp16", "deepspeed.precision"),
+    ]
+    policy.setdefault("optimizer", {"type": "AdamW"})
+    policy.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
+    if policy["optimizer"].get("type", "AdamW") not in ("AdamW", "Adam"):
+        raise ConfigError(f"{origin}: optimizer.type must be AdamW (the trainer's optimizer), found {policy['optimizer']['type']!r}")
+    for dotted, value, source in fills:
+        _fill(policy, dotted, value, source, origin)
+    # The optimizer's weight decay applies to the "decay" parameter group only; biases, norms and
+    # the temperature sit in a group whose weight_decay is 0 (see trainer parameter groups).
+    return policy

@@ -1,0 +1,49 @@
+"""What a run writes besides checkpoints: the metrics file and the wandb run (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(handle, "w") as out:
+        json.dump(payload, out, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+class WandbLogger:
+    """wandb on global rank 0; a no-op elsewhere or with ``--wandb.mode=disabled``."""
+
+    def __init__(self, cfg, run_dir: Path, enabled: bool) -> None:
+        self.run = None
+        if not enabled or cfg.wandb.mode == "disabled":
+            return
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=run_dir.name,
+            dir=str(run_dir), mode=cfg.wandb.mode, config=cfg.to_dict(), reinit="finish_previous",
+        )
+
+    def log(self, values: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def finish(self, summary: dict) -> None:
+        if self.run is not None:
+            for key, value in summary.items():
+                self.run.summary[key] = value
+            self.run.finish()

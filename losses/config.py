@@ -1,0 +1,38 @@
+"""Configuration of the contrastive loss (the ``loss`` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("softmax", "sigmoid")
+IMPLS = ("naive", "tiled", "triton")
+SCOPES = ("global", "local")
+
+
+@dataclass
+class LossConfig:
+    """Which contrastive loss is computed, and how. Validated on construction."""
+
+    kind: str = "softmax"
+    """``softmax`` (CLIP's symmetric InfoNCE) or ``sigmoid`` (SigLIP, needs a ``logit_bias``)."""
+    impl: str = "naive"
+    """``naive`` (materialises the b x B logits), ``tiled`` (PyTorch tiles, O(tile^2 + B) extra
+    memory) or ``triton`` (fused Triton kernels for the tiles; softmax only, CUDA tensors or
+    ``TRITON_INTERPRET=1``)."""
+    scope: str = "global"
+    """``global``: negatives from every rank; ``local``: each rank's own negatives only."""
+    tile_size: int = 1024
+    """Tile edge for the tiled implementations (rows and columns of one logits tile)."""
+    check_finite: bool = True
+    """Raise ``ValueError`` on NaN/Inf features. Costs one host sync (and, with several ranks,
+    one tiny all-reduce) per call; turn off only once a run is known to be stable."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("kind", KINDS), ("impl", IMPLS), ("scope", SCOPES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"loss.{name}={value!r}; expected one of {allowed}")
+        if self.kind == "sigmoid" and self.impl == "triton":
+            raise ValueError("loss.impl='triton' implements kind='softmax' only; use 'tiled'")
+        if not isinstance(self.tile_size, int) or self.tile_size < 1:
+            raise ValueError(f"loss.tile_size={self.tile_size!r}; expected a positive int")

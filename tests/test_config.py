@@ -1,0 +1,118 @@
+"""Config parsing, overrides, experiments and the filling of ZeRO policy files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tritower.launch.config import ConfigError, load_config, parse_cli
+from tritower.launch.ds_config import build_ds_config
+from tritower.launch.experiments import EXPERIMENTS
+
+REPO = Path(__file__).resolve().parent.parent
+ZERO_FILES = sorted((REPO / "zero_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_experiment_parses_and_fills_every_policy(name: str) -> None:
+    cfg = load_config(["--experiment", name])
+    assert cfg.experiment == name
+    for path in ZERO_FILES:
+        cfg.deepspeed.zero = str(path)
+        ds = build_ds_config(cfg, world_size=2)
+        assert ds["train_batch_size"] == cfg.data.batch_size
+        assert ds["train_micro_batch_size_per_gpu"] * 2 == cfg.data.batch_size
+        assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr
+        assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.steps
+        assert ds["bf16"]["enabled"] == (cfg.deepspeed.precision == "bf16")
+        assert "auto" not in json.dumps(ds), f"{path.name} left an 'auto' unfilled"
+
+
+def test_overrides_both_forms_and_launcher_local_rank() -> None:
+    cfg = load_config(
+        ["--local_rank=1", "--experiment", "clip_tiny", "--optim.lr=2e-4", "--data.batch_size", "128",
+         "--model.text_grad_checkpointing=True", "--zero", "zero_configs/z1.json"]
+    )
+    assert cfg.optim.lr == 2e-4 and cfg.data.batch_size == 128
+    assert cfg.model.text_grad_checkpointing is True
+    assert cfg.deepspeed.zero == "zero_configs/z1.json"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--optm.lr=1e-3"], "unknown config section 'optm' (did you mean 'optim'?)"),
+        (["--optim.lrr=1e-3"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (["--data.batch_size=abc"], "expected a int"),
+        (["--loss.impl=fast"], "loss.impl='fast' is not one of naive, tiled, triton"),
+        (["--experiment", "clip_tinyy"], "unknown experiment 'clip_tinyy' (did you mean 'clip_tiny'?)"),
+        (["--steps=3"], "unknown option --steps"),
+        (["--optim.lr"], "needs a value"),
+    ],
+)
+def test_bad_options_fail_naming_the_fix(argv: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(argv)
+    assert expected in str(error.value)
+
+
+def test_parse_cli_keeps_order_of_overrides() -> None:
+    experiment, overrides = parse_cli(["--a.b=1", "--experiment=x", "--a.b", "2"])
+    assert experiment == "x" and overrides == [("a.b", "1"), ("a.b", "2")]
+
+
+def _policy(tmp_path: Path, **changes) -> str:
+    policy = json.loads((REPO / "zero_configs" / "z3.json").read_text())
+    policy.update(changes)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    return str(path)
+
+
+def test_policy_value_that_disagrees_with_training_config_names_both(tmp_path: Path) -> None:
+    cfg = load_config(["--zero", _policy(tmp_path, train_batch_size=1024), "--data.batch_size=256"])
+    with pytest.raises(ConfigError) as error:
+        build_ds_config(cfg, world_size=1)
+    message = str(error.value)
+    assert "train_batch_size=1024" in message and "256" in message and "data.batch_size" in message
+
+
+def test_policy_value_that_agrees_is_accepted(tmp_path: Path) -> None:
+    cfg = load_config(["--zero", _policy(tmp_path, train_batch_size=256, gradient_clipping=1.0)])
+    assert build_ds_config(cfg, world_size=1)["train_batch_size"] == 256
+
+
+def test_policy_errors_unknown_key_missing_file_bad_json_bad_stage(tmp_path: Path) -> None:
+    cases = {
+        _policy(tmp_path, zero_optimisation={"stage": 3}): "unknown top-level key 'zero_optimisation' (did you mean 'zero_optimization'?)",
+        str(tmp_path / "nope.json"): "ZeRO config file not found",
+        _policy(tmp_path, zero_optimization={"stage": 4}): "stage must be 0, 1, 2 or 3",
+    }
+    for path, expected in cases.items():
+        cfg = load_config(["--zero", path])
+        with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            build_ds_config(cfg, world_size=1)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 3},}')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_ds_config(load_config(["--zero", str(broken)]), world_size=1)
+
+
+def test_batch_not_divisible_by_world_size() -> None:
+    cfg = load_config(["--data.batch_size=10"])
+    with pytest.raises(ConfigError, match="not divisible by world size 4"):
+        build_ds_config(cfg, world_size=4)
+
+
+def test_train_script_rejects_typo_before_starting() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--zero", "zero_configs/z3.json", "--optim.lrr=1"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "did you mean 'optim.lr'" in result.stderr
+    assert "Traceback" not in result.stderr
