@@ -34,11 +34,16 @@ class DataConfig:
     """Field holding the caption: ``txt`` or ``json:<field>`` for a field of the json sidecar."""
     train_weights: str = ""
     """Sampling weights of the ``::``-separated sources of ``train_shards`` (e.g. ``1::3``);
-    "" weighs all sources equally. Needs ``resampled``: weights are per shard draw."""
+    "" weighs all sources equally. Per sample: a sample comes from source i with probability
+    w_i / sum(w), whatever the shard sizes. Needs ``resampled``."""
     resampled: bool = True
     """True: each worker draws shards with replacement (infinite, mixes sources by weight).
     False: every shard is read once per epoch, split disjointly over ranks x workers."""
-    tokenizer: str = ""
+    samples_per_epoch: int = 0
+    """Resampled mode only: samples read per epoch over all ranks and workers (each worker
+    reads ``ceil(samples_per_epoch / (ranks*workers))``, then reseeds); 0: one shard draw per
+    shard per epoch. Epochs are the unit of shuffling, reseeding and resume replay."""
+    vocab: str = ""
     """WordPiece vocabulary: a vocab.txt path, a local model folder, or ``package:<name>``;
     "" uses the built-in scene vocabulary (only with built-in data)."""
     max_bad_fraction: float = 0.05
@@ -48,7 +53,7 @@ class DataConfig:
     """Samples a worker reads before ``max_bad_fraction`` is enforced (avoids noise at start)."""
     builtin_seed: int = 0
     """Seed of the built-in scene generator; the held-out split uses a different derived seed."""
-    builtin_shard_size: int = 1000
+    builtin_shard_size: int = 500
     """Built-in scenes per tar shard."""
 
     def __post_init__(self) -> None:
@@ -59,11 +64,17 @@ class DataConfig:
         if self.batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.caption_key != "txt" and not self.caption_key.startswith("json:"):
-            raise ValueError(f"data.caption_key must be 'txt' or 'json:<field>', got {self.caption_key!r}")
+            raise ValueError(
+                f"data.caption_key must be 'txt' or 'json:<field>', got {self.caption_key!r}"
+            )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+            raise ValueError(
+                f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}"
+            )
+        if self.samples_per_epoch < 0 or (self.samples_per_epoch and not self.resampled):
+            raise ValueError("data.samples_per_epoch must be >= 0 and needs data.resampled=True")
         if self.train_weights and not self.resampled:
-            raise ValueError("data.train_weights needs data.resampled=True (weights are per draw)")
+            raise ValueError("data.train_weights needs data.resampled=True (sources are sampled)")
         for name in ("builtin_train_samples", "builtin_eval_samples", "builtin_image_size",
                      "builtin_shard_size"):  # fmt: skip
             if getattr(self, name) <= 0:

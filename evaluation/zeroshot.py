@@ -11,6 +11,11 @@ from typing import Callable
 import torch
 
 
+def fill_template(template: str, classname: str) -> str:
+    """Put a class name into a prompt template written with ``{}`` or ``{c}``."""
+    return template.replace("{c}", classname).replace("{}", classname)
+
+
 @torch.no_grad()
 def class_embeddings(
     encode_prompts: Callable[[list[str]], torch.Tensor], classnames: list[str], templates: list[str]
@@ -18,7 +23,7 @@ def class_embeddings(
     """[C, D] normalised class embeddings; ``encode_prompts`` returns normalised [N, D] features."""
     rows = []
     for name in classnames:
-        prompts = [template.format(name) for template in templates]
+        prompts = [fill_template(template, name) for template in templates]
         features = encode_prompts(prompts).float()
         mean = features.mean(dim=0)
         rows.append(mean / mean.norm())

@@ -82,26 +82,37 @@ def _fill(policy: dict, dotted: str, value: Any, source: str, origin: Path) -> N
         )
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, micro_batches: int = 1) -> dict[str, Any]:
-    """The complete DeepSpeed config for this run and world size.
+def micro_batches_per_step(cfg: TrainConfig, world_size: int) -> int:
+    """How many micro-batches each rank encodes per optimizer step (GradCache when > 1)."""
+    global_batch = cfg.data.batch_size
+    if global_batch % world_size:
+        raise ConfigError(
+            f"data.batch_size={global_batch} is not divisible by world size {world_size}; "
+            f"choose a multiple of {world_size}"
+        )
+    per_rank = global_batch // world_size
+    micro = cfg.train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
+            f"(data.batch_size={global_batch} over {world_size} ranks)"
+        )
+    return per_rank // micro
 
-    ``micro_batches`` is the number of gradient-accumulation micro-steps per optimizer step.
-    """
+
+def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda") -> dict[str, Any]:
+    """The complete DeepSpeed config for this run, world size and device type."""
     origin, policy = load_policy(cfg.deepspeed.zero)
     policy = copy.deepcopy(policy)
     global_batch = cfg.data.batch_size
-    if global_batch % (world_size * micro_batches):
-        raise ConfigError(
-            f"data.batch_size={global_batch} is not divisible by world size {world_size} x "
-            f"{micro_batches} micro-batches; choose a multiple of {world_size * micro_batches}"
-        )
+    micro_batches = micro_batches_per_step(cfg, world_size)
     opt = cfg.optim
     if cfg.train.steps < opt.warmup_steps:
         raise ConfigError(f"train.steps={cfg.train.steps} is shorter than optim.warmup_steps={opt.warmup_steps}")
     fills = [
         ("train_batch_size", global_batch, "data.batch_size"),
-        ("train_micro_batch_size_per_gpu", global_batch // (world_size * micro_batches), "data.batch_size / world size"),
-        ("gradient_accumulation_steps", micro_batches, "the trainer's micro-batch count"),
+        ("train_micro_batch_size_per_gpu", global_batch // (world_size * micro_batches), "train.micro_batch_size (or data.batch_size / world size)"),
+        ("gradient_accumulation_steps", micro_batches, "data.batch_size / (world size x train.micro_batch_size)"),
         ("gradient_clipping", float(opt.grad_clip), "optim.grad_clip"),
         ("optimizer.params.lr", opt.lr, "optim.lr"),
         ("optimizer.params.betas", [opt.beta1, opt.beta2], "optim.beta1/beta2"),
@@ -119,6 +130,11 @@ def build_ds_config(cfg: TrainConfig, world_size: int, micro_batches: int = 1) -
         raise ConfigError(f"{origin}: optimizer.type must be AdamW (the trainer's optimizer), found {policy['optimizer']['type']!r}")
     for dotted, value, source in fills:
         _fill(policy, dotted, value, source, origin)
+    offloaded = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if device_type != "cuda" and not offloaded:
+        # Off CUDA, DeepSpeed's FusedAdam is a C++ op JIT-compiled on first use (60-90 s on 2 cores,
+        # serialised across processes by a file lock); torch's AdamW is the same update, ready now.
+        policy["optimizer"].setdefault("params", {})["torch_adam"] = True
     # The optimizer's weight decay applies to the "decay" parameter group only; biases, norms and
     # the temperature sit in a group whose weight_decay is 0 (see trainer parameter groups).
     return policy

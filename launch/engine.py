@@ -1,4 +1,4 @@
-"""DeepSpeed lives here: process group, engine construction and checkpoints through the engine.
+"""DeepSpeed lives here (with launch/checkpointing.py): process group and engine construction.
 
 ``model/``, ``losses/``, ``data/`` and ``evaluation/`` never import DeepSpeed; this module hands
 them an engine that behaves like the model (``engine(...)``, ``engine.module.encode_image``).
@@ -7,7 +7,6 @@ them an engine that behaves like the model (``engine(...)``, ``engine.module.enc
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import deepspeed
 import torch
@@ -41,15 +40,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
     """Wrap ``model`` in a DeepSpeed engine; returns (engine, lines saying which kernels are used)."""
-    ds_config = build_ds_config(cfg, world_size)
     from deepspeed.accelerator import get_accelerator
 
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+    ds_config = build_ds_config(cfg, world_size, device.type)
     if cfg.deepspeed.precision == "fp16" and device.type != "cuda":
         raise ConfigError("deepspeed.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
     report = [use_fused_layer_norm(model, device, cfg.deepspeed.use_apex)]
-    if cfg.model.image_grad_checkpointing or cfg.model.text_grad_checkpointing:
-        model.set_grad_checkpointing(image=cfg.model.image_grad_checkpointing, text=cfg.model.text_grad_checkpointing)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg.optim.weight_decay),
@@ -58,32 +55,3 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     report += [describe_optimizer(optimizer), f"ZeRO stage {stage}, precision {cfg.deepspeed.precision}, device {engine.device}"]
     return engine, report
-
-
-def _tag(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def save_checkpoint(engine, folder: Path, step: int, cfg: TrainConfig) -> str:
-    """All ranks write their shards through the engine; the trainer's state rides in client_state."""
-    tag = _tag(step)
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "config": cfg.to_dict()})
-    return tag
-
-
-def load_checkpoint(engine, path: str) -> dict:
-    """Load a run's ``checkpoints`` folder (its ``latest`` tag) or one tag folder inside it."""
-    target = Path(path).expanduser()
-    if (target / "latest").is_file():
-        folder, tag = target, None
-    elif target.is_dir() and target.parent.is_dir() and any(target.glob("*model_states.pt")):
-        folder, tag = target.parent, target.name
-    else:
-        raise FileNotFoundError(
-            f"no DeepSpeed checkpoint at {path}: pass a run's checkpoints folder (holding 'latest') "
-            "or one of its step folders"
-        )
-    load_path, client_state = engine.load_checkpoint(str(folder), tag=tag)
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load a checkpoint from {path}")
-    return client_state or {}

@@ -27,7 +27,9 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 class WandbLogger:
     """wandb on global rank 0; a no-op elsewhere or with ``--wandb.mode=disabled``."""
 
-    def __init__(self, cfg, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, cfg, run_dir: Path, enabled: bool, run_id: str | None = None) -> None:
+        """``run_id`` comes from the checkpoint on resume, so the resumed run continues the same
+        wandb run (``resume="allow"``); a sweep agent's ``WANDB_RUN_ID`` wins when set."""
         self.run = None
         if not enabled or cfg.wandb.mode == "disabled":
             return
@@ -36,7 +38,12 @@ class WandbLogger:
         self.run = wandb.init(
             project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=run_dir.name,
             dir=str(run_dir), mode=cfg.wandb.mode, config=cfg.to_dict(), reinit="finish_previous",
+            id=os.environ.get("WANDB_RUN_ID") or run_id, resume="allow",
         )
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
 
     def log(self, values: dict, step: int) -> None:
         if self.run is not None:

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from tritower.data.config import DataConfig
 from tritower.evaluation import evaluate
-from tritower.launch import dist_env
-from tritower.launch.config import TrainConfig
-from tritower.launch.engine import (
-    build_engine,
-    init_distributed,
-    load_checkpoint,
-    save_checkpoint,
-)
+from tritower.launch import checkpointing, dist_env
+from tritower.launch.config import ConfigError, TrainConfig
+from tritower.launch.ds_config import micro_batches_per_step
+from tritower.launch.engine import build_engine, init_distributed
+from tritower.launch.gradcache import gradcache_step, split_batch
+from tritower.launch.preemption import Preempted, StopRequest
 from tritower.launch.run_io import WandbLogger, format_duration, write_json_atomic
 from tritower.losses import ContrastiveLoss
 from tritower.model import build_clip, image_tower_spec, text_tower_spec
@@ -37,22 +36,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class DataSources:
     """Resolved shard lists and vocabulary for a run."""
 
-    train_shards: list[str]
+    train_shards: list[str] | str
     eval_shards: list[str]
     vocab: str
 
 
-def resolve_data(cfg: DataConfig, rank: int) -> DataSources:
+def resolve_data(cfg: DataConfig) -> DataSources:
     """Built-in scenes (generated once, then reused) or the user's shards."""
     from tritower.data import ensure_builtin_data, expand_shards
 
     if cfg.train_shards in ("", "builtin"):
         builtin = ensure_builtin_data(cfg)
-        return DataSources(builtin.train_shards, builtin.eval_shards, str(builtin.vocab_path))
-    vocab = cfg.vocab
-    if not vocab:
-        raise ValueError("data.vocab must name a local vocab.txt (or a model folder holding one) for user shards")
-    return DataSources(expand_shards(cfg.train_shards), expand_shards(cfg.eval_shards) if cfg.eval_shards else [], vocab)
+        return DataSources(builtin.train_shards, builtin.eval_shards, cfg.vocab or str(builtin.vocab_path))
+    if not cfg.vocab:
+        raise ConfigError("data.vocab must name a local vocab.txt (or a model folder holding one) when "
+                          "data.train_shards are your own shards")
+    # The spec string goes to the loader as is: weighted mixing ("a.tar::b.tar") needs it whole.
+    return DataSources(cfg.train_shards, expand_shards(cfg.eval_shards) if cfg.eval_shards else [], cfg.vocab)
 
 
 class Trainer:
@@ -60,20 +60,21 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.stop = StopRequest()
         init_distributed()
         self.env = dist_env.from_environ()
         self.run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or cfg.experiment)
+        self.checkpoints = self.run_dir / "checkpoints"
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"tritower: experiment {cfg.experiment}, world size {self.env.world_size}, run folder {self.run_dir}")
 
         from tritower.data import build_tokenizer, build_train_loader, load_eval_set
 
-        sources = resolve_data(cfg.data, self.env.rank)
+        sources = resolve_data(cfg.data)
         self.tokenizer = build_tokenizer(sources.vocab)
         image_spec = image_tower_spec(cfg.model.image_tower)
-        text_spec = text_tower_spec(cfg.model.text_tower)
-        self.context_length = text_spec.context_length
+        self.context_length = text_tower_spec(cfg.model.text_tower).context_length
 
         # Same seed on every rank: the towers must start identical before ZeRO partitions them.
         torch.manual_seed(cfg.train.seed)
@@ -85,33 +86,107 @@ class Trainer:
         self.log("kernels: " + "; ".join(kernel_report))
 
         self.per_rank_batch = cfg.data.batch_size // self.env.world_size
-        self.start_step = 0
-        if cfg.checkpoint.resume:
-            client_state = load_checkpoint(self.engine, cfg.checkpoint.resume)
-            self.start_step = int(client_state.get("step", 0))
-            self.log(f"resumed from {cfg.checkpoint.resume} at step {self.start_step}")
-
-        loader_args = dict(
-            tokenizer=self.tokenizer, image_size=image_spec.image_size, mean=image_spec.mean,
-            std=image_spec.std, context_length=self.context_length,
-        )
+        self.micro_batches = micro_batches_per_step(cfg, self.env.world_size)
+        if self.micro_batches > 1:
+            self.log(f"exact accumulation (GradCache): {self.micro_batches} micro-batches of "
+                     f"{self.per_rank_batch // self.micro_batches} per rank, global batch {cfg.data.batch_size}")
+        loader_args = dict(tokenizer=self.tokenizer, image_size=image_spec.image_size, mean=image_spec.mean,
+                           std=image_spec.std, context_length=self.context_length)
         self.train_loader = build_train_loader(
             cfg.data, shards=sources.train_shards, rank=self.env.rank, world_size=self.env.world_size,
-            per_rank_batch=self.per_rank_batch, seed=cfg.train.seed + self.start_step, **loader_args,
+            per_rank_batch=self.per_rank_batch, seed=cfg.train.seed, **loader_args,
         )
         self.eval_set = load_eval_set(sources.eval_shards, **loader_args) if sources.eval_shards else None
-        self.wandb = WandbLogger(cfg, self.run_dir, enabled=self.env.is_main)
+
+        self.step = 0
+        self.nonfinite_total = self.nonfinite_in_row = 0
+        wandb_id = None
+        target = checkpointing.resolve_resume(cfg.checkpoint.resume, self.checkpoints)
+        if target is not None:
+            wandb_id = self.restore(*target)
+        self.wandb = WandbLogger(cfg, self.run_dir, enabled=self.env.is_main, run_id=wandb_id)
 
     def log(self, line: str) -> None:
         if self.env.is_main:
             print(line, flush=True)
 
-    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from tritower.data import tokenize
+    def append_log(self, record: dict) -> None:
+        """Rank 0 keeps a full-precision local log of training (``train_log.jsonl``) beside wandb's."""
+        if self.env.is_main:
+            with open(self.run_dir / "train_log.jsonl", "a") as out:
+                out.write(json.dumps(record) + "\n")
 
-        return tokenize(self.tokenizer, captions, self.context_length)
+    # -- checkpoints -------------------------------------------------------------------------
+    def client_state(self) -> dict:
+        """The trainer's state beside the engine's (a collective: all ranks call it)."""
+        per_rank = checkpointing.gather_per_rank(
+            {"data": self.train_loader.state_dict(), "rng": checkpointing.rng_state(self.device)}
+        )
+        return {
+            "step": self.step, "samples_seen": self.step * self.cfg.data.batch_size,
+            "config": self.cfg.to_dict(), "world_size": self.env.world_size,
+            "data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank],
+            "nonfinite_total": self.nonfinite_total, "wandb_id": self.wandb.run_id,
+        }
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    def save(self, reason: str) -> None:
+        keep_every = self.cfg.checkpoint.keep_every_steps
+        tag = checkpointing.save(
+            self.engine, self.checkpoints, self.step, self.client_state(), keep_last=self.cfg.checkpoint.keep_last,
+            keep=bool(keep_every and self.step % keep_every == 0),
+        )
+        self.last_save = (self.step, time.time())
+        self.log(f"checkpoint written ({reason}): {self.checkpoints / tag}")
+
+    def restore(self, folder: Path, tag: str) -> str | None:
+        state = checkpointing.load(self.engine, folder, tag)
+        saved_world = state.get("world_size", self.env.world_size)
+        if saved_world != self.env.world_size:
+            raise ConfigError(
+                f"{folder / tag} was written by {saved_world} ranks, this run has {self.env.world_size}: "
+                "resume with the same world size (the data position and RNG streams are per rank)"
+            )
+        self.step = int(state.get("step", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        if "data" in state:
+            self.train_loader.load_state_dict(state["data"])
+        if "rng" in state:
+            checkpointing.set_rng_state(state["rng"][self.env.rank], self.device)
+        self.log(f"resumed from {folder / tag} at step {self.step}")
+        return state.get("wandb_id")
+
+    # -- one step ----------------------------------------------------------------------------
+    def to_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            batch["image"].to(self.device, dtype=self.dtype, non_blocking=True),
+            batch["input_ids"].to(self.device, non_blocking=True),
+            batch["attention_mask"].to(self.device, non_blocking=True),
+        )
+
+    def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        # The loss runs in fp32 whatever the towers' precision: logits of unit vectors times ~100
+        # lose too much in bf16.
+        return self.loss_fn(image_features.float(), text_features.float(), scale.float())
+
+    def train_step(self, batch: dict) -> tuple[float, float]:
+        """One optimizer step; returns (global loss, logit scale). A non-finite loss updates nothing."""
+        if self.micro_batches > 1:
+            loss, scale = gradcache_step(self.engine, split_batch(batch, self.micro_batches),
+                                         self.contrastive_loss, self.to_inputs, self.device)
+        else:
+            out = self.engine(*self.to_inputs(batch))
+            loss = self.contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
+            scale = out["logit_scale"].item()
+            if torch.isfinite(loss):
+                self.engine.backward(loss)
+                self.engine.step()
+        if not torch.isfinite(loss):
+            # The loss value is the global one, identical on every rank, so all ranks skip together.
+            # The schedule still advances: step numbers and learning rates stay aligned.
+            self.engine.lr_scheduler.step()
+        return loss.item(), scale
+
+    def evaluate(self) -> dict[str, float]:
         if self.eval_set is None:
             return {}
         started = time.time()
@@ -120,67 +195,87 @@ class Trainer:
             batch_size=self.cfg.eval.batch_size, max_samples=self.cfg.eval.max_samples,
         )
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-        self.log(f"eval @ step {step}: {shown} ({time.time() - started:.1f}s)")
-        self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        self.log(f"eval @ step {self.step}: {shown} ({time.time() - started:.1f}s)")
+        self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
         return metrics
 
-    def train_step(self, batch: dict) -> tuple[float, float]:
-        """One optimizer step; returns (global loss, logit scale)."""
-        images = batch["image"].to(self.device, dtype=self.dtype, non_blocking=True)
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        out = self.engine(images, input_ids, attention_mask)
-        # The loss runs in fp32 whatever the towers' precision: logits of unit vectors times ~100
-        # lose too much in bf16.
-        loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at step {self.step}: lower --optim.lr, raise "
-                "--optim.warmup_steps, or train in fp32/bf16 instead of fp16"
-            )
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.item(), out["logit_scale"].detach().float().item()
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from tritower.data import tokenize
 
+        return tokenize(self.tokenizer, captions, self.context_length)
+
+    def agreed_flags(self) -> tuple[bool, bool]:
+        """(stop requested on any rank, time-based save due by rank 0's clock), same on all ranks."""
+        ckpt = self.cfg.checkpoint
+        due = self.env.is_main and ckpt.every_minutes > 0 and time.time() - self.last_save[1] >= 60 * ckpt.every_minutes
+        flags = torch.tensor([float(self.stop.requested), float(due)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
         steps, batch = cfg.train.steps, cfg.data.batch_size
+        start_step = self.step
         started = window_start = time.time()
+        self.last_save = (self.step, started)
         window_steps = 0
         last_loss, scale = math.nan, math.nan
         metrics: dict = {}
         batches = iter(self.train_loader)
-        self.step = self.start_step
         while self.step < steps:
-            last_loss, scale = self.train_step(next(batches))
+            loss, scale = self.train_step(next(batches))
             self.step += 1
             window_steps += 1
+            if math.isfinite(loss):
+                last_loss, self.nonfinite_in_row = loss, 0
+            else:
+                self.nonfinite_total += 1
+                self.nonfinite_in_row += 1
+                self.log(f"step {self.step}: non-finite loss ({loss}), step skipped "
+                         f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
+                if self.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                    self.save("non-finite losses")
+                    raise FloatingPointError(
+                        f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; a checkpoint "
+                        f"is in {self.checkpoints}. Lower --optim.lr, raise --optim.warmup_steps, or use bf16/fp32 "
+                        "instead of fp16, then --resume it"
+                    )
             if self.step % cfg.train.log_every == 0 or self.step == steps:
                 now = time.time()
                 rate = window_steps * batch / max(now - window_start, 1e-9)
                 lr = self.engine.get_lr()[0]
-                elapsed = now - started
-                eta = elapsed / (self.step - self.start_step) * (steps - self.step)
+                eta = (now - started) / (self.step - start_step) * (steps - self.step)
                 self.log(
                     f"step {self.step}/{steps} | {rate:8.1f} samples/s | loss {last_loss:.4f} | lr {lr:.3e} | "
-                    f"logit_scale {scale:.2f} | elapsed {format_duration(elapsed)} | eta {format_duration(eta)}"
+                    f"logit_scale {scale:.2f} | elapsed {format_duration(now - started)} | eta {format_duration(eta)}"
                 )
+                self.append_log({"step": self.step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate})
                 self.wandb.log({"train/loss": last_loss, "train/lr": lr, "train/logit_scale": scale,
-                                "train/samples_per_s": rate}, self.step)
+                                "train/samples_per_s": rate, "train/nonfinite_total": self.nonfinite_total}, self.step)
                 window_start, window_steps = now, 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < steps:
-                metrics = self.evaluate(self.step)
+                metrics = self.evaluate()
+            stop, due = self.agreed_flags()
+            every = cfg.checkpoint.every_steps
+            if stop or due or (every and self.step % every == 0 and self.step < steps):
+                self.save("preemption signal" if stop else "periodic")
+            if stop:
+                self.log(f"stopping for preemption ({self.stop.signal_name or 'signal on another rank'}) "
+                         f"at step {self.step}; exit code {Preempted().code} asks the scheduler to requeue")
+                self.wandb.finish({"preempted_at_step": self.step})
+                raise Preempted()
         wall = time.time() - started
         if cfg.eval.at_end:
-            metrics = self.evaluate(self.step)
-        if cfg.checkpoint.save_at_end:
-            tag = save_checkpoint(self.engine, self.run_dir / "checkpoints", self.step, cfg)
-            self.log(f"checkpoint written: {self.run_dir / 'checkpoints' / tag}")
-        trained = self.step - self.start_step
+            metrics = self.evaluate()
+        if cfg.checkpoint.save_at_end and self.last_save[0] != self.step:
+            self.save("end of training")
+        trained = self.step - start_step
         final = {
             "experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale,
             "world_size": self.env.world_size, "global_batch": batch, "train_wall_s": round(wall, 2),
-            "samples_per_s": round(trained * batch / wall, 1) if trained else 0.0, **metrics,
+            "samples_per_s": round(trained * batch / wall, 1) if trained else 0.0,
+            "nonfinite_steps": self.nonfinite_total, **metrics,
         }
         if self.env.is_main:
             print(json.dumps(final), flush=True)

@@ -1,0 +1,133 @@
+"""Check ``impl="triton"`` against a float64 reference on a CUDA GPU, and time the impls.
+
+For each (B, D, dtype) it compares the Triton loss (value, feature and logit-scale
+gradients) with a float64 reference written out here in row chunks (plain formula and its
+analytic gradient, independent of ``tritower.losses``), then times forward+backward of
+``naive``, ``tiled`` and ``triton`` with CUDA events and reports peak extra GPU memory.
+
+    PYTHONPATH=<dir holding a tritower -> repo symlink> \
+        python benchmarks/loss_triton_gpu.py --out loss_triton_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from tritower.losses import clip_loss
+
+DEFAULT_SIZES = ["70x40", "1000x77", "4096x512", "16384x512", "32768x1024"]
+
+
+def reference_float64(image, text, scale, chunk: int = 4096):
+    """Loss and gradients in float64, [chunk, B] logits at a time (B x B would not fit)."""
+    x, y, s = image.double(), text.double(), float(scale)
+    n = x.shape[0]
+    row_lse = torch.empty(n, dtype=torch.float64, device=x.device)
+    col_lse = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
+    for r0 in range(0, n, chunk):
+        logits = s * x[r0:r0 + chunk] @ y.T
+        row_lse[r0:r0 + chunk] = torch.logsumexp(logits, dim=1)
+        col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
+    positives = s * (x * y).sum(dim=1)
+    loss = 0.5 * ((row_lse - positives).mean() + (col_lse - positives).mean())
+    d_x, d_y = torch.zeros_like(x), torch.zeros_like(y)
+    d_s = 0.0
+    for r0 in range(0, n, chunk):
+        dots = x[r0:r0 + chunk] @ y.T
+        # dL/dS = 0.5/B * (softmax over the row + softmax over the column - 2 * positives)
+        grad = torch.exp(s * dots - row_lse[r0:r0 + chunk, None]) + torch.exp(s * dots - col_lse)
+        grad.diagonal(r0).sub_(2.0)
+        grad *= 0.5 / n
+        d_x[r0:r0 + chunk] = s * grad @ y
+        d_y += s * grad.T @ x[r0:r0 + chunk]
+        d_s += float((grad * dots).sum())
+    return loss, d_x, d_y, torch.tensor(d_s, dtype=torch.float64)
+
+
+def run_impl(impl: str, image, text, scale, tile: int):
+    leaves = [t.detach().clone().requires_grad_() for t in (image, text, scale)]
+    loss = clip_loss(*leaves, impl=impl, tile_size=tile)
+    loss.backward()
+    return loss.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad
+
+
+def max_rel_error(got, want) -> float:
+    return float((got.double().reshape(want.shape) - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def time_impl(impl: str, image, text, scale, tile: int, repeats: int) -> dict:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        run_impl(impl, image, text, scale, tile)  # warm-up (and Triton compilation)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            run_impl(impl, image, text, scale, tile)
+        end.record()
+        torch.cuda.synchronize()
+        return {"ms": start.elapsed_time(end) / repeats, "peak_extra_mb": peak / 2**20}
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"ms": None, "peak_extra_mb": None, "error": "OOM"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="BxD entries")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--tile", type=int, default=4096, help="tile_size of tiled/triton")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls")
+    opts = parser.parse_args()
+    if opts.tf32:
+        torch.set_float32_matmul_precision("high")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for size in opts.sizes:
+        batch, dim = (int(v) for v in size.split("x"))
+        for dtype_name in opts.dtypes:
+            dtype = getattr(torch, dtype_name)
+            image = torch.nn.functional.normalize(
+                torch.randn(batch, dim, device="cuda", generator=gen), dim=1)
+            text = torch.nn.functional.normalize(
+                image + torch.randn(batch, dim, device="cuda", generator=gen), dim=1)
+            image, text = image.to(dtype), text.to(dtype)
+            scale = torch.tensor([100.0 if batch < 5000 else 14.3], device="cuda")
+            want = reference_float64(image, text, scale)
+            got = run_impl("triton", image, text, scale, opts.tile)
+            row = {"B": batch, "D": dim, "dtype": dtype_name, "tile": opts.tile,
+                   "triton_rel_err": dict(zip(["value", "d_image", "d_text", "d_scale"],
+                                              (max_rel_error(g, w) for g, w in zip(got, want))))}
+            for impl in ("naive", "tiled", "triton"):
+                row[impl] = time_impl(impl, image, text, scale, opts.tile, opts.repeats)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'B':>6} {'D':>5} {'dtype':>8} | {'err value':>9} {'err dI':>8} {'err ds':>8} | "
+          + " | ".join(f"{i:>6} ms {i[:5]:>5} MB" for i in ("naive", "tiled", "triton")))
+    for r in rows:
+        e = r["triton_rel_err"]
+        cells = []
+        for impl in ("naive", "tiled", "triton"):
+            t = r[impl]
+            cells.append(f"{t['ms']:9.1f} {t['peak_extra_mb']:8.0f}" if t["ms"] is not None
+                         else f"{'OOM':>9} {'-':>8}")
+        print(f"{r['B']:>6} {r['D']:>5} {r['dtype']:>8} | {e['value']:9.1e} {e['d_image']:8.1e} "
+              f"{e['d_scale']:8.1e} | " + " | ".join(cells))
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "tf32": opts.tf32, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(opts.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Reading tar shards into samples, decoding them, and counting bad data by kind.
+
+Bad data never stops the stream silently and never disappears silently: every skip is counted
+under one of ``BAD_KINDS`` and charged to its shard, and ``BadDataStats.check`` turns too much
+of it into a ``DataQualityError`` that names the worst shards.
+
+Kinds: ``image`` (undecodable image), ``caption`` (empty, non-UTF-8 or unparsable caption),
+``missing`` (no image or no caption field), ``shard`` (shard could not be opened or read at all),
+``truncated`` (shard broke off mid-way; the samples before the break are kept, the one being
+assembled is dropped and not counted again: as in webdataset, a sample is known to be complete
+only when the next one starts).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import tar_file_iterator
+
+BAD_KINDS: tuple[str, ...] = ("image", "caption", "missing", "shard", "truncated")
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+
+
+class DataQualityError(RuntimeError):
+    """Too much bad data, or no readable data at all. Single-string constructor on purpose:
+    torch's DataLoader re-raises a worker's exception in the main process by its type."""
+
+
+@dataclass
+class BadDataStats:
+    """Counters of one worker (or, merged, of a rank): good samples, bad ones by kind and shard."""
+
+    good: int = 0
+    bad: Counter = field(default_factory=Counter)
+    bad_by_shard: Counter = field(default_factory=Counter)
+    muted: bool = False
+    """While True (a resumed worker re-reading up to its position) nothing is counted: those
+    events are already in the counters restored from the checkpoint."""
+
+    def add_bad(self, kind: str, url: str) -> None:
+        assert kind in BAD_KINDS, kind
+        if self.muted:
+            return
+        self.bad[kind] += 1
+        self.bad_by_shard[url] += 1
+
+    @property
+    def total_bad(self) -> int:
+        return sum(self.bad.values())
+
+    def bad_fraction(self) -> float:
+        seen = self.good + self.total_bad
+        return self.total_bad / seen if seen else 0.0
+
+    def worst_shards(self, n: int = 5) -> list[tuple[str, int]]:
+        return self.bad_by_shard.most_common(n)
+
+    def check(self, max_bad_fraction: float, min_samples: int, where: str) -> None:
+        """Raises ``DataQualityError`` once enough samples are seen and too many were bad."""
+        seen = self.good + self.total_bad
+        if seen >= min_samples and self.bad_fraction() > max_bad_fraction:
+            raise DataQualityError(
+                f"{where}: {self.total_bad} of {seen} samples bad ({self.bad_fraction():.1%} > "
+                f"max_bad_fraction {max_bad_fraction:.1%}); by kind {dict(self.bad)}; worst "
+                f"shards {self.worst_shards()}"
+            )
+
+    def as_dict(self, max_shards: int = 20) -> dict[str, Any]:
+        """Plain, picklable summary; only the worst ``max_shards`` shards are kept."""
+        return {
+            "good": self.good,
+            "bad": {kind: self.bad[kind] for kind in BAD_KINDS},
+            "bad_by_shard": dict(self.bad_by_shard.most_common(max_shards)),
+        }
+
+    @classmethod
+    def merged(cls, summaries: list[dict[str, Any]]) -> "BadDataStats":
+        """Sums ``as_dict`` summaries (e.g. of all workers of a rank)."""
+        total = cls()
+        for summary in summaries:
+            total.good += summary["good"]
+            total.bad.update(summary["bad"])
+            total.bad_by_shard.update(summary["bad_by_shard"])
+        return total
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """``dir/abc.def.jpg`` -> (``dir/abc``, ``def.jpg``): the key ends at the first dot of the
+    basename, as in webdataset, so ``x.seg.png`` belongs to sample ``x``."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def read_shard(url: str, stats: BadDataStats) -> Iterator[dict[str, Any]]:
+    """Yields the samples of one tar shard as ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    Members are grouped by key in tar order (the webdataset convention: a sample's files are
+    adjacent). Open and read errors are counted, not raised.
+    """
+    yielded_any = finished = False
+    current: dict[str, Any] | None = None
+    stream = None
+    try:
+        stream = wds.gopen(url)
+        for member in tar_file_iterator(stream):
+            key, ext = _split_key(member["fname"])
+            if current is not None and key != current["__key__"]:
+                yield current
+                yielded_any = True
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext] = member["data"]
+        if current is not None:
+            yield current
+            yielded_any = True
+        finished = True
+    except Exception:  # noqa: BLE001 - any failure of a shard is bad data, not a crash
+        stats.add_bad("truncated" if yielded_any or current is not None else "shard", url)
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001
+                # A pipe: command's exit status shows here. Count it only when nothing else
+                # told of the failure: an empty but valid tar from a failed command. A reader
+                # closed early (GeneratorExit) kills its command, which is no data error.
+                if finished and not yielded_any:
+                    stats.add_bad("shard", url)
+
+
+def _caption(sample: dict[str, Any], caption_key: str) -> tuple[str | None, str | None]:
+    """Returns (caption, None) or (None, bad kind)."""
+    if caption_key == "txt":
+        raw = sample.get("txt")
+        if raw is None:
+            return None, "missing"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "caption"
+    else:
+        if "json" not in sample:
+            return None, "missing"
+        try:
+            value = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError):
+            return None, "caption"
+        for part in caption_key.removeprefix("json:").split("."):
+            if not isinstance(value, dict) or part not in value:
+                return None, "missing"
+            value = value[part]
+        if not isinstance(value, str):
+            return None, "caption"
+        text = value
+    text = text.strip()
+    return (text, None) if text else (None, "caption")
+
+
+def _label(sample: dict[str, Any]) -> int:
+    """The json sidecar's integer ``label`` (zero-shot class), or -1."""
+    if "json" not in sample:
+        return -1
+    try:
+        label = json.loads(sample["json"]).get("label", -1)
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return -1
+    return label if isinstance(label, int) else -1
+
+
+def decode_image(payload: bytes) -> Image.Image:
+    """Decodes fully (``load``), so a truncated file fails here and not later in a transform."""
+    image = Image.open(io.BytesIO(payload))
+    image.load()
+    return image.convert("RGB")
+
+
+def decode_sample(
+    sample: dict[str, Any], caption_key: str, stats: BadDataStats
+) -> tuple[Image.Image, str, int] | None:
+    """(image, caption, label), or None after counting why the sample is bad."""
+    url = sample.get("__url__", "?")
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    caption, bad_kind = _caption(sample, caption_key)
+    if ext is None or bad_kind == "missing":
+        stats.add_bad("missing", url)
+        return None
+    if bad_kind is not None:
+        stats.add_bad(bad_kind, url)
+        return None
+    try:
+        image = decode_image(sample[ext])
+    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+        stats.add_bad("image", url)
+        return None
+    assert caption is not None
+    return image, caption, _label(sample)
+
+
+def probe_shards(urls: list[str], caption_key: str, shards: int = 3, samples: int = 16) -> None:
+    """Fails fast, in the calling process, when the first samples are all unusable.
+
+    A wrong ``caption_key`` or a wrong shard pattern would otherwise surface only as a worker's
+    ``DataQualityError`` after the DataLoader started; this names the fields actually present.
+    """
+    stats, fields = BadDataStats(), set()
+    for url in urls[:shards]:
+        reader = read_shard(url, stats)
+        for index, sample in enumerate(reader):
+            fields.update(name for name in sample if not name.startswith("__"))
+            if decode_sample(sample, caption_key, stats) is not None:
+                reader.close()
+                return
+            if index + 1 == samples:
+                break
+        reader.close()
+    raise DataQualityError(
+        f"no usable sample among the first of {urls[:shards]} (caption_key={caption_key!r}): "
+        f"bad by kind {dict(stats.bad)}; fields present {sorted(fields)}"
+    )

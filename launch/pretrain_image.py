@@ -1,0 +1,202 @@
+"""Supervised pretraining of an image tower: a registry tower + a linear classifier trained with
+cross-entropy on labelled webdataset shards (by default the built-in scenes' 30 colour x shape
+labels). The result is an image tower checkpoint that LiT/3T runs load as L or U.
+
+    python launch/pretrain_image.py                                  # vit_scene_tiny, ~1-2 min
+    python launch/pretrain_image.py --tower=vit_test --steps=20 --out=runs/pretrain_vit_test
+
+Writes ``<out>/image_tower.safetensors`` (the timm module's weights plus ``head.*``, the
+classifier, which the loader drops) and ``<out>/image_tower.json`` naming the registry tower;
+then train with ``--model.setting=Lu --model.image_tower=<tower>
+--model.image_pretrained=<out>/image_tower.safetensors``.
+
+Plain PyTorch in one process (no DeepSpeed): it is a small tool for small towers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tritower.data.config import DataConfig
+from tritower.model import build_image_tower, file_sha256, image_tower_spec
+
+CHECKPOINT = "image_tower.safetensors"
+SIDECAR = "image_tower.json"
+
+
+@dataclass
+class PretrainImageConfig:
+    """Options of the image-tower pretraining command (``--field=value`` on the command line)."""
+
+    tower: str = "vit_scene_tiny"
+    """Image tower name from the registry."""
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 128
+    """Images per step."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to 0)."""
+    warmup_steps: int = 20
+    """Steps of linear warm-up."""
+    weight_decay: float = 0.05
+    """AdamW weight decay on matrices (none on biases and norms)."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    seed: int = 0
+    """Seed of the initialisation and the data order."""
+    out: str = "runs/pretrain_image"
+    """Output folder of the checkpoint and its JSON sidecar."""
+    log_every: int = 25
+    """Print a progress line every N steps."""
+    eval_samples: int = 0
+    """Held-out images to score at the end (0 = all of the eval shards)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and loader settings; empty ``train_shards`` = the built-in scenes. User shards
+    need an integer ``label`` in each sample's ``.json`` and ``data.vocab`` (the loader
+    tokenises captions even though this command does not use them)."""
+
+
+def _schedule(cfg: PretrainImageConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _data(cfg: PretrainImageConfig) -> tuple[list[str], list[str], str, int]:
+    """(train shards, eval shards, vocabulary, number of classes)."""
+    from tritower.data import ensure_builtin_data, expand_shards
+
+    if cfg.data.train_shards in ("", "builtin"):
+        builtin = ensure_builtin_data(cfg.data)
+        return (builtin.train_shards, builtin.eval_shards, str(builtin.vocab_path),
+                len(builtin.classnames))
+    if not cfg.data.vocab:
+        raise ValueError("data.vocab is required with user shards")
+    eval_shards = expand_shards(cfg.data.eval_shards) if cfg.data.eval_shards else []
+    classnames = Path(eval_shards[0]).parent / "classnames.txt" if eval_shards else None
+    if classnames is None or not classnames.is_file():
+        raise ValueError("user shards need eval shards with a classnames.txt beside them")
+    return (expand_shards(cfg.data.train_shards), eval_shards, cfg.data.vocab,
+            len(classnames.read_text().split("\n")))
+
+
+def pretrain(cfg: PretrainImageConfig) -> dict:
+    """Trains, evaluates and writes the checkpoint; returns the sidecar's contents."""
+    from tritower.data import build_tokenizer, build_train_loader, load_eval_set
+
+    torch.manual_seed(cfg.seed)
+    spec = image_tower_spec(cfg.tower)
+    train_shards, eval_shards, vocab, num_classes = _data(cfg)
+    tokenizer = build_tokenizer(vocab)
+    loader_args = dict(tokenizer=tokenizer, image_size=spec.image_size, mean=spec.mean,
+                       std=spec.std, context_length=8)
+    loader = build_train_loader(cfg.data, shards=train_shards, rank=0, world_size=1,
+                                per_rank_batch=cfg.batch_size, seed=cfg.seed, **loader_args)
+    tower = build_image_tower(cfg.tower)
+    classifier = nn.Linear(spec.width, num_classes)
+    model = nn.Sequential(tower, classifier).train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(cfg, s))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    print(f"pretrain_image: {cfg.tower} ({sum(p.numel() for p in tower.parameters()):,} "
+          f"parameters) + linear classifier over {num_classes} classes, {cfg.steps} steps of "
+          f"{cfg.batch_size}", flush=True)
+
+    started, seen, correct, running = time.time(), 0, 0, 0.0
+    batches = iter(loader)
+    for step in range(cfg.steps):
+        batch = next(batches)
+        keep = batch["label"] >= 0  # samples without a label cannot supervise
+        images, labels = batch["image"][keep], batch["label"][keep]
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        running += loss.item()
+        correct += int((logits.argmax(-1) == labels).sum())
+        seen += int(labels.numel())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            print(f"step {step + 1}/{cfg.steps}  loss {running / cfg.log_every:.3f}  "
+                  f"train acc {correct / max(1, seen):.3f}  "
+                  f"lr {scheduler.get_last_lr()[0]:.2e}  {time.time() - started:.0f}s", flush=True)
+            running, correct, seen = 0.0, 0, 0
+
+    accuracy = float("nan")
+    if eval_shards:
+        evalset = load_eval_set(eval_shards, max_samples=cfg.eval_samples, **loader_args)
+        model.eval()
+        with torch.no_grad():
+            predictions = torch.cat([model(chunk).argmax(-1)
+                                     for chunk in evalset.images.split(256)])
+        accuracy = float((predictions == evalset.labels).float().mean())
+        print(f"held-out top-1 accuracy {accuracy:.3f} on {len(predictions)} images "
+              f"(chance {1 / num_classes:.3f})", flush=True)
+    return _save(cfg, tower, classifier, num_classes, accuracy)
+
+
+def _save(cfg: PretrainImageConfig, tower: nn.Module, classifier: nn.Linear, num_classes: int,
+          accuracy: float) -> dict:
+    from safetensors.torch import save_file
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in tower.model.state_dict().items()}
+    # The classifier is saved under timm's name ``head``: the loader drops it, and a timm model
+    # with ``num_classes`` classes can load the whole file.
+    state |= {f"head.{k}": v.contiguous() for k, v in classifier.state_dict().items()}
+    save_file(state, str(out / CHECKPOINT))
+    sidecar = {
+        "tower": cfg.tower,
+        "weights": CHECKPOINT,
+        "sha256": file_sha256(out / CHECKPOINT),
+        "num_classes": num_classes,
+        "steps": cfg.steps,
+        "held_out_accuracy": accuracy,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "data"},
+    }
+    (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    print(f"wrote {out / CHECKPOINT} and {out / SIDECAR}", flush=True)
+    return sidecar
+
+
+def parse_args(argv: list[str]) -> PretrainImageConfig:
+    """``--field=value`` / ``--data.field=value`` overrides of PretrainImageConfig."""
+    cfg = PretrainImageConfig()
+    for arg in argv:
+        key, sep, text = arg.removeprefix("--").partition("=")
+        target, name = (cfg.data, key[5:]) if key.startswith("data.") else (cfg, key)
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if not arg.startswith("--") or not sep or name not in fields or name == "data":
+            raise SystemExit(f"pretrain_image: bad option {arg!r}; options: --FIELD=VALUE for "
+                             f"{sorted(f for f in fields if f != 'data')} or --data.FIELD=VALUE")
+        kind = type(getattr(target, name))
+        value = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+        setattr(target, name, value)
+    cfg.data.__post_init__()  # re-validate after overrides
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    pretrain(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,224 @@
+"""The two-tower CLIP model: image tower and text tower, each followed by a linear projection
+into a shared embedding space, plus CLIP's learnable temperature.
+
+LiT and Three Towers use this same module; what is locked is decided by regex rules over the
+parameter names, so the submodule names below are part of the interface:
+``image_tower.*``, ``text_tower.*``, ``image_proj.*``, ``text_proj.*``, ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .registry import image_tower_spec
+from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
+
+
+class CLIPModel(nn.Module):
+    """Image tower + text tower + bias-free projections + log-temperature ``logit_scale``.
+
+    Under 3T it also holds the Three Towers heads: ``image_proj_3t`` and ``text_proj_3t`` map
+    the main towers into the space they share with the third tower, ``third_proj`` maps the
+    frozen third tower's features (computed outside, see ``locked.py``) there, and
+    ``logit_scale_3t`` [2] holds the temperatures of the image-third and text-third losses.
+
+    A tower held outside the model as a ``LockedTower`` is ``None`` here; its precomputed
+    features are passed as ``image_embeddings`` / ``text_embeddings`` instead.
+    """
+
+    def __init__(
+        self,
+        image_tower: ImageTower,
+        text_tower: TextTower,
+        embed_dim: int,
+        init_logit_scale: float,
+        max_logit_scale: float,
+        third_width: int = 0,
+    ) -> None:
+        super().__init__()
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_width, self.text_width = image_tower.width, text_tower.width
+        self.image_proj = nn.Linear(image_tower.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_tower.width, embed_dim, bias=False)
+        # CLIP initialises its projections with std width**-0.5, which keeps the projected
+        # features at unit scale whatever the tower width.
+        nn.init.normal_(self.image_proj.weight, std=image_tower.width**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=text_tower.width**-0.5)
+        # Shape [1], never 0-dim: DeepSpeed's broadcast, zero.Init and GatheredParameters all
+        # view parameters as bytes and crash on a 0-dim tensor.
+        self.logit_scale = nn.Parameter(torch.full([1], float(init_logit_scale)))
+        self.max_logit_scale = float(max_logit_scale)
+        self.embed_dim = embed_dim
+        self.three_towers = third_width > 0
+        if self.three_towers:
+            self.image_proj_3t = _head(image_tower.width, embed_dim)
+            self.text_proj_3t = _head(text_tower.width, embed_dim)
+            self.third_proj = _head(third_width, embed_dim)
+            self.logit_scale_3t = nn.Parameter(torch.full([2], float(init_logit_scale)))
+
+    def _image_embeddings(
+        self, images: torch.Tensor | None, embeddings: torch.Tensor | None
+    ) -> torch.Tensor:
+        if (images is None) == (embeddings is None):
+            raise ValueError("pass exactly one of images and image_embeddings")
+        if embeddings is not None:
+            return embeddings
+        if self.image_tower is None:
+            raise ValueError("the image tower is held outside the model (locked): pass "
+                             "image_embeddings from its LockedTower")
+        return self.image_tower(images)
+
+    def _text_embeddings(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        embeddings: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if (input_ids is None) == (embeddings is None):
+            raise ValueError("pass exactly one of input_ids and text_embeddings")
+        if embeddings is not None:
+            return embeddings
+        if self.text_tower is None:
+            raise ValueError("the text tower is held outside the model (locked): pass "
+                             "text_embeddings from its LockedTower")
+        return self.text_tower(input_ids, attention_mask)
+
+    def encode_image(
+        self,
+        images: torch.Tensor | None = None,
+        normalize: bool = True,
+        image_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """images [B,3,H,W] (or the tower's output ``image_embeddings`` [B,width]) ->
+        embeddings [B,embed_dim], L2-normalised by default."""
+        features = self.image_proj(self._image_embeddings(images, image_embeddings))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+        text_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask [B,L] (or the tower's output ``text_embeddings`` [B,width])
+        -> embeddings [B,embed_dim], L2-normalised by default."""
+        features = self.text_proj(self._text_embeddings(input_ids, attention_mask, text_embeddings))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped to ``max_logit_scale``, shape [1].
+
+        The clamp, as in CLIP, stops the softmax turning one-hot; above it the temperature
+        gets no gradient and stays at the bound.
+        """
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        image_embeddings: torch.Tensor | None = None,
+        text_embeddings: torch.Tensor | None = None,
+        third_embeddings: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unit-norm ``image_features`` [B,D], ``text_features`` [B,D] and ``logit_scale`` [1]
+        (already exponentiated and clamped: the loss multiplies the cosine similarities by it).
+
+        ``image_embeddings`` / ``text_embeddings`` replace ``images`` / ``input_ids`` with a
+        tower's output [B,width] (a locked tower run outside the model, or precomputed).
+        Under 3T, ``third_embeddings`` [B,third width] (the frozen third tower's output) is
+        required and the result adds unit-norm ``image_features_3t``, ``text_features_3t``,
+        ``third_features`` and ``logit_scale_3t`` [2] (image-third, text-third).
+
+        Temperatures are returned from inside forward because under ZeRO-3 a parameter read
+        outside forward is an empty placeholder.
+        """
+        image = self._image_embeddings(images, image_embeddings)
+        text = self._text_embeddings(input_ids, attention_mask, text_embeddings)
+        out = {
+            "image_features": F.normalize(self.image_proj(image), dim=-1),
+            "text_features": F.normalize(self.text_proj(text), dim=-1),
+            "logit_scale": self.scale(),
+        }
+        if self.three_towers:
+            if third_embeddings is None:
+                raise ValueError("a 3T model needs third_embeddings (the third tower's output)")
+            out["image_features_3t"] = F.normalize(self.image_proj_3t(image), dim=-1)
+            out["text_features_3t"] = F.normalize(self.text_proj_3t(text), dim=-1)
+            out["third_features"] = F.normalize(self.third_proj(third_embeddings), dim=-1)
+            out["logit_scale_3t"] = self.logit_scale_3t.exp().clamp(max=self.max_logit_scale)
+        elif third_embeddings is not None:
+            raise ValueError("third_embeddings given to a model without a third tower")
+        return out
+
+    def set_grad_checkpointing(self, image: bool = True, text: bool = True) -> None:
+        """Turn activation checkpointing of each tower (those inside the model) on or off."""
+        if self.image_tower is not None:
+            self.image_tower.set_grad_checkpointing(image)
+        if self.text_tower is not None:
+            self.text_tower.set_grad_checkpointing(text)
+
+
+def _head(width: int, embed_dim: int) -> nn.Linear:
+    head = nn.Linear(width, embed_dim, bias=False)
+    # CLIP's initialisation, as for the two main heads.
+    nn.init.normal_(head.weight, std=width**-0.5)
+    return head
+
+
+def build_clip(cfg: ModelConfig, vocab_size: int | None = None) -> CLIPModel:
+    """The CLIPModel described by ``cfg``: towers from scratch (u) or loaded from local files
+    (L, U; see ``pretrained.py``), and under 3T the Three Towers heads. Nothing is locked
+    here: apply ``settings.trainable_rules`` and ``locked.split_locked`` afterwards.
+
+    ``vocab_size`` is the tokenizer's size. ``cfg.vocab_size`` > 0 takes precedence but must not
+    be smaller (token ids past the table would index out of range); with neither, the text
+    tower's default (30522, the uncased BERT vocabulary) is used. A pretrained text tower keeps
+    its checkpoint's table, which must hold the tokenizer's ids.
+    """
+    from .pretrained import load_image_tower, load_text_tower
+    from .settings import parse_setting
+
+    if cfg.vocab_size > 0:
+        if vocab_size is not None and cfg.vocab_size < vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({vocab_size}); token ids would index past the embedding table"
+            )
+        vocab_size = cfg.vocab_size
+    setting = parse_setting(cfg.setting)
+    if setting.pretrained("image"):
+        image_tower = load_image_tower(cfg.image_tower, cfg.image_pretrained)
+    else:
+        image_tower = build_image_tower(cfg.image_tower)
+    if setting.pretrained("text"):
+        text_tower = load_text_tower(cfg.text_tower, cfg.text_pretrained, cfg.text_pooling)
+        rows = text_tower.vocab_rows
+        if vocab_size is not None and vocab_size > rows:
+            raise ValueError(f"the tokenizer has {vocab_size} tokens but the pretrained text "
+                             f"tower {text_tower.source} has {rows} embedding rows")
+    else:
+        text_tower = build_text_tower(cfg.text_tower, vocab_size, pooling=cfg.text_pooling)
+    third_width = image_tower_spec(cfg.third_tower or cfg.image_tower).width
+    model = CLIPModel(
+        image_tower=image_tower,
+        text_tower=text_tower,
+        embed_dim=cfg.embed_dim,
+        init_logit_scale=cfg.init_logit_scale,
+        max_logit_scale=cfg.max_logit_scale,
+        third_width=third_width if setting.three_towers else 0,
+    )
+    if not cfg.locked_head_trainable:
+        # A frozen head must not scramble the locked features: validation made it square.
+        for tower in ("image", "text"):
+            if setting.locked(tower):
+                nn.init.eye_(getattr(model, f"{tower}_proj").weight)
+    model.set_grad_checkpointing(cfg.image_grad_checkpointing, cfg.text_grad_checkpointing)
+    return model

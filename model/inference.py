@@ -1,0 +1,154 @@
+"""Inference on an exported model (``python -m tritower.launch.export``): no DeepSpeed, no
+checkpoint, no pretrained files needed, only the export folder.
+
+    from tritower.model.inference import load_export
+
+    clip = load_export("exports/clip_tiny")
+    image_features = clip.encode_image([Image.open("cat.jpg")])      # [1, D], unit norm
+    text_features = clip.encode_text(["a red circle.", "a blue star."])  # [2, D], unit norm
+    logits = clip.similarity([Image.open("cat.jpg")], ["a red circle."])  # [1, 1]
+
+Images go through the evaluation transform the run was evaluated with (shorter side resized to
+the tower's size, centre crop, the tower's mean/std: ``tritower.data.transforms.EvalTransform``);
+captions through the exported tokenizer (``tritower.model.build_text_tokenizer``, padded or
+truncated to the tower's context length: ``tritower.data.tokenize``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .clip import CLIPModel
+from .config import ModelConfig
+from .registry import image_tower_spec
+from .settings import parse_setting
+from .text_tokenizers import build_text_tokenizer
+from .towers import TextTower, build_image_tower, build_text_tower, unwrap_clip_text
+
+FORMAT = "tritower-export"
+
+
+def build_architecture(config: dict) -> CLIPModel:
+    """The exported model's modules with placeholder weights, from ``config.json`` alone.
+
+    Towers are built from their registry specs (never from pretrained files, which the
+    inference machine need not have); a pretrained text encoder is rebuilt from its own saved
+    transformers config, whose architecture may differ in details from the registry's.
+    """
+    cfg = ModelConfig(**config["model"])
+    setting = parse_setting(cfg.setting)
+    image_tower = build_image_tower(cfg.image_tower)
+    if config.get("text_encoder_config"):
+        import transformers
+
+        from .pretrained import _text_model_class
+        from .registry import text_tower_spec
+
+        spec = text_tower_spec(cfg.text_tower)
+        saved = dict(config["text_encoder_config"])
+        encoder_config = transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)
+        kwargs = {"add_pooling_layer": False} if spec.arch == "bert" else {}
+        encoder = _text_model_class(spec.arch)(encoder_config, **kwargs)
+        if spec.arch == "clip_text":
+            encoder = unwrap_clip_text(encoder)
+        text_tower = TextTower(spec, config["vocab_rows"], config["text_pooling"], encoder=encoder)
+    else:
+        text_tower = build_text_tower(cfg.text_tower, config["vocab_rows"], pooling=config["text_pooling"])
+    third = image_tower_spec(cfg.third_tower or cfg.image_tower).width if setting.three_towers else 0
+    return CLIPModel(image_tower, text_tower, cfg.embed_dim, cfg.init_logit_scale, cfg.max_logit_scale,
+                     third_width=third)
+
+
+class ExportedModel:
+    """An exported CLIP-style model with its tokenizer and image preprocessing.
+
+    ``model`` is the plain ``CLIPModel`` (``encode_image(tensor)``,
+    ``encode_text(input_ids, attention_mask)``), e.g. for ``tritower.evaluation.evaluate``.
+    """
+
+    def __init__(self, model: CLIPModel, config: dict, folder: Path, device: torch.device) -> None:
+        from tritower.data.transforms import EvalTransform
+
+        self.model = model
+        self.config = config
+        self.folder = folder
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.context_length = int(config["context_length"])
+        self.tokenizer = build_text_tokenizer(folder / config["tokenizer"]["path"])
+        prep = config["image_preprocessing"]
+        self.transform = EvalTransform(prep["image_size"], prep["mean"], prep["std"])
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (input_ids, attention_mask), int64 [N, context_length] each."""
+        from tritower.data import tokenize
+
+        return tokenize(self.tokenizer, list(texts), self.context_length)
+
+    def preprocess(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """PIL images -> float32 [N,3,H,W] (evaluation transform); a tensor is taken as already
+        preprocessed and passed through."""
+        if isinstance(images, torch.Tensor):
+            return images
+        return torch.stack([self.transform(image) for image in images])
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """PIL images, or a preprocessed tensor [N,3,H,W] -> unit-norm features [N,D] (float32)."""
+        pixels = self.preprocess(images)
+        chunks = [self.model.encode_image(pixels[i : i + batch_size].to(self.device, self.dtype)).float().cpu()
+                  for i in range(0, len(pixels), batch_size)]
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Captions -> unit-norm features [N,D] (float32)."""
+        input_ids, attention_mask = self.tokenize(texts)
+        chunks = [self.model.encode_text(input_ids[i : i + batch_size].to(self.device),
+                                         attention_mask[i : i + batch_size].to(self.device)).float().cpu()
+                  for i in range(0, len(input_ids), batch_size)]
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def logit_scale(self) -> float:
+        """The learnt temperature's inverse, exp(logit_scale) clamped as in training."""
+        return float(self.model.scale().float().item())
+
+    def similarity(
+        self, images: Sequence[Image.Image] | torch.Tensor, texts: Sequence[str], scaled: bool = True
+    ) -> torch.Tensor:
+        """[N images, M texts]: cosine similarity times the learnt logit scale (the logits the
+        contrastive loss saw; softmax over texts gives zero-shot probabilities), or the plain
+        cosine in [-1, 1] with ``scaled=False``."""
+        cosine = self.encode_image(images) @ self.encode_text(texts).T  # [N,D] @ [D,M]
+        return cosine * self.logit_scale() if scaled else cosine
+
+
+def load_export(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ExportedModel:
+    """Load an export folder (``model.safetensors`` + ``config.json`` + tokenizer files).
+
+    ``dtype`` None keeps the exported precision. Every tensor of the file must fit the model
+    and every model tensor must be in the file (strict load): a missing or extra key raises.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{folder / 'config.json'} is not a tritower export (format {config.get('format')!r})")
+    model = build_architecture(config)
+    state = load_file(str(folder / "model.safetensors"), device="cpu")
+    result = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                   strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{folder / 'model.safetensors'} does not fit its config: missing "
+                         f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+    stored = {"fp32": torch.float32, "bf16": torch.bfloat16}[config["dtype"]]
+    device = torch.device(device)
+    model = model.to(device=device, dtype=dtype or stored).eval()
+    return ExportedModel(model, config, folder, device)

