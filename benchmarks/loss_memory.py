@@ -105,7 +105,8 @@ def child(impl: str, batch: int, dim: int, tile: int, world: int, threads: int) 
         port = sock.getsockname()[1]
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank_main, args=(world, port, impl, batch, dim, tile, threads, results), nprocs=world)
+        mp.spawn(_rank_main, args=(world, port, impl, batch, dim, tile, threads, results),
+                 nprocs=world)
         per_rank = [results[r] for r in range(world)]
     return {"peak_extra_bytes": max(r["peak_extra_bytes"] for r in per_rank),
             "seconds": max(r["seconds"] for r in per_rank), "loss": per_rank[0]["loss"]}
@@ -161,8 +162,9 @@ def main() -> None:
         if opts.mem_budget_gib is not None:
             available = min(available, int(opts.mem_budget_gib * GIB))
         if impl == "naive" and predicted > available - 3 * GIB:
-            row["skipped"] = (f"predicted {predicted / GIB:.1f} GiB (one fp32 B x B matrix alone is "
-                              f"{batch**2 * 4 / GIB:.1f} GiB) > available {available / GIB:.1f} GiB - 3")
+            row["skipped"] = (f"predicted {predicted / GIB:.1f} GiB (one fp32 B x B matrix alone "
+                              f"is {batch**2 * 4 / GIB:.1f} GiB) > available "
+                              f"{available / GIB:.1f} GiB - 3")
         else:
             runs = [run_config(impl, batch, dim, opts.tile, world, opts.threads)
                     for _ in range(opts.repeats)]
@@ -174,7 +176,8 @@ def main() -> None:
                 row["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in runs)
                 row["seconds_all"] = [r["seconds"] for r in runs]
             if impl == "naive" and "peak_extra_bytes" in row:
-                naive_coef[world] = max(naive_coef.get(world, 0.0), row["peak_extra_bytes"] / batch**2)
+                coef = row["peak_extra_bytes"] / batch**2
+                naive_coef[world] = max(naive_coef.get(world, 0.0), coef)
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -57,7 +57,8 @@ def run_impl(impl: str, image, text, scale, tile: int):
 
 
 def max_rel_error(got, want) -> float:
-    return float((got.double().reshape(want.shape) - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    diff = (got.double().reshape(want.shape) - want).abs().max()
+    return float(diff / want.abs().max().clamp_min(1e-30))
 
 
 def time_impl(impl: str, image, text, scale, tile: int, repeats: int) -> dict:
@@ -105,9 +106,10 @@ def main() -> None:
             scale = torch.tensor([100.0 if batch < 5000 else 14.3], device="cuda")
             want = reference_float64(image, text, scale)
             got = run_impl("triton", image, text, scale, opts.tile)
+            errors = [max_rel_error(g, w) for g, w in zip(got, want, strict=True)]
+            names = ["value", "d_image", "d_text", "d_scale"]
             row = {"B": batch, "D": dim, "dtype": dtype_name, "tile": opts.tile,
-                   "triton_rel_err": dict(zip(["value", "d_image", "d_text", "d_scale"],
-                                              (max_rel_error(g, w) for g, w in zip(got, want))))}
+                   "triton_rel_err": dict(zip(names, errors, strict=True))}
             for impl in ("naive", "tiled", "triton"):
                 row[impl] = time_impl(impl, image, text, scale, opts.tile, opts.repeats)
             rows.append(row)

@@ -51,6 +51,9 @@ class DataConfig:
     samples is bad (undecodable image, bad caption, missing field, unreadable shard)."""
     bad_check_min_samples: int = 200
     """Samples a worker reads before ``max_bad_fraction`` is enforced (avoids noise at start)."""
+    shard_retries: int = 2
+    """Extra tries (after 1 s, 2 s, ...) of a remote shard (``pipe:``, URL) that fails before
+    its first sample; local shards are not retried."""
     builtin_seed: int = 0
     """Seed of the built-in scene generator; the held-out split uses a different derived seed."""
     builtin_shard_size: int = 500
@@ -59,6 +62,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ValueError(f"data.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.shard_retries < 0:
+            raise ValueError(f"data.shard_retries must be >= 0, got {self.shard_retries}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.batch_size <= 0:

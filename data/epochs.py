@@ -4,7 +4,8 @@ Everything here is a pure function of ``(seed, epoch, slot)`` (``slot = rank * w
 worker``), which is what makes a worker's stream reproducible and a resume exact.
 
 * Without resampling, ``epoch_shards`` permutes the whole shard list with ``(seed, epoch)`` and
-  gives slot ``s`` the shards ``s, s + slots, ...``: disjoint over slots, all of them covered.
+  deals it out over the slots (balanced by sample count when ``sizes.json`` gives them):
+  disjoint over slots, all of them covered.
 * With resampling, ``mixed_samples`` mixes the sources *per sample*: each source is an endless
   stream over its shards drawn with replacement, and every sample comes from source ``i`` with
   probability ``w_i / sum(w)``, whatever the sources' shard sizes.
@@ -12,6 +13,7 @@ worker``), which is what makes a worker's stream reproducible and a resume exact
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,11 +38,33 @@ def shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
-def epoch_shards(urls: list[str], seed: int, epoch: int, slot: int, slots: int) -> list[str]:
-    """Non-resampled mode: the shards slot ``slot`` of ``slots`` reads in ``epoch``."""
+def epoch_shards(
+    urls: list[str],
+    seed: int,
+    epoch: int,
+    slot: int,
+    slots: int,
+    sizes: dict[str, int] | None = None,
+) -> list[str]:
+    """Non-resampled mode: the shards slot ``slot`` of ``slots`` reads in ``epoch``.
+
+    Unknown sizes: round robin over the permuted list, ``order[slot::slots]``. Known sizes:
+    largest shard first (ties in permuted order) to the slot with the fewest samples so far,
+    which keeps the slots' shares within one shard of each other so the workers' epochs stay
+    aligned; a slot then reads its shards in permuted order.
+    """
     order = list(urls)
     random.Random(f"{seed}/order/{epoch}").shuffle(order)
-    return order[slot::slots]
+    if sizes is None:
+        return order[slot::slots]
+    heap, mine = [(0, s) for s in range(slots)], set()  # (samples so far, slot): a min-heap
+    # Positions, not URLs, so that a shard listed twice is dealt twice.
+    for position in sorted(range(len(order)), key=lambda i: -sizes[order[i]]):  # stable sort
+        load, target = heapq.heappop(heap)
+        heapq.heappush(heap, (load + sizes[order[position]], target))
+        if target == slot:
+            mine.add(position)
+    return [url for position, url in enumerate(order) if position in mine]
 
 
 class ShardBudget:

@@ -65,11 +65,13 @@ def load_eval_set(
     classnames: list[str] | None = None,
     templates: list[str] | None = None,
     max_samples: int = 0,
+    shard_retries: int = 0,
 ) -> EvalSet:
     """Loads held-out shards (resize + centre crop, one tokenised caption per image).
 
     ``classnames``/``templates`` default to ``classnames.txt``/``templates.txt`` next to the
     shards (the built-in generator writes them). ``max_samples`` > 0 keeps the first ones.
+    ``shard_retries``: extra tries of a remote shard that fails at once (see ``read_shard``).
     """
     sources = resolve_sources(shards)
     check_local_shards(sources)
@@ -78,7 +80,7 @@ def load_eval_set(
     stats = BadDataStats()
     images, captions, labels, keys = [], [], [], []
     for url in urls:
-        for sample in read_shard(url, stats):
+        for sample in read_shard(url, stats, shard_retries):
             decoded = decode_sample(sample, caption_key, stats)
             if decoded is None:
                 continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ class BadDataStats:
         total = cls()
         for summary in summaries:
             total.good += summary["good"]
-            total.bad.update(summary["bad"])
+            total.bad.update({kind: n for kind, n in summary["bad"].items() if n})
             total.bad_by_shard.update(summary["bad_by_shard"])
         return total
 
@@ -99,12 +100,36 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def read_shard(url: str, stats: BadDataStats) -> Iterator[dict[str, Any]]:
+def read_shard(
+    url: str, stats: BadDataStats, retries: int = 0, backoff_s: float = 1.0
+) -> Iterator[dict[str, Any]]:
     """Yields the samples of one tar shard as ``{"__key__", "__url__", ext: bytes, ...}``.
 
     Members are grouped by key in tar order (the webdataset convention: a sample's files are
-    adjacent). Open and read errors are counted, not raised.
+    adjacent). Open and read errors are counted, not raised. A remote shard (``pipe:``, URL)
+    that fails before its first sample is tried ``retries`` more times, after ``backoff_s``,
+    then twice that, ...: object stores fail transiently. Local failures are permanent, and a
+    shard that broke off after some samples is never re-read (its samples would repeat).
     """
+    for attempt in range(retries + 1):
+        # Counted into a scratch counter first, so that a retried failure counts nothing.
+        # The counts move over in the same resumption of this generator in which they arose.
+        attempt_stats = BadDataStats()
+        yielded = False
+        for sample in _read_shard_once(url, attempt_stats):
+            yielded = True
+            yield sample
+        remote = url.startswith("pipe:") or "://" in url
+        if not yielded and attempt_stats.total_bad and remote and attempt < retries:
+            time.sleep(backoff_s * 2**attempt)
+            continue
+        for kind, count in attempt_stats.bad.items():
+            for _ in range(count):
+                stats.add_bad(kind, url)
+        return
+
+
+def _read_shard_once(url: str, stats: BadDataStats) -> Iterator[dict[str, Any]]:
     yielded_any = finished = False
     current: dict[str, Any] | None = None
     stream = None
@@ -205,7 +230,9 @@ def decode_sample(
     return image, caption, _label(sample)
 
 
-def probe_shards(urls: list[str], caption_key: str, shards: int = 3, samples: int = 16) -> None:
+def probe_shards(
+    urls: list[str], caption_key: str, retries: int = 0, shards: int = 3, samples: int = 16
+) -> None:
     """Fails fast, in the calling process, when the first samples are all unusable.
 
     A wrong ``caption_key`` or a wrong shard pattern would otherwise surface only as a worker's
@@ -213,7 +240,7 @@ def probe_shards(urls: list[str], caption_key: str, shards: int = 3, samples: in
     """
     stats, fields = BadDataStats(), set()
     for url in urls[:shards]:
-        reader = read_shard(url, stats)
+        reader = read_shard(url, stats, retries)
         for index, sample in enumerate(reader):
             fields.update(name for name in sample if not name.startswith("__"))
             if decode_sample(sample, caption_key, stats) is not None:

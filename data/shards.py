@@ -8,11 +8,13 @@ A specification is one or more *sources* separated by ``::`` (open_clip's conven
   paths resolve against the file's folder; lines may be brace patterns or ``pipe:`` commands);
 * a ``pipe:<command>`` whose stdout is a tar stream (``pipe:aws s3 cp s3://b/{0..9}.tar -``).
 
-URLs are opened with ``webdataset.gopen`` (local paths, ``pipe:``, http(s)).
+URLs are opened with ``webdataset.gopen`` (local paths, ``pipe:``, http(s)). A ``sizes.json``
+next to local shards (``{"00000.tar": 9871, ...}``) gives their sample counts.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,28 @@ def resolve_sources(spec: str | list[str], weights: str = "") -> list[ShardSourc
         if not source.urls:
             raise ValueError(f"a shard source of {spec!r} expands to no shards")
     return sources
+
+
+def load_shard_sizes(urls: list[str]) -> dict[str, int] | None:
+    """Samples per shard from ``sizes.json`` files next to local shards, if they cover all.
+
+    The file maps shard file names to sample counts (open_clip's convention, e.g.
+    ``{"00000.tar": 9871, ...}``). Returns None unless every shard is covered.
+    """
+    sizes: dict[str, int] = {}
+    tables: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        if not _is_local(url):
+            return None
+        folder = Path(url).parent
+        if folder not in tables:
+            listing = folder / "sizes.json"
+            tables[folder] = json.loads(listing.read_text()) if listing.is_file() else {}
+        count = tables[folder].get(Path(url).name)
+        if not isinstance(count, int):
+            return None
+        sizes[url] = count
+    return sizes
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:

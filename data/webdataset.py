@@ -43,7 +43,7 @@ from .config import DataConfig
 from .epochs import epoch_shards, mixed_samples, shuffled
 from .eval_set import EvalSet, load_eval_set  # noqa: F401  (re-exported for the trainer)
 from .samples import BadDataStats, DataQualityError, decode_sample, probe_shards, read_shard
-from .shards import ShardSource, check_local_shards, resolve_sources
+from .shards import ShardSource, check_local_shards, load_shard_sizes, resolve_sources
 from .tokenizer import tokenize
 from .transforms import TrainTransform
 
@@ -69,6 +69,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.sources = sources
         self.urls = [url for source in sources for url in source.urls]
+        self.sizes = None if cfg.resampled else load_shard_sizes(self.urls)
+        """Samples per shard (from ``sizes.json``) to balance non-resampled epochs, or None."""
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.transform = transform
@@ -85,20 +87,22 @@ class TrainStream(torch.utils.data.IterableDataset):
         """DataLoader worker ``i`` plays logical worker ``(i + rotation) % workers``."""
 
     def shards_digest(self) -> str:
-        """Fingerprint of the shard list and weights: a position is only valid for them."""
-        text = "\n".join(f"{s.weight}:{url}" for s in self.sources for url in s.urls)
+        """Fingerprint of the shard list, weights and sizes: a position is only valid for them."""
+        sizes = self.sizes or {}
+        text = "\n".join(f"{s.weight}:{sizes.get(u)}:{u}" for s in self.sources for u in s.urls)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def epoch_shards(self, epoch: int, slot: int) -> list[str]:
         """Non-resampled mode: the shards slot ``slot`` reads in ``epoch``."""
-        return epoch_shards(self.urls, self.seed, epoch, slot, self.world_size * self.workers)
+        slots = self.world_size * self.workers
+        return epoch_shards(self.urls, self.seed, epoch, slot, slots, self.sizes)
 
     def _raw(self, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
         """Undecoded samples of one worker-epoch in shuffled order."""
         slots = self.world_size * self.workers
         if not self.cfg.resampled:
             shards = self.epoch_shards(epoch, slot)
-            samples = (sample for url in shards for sample in read_shard(url, self.stats))
+            samples = (sample for url in shards for sample in self._read(url))
         elif self.cfg.samples_per_epoch:
             # An epoch is a sample count: draw shards until this worker's share is read.
             samples = itertools.islice(
@@ -112,7 +116,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         return shuffled(samples, max(1, self.cfg.shuffle_buffer), rng)
 
     def _read(self, url: str) -> Iterator[dict[str, Any]]:
-        return read_shard(url, self.stats)
+        return read_shard(url, self.stats, self.cfg.shard_retries)
 
     def _decoded(self, slot: int, logical: int) -> Iterator[tuple[Any, ...]]:
         """Infinite (image, caption, label, key, epoch, next index) from this worker's epochs."""
@@ -297,7 +301,8 @@ def build_train_loader(
     """
     sources = resolve_sources(shards, cfg.train_weights if isinstance(shards, str) else "")
     check_local_shards(sources)
-    probe_shards([url for source in sources for url in source.urls], cfg.caption_key)
+    urls = [url for source in sources for url in source.urls]
+    probe_shards(urls, cfg.caption_key, cfg.shard_retries)
     num_shards = sum(len(source.urls) for source in sources)
     workers = max(1, cfg.num_workers)
     slots = world_size * workers
@@ -306,19 +311,6 @@ def build_train_loader(
             f"{num_shards} shards for {world_size} ranks x {workers} workers: without "
             "resampling every worker needs at least one shard per epoch; use more (smaller) "
             "shards, fewer workers, or data.resampled=True"
-        )
-    if num_shards < slots:
-        warnings.warn(
-            f"{num_shards} shards for {world_size} ranks x {workers} workers: workers read the "
-            "same shards at the same time, so global batches will hold duplicate samples",
-            stacklevel=2,
-        )
-    elif num_shards % slots and not cfg.resampled:
-        warnings.warn(
-            f"{num_shards} shards do not divide over {world_size} ranks x {workers} workers: "
-            "workers get unequal shares and their epochs drift apart (each still reads each "
-            "of its shards once per epoch)",
-            stacklevel=2,
         )
     # HF fast tokenizers warn (and can deadlock) when used in forked workers after the
     # parent used their thread pool; the workers tokenise single-threaded anyway.
@@ -334,6 +326,19 @@ def build_train_loader(
         per_rank_batch=per_rank_batch,
         seed=seed,
     )
+    if num_shards < slots:
+        warnings.warn(
+            f"{num_shards} shards for {world_size} ranks x {workers} workers: workers read the "
+            "same shards at the same time, so global batches will hold duplicate samples",
+            stacklevel=2,
+        )
+    elif num_shards % slots and not cfg.resampled and stream.sizes is None:
+        warnings.warn(
+            f"{num_shards} shards do not divide over {world_size} ranks x {workers} workers: "
+            "workers get unequal shares and their epochs drift apart (each still reads each "
+            "of its shards once per epoch)",
+            stacklevel=2,
+        )
     loader = TrainLoader(stream, cfg.num_workers)
     loader.positions = {w: (epoch, 0) for w in range(stream.workers)}
     return loader

@@ -119,7 +119,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
         ("optimizer.params.eps", opt.eps, "optim.eps"),
         ("optimizer.params.weight_decay", opt.weight_decay, "optim.weight_decay"),
         ("scheduler.params.total_num_steps", cfg.train.steps, "train.steps"),
-        ("scheduler.params.warmup_num_steps", opt.warmup_steps, "optim.warmup_steps"),
+        # DeepSpeed's WarmupCosineLR refuses 0 warm-up steps; 1 is the same schedule.
+        ("scheduler.params.warmup_num_steps", max(1, opt.warmup_steps), "optim.warmup_steps"),
         ("scheduler.params.cos_min_ratio", opt.min_lr_ratio, "optim.min_lr_ratio"),
         ("bf16.enabled", cfg.deepspeed.precision == "bf16", "deepspeed.precision"),
         ("fp16.enabled", cfg.deepspeed.precision == "fp16", "deepspeed.precision"),

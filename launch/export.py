@@ -272,8 +272,6 @@ def export(
     ``vocab`` overrides the run's tokenizer source; ``pretrained`` ({"image_pretrained": path,
     ...}) overrides where locked towers' pretrained files are now.
     """
-    from safetensors.torch import save_file
-
     from tritower.model.text_tokenizers import build_text_tokenizer
 
     folder, tag = resolve_tag(checkpoint, tag)
@@ -299,6 +297,26 @@ def export(
     state, origins = assemble_state(reference, locked, tensors, TRAIN_DTYPES[train_precision], sources)
     model.load_state_dict(state, strict=True)
 
+    extra = {
+        "training": {k: saved.get(k) for k in ("experiment", "data", "eval", "train", "deepspeed")},
+        "source": {"checkpoint": str(folder), "tag": tag, "step": tensors.client_state.get("step"),
+                   "zero_stage": tensors.zero_stage, "world_size": tensors.world_size},
+        "tensors": {"total": len(reference), **origins,
+                    "locked_sources": sorted({sources[k] for k in reference if locked[k]})},
+    }
+    return write_export(model, cfg, out, vocab_source, dtype=dtype, extra=extra)
+
+
+def write_export(
+    model: torch.nn.Module, cfg: ModelConfig, out: str | Path, vocab_source: str, *,
+    dtype: str = "fp32", extra: dict | None = None,
+) -> dict:
+    """Write ``model`` (a CLIPModel built from ``cfg``) as an export folder; returns config.json.
+
+    ``extra`` adds keys to config.json (provenance: training sections, source, tensor origins).
+    """
+    from safetensors.torch import save_file
+
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     target_dtype = EXPORT_DTYPES[dtype]
@@ -307,7 +325,7 @@ def export(
                for k, v in model.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
     image_spec, text_spec = image_tower_spec(cfg.image_tower), text_tower_spec(cfg.text_tower)
-    text_encoder = model.text_tower.model
+    pretrained_text = parse_setting(cfg.setting).pretrained("text")
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -318,16 +336,12 @@ def export(
         "image_tower_spec": dataclasses.asdict(image_spec),
         "text_tower_spec": dataclasses.asdict(text_spec),
         # A pretrained text encoder's architecture is its own config.json, not the registry's.
-        "text_encoder_config": text_encoder.config.to_dict() if parse_setting(cfg.setting).pretrained("text") else None,
+        "text_encoder_config": model.text_tower.model.config.to_dict() if pretrained_text else None,
         "image_preprocessing": {"image_size": image_spec.image_size, "mean": list(image_spec.mean),
                                 "std": list(image_spec.std), "resize": "shorter side, bicubic, centre crop"},
         "context_length": text_spec.context_length,
         "tokenizer": copy_tokenizer(vocab_source, out),
-        "training": {k: saved.get(k) for k in ("experiment", "data", "eval", "train", "deepspeed")},
-        "source": {"checkpoint": str(folder), "tag": tag, "step": tensors.client_state.get("step"),
-                   "zero_stage": tensors.zero_stage, "world_size": tensors.world_size},
-        "tensors": {"total": len(weights), **origins,
-                    "locked_sources": sorted({sources[k] for k in reference if locked[k]})},
+        **(extra or {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
     return config

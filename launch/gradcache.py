@@ -48,17 +48,20 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def gradcache_step(
+def gradcache_backward(
     engine,
     micro_batches: list[Batch],
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     to_inputs: Callable[[Batch], tuple[torch.Tensor, ...]],
     device: torch.device,
 ) -> tuple[torch.Tensor, float]:
-    """One optimizer step over all micro-batches; returns (global loss, logit scale).
+    """Forward and backward over all micro-batches; returns (global loss, logit scale).
 
-    ``engine`` is a DeepSpeed engine (or anything with the same ``__call__``/``backward``/``step``)
-    whose forward returns ``image_features``, ``text_features`` and ``logit_scale``.
+    Every micro-batch but the last is closed with ``engine.step()`` (DeepSpeed only counts it);
+    the caller's own ``engine.step()`` after this call is the real update, at the accumulation
+    boundary. ``engine`` is a DeepSpeed engine (or anything with ``__call__``/``backward``/``step``)
+    whose forward returns ``image_features``, ``text_features`` and ``logit_scale``. A non-finite
+    loss returns before any backward: nothing is accumulated.
     """
     count = len(micro_batches)
     states, image_parts, text_parts = [], [], []
@@ -93,6 +96,7 @@ def gradcache_step(
             + (out["logit_scale"].float() * scale_leaf.grad).sum() / count
         )
         engine.backward(surrogate, scale_wrt_gas=False)
-        engine.step()
+        if index < count - 1:
+            engine.step()
     _set_rng_state(after_encoding, device)
     return loss.detach(), scale.item()

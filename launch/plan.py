@@ -253,7 +253,8 @@ def to_json(result: dict) -> dict:
             "trained_params": result["trained_params"], "budget": result["budget"],
             "model_states": {k: dict(asdict(v), engine=v.engine, total=v.total)
                              for k, v in result["states"].items()},
-            "full_batch_no_checkpointing": {k: candidate(v) for k, v in result["full_batch"].items()},
+            "full_batch_no_checkpointing": {k: candidate(v)
+                                            for k, v in result["full_batch"].items()},
             "best_per_zero": {k: candidate(v) for k, v in result["per_policy"].items()},
             "recommendation": candidate(best),
             "flags": flags(request, best) if best else None}

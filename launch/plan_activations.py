@@ -8,7 +8,7 @@ derives them and compares them with measured runs.
 Notation, per sample: s tokens, h width, f MLP hidden size, a heads, e bytes per activation
 element (2 in bf16/fp16, 4 in fp32). Per transformer layer, without recomputation, autograd keeps
 
-    e * s * (8h + 2f)  +  4 * a * s  +  16 * s   [+ 2 * s * h with dropout]   [+ a * s^2 * e unfused]
+    e * s * (8h + 2f)  +  4 * a * s  +  16 * s  [+ 2 * s * h with dropout]  [+ e * a * s^2 unfused]
 
 (block input, LN output, q/k/v, attention output, LN input and output, MLP hidden before and
 after GELU; the fused attention kernel's fp32 log-sum-exp; fp32 LayerNorm mean and rstd; 1-byte

@@ -4,7 +4,9 @@
         --batch 256 --checkpointing off,on
 
 prints one JSON line per mode: the measured extra peak memory of a training step (bytes) and the
-planner's prediction for the same step. ``measure_in_subprocess`` runs it in a fresh process.
+planner's prediction for the same step. ``--deepspeed-stage N --vocab 200000`` instead measures a
+whole fp32 step through a 1-rank DeepSpeed engine, from before the model is built (model states
+included). ``start_measurement``/``finish`` run either in a fresh process.
 
 How CPU memory is measured: a fresh process, with glibc told to serve every allocation above
 64 KiB by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so a freed tensor goes back to the kernel at once
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
         print("warning: MALLOC_MMAP_THRESHOLD_ is not set; freed memory may stay resident and "
-              "the figure will be too high (use measure_in_subprocess)", file=sys.stderr)
+              "the figure will be too high (use start_measurement)", file=sys.stderr)
     if options.deepspeed_stage:
         print(json.dumps(measure_deepspeed(options.image, options.text, options.batch,
                                            options.deepspeed_stage, options.vocab,

@@ -59,8 +59,10 @@ def format_plan(result: dict) -> str:
         lines.append(f"  {t.role:<6} {t.shape.name:<22} {t.params / 1e6:8.1f}M  "
                      f"{_setting_letter(request, t.role, t.trained)}")
     lines.append(f"  heads  projections+temperature {result['heads'] / 1e6:8.1f}M  trained")
-    lines.append(f"  trained parameters in the DeepSpeed engine: {result['trained_params'] / 1e6:.1f}M")
-    lines += ["", "Model states per GPU (GiB)        " + "".join(f"{p.label:>13}" for p in POLICIES)]
+    trained = result["trained_params"] / 1e6
+    lines.append(f"  trained parameters in the DeepSpeed engine: {trained:.1f}M")
+    header = "".join(f"{p.label:>13}" for p in POLICIES)
+    lines += ["", f"Model states per GPU (GiB)        {header}"]
     for key, label in STATE_ROWS:
         values = [getattr(states[p.label], key) for p in POLICIES]
         lines.append(f"  {label:<32}" + "".join(f"{v / GIB:13.2f}" for v in values))

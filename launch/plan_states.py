@@ -11,9 +11,10 @@ per trained parameter (N = data-parallel GPUs):
 
 which is DeepSpeed's own count (its estimators' "18 = 2 grads16 + 4 grads32 + 4 params32 + 8").
 In fp32 the parameters and gradients take 4 bytes, the moments 8; DeepSpeed's ZeRO-1/2 still
-clones this rank's partition as the "master" (4/N), ZeRO-3 updates the partition in place.
-ZeRO-3 also holds the gathered parameters and gradients of the largest layer (DeepSpeed's
-``4 * largest_layer_params`` in 16-bit). CPU offload moves the fp32 states (and under ZeRO-3
+clone this rank's partition as the "master" (4/N), ZeRO-3 updates the partition in place, and
+fp32 ZeRO-2 steps on its flat gradient partition without a copy. ZeRO-3 also holds the gathered
+parameters and gradients of the largest layer (DeepSpeed's ``4 * largest_layer_params`` in
+16-bit). CPU offload moves the fp32 gradient buffer, master and moments (and under ZeRO-3
 optionally the 16-bit parameter partition) to host memory. Locked towers are not in the engine:
 their parameters sit on every GPU in the compute dtype, with nothing else.
 """

@@ -39,13 +39,13 @@ class PretrainImageConfig:
 
     tower: str = "vit_scene_tiny"
     """Image tower name from the registry."""
-    steps: int = 200
+    steps: int = 120
     """Optimizer steps."""
     batch_size: int = 128
     """Images per step."""
     lr: float = 2e-3
     """Peak AdamW learning rate (linear warm-up, then cosine decay to 0)."""
-    warmup_steps: int = 20
+    warmup_steps: int = 12
     """Steps of linear warm-up."""
     weight_decay: float = 0.05
     """AdamW weight decay on matrices (none on biases and norms)."""
@@ -116,7 +116,7 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
           f"parameters) + linear classifier over {num_classes} classes, {cfg.steps} steps of "
           f"{cfg.batch_size}", flush=True)
 
-    started, seen, correct, running = time.time(), 0, 0, 0.0
+    started, seen, correct, running, logged = time.time(), 0, 0, 0.0, 0
     batches = iter(loader)
     for step in range(cfg.steps):
         batch = next(batches)
@@ -133,10 +133,10 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
         correct += int((logits.argmax(-1) == labels).sum())
         seen += int(labels.numel())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            print(f"step {step + 1}/{cfg.steps}  loss {running / cfg.log_every:.3f}  "
+            print(f"step {step + 1}/{cfg.steps}  loss {running / (step + 1 - logged):.3f}  "
                   f"train acc {correct / max(1, seen):.3f}  "
                   f"lr {scheduler.get_last_lr()[0]:.2e}  {time.time() - started:.0f}s", flush=True)
-            running, correct, seen = 0.0, 0, 0
+            running, correct, seen, logged = 0.0, 0, 0, step + 1
 
     accuracy = float("nan")
     if eval_shards:

@@ -23,10 +23,10 @@ from tritower.launch import checkpointing, dist_env
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.ds_config import micro_batches_per_step
 from tritower.launch.engine import build_engine, init_distributed
-from tritower.launch.gradcache import gradcache_step, split_batch
+from tritower.launch.gradcache import gradcache_backward, split_batch
 from tritower.launch.preemption import Preempted, StopRequest
 from tritower.launch.run_io import WandbLogger, format_duration, write_json_atomic
-from tritower.losses import ContrastiveLoss
+from tritower.losses import ContrastiveLoss, NonFiniteInputError
 from tritower.model import build_clip, image_tower_spec, text_tower_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,7 +96,8 @@ class Trainer:
             cfg.data, shards=sources.train_shards, rank=self.env.rank, world_size=self.env.world_size,
             per_rank_batch=self.per_rank_batch, seed=cfg.train.seed, **loader_args,
         )
-        self.eval_set = load_eval_set(sources.eval_shards, **loader_args) if sources.eval_shards else None
+        self.eval_set = (load_eval_set(sources.eval_shards, caption_key=cfg.data.caption_key, **loader_args)
+                         if sources.eval_shards else None)
 
         self.step = 0
         self.nonfinite_total = self.nonfinite_in_row = 0
@@ -166,21 +167,30 @@ class Trainer:
     def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         # The loss runs in fp32 whatever the towers' precision: logits of unit vectors times ~100
         # lose too much in bf16.
-        return self.loss_fn(image_features.float(), text_features.float(), scale.float())
+        try:
+            return self.loss_fn(image_features.float(), text_features.float(), scale.float())
+        except NonFiniteInputError as error:
+            # Every rank raises together; the step is skipped and counted like a NaN loss.
+            self.log(f"non-finite features: {error}")
+            return torch.tensor(float("nan"))
+
+    def forward_backward(self, batch: dict) -> tuple[torch.Tensor, float]:
+        """Gradients of one global batch, whole or by GradCache micro-batches; no update yet."""
+        if self.micro_batches > 1:
+            return gradcache_backward(self.engine, split_batch(batch, self.micro_batches),
+                                      self.contrastive_loss, self.to_inputs, self.device)
+        out = self.engine(*self.to_inputs(batch))
+        loss = self.contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        if torch.isfinite(loss):
+            self.engine.backward(loss)
+        return loss.detach(), out["logit_scale"].item()
 
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step; returns (global loss, logit scale). A non-finite loss updates nothing."""
-        if self.micro_batches > 1:
-            loss, scale = gradcache_step(self.engine, split_batch(batch, self.micro_batches),
-                                         self.contrastive_loss, self.to_inputs, self.device)
+        loss, scale = self.forward_backward(batch)
+        if torch.isfinite(loss):
+            self.engine.step()
         else:
-            out = self.engine(*self.to_inputs(batch))
-            loss = self.contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
-            scale = out["logit_scale"].item()
-            if torch.isfinite(loss):
-                self.engine.backward(loss)
-                self.engine.step()
-        if not torch.isfinite(loss):
             # The loss value is the global one, identical on every rank, so all ranks skip together.
             # The schedule still advances: step numbers and learning rates stay aligned.
             self.engine.lr_scheduler.step()

@@ -6,12 +6,13 @@
 """
 
 from .config import LossConfig
-from .contrastive import ContrastiveLoss, check_finite, clip_loss, sigmoid_loss
+from .contrastive import ContrastiveLoss, NonFiniteInputError, check_finite, clip_loss, sigmoid_loss
 from .distributed import average_value, gather_with_grad
 
 __all__ = [
     "ContrastiveLoss",
     "LossConfig",
+    "NonFiniteInputError",
     "average_value",
     "check_finite",
     "clip_loss",

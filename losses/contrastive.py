@@ -27,15 +27,20 @@ from .distributed import (
 )
 
 
+class NonFiniteInputError(ValueError):
+    """The loss got NaN/Inf features; raised on every rank together (counts are all-reduced)."""
+
+
 def check_finite(named: dict[str, Tensor], group: ProcessGroup | None = None) -> None:
-    """Raise ``ValueError`` naming each input that holds NaN/Inf and how many (all ranks)."""
+    """Raise ``NonFiniteInputError`` naming each input that holds NaN/Inf and how many (all ranks)."""
     counts = count_nonfinite(list(named.values()), group)
-    bad = [f"{name}: {n} non-finite value(s) (NaN/Inf) of {named[name].numel()} per rank"
-           for name, n in zip(named, counts) if n]
+    _, world = rank_and_world(group)
+    per = " per rank" if world > 1 else ""
+    bad = [f"{name}: {n} non-finite value(s) (NaN/Inf) of {named[name].numel()}{per}"
+           for name, n in zip(named, counts, strict=True) if n]
     if bad:
-        _, world = rank_and_world(group)
         where = f" (counted over {world} ranks)" if world > 1 else ""
-        raise ValueError("contrastive loss got non-finite inputs" + where + ": " + "; ".join(bad))
+        raise NonFiniteInputError("contrastive loss got non-finite inputs" + where + ": " + "; ".join(bad))
 
 
 def _check_shapes(image_features: Tensor, text_features: Tensor) -> None:

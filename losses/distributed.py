@@ -18,7 +18,7 @@ ProcessGroup = dist.ProcessGroup
 
 
 def rank_and_world(group: ProcessGroup | None = None) -> tuple[int, int]:
-    """This process's rank in ``group`` and the group's size; ``(0, 1)`` without torch.distributed."""
+    """This process's rank in ``group`` and the group's size; (0, 1) without torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)

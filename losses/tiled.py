@@ -10,7 +10,7 @@ to the owners. Arithmetic is float32 (float64 for float64 inputs), whatever the 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,8 @@ def backward_products(image: Tensor, text_all: Tensor, scale: Tensor, tile: int,
     matmuls; the last sum is read off whichever product exists, never from an extra pass.
     """
     acc, device = scale.dtype, image.device
-    h_y = torch.zeros(image.shape, dtype=acc, device=device) if want_image or not want_text else None
+    want_h_y = want_image or not want_text  # H Y also yields the scale gradient
+    h_y = torch.zeros(image.shape, dtype=acc, device=device) if want_h_y else None
     h_x = torch.zeros(text_all.shape, dtype=acc, device=device) if want_text else None
     hxy = torch.zeros((), dtype=acc, device=device)
     for r0, r1 in tile_bounds(image.shape[0], tile):

@@ -18,6 +18,8 @@ The cross-rank conventions are those of ``tiled.py``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -93,10 +95,18 @@ def _grad_tile_kernel(a_ptr, b_ptr, row_lse_ptr, col_lse_ptr, scale_ptr, coef_pt
     tl.store(d_scale_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(grad * dots))
 
 
+def interpreting() -> bool:
+    """Whether kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.3; older ones read the variable
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _kernel_options(features: Tensor) -> dict:
     # triton 3.8's interpreter multiplies bf16 operands of tl.dot as their raw uint16 bits;
     # there (CPU tests only) the operands are upcast first. Compiled kernels never upcast.
-    upcast = features.dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
+    upcast = features.dtype == torch.bfloat16 and interpreting()
     if features.dtype == torch.float64:
         return dict(ACC=tl.float64, PRECISION="ieee", UPCAST=False)
     # Follow torch's own float32 matmul policy: TF32 only where the user allowed it.
@@ -123,7 +133,11 @@ class _TritonSoftmax(torch.autograd.Function):
                 tile: int, combine: LseCombine | None) -> Tensor:  # type: ignore[override]
         if image.dtype != text_all.dtype or image.dtype not in (
                 torch.float64, torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"impl='triton' needs one float dtype, got {image.dtype}/{text_all.dtype}")
+            raise TypeError(
+                f"impl='triton' needs one float dtype, got {image.dtype}/{text_all.dtype}")
+        if not image.is_cuda and not interpreting():
+            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1, for "
+                             "tests); use impl='tiled' on the CPU")
         rows, cols = image.contiguous(), text_all.contiguous()
         acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
         scale = logit_scale.detach().reshape(1).to(acc)

@@ -67,7 +67,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
 
 def make_loader(shards, tokenizer, *, rank=0, world=1, batch=4, seed=0, **cfg) -> TrainLoader:
     """A loader over 8 px images and 8-token captions; ``cfg`` overrides DataConfig fields."""
-    config = DataConfig(**{"shuffle_buffer": 16, "num_workers": 0, **cfg})
+    config = DataConfig(**{"shuffle_buffer": 16, "num_workers": 0, "shard_retries": 0, **cfg})
     return build_train_loader(
         config, shards=shards, tokenizer=tokenizer, image_size=8, mean=MEAN, std=STD,
         context_length=8, rank=rank, world_size=world, per_rank_batch=batch, seed=seed,
@@ -96,6 +96,24 @@ def test_two_ranks_two_workers_see_each_sample_once_per_epoch(tmp_path, tokenize
     for keys in epochs:
         assert len(keys) == 96 and len(set(keys)) == 96
     assert epochs[0] != epochs[1]  # reshuffled between epochs
+
+
+def test_sizes_json_balances_unequal_shards_over_ranks(tmp_path, tokenizer) -> None:
+    from tritower.data.epochs import epoch_shards
+
+    shards = write_dataset(tmp_path, "big", shards=1, per_shard=12)
+    shards += write_dataset(tmp_path, "small", shards=3, per_shard=4)
+    sizes = {Path(p).name: 12 if "big" in p else 4 for p in shards}
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    for epoch in range(5):  # every epoch: 12 samples per rank, each shard once
+        parts = [epoch_shards(shards, 0, epoch, slot, 2, {p: sizes[Path(p).name] for p in shards})
+                 for slot in range(2)]  # fmt: skip
+        assert sorted(parts[0] + parts[1]) == sorted(shards)
+        assert [sum(sizes[Path(p).name] for p in part) for part in parts] == [12, 12]
+    # Through the loader: 2 ranks x 3 batches of 4 = every sample exactly once per epoch.
+    keys = [k for r in range(2) for k in keys_of(take(make_loader(
+        shards, tokenizer, rank=r, world=2, resampled=False), 3))]  # fmt: skip
+    assert len(keys) == 24 and len(set(keys)) == 24
 
 
 def test_too_few_shards_for_ranks_x_workers(tmp_path, tokenizer) -> None:
@@ -253,6 +271,20 @@ def test_shard_specs_brace_list_and_pipe(tmp_path, tokenizer) -> None:
         f"d{s:02d}_{i:03d}" for s in range(4) for i in range(3)
     )
     assert loader.stats().total_bad == 0
+
+
+def test_remote_shard_is_retried_after_a_transient_failure(tmp_path, tokenizer) -> None:
+    shard = write_dataset(tmp_path, "d", shards=1, per_shard=4)[0]
+    marker = tmp_path / "failed-once"
+    # Fails (no output, exit 1) the first time it runs, then streams the shard.
+    flaky = f"pipe:bash -c 'if test -e {marker}; then cat {shard}; else touch {marker}; exit 1; fi'"
+    loader = make_loader([flaky], tokenizer, shard_retries=1, resampled=False)  # probe retries
+    assert marker.exists() and len(keys_of(take(loader, 2))) == 8
+    assert loader.stats().total_bad == 0
+    marker.unlink()
+    loader = make_loader([shard, flaky], tokenizer, resampled=False, shuffle_buffer=1, batch=2)
+    batches = take(loader, 2)  # no retries: the flaky shard counts once, the other is read
+    assert len(keys_of(batches)) == 4 and dict(loader.stats().bad) == {"shard": 1}
 
 
 def test_image_formats_and_json_captions(tmp_path, tokenizer) -> None:

@@ -1,12 +1,14 @@
 """Export of consolidated weights (``launch/export.py``), the inference API
 (``model/inference.py``) and evaluation of an export (``launch/evaluate.py``).
 
-What "identical" means here. With 2 ranks and no gradient clipping, ZeRO-1, -2 and -3 compute
-bit-identical updates: the gradient average of two ranks is one exact float addition and a
-halving, and AdamW is elementwise, so partitioning does not change a single bit. So:
+What "identical" means here. With 2 ranks and no gradient clipping, the ZeRO stages compute the
+same gradients bit for bit (the mean over two ranks is one exact float addition and a halving),
+and AdamW is elementwise, so partitioning changes nothing. So:
 
-- three real ``launch/train.py`` runs (z1, z2, z3, same seed and data, 2 AdamW steps that do
-  change the weights) must export bit-identical tensors;
+- three real ``launch/train.py`` runs (z1, z2, z3, same seed and data, 3 steps, the last at
+  learning rate 5e-4: DeepSpeed's warm-up gives the first two lr 0) must export identical
+  tensors: bit-identical for z1 and z2 (same torch AdamW), within 1e-7 for z3, whose fused CPU
+  Adam rounds differently (3.7e-9 measured);
 - a small DeepSpeed script (LiT ``Lu`` with a locked image tower, once inside the engine with its
   frozen blocks, once held outside it) must export exactly the weights its engine holds
   (gathered on rank 0), and the locked tower exactly its pretrained file, for all three stages;
@@ -18,8 +20,6 @@ Run: ``pytest tests/test_export.py`` (4 DeepSpeed launches of 2 CPU ranks).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -34,13 +34,13 @@ from tritower.model.inference import load_export
 
 STAGES = (1, 2, 3)
 CAPTIONS = ["a red circle.", "a small blue star at the top left.", "two shapes: a green cross and a purple square."]
-COMMON = ["--experiment", "clip_test", "--train.steps=2", "--optim.warmup_steps=1", "--optim.grad_clip=0",
+COMMON = ["--experiment", "clip_test", "--train.steps=3", "--optim.warmup_steps=1", "--optim.grad_clip=0",
           "--wandb.mode=disabled"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[int, dict]:
-    """clip_test trained 2 steps under z1, z2 and z3; only the z3 run evaluates at its end."""
+    """clip_test trained 3 steps under z1, z2 and z3; only the z3 run evaluates at its end."""
     root = tmp_path_factory.mktemp("export-runs")
     result = {}
     for stage in STAGES:
@@ -56,16 +56,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[int
 
 def test_zero_stages_export_identical_weights(runs: dict[int, dict]) -> None:
     weights = {stage: load_file(str(runs[stage]["export"] / "model.safetensors")) for stage in STAGES}
-    # Same seed as the trainer: the initial weights, to show the 2 steps changed them.
+    # Same seed as the trainer: the initial weights, to show the steps changed them.
     config = runs[3]["config"]
     torch.manual_seed(config["training"]["train"]["seed"])
     initial = build_clip(_model_config(config), vocab_size=config["vocab_rows"]).state_dict()
     assert set(weights[1]) == set(weights[2]) == set(weights[3]) == set(initial)
     changed = [k for k in initial if not torch.equal(initial[k], weights[3][k])]
-    assert len(changed) > len(initial) // 2, "the two steps should have moved most tensors"
-    for stage in (1, 2):
-        differing = [k for k in weights[3] if not torch.equal(weights[stage][k], weights[3][k])]
-        assert not differing, f"z{stage} export differs from z3 in {differing[:5]}"
+    assert len(changed) > len(initial) // 2, "the steps should have moved most tensors"
+    def gap(a: int, b: int) -> float:
+        return max((weights[a][k] - weights[b][k]).abs().max().item() for k in weights[a])
+
+    # ZeRO-1 and -2 run the same optimizer (torch AdamW on the CPU): not a bit may differ.
+    assert gap(1, 2) == 0.0
+    # ZeRO-3 runs DeepSpeed's fused CPU Adam, another kernel: rounding of the update differs by
+    # a few ulps (3.7e-9 measured). 1e-7 is 25x that and 1/5000 of one update (lr 5e-4), far
+    # below what a misplaced or stale tensor would show.
+    assert gap(1, 3) <= 1e-7, gap(1, 3)
     for stage in STAGES:
         config = runs[stage]["config"]
         assert config["source"]["zero_stage"] == stage and config["source"]["world_size"] == 2
@@ -106,13 +112,17 @@ def test_load_export_features_equal_training_model(runs: dict[int, dict]) -> Non
     assert cosine.abs().max() <= 1 + 1e-6
 
 
-def test_evaluate_reproduces_training_zero_shot(runs: dict[int, dict], tmp_path: Path) -> None:
+def test_evaluate_reproduces_training_zero_shot(runs: dict[int, dict], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from tritower.launch.evaluate import main as evaluate_main
+
     run = runs[3]
     out = tmp_path / "metrics.json"
-    result = subprocess.run([sys.executable, "-m", "tritower.launch.evaluate", "--export", str(run["export"]),
-                             "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    # In-process (the CLI's main) to spare the test a second interpreter start-up.
+    assert evaluate_main(["--export", str(run["export"]), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "zeroshot_top1" in stdout.splitlines()[1]  # the table comes first
+    printed = json.loads(stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     samples = printed["eval_samples"]
     for key in ("zeroshot_top1", "zeroshot_top5", "image_to_text_R@1", "text_to_image_R@5"):
@@ -132,7 +142,9 @@ import torch.distributed as dist
 from tritower.launch.config import TrainConfig
 from tritower.model import apply_trainable, build_clip, resolve_trainable, split_locked, trainable_rules
 
-out, vit, vocab = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+# The launcher adds --local_rank=N before our arguments.
+folder, vit, vocab = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+out = Path(folder)
 deepspeed.init_distributed(verbose=False)
 rank = dist.get_rank()
 for stage in (1, 2, 3):
@@ -209,7 +221,10 @@ def test_locked_tower_export_equals_engine_and_source(locked_runs: Path, variant
         assert set(weights) == set(held) | (set(source) if variant == "outside" else set())
         assert config["tensors"]["locked source"] == len(locked)
         exports[stage] = weights
-    assert all(torch.equal(exports[1][k], exports[s][k]) for s in (2, 3) for k in exports[1])
+    # Across stages: z1 and z2 bit for bit (same torch AdamW); z3 runs DeepSpeed's fused CPU Adam,
+    # whose rounding after 2 steps at lr 1e-2 left 1.8e-5 (measured): 2e-4 is 1/50 of one step.
+    assert all(torch.equal(exports[1][k], exports[2][k]) for k in exports[1])
+    assert max((exports[1][k] - exports[3][k]).abs().max().item() for k in exports[1]) <= 2e-4
     if variant == "inside":
         # What the export repairs: DeepSpeed's zero_to_fp32 alone drops ZeRO-1's frozen blocks.
         plain = get_fp32_state_dict_from_zero_checkpoint(str(locked_runs / "z1-inside"))

@@ -32,7 +32,8 @@ def test_nonfinite_scale_and_bias_are_reported() -> None:
     with pytest.raises(ValueError, match="logit_scale: 1 non-finite"):
         ContrastiveLoss()(image, text, torch.tensor([float("inf")]))
     with pytest.raises(ValueError, match="logit_bias: 1 non-finite"):
-        ContrastiveLoss(kind="sigmoid")(image, text, torch.tensor([1.0]), torch.tensor([float("nan")]))
+        ContrastiveLoss(kind="sigmoid")(image, text, torch.tensor([1.0]),
+                                        torch.tensor([float("nan")]))
 
 
 def test_check_can_be_turned_off() -> None:
@@ -69,3 +70,14 @@ def test_from_config_builds_the_configured_loss() -> None:
     loss = ContrastiveLoss.from_config(LossConfig(kind="sigmoid", impl="tiled", tile_size=8))
     assert loss.config.kind == "sigmoid" and loss.config.tile_size == 8
     assert "impl=tiled" in repr(loss)
+
+
+def test_triton_refuses_cpu_tensors_without_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    from tritower.losses.triton_kernels import interpreting
+
+    if interpreting():
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    image, text, scale = _features()
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        clip_loss(image, text, scale, impl="triton")

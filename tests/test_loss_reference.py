@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 from tritower.losses import ContrastiveLoss, clip_loss, gather_with_grad, sigmoid_loss
 
 
-def reference_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def reference_clip_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """0.5 * (mean_i [lse_j S_ij - S_ii] + mean_j [lse_i S_ij - S_jj]), S = s * I T^T, float64."""
     logits = scale.double().reshape(()) * image.double() @ text.double().T
     image_to_text = (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()
@@ -48,9 +50,10 @@ def reference_with_grads(kind: str, image, text, scale, bias=None) -> tuple[torc
 def random_inputs(batch: int, dim: int, seed: int, dtype=torch.float32, scale: float = 14.3):
     """L2-normalised features (as the towers give them), scale of shape [1], bias [1]."""
     gen = torch.Generator().manual_seed(seed)
-    image = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
+    normalize = torch.nn.functional.normalize
+    image = normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
     # Make the text close to its image so positives dominate, as in a trained model.
-    text = torch.nn.functional.normalize(image + torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
+    text = normalize(image + torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
     return (image.to(dtype), text.to(dtype), torch.tensor([scale], dtype=dtype),
             torch.tensor([-5.0], dtype=dtype))
 
@@ -68,7 +71,7 @@ def loss_with_grads(kind: str, impl: str, image, text, scale, bias=None, **kwarg
 
 def assert_close_all(got, want, rtol: float, atol: float) -> None:
     names = ["value", "d_image", "d_text", "d_scale", "d_bias"]
-    for name, g, w in zip(names, got, want):
+    for name, g, w in zip(names[:len(want)], got, want, strict=True):
         torch.testing.assert_close(g.double().reshape(w.shape), w, rtol=rtol, atol=atol, msg=name)
 
 
@@ -156,9 +159,9 @@ def check_shared_gathers(rank: int, world: int) -> None:
                     for k, (a, c, _) in enumerate(pairs))
     want = torch.autograd.grad(want_loss, leaves)
     torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-6)
-    for g, w in zip(got[:3], want[:3]):
+    for g, w in zip(got[:3], want[:3], strict=True):
         torch.testing.assert_close(g.double(), world * w[rows], rtol=2e-5, atol=2e-6)
-    for g, w in zip(got[3:], want[3:]):
+    for g, w in zip(got[3:], want[3:], strict=True):
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
         torch.testing.assert_close(g.double() / world, w, rtol=2e-5, atol=2e-6)
 

@@ -58,7 +58,7 @@ def test_tiled_bfloat16_features_are_computed_in_float32(kind: str) -> None:
     got = ref.loss_with_grads(kind, "tiled", image, text, scale, bias, tile_size=16)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
     torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
-    for g, w in zip(got[1:], want[1:]):  # gradients are rounded to bf16 on the way out
+    for g, w in zip(got[1:], want[1:], strict=True):  # gradients are rounded to bf16 on the way out
         torch.testing.assert_close(g.double().reshape(w.shape), w, rtol=1e-2, atol=1e-4)
 
 

@@ -58,7 +58,7 @@ def check_single_process(ref) -> None:
     want = ref.reference_with_grads("softmax", image, text, scale)
     got = ref.loss_with_grads("softmax", "triton", image, text, scale, tile_size=48)
     torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
-    for g, w in zip(got[1:], want[1:]):
+    for g, w in zip(got[1:], want[1:], strict=True):
         torch.testing.assert_close(g.double().reshape(w.shape), w, rtol=2e-2, atol=2e-3)
 
 
@@ -77,7 +77,7 @@ def rank_worker(rank: int, world: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or set TRITON_INTERPRET=1"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run via pytest or set TRITON_INTERPRET=1"
     reference = _load_reference()
     check_single_process(reference)
     mp.spawn(rank_worker, args=(2, reference.free_port()), nprocs=2, join=True)

@@ -129,3 +129,15 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(tmp_path: Path, data_ca
     stopped_at = int(tag.removeprefix("step"))
     assert 2 <= stopped_at < 400
     assert max(_losses(run)) == stopped_at
+
+
+def test_nonfinite_losses_are_skipped_counted_then_stop_with_checkpoint(tmp_path: Path, data_cache: Path) -> None:
+    run = tmp_path / "runs" / "run"
+    args = ["--train.steps=30", "--train.run_name=run", "--optim.lr=1e30", "--optim.warmup_steps=0",
+            "--train.max_nonfinite_in_row=3", "--checkpoint.every_steps=0"]
+    code, output = _finish(_launch(args, data_cache, tmp_path / "runs"))
+    assert code != 0
+    assert "non-finite" in output and "3 in a row" in output
+    assert "3 non-finite losses in a row" in output
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / tag).is_dir()

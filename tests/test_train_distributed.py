@@ -42,6 +42,23 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(saved[1][policies[1]]["grads"][name], grad, rtol=1e-4, atol=1e-6)
 
 
+def test_gradcache_micro_batches_equal_one_big_batch(tmp_path: Path) -> None:
+    """4 GradCache micro-batches of b per rank == one batch of 4b: loss and every gradient (ZeRO-1, 3)."""
+    policies = [str(REPO / "zero_configs" / f"{z}.json") for z in ("z1", "z3")]
+    saved = {}
+    for micro in (0, 2):
+        out = tmp_path / f"probe_micro{micro}.pt"
+        args = [arg for policy in policies for arg in ("--zero", policy)]
+        args += ["--global-batch", "16", "--micro-batch-size", str(micro), "--out", str(out)]
+        deepspeed_launch(PROBE, args, ranks=2, cwd=REPO)
+        saved[micro] = torch.load(out)
+    for policy in policies:
+        whole, cached = saved[0][policy], saved[2][policy]
+        assert abs(whole["loss"] - cached["loss"]) < 1e-6, (policy, whole["loss"], cached["loss"])
+        for name, grad in whole["grads"].items():
+            torch.testing.assert_close(cached["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{policy} {name}")
+
+
 @pytest.mark.parametrize("zero", ["z1", "z2", "z3"])
 def test_stage_trains_saves_and_resumes(zero: str, train, tmp_path: Path) -> None:
     output = train(f"--zero=zero_configs/{zero}.json", "--train.steps=16", "--train.log_every=2",

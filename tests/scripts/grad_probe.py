@@ -2,7 +2,9 @@
 
 Run under ``deepspeed --num_gpus N`` by tests/test_train_distributed.py: the same synthetic global
 batch is split across the N ranks, so the saved loss and full (gathered) gradients must not depend
-on N. ``--zero`` may be given several times: one engine per policy, in order.
+on N. ``--zero`` may be given several times: one engine per policy, in order. With
+``--micro-batch-size M`` each rank's share is encoded by GradCache in micro-batches of M; the
+loss and gradients must equal the whole batch's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from deepspeed.utils import safe_get_full_grad
 
 from tritower.launch.config import load_config
 from tritower.launch.engine import build_engine, init_distributed
+from tritower.launch.gradcache import gradcache_backward, split_batch
 from tritower.launch.dist_env import from_environ
 from tritower.losses import ContrastiveLoss
 from tritower.model import build_clip
@@ -34,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zero", action="append", required=True)
     parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=0)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     options = parser.parse_args()
@@ -41,15 +45,22 @@ def main() -> None:
     env = from_environ()
     results = {}
     for zero in options.zero:
-        cfg = load_config(["--experiment", "clip_test", "--zero", zero, f"--data.batch_size={options.global_batch}"])
+        cfg = load_config(["--experiment", "clip_test", "--zero", zero, f"--data.batch_size={options.global_batch}",
+                           f"--train.micro_batch_size={options.micro_batch_size}"])
         torch.manual_seed(0)
         model = build_clip(cfg.model, vocab_size=VOCAB)
         engine, _ = build_engine(model, cfg, env.world_size)
         images, input_ids, attention_mask = synthetic_global_batch(options.global_batch, 32, 16)
         local = slice(env.rank * options.global_batch // env.world_size, (env.rank + 1) * options.global_batch // env.world_size)
-        out = engine(images[local], input_ids[local], attention_mask[local])
-        loss = ContrastiveLoss.from_config(cfg.loss)(out["image_features"], out["text_features"], out["logit_scale"])
-        engine.backward(loss)
+        loss_fn = ContrastiveLoss.from_config(cfg.loss)
+        batch = {"image": images[local], "input_ids": input_ids[local], "attention_mask": attention_mask[local]}
+        if options.micro_batch_size:
+            micro = split_batch(batch, batch["image"].shape[0] // options.micro_batch_size)
+            loss, _ = gradcache_backward(engine, micro, loss_fn, lambda b: (b["image"], b["input_ids"], b["attention_mask"]), engine.device)
+        else:
+            out = engine(batch["image"], batch["input_ids"], batch["attention_mask"])
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            engine.backward(loss)
         grads = {name: safe_get_full_grad(param).detach().clone() for name, param in engine.module.named_parameters()}
         results[zero] = {"loss": loss.item(), "grads": grads}
     if env.is_main:
