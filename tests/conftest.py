@@ -46,6 +46,15 @@ def losses_logged(output: str) -> list[float]:
     return [float(line.split("| loss ")[1].split()[0]) for line in output.splitlines() if line.startswith("step ") and "| loss " in line]
 
 
+@pytest.fixture(autouse=True)
+def remove_leftover_shm_buffers():
+    """A rank killed by a test cannot unlink its DeepSpeed CPU all-reduce buffer (RAM in /dev/shm)."""
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
+        path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One built-in data cache for the whole session: scenes are generated once, then reused."""

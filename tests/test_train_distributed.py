@@ -21,42 +21,42 @@ def _stage0_policy(tmp_path: Path) -> str:
     return str(path)
 
 
-def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path: Path) -> None:
-    """Per-rank batch b on 2 ranks == batch 2b on 1 rank: loss and every gradient, ZeRO-0 and 3."""
-    policies = [_stage0_policy(tmp_path), str(REPO / "zero_configs" / "z3.json")]
-    saved = {}
-    for ranks in (1, 2):
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two launches of the gradient probe: 1 rank and 2 ranks, every case in one engine each."""
+    tmp_path = tmp_path_factory.mktemp("probes")
+    z0, z1, z3 = _stage0_policy(tmp_path), str(REPO / "zero_configs" / "z1.json"), str(REPO / "zero_configs" / "z3.json")
+    cases = {1: [z0, z3], 2: [z0, z1, z3, f"{z1}:2", f"{z3}:2"]}
+    saved = {"paths": (z0, z1, z3)}
+    for ranks, rank_cases in cases.items():
         out = tmp_path / f"probe{ranks}.pt"
-        args = [arg for policy in policies for arg in ("--zero", policy)] + ["--global-batch", "8", "--out", str(out)]
+        args = [arg for case in rank_cases for arg in ("--case", case)] + ["--global-batch", "16", "--out", str(out)]
         deepspeed_launch(PROBE, args, ranks=ranks, cwd=REPO)
         saved[ranks] = torch.load(out)
-    for policy in policies:
-        one, two = saved[1][policy], saved[2][policy]
-        assert abs(one["loss"] - two["loss"]) < 1e-5, (policy, one["loss"], two["loss"])
-        assert one["grads"].keys() == two["grads"].keys()
-        for name, grad in one["grads"].items():
-            assert grad.abs().sum() > 0 or "bias" in name, f"{name} got no gradient"
-            torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"{policy} {name}")
-    # ZeRO-0 and ZeRO-3 agree with each other too.
-    for name, grad in saved[1][policies[0]]["grads"].items():
-        torch.testing.assert_close(saved[1][policies[1]]["grads"][name], grad, rtol=1e-4, atol=1e-6)
+    return saved
 
 
-def test_gradcache_micro_batches_equal_one_big_batch(tmp_path: Path) -> None:
+def _assert_same(a: dict, b: dict, what: str, loss_tol: float = 1e-5) -> None:
+    assert abs(a["loss"] - b["loss"]) < loss_tol, (what, a["loss"], b["loss"])
+    assert a["grads"].keys() == b["grads"].keys()
+    for name, grad in a["grads"].items():
+        assert grad.abs().sum() > 0, f"{what}: {name} got no gradient"
+        torch.testing.assert_close(b["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{what} {name}")
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_batch(probes: dict) -> None:
+    """Per-rank batch b on 2 ranks == batch 2b on 1 rank: loss and every gradient, ZeRO-0 and 3."""
+    z0, _, z3 = probes["paths"]
+    for policy in (z0, z3):
+        _assert_same(probes[1][policy], probes[2][policy], f"world size, {policy}")
+    _assert_same(probes[1][z0], probes[1][z3], "ZeRO-0 vs ZeRO-3")
+
+
+def test_gradcache_micro_batches_equal_one_big_batch(probes: dict) -> None:
     """4 GradCache micro-batches of b per rank == one batch of 4b: loss and every gradient (ZeRO-1, 3)."""
-    policies = [str(REPO / "zero_configs" / f"{z}.json") for z in ("z1", "z3")]
-    saved = {}
-    for micro in (0, 2):
-        out = tmp_path / f"probe_micro{micro}.pt"
-        args = [arg for policy in policies for arg in ("--zero", policy)]
-        args += ["--global-batch", "16", "--micro-batch-size", str(micro), "--out", str(out)]
-        deepspeed_launch(PROBE, args, ranks=2, cwd=REPO)
-        saved[micro] = torch.load(out)
-    for policy in policies:
-        whole, cached = saved[0][policy], saved[2][policy]
-        assert abs(whole["loss"] - cached["loss"]) < 1e-6, (policy, whole["loss"], cached["loss"])
-        for name, grad in whole["grads"].items():
-            torch.testing.assert_close(cached["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{policy} {name}")
+    _, z1, z3 = probes["paths"]
+    for policy in (z1, z3):
+        _assert_same(probes[2][policy], probes[2][f"{policy}:2"], f"GradCache, {policy}", loss_tol=1e-6)
 
 
 @pytest.mark.parametrize("zero", ["z1", "z2", "z3"])
