@@ -226,6 +226,14 @@ class Trainer:
 
         return tokenize(self.tokenizer, captions, self.context_length)
 
+    def data_quality(self) -> dict:
+        """Good and bad samples so far, bad ones by kind, summed over ranks (a collective)."""
+        stats = self.train_loader.stats()
+        kinds = sorted(set().union(*checkpointing.gather_per_rank(list(stats.bad))))
+        counts = torch.tensor([float(stats.good)] + [float(stats.bad.get(kind, 0)) for kind in kinds])
+        dist.all_reduce(counts)
+        return {"good": int(counts[0]), "bad": {kind: int(n) for kind, n in zip(kinds, counts[1:].tolist())}}
+
     def agreed_flags(self) -> tuple[bool, bool]:
         """(stop requested on any rank, time-based save due by rank 0's clock), same on all ranks."""
         ckpt = self.cfg.checkpoint
@@ -268,13 +276,17 @@ class Trainer:
                 rate = window_steps * batch / max(now - window_start, 1e-9)
                 lr = self.engine.get_lr()[0]
                 eta = (now - started) / (self.step - start_step) * (steps - self.step)
+                quality = self.data_quality()
+                bad = sum(quality["bad"].values())
                 self.log(
                     f"step {self.step}/{steps} | {rate:8.1f} samples/s | loss {last_loss:.4f} | lr {lr:.3e} | "
                     f"logit_scale {scale:.2f} | elapsed {format_duration(now - started)} | eta {format_duration(eta)}"
+                    + (f" | bad samples {bad} {quality['bad']}" if bad else "")
                 )
                 self.append_log({"step": self.step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate})
                 self.wandb.log({"train/loss": last_loss, "train/lr": lr, "train/logit_scale": scale,
-                                "train/samples_per_s": rate, "train/nonfinite_total": self.nonfinite_total}, self.step)
+                                "train/samples_per_s": rate, "train/nonfinite_total": self.nonfinite_total,
+                                "data/bad_samples": bad, **{f"data/bad_{k}": v for k, v in quality["bad"].items()}}, self.step)
                 window_start, window_steps = now, 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < steps:
                 metrics = self.evaluate()
@@ -293,11 +305,12 @@ class Trainer:
         if cfg.checkpoint.save_at_end and self.last_save[0] != self.step:
             self.save("end of training")
         trained = self.step - start_step
+        quality = self.data_quality()
         final = {
             "experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale,
             "world_size": self.env.world_size, "global_batch": batch, "train_wall_s": round(wall, 2),
             "samples_per_s": round(trained * batch / wall, 1) if trained else 0.0,
-            "nonfinite_steps": self.nonfinite_total, **metrics,
+            "nonfinite_steps": self.nonfinite_total, "data_samples": quality["good"], "data_bad": quality["bad"], **metrics,
         }
         if self.env.is_main:
             print(json.dumps(final), flush=True)

@@ -29,7 +29,10 @@ def _write_shards(folder: Path, count: int) -> tuple[str, Path]:
             caption = f"a {colour} disc on a grey background"
             words.update(caption.split())
             meta = {"url": f"http://example.invalid/{index}.jpg", "caption": caption, "width": 40, "height": 40}
-            sink.write({"__key__": f"{index:09d}", "jpg": buffer.getvalue(), "txt": caption, "json": json.dumps(meta).encode()})
+            # The first sample of every shard is a truncated JPEG: whichever shard is read, the
+            # run meets one, skips it and counts it.
+            payload = buffer.getvalue()[:50] if index % (count // 3) == 0 else buffer.getvalue()
+            sink.write({"__key__": f"{index:09d}", "jpg": payload, "txt": caption, "json": json.dumps(meta).encode()})
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
     return str(folder / "{000000..000002}.tar"), vocab
@@ -42,3 +45,5 @@ def test_shardwriter_img2dataset_shards_train(train, tmp_path: Path) -> None:
     assert len(losses_logged(output)) == 3
     metrics = final_metrics(output)
     assert metrics["step"] == 6 and metrics["nonfinite_steps"] == 0
+    assert metrics["data_bad"].get("image", 0) >= 1 and set(metrics["data_bad"]) == {"image"}, metrics
+    assert metrics["data_samples"] >= 6 * 32
