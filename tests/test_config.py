@@ -84,7 +84,7 @@ def test_policy_value_that_disagrees_with_training_config_names_both(tmp_path: P
 
 
 def test_policy_value_that_agrees_is_accepted(tmp_path: Path) -> None:
-    cfg = load_config(["--zero", _policy(tmp_path, train_batch_size=256, gradient_clipping=1.0)])
+    cfg = load_config(["--zero", _policy(tmp_path, train_batch_size=256, gradient_clipping=1.0), "--data.batch_size=256"])
     assert build_ds_config(cfg, world_size=1)["train_batch_size"] == 256
 
 
