@@ -41,7 +41,11 @@ def _assert_same(a: dict, b: dict, what: str, loss_tol: float = 1e-5) -> None:
     assert a["grads"].keys() == b["grads"].keys()
     for name, grad in a["grads"].items():
         assert grad.abs().sum() > 0, f"{what}: {name} got no gradient"
-        torch.testing.assert_close(b["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{what} {name}")
+        # fp32 sums in another order differ by ~1e-7 on elements that nearly cancel (a bias whose
+        # gradient is ~5e-5): elementwise atol 1e-6, plus the whole tensor to 1e-5 in norm.
+        torch.testing.assert_close(b["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{what} {name}: {m}")
+        # (the floor: attention key biases have an exactly-zero gradient, softmax being shift-invariant)
+        assert (b["grads"][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-8, f"{what} {name}: relative norm error"
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_batch(probes: dict) -> None:
@@ -74,6 +78,6 @@ def test_stage_trains_saves_and_resumes(zero: str, train, tmp_path: Path) -> Non
         assert list((tmp_path / "runs" / "clip_test" / "wandb").glob("offline-run-*")), "no offline wandb run written"
     resumed = train(f"--zero=zero_configs/{zero}.json", f"--resume={checkpoints}", "--train.steps=18",
                     "--train.log_every=1", "--wandb.mode=disabled", "--checkpoint.save_at_end=false")
-    assert f"resumed from {checkpoints} at step 16" in resumed
+    assert f"resumed from {checkpoints / 'step00000016'} at step 16" in resumed
     assert [line.split("|")[0].strip() for line in resumed.splitlines() if line.startswith("step ")] == ["step 17/18", "step 18/18"]
     assert losses_logged(resumed)[0] < losses[0]
