@@ -77,7 +77,11 @@ def test_stage_trains_saves_and_resumes(zero: str, train, tmp_path: Path) -> Non
     if zero == "z3":
         assert list((tmp_path / "runs" / "clip_test" / "wandb").glob("offline-run-*")), "no offline wandb run written"
     resumed = train(f"--zero=zero_configs/{zero}.json", f"--resume={checkpoints}", "--train.steps=18",
-                    "--train.log_every=1", "--wandb.mode=disabled", "--checkpoint.save_at_end=false")
+                    "--train.log_every=1", "--checkpoint.save_at_end=false",
+                    "--wandb.mode=offline" if zero == "z3" else "--wandb.mode=disabled")
+    if zero == "z3":  # the resumed run continues the same wandb run: its id came from the checkpoint
+        runs = sorted((tmp_path / "runs" / "clip_test" / "wandb").glob("offline-run-*"))
+        assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
     assert f"resumed from {checkpoints / 'step00000016'} at step 16" in resumed
     assert [line.split("|")[0].strip() for line in resumed.splitlines() if line.startswith("step ")] == ["step 17/18", "step 18/18"]
     assert losses_logged(resumed)[0] < losses[0]
