@@ -24,21 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tritower.launch.run_io import write_text_atomic
+
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
 
 
 def rng_state(device: torch.device) -> dict:
