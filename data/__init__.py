@@ -5,16 +5,19 @@
 * ``tokenizer.build_tokenizer`` / ``tokenizer.tokenize``: local WordPiece vocabularies only.
 * ``webdataset.build_train_loader``: infinite, resumable per-rank batches from tar shards.
 * ``eval_set.load_eval_set``: the held-out split in memory for zero-shot and retrieval.
+* ``embeddings.load_meta``: precomputed locked-tower embeddings (``launch/precompute.py``).
 
 Nothing in this package imports DeepSpeed.
 """
 
 from .config import DataConfig
+from .embeddings import EmbeddingsError, EmbeddingsMeta, load_meta
 from .eval_set import EvalSet, load_eval_set
 from .samples import BAD_KINDS, BadDataStats, DataQualityError
 from .scenes import CLASSNAMES, ZERO_SHOT_TEMPLATES, BuiltinData, ensure_builtin_data
 from .shards import expand_shards, resolve_sources
 from .tokenizer import build_tokenizer, tokenize
+from .transforms import epoch_view, view_rng
 from .webdataset import TrainLoader, build_train_loader
 
 __all__ = [
@@ -25,13 +28,18 @@ __all__ = [
     "BuiltinData",
     "DataConfig",
     "DataQualityError",
+    "EmbeddingsError",
+    "EmbeddingsMeta",
     "EvalSet",
     "TrainLoader",
     "build_tokenizer",
     "build_train_loader",
     "ensure_builtin_data",
+    "epoch_view",
     "expand_shards",
     "load_eval_set",
+    "load_meta",
     "resolve_sources",
     "tokenize",
+    "view_rng",
 ]

@@ -58,6 +58,19 @@ class DataConfig:
     """Seed of the built-in scene generator; the held-out split uses a different derived seed."""
     builtin_shard_size: int = 500
     """Built-in scenes per tar shard."""
+    views: int = 0
+    """Training crops per sample. 0: a fresh random resized crop every time a sample is read
+    (seeded by its stream position). V > 0: each sample has V fixed crops (view v of sample
+    ``key`` drawn with ``transforms.view_rng(view_seed, key, v)``) and epoch e uses view
+    ``transforms.epoch_view(seed, e, key, V)``: the crops precomputed embeddings were taken
+    from. With ``embeddings`` set, 0 means "as the embeddings' meta.json says"."""
+    view_seed: int = 0
+    """Seed of the fixed views' crop boxes (with ``views`` > 0). With ``embeddings`` set, the
+    folder's value is used; a different non-zero value here is an error."""
+    embeddings: str = ""
+    """Folder of precomputed locked-tower embeddings written by ``launch/precompute.py`` for
+    these training shards; each batch then carries ``embedding`` [B, width] of exactly the view
+    its image was cropped as. "" = none."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.crop_scale_min <= 1.0:
@@ -78,6 +91,8 @@ class DataConfig:
             )
         if self.samples_per_epoch < 0 or (self.samples_per_epoch and not self.resampled):
             raise ValueError("data.samples_per_epoch must be >= 0 and needs data.resampled=True")
+        if self.views < 0:
+            raise ValueError(f"data.views must be >= 0, got {self.views}")
         if self.train_weights and not self.resampled:
             raise ValueError("data.train_weights needs data.resampled=True (sources are sampled)")
         for name in ("builtin_train_samples", "builtin_eval_samples", "builtin_image_size",

@@ -208,12 +208,21 @@ def decode_image(payload: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_field(sample: dict[str, Any]) -> str | None:
+    """The sample's image extension (``jpg``, ``jpeg``, ``png`` or ``webp``), or None."""
+    return next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+
+
 def decode_sample(
-    sample: dict[str, Any], caption_key: str, stats: BadDataStats
-) -> tuple[Image.Image, str, int] | None:
-    """(image, caption, label), or None after counting why the sample is bad."""
+    sample: dict[str, Any], caption_key: str, stats: BadDataStats, decode: bool = True
+) -> tuple[Image.Image | None, str, int] | None:
+    """(image, caption, label), or None after counting why the sample is bad.
+
+    ``decode=False`` checks that an image field is present but leaves it undecoded (image
+    None): for batches that carry precomputed embeddings instead of pixels.
+    """
     url = sample.get("__url__", "?")
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    ext = image_field(sample)
     caption, bad_kind = _caption(sample, caption_key)
     if ext is None or bad_kind == "missing":
         stats.add_bad("missing", url)
@@ -221,11 +230,13 @@ def decode_sample(
     if bad_kind is not None:
         stats.add_bad(bad_kind, url)
         return None
-    try:
-        image = decode_image(sample[ext])
-    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
-        stats.add_bad("image", url)
-        return None
+    image = None
+    if decode:
+        try:
+            image = decode_image(sample[ext])
+        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+            stats.add_bad("image", url)
+            return None
     assert caption is not None
     return image, caption, _label(sample)
 

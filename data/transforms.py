@@ -4,6 +4,11 @@ Implemented on PIL directly (crop, then resize, as torchvision does); the crop i
 an explicit ``random.Random`` so that a sample's augmentation depends only on the seed and its
 position in the data stream (exact resume reproduces it bit for bit).
 There are no horizontal flips: captions say "left" and "right".
+
+Fixed views (``data.views = V > 0``): instead of a fresh crop per position, sample ``key`` has V
+crops, view ``v`` drawn with ``view_rng(view_seed, key, v)``, and epoch ``e`` uses view
+``epoch_view(seed, e, key, V)``. Both depend on the key, never on the position, so the crop a
+training run takes is the crop ``launch/precompute.py`` embedded for that key and view.
 """
 
 from __future__ import annotations
@@ -52,6 +57,21 @@ def random_resized_crop_box(
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
+
+
+def view_rng(view_seed: int, key: str, view: int) -> random.Random:
+    """The rng that draws the crop box of view ``view`` of sample ``key`` (``data.views`` > 0).
+
+    Seeded by the string ``f"{view_seed}/view/{key}/{view}"``: the documented contract between a
+    precompute run and the training runs that read its embeddings.
+    """
+    return random.Random(f"{view_seed}/view/{key}/{view}")
+
+
+def epoch_view(seed: int, epoch: int, key: str, views: int) -> int:
+    """Which of the ``views`` fixed views of ``key`` its worker's epoch ``epoch`` uses:
+    ``random.Random(f"{seed}/view-of/{epoch}/{key}").randrange(views)``."""
+    return random.Random(f"{seed}/view-of/{epoch}/{key}").randrange(views)
 
 
 def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:

@@ -21,6 +21,11 @@ its worker after it; ``TrainLoader.state_dict()`` records the positions of the b
 trainer actually consumed. A resumed worker re-reads (without decoding) its current epoch up
 to that index, and batch ``k`` always comes from logical worker ``k % workers``, so a resumed
 run sees exactly the samples, crops and order the uninterrupted run would have seen.
+
+Precomputed embeddings (``data.embeddings``, see ``embeddings.py``): each shard is read side by
+side with its companion shard, so the embedding travels with its undecoded sample through the
+shuffle buffer and the fast-forward; the batch gets the embedding of the fixed view its image
+was (or, with ``needs_images=False``, would have been) cropped as.
 """
 
 from __future__ import annotations
@@ -40,12 +45,19 @@ import webdataset as wds
 from transformers import PreTrainedTokenizerBase
 
 from .config import DataConfig
+from .embeddings import (
+    EmbeddingsMeta,
+    decode_embedding,
+    join_embeddings,
+    load_meta,
+    probe_companion,
+)
 from .epochs import epoch_shards, mixed_samples, shuffled
 from .eval_set import EvalSet, load_eval_set  # noqa: F401  (re-exported for the trainer)
 from .samples import BadDataStats, DataQualityError, decode_sample, probe_shards, read_shard
 from .shards import ShardSource, check_local_shards, load_shard_sizes, resolve_sources
 from .tokenizer import tokenize
-from .transforms import TrainTransform
+from .transforms import TrainTransform, epoch_view, view_rng
 
 STATE_VERSION = 1
 
@@ -65,6 +77,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         world_size: int,
         per_rank_batch: int,
         seed: int,
+        needs_images: bool = True,
+        embeddings: EmbeddingsMeta | None = None,
+        companions: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -79,6 +94,15 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.workers = max(1, cfg.num_workers)  # num_workers=0 runs one logical worker inline
         self.per_rank_batch = per_rank_batch
         self.seed = seed
+        self.needs_images = needs_images
+        """False: images are checked for presence but never decoded nor cropped."""
+        self.embeddings = embeddings
+        self.companions = companions
+        """Source shard URL -> its companion shard (with ``embeddings``), else None."""
+        self.views, self.view_seed = (
+            (embeddings.views, embeddings.view_seed) if embeddings else (cfg.views, cfg.view_seed)
+        )
+        """Fixed views per sample (0: a fresh crop per position) and their crop seed."""
         self.start: dict[int, tuple[int, int]] = {}
         """Logical worker -> (epoch, index) to start from; set by ``TrainLoader``."""
         self.start_stats: dict[int, dict[str, Any]] = {}
@@ -116,10 +140,46 @@ class TrainStream(torch.utils.data.IterableDataset):
         return shuffled(samples, max(1, self.cfg.shuffle_buffer), rng)
 
     def _read(self, url: str) -> Iterator[dict[str, Any]]:
-        return read_shard(url, self.stats, self.cfg.shard_retries)
+        samples = read_shard(url, self.stats, self.cfg.shard_retries)
+        if self.companions is not None:
+            samples = join_embeddings(samples, url, self.companions[url])
+        return samples
+
+    def _item(self, sample: dict[str, Any], epoch: int, slot: int, index: int) -> tuple | None:
+        """(pixels | None, caption, label, key, view, embedding | None), or None after counting
+        why the sample is bad."""
+        url, key = sample["__url__"], sample["__key__"]
+        skip = sample.get("__skip__")  # precompute could not embed it: its image is bad
+        decoded = decode_sample(sample, self.cfg.caption_key, self.stats,
+                                decode=self.needs_images and skip is None)  # fmt: skip
+        if decoded is None:
+            return None
+        if skip is not None:
+            self.stats.add_bad(skip, url)  # what decoding the image would have found
+            return None
+        image, caption, label = decoded
+        # A fixed view depends on the key only, so it is the view that was precomputed.
+        view = epoch_view(self.seed, epoch, key, self.views) if self.views else -1
+        pixels = None
+        if image is not None:
+            if self.views:
+                rng = view_rng(self.view_seed, key, view)
+            else:  # the crop depends only on (seed, epoch, slot, index): resume-exact
+                rng = random.Random(f"{self.seed}/crop/{epoch}/{slot}/{index}")
+            try:
+                pixels = self.transform(image, rng)
+            except Exception:  # noqa: BLE001 - e.g. a degenerate image size
+                self.stats.add_bad("image", url)
+                return None
+        embedding = None
+        if self.embeddings is not None:
+            embedding = decode_embedding(sample, view, self.views, self.embeddings.width)
+        self.stats.good += 1
+        return pixels, caption, label, key, view, embedding
 
     def _decoded(self, slot: int, logical: int) -> Iterator[tuple[Any, ...]]:
-        """Infinite (image, caption, label, key, epoch, next index) from this worker's epochs."""
+        """Infinite (image, caption, label, key, view, embedding, epoch, next index) from this
+        worker's epochs."""
         epoch, start = self.start.get(logical, (0, 0))
         where = f"rank {self.rank} worker {logical}"
         while True:
@@ -134,18 +194,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                 index += 1
                 if index < start:
                     continue  # fast-forward of a resumed run: read, but do not decode
-                decoded = decode_sample(sample, self.cfg.caption_key, self.stats)
-                if decoded is not None:
-                    image, caption, label = decoded
-                    # The crop depends only on (seed, epoch, slot, index): resume-exact.
-                    rng = random.Random(f"{self.seed}/crop/{epoch}/{slot}/{index}")
-                    try:
-                        pixels = self.transform(image, rng)
-                    except Exception:  # noqa: BLE001 - e.g. a degenerate image size
-                        self.stats.add_bad("image", sample["__url__"])
-                    else:
-                        self.stats.good += 1
-                        yield pixels, caption, label, sample["__key__"], epoch, index + 1
+                item = self._item(sample, epoch, slot, index)
+                if item is not None:
+                    yield *item, epoch, index + 1
                 self.stats.check(
                     self.cfg.max_bad_fraction, self.cfg.bad_check_min_samples, where
                 )
@@ -166,13 +217,20 @@ class TrainStream(torch.utils.data.IterableDataset):
             chunk.append(item)
             if len(chunk) < self.per_rank_batch:
                 continue
-            images, captions, labels, keys, epochs, indices = zip(*chunk)
+            images, captions, labels, keys, views, embeddings, epochs, indices = zip(*chunk)
             chunk = []
             input_ids, attention_mask = tokenize(self.tokenizer, captions, self.context_length)
-            yield {
+            batch: dict[str, Any] = {}
+            if self.needs_images:
                 # np.stack, not torch.stack: torch's intra-op threads made stacking a 224 px
                 # batch take ~1 s in a busy main process (num_workers=0); numpy uses one core.
-                "image": torch.from_numpy(np.stack([i.numpy() for i in images])),  # [B,3,H,W]
+                pixels = np.stack([image.numpy() for image in images])  # [B, 3, H, W]
+                batch["image"] = torch.from_numpy(pixels)
+            if self.embeddings is not None:
+                batch["embedding"] = torch.from_numpy(np.stack(embeddings))  # [B, width] float32
+            if self.views:
+                batch["view"] = torch.tensor(views, dtype=torch.int64)  # [B]
+            yield batch | {
                 "input_ids": input_ids,  # [B, L]
                 "attention_mask": attention_mask,  # [B, L]
                 "label": torch.tensor(labels, dtype=torch.int64),  # [B]
@@ -198,8 +256,10 @@ class TrainStream(torch.utils.data.IterableDataset):
 class TrainLoader:
     """Iterable over training batches of one rank, with ``state_dict``/``load_state_dict``.
 
-    Batches: ``image`` float32 [B,3,H,W], ``input_ids``/``attention_mask`` int64 [B,L],
-    ``label`` int64 [B] (-1 when the sample has none), ``key`` list[str].
+    Batches: ``image`` float32 [B,3,H,W] (absent with ``needs_images=False``),
+    ``input_ids``/``attention_mask`` int64 [B,L], ``label`` int64 [B] (-1 when the sample has
+    none), ``key`` list[str]; with ``data.embeddings``: ``embedding`` float32 [B,width]; with
+    fixed views (``data.views`` or embeddings): ``view`` int64 [B], the view of each sample.
     """
 
     def __init__(self, stream: TrainStream, num_workers: int) -> None:
@@ -252,6 +312,7 @@ class TrainLoader:
             "seed": self.stream.seed,
             "resampled": self.stream.cfg.resampled,
             "shards": self.stream.shards_digest(),
+            "views": [self.stream.views, self.stream.view_seed],
             "batches": self.batches,
             "positions": {str(k): list(v) for k, v in self.positions.items()},
             "worker_stats": {str(k): v for k, v in self.worker_stats.items()},
@@ -263,13 +324,14 @@ class TrainLoader:
         if isinstance(state, list):
             state = next(s for s in state if s["rank"] == self.stream.rank)
         mine = (self.stream.world_size, self.stream.workers, self.stream.seed,
-                self.stream.cfg.resampled, self.stream.shards_digest())  # fmt: skip
+                self.stream.cfg.resampled, self.stream.shards_digest(),
+                [self.stream.views, self.stream.view_seed])  # fmt: skip
         saved = (state["world_size"], state["workers"], state["seed"], state["resampled"],
-                 state["shards"])  # fmt: skip
+                 state["shards"], list(state.get("views", [0, 0])))  # fmt: skip
         if mine != saved:
             raise ValueError(
                 "data position saved with (world_size, workers, seed, resampled, shard list "
-                f"digest)={saved} "
+                f"digest, [views, view_seed])={saved} "
                 f"cannot resume exactly with {mine}; resume with the same settings, or start "
                 "the data afresh (skip load_state_dict) at a new epoch"
             )
@@ -292,17 +354,34 @@ def build_train_loader(
     per_rank_batch: int,
     seed: int,
     epoch: int = 0,
+    needs_images: bool = True,
 ) -> TrainLoader:
     """An infinite, resumable loader of this rank's training batches (see the module docstring).
 
     ``shards``: a list of URLs/paths/patterns (one source) or a specification string (sources
     separated by ``::``, weighted by ``cfg.train_weights``; see ``tritower.data.shards``).
     ``epoch``: the epoch every worker starts in (ignored after ``load_state_dict``).
+    ``needs_images``: False when no tower reads pixels (a locked image tower replaced by
+    ``cfg.embeddings``): images are neither decoded nor cropped and batches have no ``image``.
+    With ``cfg.embeddings``, the views and view seed are the folder's, and a source shard
+    without a companion, another view count or crop scale is an error here; the caller checks
+    the tower itself with ``load_meta(cfg.embeddings).check(tower, sha256, width, ...)``.
     """
     sources = resolve_sources(shards, cfg.train_weights if isinstance(shards, str) else "")
     check_local_shards(sources)
     urls = [url for source in sources for url in source.urls]
     probe_shards(urls, cfg.caption_key, cfg.shard_retries)
+    meta, companions = None, None
+    if cfg.embeddings:
+        meta = load_meta(cfg.embeddings)
+        meta.check_views(cfg.views, cfg.view_seed, cfg.crop_scale_min)
+        companions = meta.companions(urls)
+        probe_companion(companions[urls[0]], meta.views, meta.width)
+    elif not needs_images:
+        raise ValueError(
+            "needs_images=False without data.embeddings: batches would hold no image and no "
+            "embedding; set data.embeddings to a folder written by launch/precompute.py"
+        )
     num_shards = sum(len(source.urls) for source in sources)
     workers = max(1, cfg.num_workers)
     slots = world_size * workers
@@ -325,6 +404,9 @@ def build_train_loader(
         world_size=world_size,
         per_rank_batch=per_rank_batch,
         seed=seed,
+        needs_images=needs_images,
+        embeddings=meta,
+        companions=companions,
     )
     if num_shards < slots:
         warnings.warn(

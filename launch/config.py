@@ -44,6 +44,9 @@ class OptimConfig:
     """Cosine decay ends at ``lr * min_lr_ratio``."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
+    unlock_warmup_steps: int = 0
+    """Delayed unlocking (``model.*_unlock_after_steps``): steps of the unlocked tower's own linear
+    learning-rate warm-up from 0, starting at its unlock step; 0 = ``warmup_steps``."""
 
 
 @dataclass
@@ -240,6 +243,27 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.micro_batch_size must be >= 0, got {cfg.train.micro_batch_size}")
     if cfg.optim.warmup_steps < 0 or cfg.eval.every_steps < 0:
         raise ConfigError("optim.warmup_steps and eval.every_steps must be >= 0")
+    _validate_three_towers(cfg)
+
+
+def _validate_three_towers(cfg: TrainConfig) -> None:
+    """Fields that only mean something under setting 3T, and what 3T does not support yet."""
+    three_towers = cfg.model.setting == "3T"
+    weights = {"loss.weight_main": cfg.loss.weight_main,
+               "loss.weight_image_third": cfg.loss.weight_image_third,
+               "loss.weight_text_third": cfg.loss.weight_text_third}
+    if not three_towers:
+        changed = [key for key, value in weights.items() if value != 1.0]
+        if changed or cfg.eval.alphas:
+            raise ConfigError(f"{', '.join(changed + (['eval.alphas'] if cfg.eval.alphas else []))} "
+                              f"apply to model.setting=3T only, not {cfg.model.setting!r}")
+        return
+    if cfg.loss.kind != "softmax":
+        raise ConfigError(f"loss.kind={cfg.loss.kind!r} is not supported with model.setting=3T yet; "
+                          "use loss.kind=softmax")
+    if not any(weights.values()):
+        raise ConfigError("loss.weight_main, loss.weight_image_third and loss.weight_text_third are "
+                          "all 0: the 3T loss would be identically 0")
 
 
 def parse_cli(argv: list[str]) -> tuple[str, list[tuple[str, str]]]:

@@ -42,21 +42,13 @@ def _remove_cpu_allreduce_buffer() -> None:
             os.unlink(path)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases, norm gains and the temperature get none (CLIP)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or name.endswith("logit_scale") else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, groups: list[dict] | None = None):
+    """Wrap ``model`` in a DeepSpeed engine; returns (engine, lines saying which kernels are used).
 
-
-def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
-    """Wrap ``model`` in a DeepSpeed engine; returns (engine, lines saying which kernels are used)."""
+    ``groups`` are the optimizer's parameter groups (``tritower.model.parameter_groups``: the
+    trainable parameters only, each group with its own ``lr``); None = every parameter that
+    requires grad, with weight decay on matrices only.
+    """
     from deepspeed.accelerator import get_accelerator
 
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
@@ -66,9 +58,17 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
     report = [use_fused_layer_norm(model, device, cfg.deepspeed.use_apex)]
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, cfg.optim.weight_decay),
+        model_parameters=groups if groups is not None else _default_groups(model, cfg),
         config=ds_config,
     )
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     report += [describe_optimizer(optimizer), f"ZeRO stage {stage}, precision {cfg.deepspeed.precision}, device {engine.device}"]
     return engine, report
+
+
+def _default_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Every trainable parameter at the base lr, under the rules of ``model.parameter_groups``."""
+    from tritower.model import parameter_groups
+
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+    return parameter_groups(model, trainable, cfg.model, cfg.optim.weight_decay, cfg.optim.lr)

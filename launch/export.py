@@ -3,6 +3,7 @@
     python -m tritower.launch.export --checkpoint runs/clip_tiny/checkpoints --out exports/clip_tiny
     python -m tritower.launch.export --checkpoint runs/lit/checkpoints --tag step00000400 \\
         --out exports/lit --dtype bf16
+    python -m tritower.launch.export --checkpoint runs/3t/checkpoints --out exports/3t_a05 --alpha 0.5
 
 Writes ``OUT/model.safetensors`` (every tensor of the full CLIP model, locked towers included),
 ``OUT/config.json`` (model section, tower specs, image preprocessing, context length, where each
@@ -22,6 +23,12 @@ Where each tensor comes from, in order of preference:
 
 Any model tensor left without a source, and any checkpoint tensor the model does not have, is an
 error naming the keys: nothing is exported with random weights.
+
+Three Towers (setting 3T): by default the export is a plain CLIP, the main towers f and g and
+their heads only (the 3T heads and the third tower are training-time parts). ``--alpha A`` exports
+the alpha mixture instead (``tritower.evaluation.three_towers``): f, g, the 3T heads and the
+third tower h (from ``model.third_pretrained``, checked against the sha256 the run recorded), and
+the loaded model's ``similarity`` is exactly A <f(x), g(t)> + (1-A) <h_g(h(x)), g_h(g(t))>.
 """
 
 from __future__ import annotations
@@ -42,12 +49,14 @@ import torch
 from tritower.model import (
     ModelConfig,
     build_clip,
+    build_third_tower,
     image_tower_spec,
     parse_setting,
     resolve_trainable,
     text_tower_spec,
     trainable_rules,
 )
+from tritower.model.settings import THREE_TOWER_PARAMETERS
 
 FORMAT = "tritower-export"
 FORMAT_VERSION = 1
@@ -203,18 +212,21 @@ def assemble_state(
     return state, origins
 
 
-def check_locked_identities(model: torch.nn.Module, identities: dict[str, dict[str, str]]) -> None:
+def check_locked_identities(
+    model: torch.nn.Module, identities: dict[str, dict[str, str]], third_tower: torch.nn.Module | None = None
+) -> None:
     """A locked tower held outside the engine has no copy in the checkpoint: its identity
     (``LockedTower.identity()``, saved by the trainer as client state ``locked``) is the only
-    proof that the file found now is the one trained with."""
+    proof that the file found now is the one trained with. ``third_tower`` is 3T's h when the
+    export holds it (``--alpha``)."""
     from tritower.model import file_sha256
 
     for name, identity in identities.items():
-        tower = getattr(model, name, None)
+        tower = third_tower if name == "third_tower" else getattr(model, name, None)
         recorded = identity.get("sha256", "")
         source = getattr(tower, "source", "")
         if tower is None or not recorded or not source:
-            continue  # the third tower is not part of the export; older runs recorded no hash
+            continue  # the third tower is not part of a plain export; older runs recorded no hash
         found = file_sha256(source)
         if found != recorded:
             raise ExportError(f"locked {name} {source!r} has sha256 {found[:12]}..., the run trained with "
@@ -266,11 +278,13 @@ def export(
     dtype: str = "fp32",
     vocab: str | None = None,
     pretrained: dict[str, str] | None = None,
+    alpha: float | None = None,
 ) -> dict:
     """Export one checkpoint tag into ``out``; returns the written ``config.json`` as a dict.
 
     ``vocab`` overrides the run's tokenizer source; ``pretrained`` ({"image_pretrained": path,
-    ...}) overrides where locked towers' pretrained files are now.
+    ...}) overrides where locked towers' pretrained files are now. ``alpha`` (3T runs only)
+    exports the alpha mixture with the third tower instead of the plain CLIP (module docstring).
     """
     from tritower.model.text_tokenizers import build_text_tokenizer
 
@@ -280,6 +294,11 @@ def export(
     if not saved:
         raise ExportError(f"{folder / tag} carries no training config in its client state")
     cfg = model_config_from({**saved["model"], **(pretrained or {})})
+    if alpha is not None and not parse_setting(cfg.setting).three_towers:
+        raise ExportError(f"--alpha applies to Three Towers runs (model.setting=3T) only; this run is "
+                          f"{cfg.setting!r}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ExportError(f"--alpha {alpha}: the 3T mixing weight must be in [0, 1]")
     train_precision = saved.get("deepspeed", {}).get("precision", "fp32")
     vocab_source = vocab or tokenizer_source(saved["data"])
     tokenizer = build_text_tokenizer(vocab_source)
@@ -287,8 +306,11 @@ def export(
     # The trainer seeds before building; seeding here too makes untouched initial values (a
     # locked head frozen as the identity, say) identical to the run's.
     torch.manual_seed(saved.get("train", {}).get("seed", 0))
-    model = build_clip(cfg, vocab_size=cfg.vocab_size or len(tokenizer))
-    check_locked_identities(model, tensors.client_state.get("locked") or {})
+    # A SigLIP run's model holds a learnable logit_bias (its value comes from the checkpoint).
+    logit_bias = -10.0 if (saved.get("loss") or {}).get("kind") == "sigmoid" else None
+    model = build_clip(cfg, vocab_size=cfg.vocab_size or len(tokenizer), logit_bias=logit_bias)
+    third_tower = build_third_tower(cfg) if alpha is not None else None
+    check_locked_identities(model, tensors.client_state.get("locked") or {}, third_tower)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     prefixes = locked_prefixes(cfg)
     reference = model.state_dict()
@@ -302,27 +324,47 @@ def export(
         "source": {"checkpoint": str(folder), "tag": tag, "step": tensors.client_state.get("step"),
                    "zero_stage": tensors.zero_stage, "world_size": tensors.world_size},
         "tensors": {"total": len(reference), **origins,
-                    "locked_sources": sorted({sources[k] for k in reference if locked[k]})},
+                    "locked_sources": sorted({sources[k] for k in reference if locked[k]}
+                                             | ({third_tower.source} if third_tower is not None else set()))},
     }
-    return write_export(model, cfg, out, vocab_source, dtype=dtype, extra=extra)
+    return write_export(model, cfg, out, vocab_source, dtype=dtype, extra=extra, third_tower=third_tower,
+                        alpha=alpha)
 
 
 def write_export(
     model: torch.nn.Module, cfg: ModelConfig, out: str | Path, vocab_source: str, *,
-    dtype: str = "fp32", extra: dict | None = None,
+    dtype: str = "fp32", extra: dict | None = None, third_tower: torch.nn.Module | None = None,
+    alpha: float | None = None,
 ) -> dict:
     """Write ``model`` (a CLIPModel built from ``cfg``) as an export folder; returns config.json.
 
     ``extra`` adds keys to config.json (provenance: training sections, source, tensor origins).
+    A 3T model is written as a plain CLIP (its 3T heads and temperatures dropped) unless ``alpha``
+    is given: then the 3T heads stay and ``third_tower`` (h: a ``LockedTower`` or image tower) is
+    written under ``third_tower.*``, and ``config.json``'s ``three_towers`` records alpha.
     """
     from safetensors.torch import save_file
+
+    from tritower.evaluation.three_towers import check_alpha
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     target_dtype = EXPORT_DTYPES[dtype]
+    state = model.state_dict()
+    three_towers = None
+    if alpha is not None:
+        if not getattr(model, "three_towers", False) or third_tower is None:
+            raise ExportError("an alpha-mixed export needs a 3T model and its third tower")
+        tower = getattr(third_tower, "tower", third_tower)  # a LockedTower holds the ImageTower
+        state.update({f"third_tower.{k}": v for k, v in tower.state_dict().items()})
+        three_towers = {"alpha": check_alpha(alpha), "third_tower": cfg.third_tower or cfg.image_tower,
+                        "third_width": tower.width, "third_source": getattr(third_tower, "source", "")}
+    else:
+        # At alpha = 1 (no mixing) inference uses f and g only: the export costs what CLIP costs.
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in THREE_TOWER_PARAMETERS}
     # clone(): safetensors refuses views that share storage.
     weights = {k: (v.to(target_dtype) if v.is_floating_point() else v).contiguous().clone()
-               for k, v in model.state_dict().items()}
+               for k, v in state.items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
     image_spec, text_spec = image_tower_spec(cfg.image_tower), text_tower_spec(cfg.text_tower)
     pretrained_text = parse_setting(cfg.setting).pretrained("text")
@@ -341,6 +383,9 @@ def write_export(
                                 "std": list(image_spec.std), "resize": "shorter side, bicubic, centre crop"},
         "context_length": text_spec.context_length,
         "tokenizer": copy_tokenizer(vocab_source, out),
+        "logit_bias": getattr(model, "logit_bias", None) is not None,
+        # null: a plain CLIP (f, g). Otherwise the alpha mixture with the third tower h.
+        "three_towers": three_towers,
         **(extra or {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
@@ -367,10 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", default=None, help="tokenizer source if the run's has moved")
     parser.add_argument("--pretrained", action="append", default=[], metavar="TOWER=PATH",
                         help="where a locked tower's pretrained file is now (image=..., text=...)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="3T runs only: export the alpha mixture of the main towers and the third tower, "
+                             "score = A <f, g> + (1-A) <h_g(h), g_h(g)> (default: plain CLIP, f and g)")
     options = parser.parse_args(argv)
     try:
         config = export(options.checkpoint, options.out, tag=options.tag, dtype=options.dtype,
-                        vocab=options.vocab, pretrained=parse_pretrained(options.pretrained))
+                        vocab=options.vocab, pretrained=parse_pretrained(options.pretrained),
+                        alpha=options.alpha)
     except (ExportError, FileNotFoundError) as error:
         print(f"tritower export: {error}", file=sys.stderr)
         return 2
@@ -382,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {count:6d} tensors from {origin}")
     for locked_source in tensors["locked_sources"]:
         print(f"  locked weights from {locked_source}")
+    if config["three_towers"]:
+        print(f"  3T alpha mixture, alpha={config['three_towers']['alpha']:g} (third tower included)")
+    elif parse_setting(config["model"]["setting"]).three_towers:
+        print("  3T run exported as a plain CLIP (main towers only); --alpha A exports the mixture")
     return 0
 
 

@@ -26,7 +26,7 @@ Batch = dict[str, torch.Tensor]
 
 def split_batch(batch: Batch, micro_batches: int) -> list[Batch]:
     """Cut every tensor of a per-rank batch into ``micro_batches`` equal consecutive pieces."""
-    size = batch["image"].shape[0]
+    size = next(value.shape[0] for value in batch.values() if isinstance(value, torch.Tensor))
     if size % micro_batches:
         raise ValueError(f"per-rank batch {size} is not divisible into {micro_batches} micro-batches")
     step = size // micro_batches
@@ -50,53 +50,61 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 def gradcache_backward(
     engine,
-    micro_batches: list[Batch],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    to_inputs: Callable[[Batch], tuple[torch.Tensor, ...]],
+    micro_inputs: list[dict[str, torch.Tensor]],
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     device: torch.device,
-) -> tuple[torch.Tensor, float]:
-    """Forward and backward over all micro-batches; returns (global loss, logit scale).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward over all micro-batches; returns (global loss, detached outputs).
+
+    ``micro_inputs`` are the keyword arguments of the engine's forward for each micro-batch,
+    prepared once by the caller: a locked tower's embeddings in them are computed once and
+    reused by both passes (a locked tower is never re-run). The engine's forward returns a dict
+    of per-sample features ``[b, D]`` and temperatures/biases (keys starting with ``logit_``,
+    one value per step); ``loss_fn`` maps that dict (features concatenated over micro-batches)
+    to the loss. Features the loss does not use get no gradient.
 
     Every micro-batch but the last is closed with ``engine.step()`` (DeepSpeed only counts it);
     the caller's own ``engine.step()`` after this call is the real update, at the accumulation
-    boundary. ``engine`` is a DeepSpeed engine (or anything with ``__call__``/``backward``/``step``)
-    whose forward returns ``image_features``, ``text_features`` and ``logit_scale``. A non-finite
-    loss returns before any backward: nothing is accumulated.
+    boundary. A non-finite loss returns before any backward: nothing is accumulated.
     """
-    count = len(micro_batches)
-    states, image_parts, text_parts = [], [], []
+    count = len(micro_inputs)
+    states, parts = [], []
     with torch.no_grad():
-        for micro in micro_batches:
+        for kwargs in micro_inputs:
             states.append(_rng_state(device))
-            out = engine(*to_inputs(micro))
-            image_parts.append(out["image_features"].float())
-            text_parts.append(out["text_features"].float())
-            scale = out["logit_scale"].float()
+            parts.append({key: value.float() for key, value in engine(**kwargs).items()})
     after_encoding = _rng_state(device)
 
-    image_features = torch.cat(image_parts).requires_grad_(True)  # [b_rank, D]
-    text_features = torch.cat(text_parts).requires_grad_(True)  # [b_rank, D]
-    scale_leaf = scale.detach().requires_grad_(True)  # [1]
-    loss = loss_fn(image_features, text_features, scale_leaf)
+    # Leaves the loss differentiates: features concatenated over micro-batches, scales of the
+    # last micro-batch (the same parameter in each).
+    leaves = {
+        key: (parts[-1][key] if _is_scale(key) else torch.cat([p[key] for p in parts])).detach().requires_grad_(True)
+        for key in parts[0]
+    }
+    loss = loss_fn(leaves)
     if not torch.isfinite(loss):
-        return loss.detach(), scale.item()
+        return loss.detach(), {key: value.detach() for key, value in leaves.items()}
     loss.backward()
 
-    sizes = [part.shape[0] for part in image_parts]
-    image_grads = image_features.grad.split(sizes)
-    text_grads = text_features.grad.split(sizes)
-    for index, micro in enumerate(micro_batches):
+    sizes = [next(iter(v for k, v in p.items() if not _is_scale(k))).shape[0] for p in parts]
+    grads = {key: (leaf.grad if _is_scale(key) else leaf.grad.split(sizes)) for key, leaf in leaves.items()
+             if leaf.grad is not None}
+    for index, kwargs in enumerate(micro_inputs):
         _set_rng_state(states[index], device)
-        out = engine(*to_inputs(micro))
+        out = engine(**kwargs)
         # A surrogate whose gradient w.r.t. the towers is exactly the cached feature gradient.
-        # The temperature appears in every micro-batch's forward: each carries 1/M of its gradient.
-        surrogate = (
-            (out["image_features"].float() * image_grads[index]).sum()
-            + (out["text_features"].float() * text_grads[index]).sum()
-            + (out["logit_scale"].float() * scale_leaf.grad).sum() / count
+        # A temperature appears in every micro-batch's forward: each carries 1/M of its gradient.
+        surrogate = sum(
+            (out[key].float() * grad).sum() / count if _is_scale(key) else (out[key].float() * grad[index]).sum()
+            for key, grad in grads.items()
         )
         engine.backward(surrogate, scale_wrt_gas=False)
         if index < count - 1:
             engine.step()
     _set_rng_state(after_encoding, device)
-    return loss.detach(), scale.item()
+    return loss.detach(), {key: value.detach() for key, value in leaves.items()}
+
+
+def _is_scale(key: str) -> bool:
+    """Outputs that are parameters of the loss (temperatures, bias), not per-sample features."""
+    return key.startswith("logit_")

@@ -98,13 +98,14 @@ def build_towers(request: PlanRequest) -> list[Tower]:
 
 
 def head_parameters(request: PlanRequest, towers: list[Tower]) -> int:
-    """Always-trained small parts: the two projections and the temperature; 3T adds a linear
-    head on the third tower and one per main tower into its space."""
+    """Always-trained small parts: the two projections and the temperature; 3T adds the four
+    heads of ``model/clip.py`` (f_h, g_h: embed_dim x embed_dim on the main embeddings; h_f,
+    h_g: third width x embed_dim on the third tower) and their two temperatures."""
     dim = request.embed_dim
     heads = sum(t.shape.width * dim for t in towers if t.role != "third") + 1
     if request.setting == "3T":
         third = next(t for t in towers if t.role == "third")
-        heads += third.shape.width * dim + 2 * dim * dim
+        heads += 2 * third.shape.width * dim + 2 * dim * dim + 2
     return heads
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from tritower.data.embeddings import EmbeddingsError
+from tritower.data.samples import DataQualityError
 from tritower.launch.config import ConfigError, load_config
 from tritower.launch.dist_env import from_environ
 from tritower.launch.ds_config import build_ds_config
@@ -26,6 +28,10 @@ def main(argv: list[str]) -> int:
         run(cfg)
     except ConfigError as error:
         print(f"tritower: config error: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, EmbeddingsError, DataQualityError) as error:
+        # Bad or missing input files: the message names the file and the fix; no traceback needed.
+        print(f"tritower: error: {error}", file=sys.stderr)
         return 2
     return 0
 

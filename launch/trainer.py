@@ -26,8 +26,16 @@ from tritower.launch.engine import build_engine, init_distributed
 from tritower.launch.gradcache import gradcache_backward, split_batch
 from tritower.launch.preemption import Preempted, StopRequest
 from tritower.launch.run_io import WandbLogger, format_duration, write_json_atomic
+from tritower.launch.towers import (
+    TowerInputs,
+    apply_unlock_schedule,
+    build_eval_tower,
+    build_towers,
+    text_tokenizer_source,
+    unlock_factors,
+)
 from tritower.losses import ContrastiveLoss, NonFiniteInputError
-from tritower.model import build_clip, image_tower_spec, text_tower_spec
+from tritower.model import CLIPWithLocked, image_tower_spec, parse_setting, text_tower_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,20 +89,33 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"tritower: experiment {cfg.experiment}, world size {self.env.world_size}, run folder {self.run_dir}")
 
-        from tritower.data import build_tokenizer, build_train_loader, load_eval_set
+        from tritower.data import build_train_loader, load_eval_set
+        from tritower.model import build_text_tokenizer
 
         sources = resolve_data(cfg.data)
-        self.tokenizer = build_tokenizer(sources.vocab)
+        self.tokenizer = build_text_tokenizer(text_tokenizer_source(cfg, sources.vocab))
         image_spec = image_tower_spec(cfg.model.image_tower)
         self.context_length = text_tower_spec(cfg.model.text_tower).context_length
+        self.setting = parse_setting(cfg.model.setting)
 
         # Same seed on every rank: the towers must start identical before ZeRO partitions them.
         torch.manual_seed(cfg.train.seed)
-        model = build_clip(cfg.model, vocab_size=cfg.model.vocab_size or len(self.tokenizer))
-        self.engine, kernel_report = build_engine(model, cfg, self.env.world_size)
+        self.towers = build_towers(cfg, vocab_size=cfg.model.vocab_size or len(self.tokenizer))
+        self.log(f"setting {cfg.model.setting}: parameters per tower\n{self.towers.table}")
+        self.embeddings_meta = self.check_embeddings() if self.towers.precomputed else None
+        self.engine, kernel_report = build_engine(self.towers.model, cfg, self.env.world_size, self.towers.groups)
         self.device = self.engine.device
         self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.locked = self.towers.locked.to(self.device)
+        self.inputs = TowerInputs(cfg, self.towers, self.engine.module, self.device, self.dtype)
         self.loss_fn = ContrastiveLoss.from_config(cfg.loss)
+        self.three_towers_loss = None
+        if self.setting.three_towers:
+            from tritower.losses import ThreeTowersLoss
+
+            self.three_towers_loss = ThreeTowersLoss.from_config(cfg.loss)
+        self.loss_terms: dict[str, float] = {}
+        self.eval_towers: dict[str, object] = {}
         self.log("kernels: " + "; ".join(kernel_report))
 
         self.per_rank_batch = cfg.data.batch_size // self.env.world_size
@@ -106,7 +127,8 @@ class Trainer:
                            std=image_spec.std, context_length=self.context_length)
         self.train_loader = build_train_loader(
             cfg.data, shards=sources.train_shards, rank=self.env.rank, world_size=self.env.world_size,
-            per_rank_batch=self.per_rank_batch, seed=cfg.train.seed, **loader_args,
+            per_rank_batch=self.per_rank_batch, seed=cfg.train.seed,
+            needs_images=self.inputs.needs_images(), **loader_args,
         )
         self.eval_set = (load_eval_set(sources.eval_shards, caption_key=cfg.data.caption_key, **loader_args)
                          if sources.eval_shards else None)
@@ -140,7 +162,39 @@ class Trainer:
             "config": self.cfg.to_dict(), "world_size": self.env.world_size,
             "data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank],
             "nonfinite_total": self.nonfinite_total, "wandb_id": self.wandb.run_id,
+            "locked": self.locked_identities(),
         }
+
+    def locked_identities(self) -> dict[str, dict[str, str]]:
+        """What each locked tower was loaded from (file and sha256), precomputed ones included."""
+        identities = self.locked.identities()
+        meta = self.embeddings_meta
+        if meta is not None:
+            name = "image_tower" if self.towers.precomputed == "image" else "third_tower"
+            identities[name] = {"tower": meta.tower, "source": meta.source, "sha256": meta.sha256,
+                                "embeddings": self.cfg.data.embeddings}
+        return identities
+
+    def check_embeddings(self):
+        """The precomputed embeddings must come from the tower this config locks (name, file, width)."""
+        from tritower.data.embeddings import load_meta
+        from tritower.model import file_sha256
+
+        model = self.cfg.model
+        role = self.towers.precomputed
+        name = model.image_tower if role == "image" else (model.third_tower or model.image_tower)
+        source = model.image_pretrained if role == "image" else model.third_pretrained
+        meta = load_meta(self.cfg.data.embeddings)
+        spec = image_tower_spec(name)
+        try:
+            meta.check(tower=name, sha256=file_sha256(source), width=spec.width, image_size=spec.image_size,
+                       mean=spec.mean, std=spec.std)
+        except ValueError as error:
+            raise ConfigError(f"data.embeddings={self.cfg.data.embeddings!r} do not fit the {role} tower "
+                              f"{name} from {source!r}: {error}") from None
+        self.log(f"{role} tower: precomputed embeddings {self.cfg.data.embeddings} ({meta.views} view(s) per "
+                 f"sample, width {meta.width}); the tower itself is not built")
+        return meta
 
     def save(self, reason: str) -> None:
         keep_every = self.cfg.checkpoint.keep_every_steps
@@ -159,6 +213,15 @@ class Trainer:
                 f"{folder / tag} was written by {saved_world} ranks, this run has {self.env.world_size}: "
                 "resume with the same world size (the data position and RNG streams are per rank)"
             )
+        recorded, current = state.get("locked", {}), self.locked_identities()
+        for name, identity in recorded.items():
+            now = current.get(name, {})
+            if identity.get("sha256") and now.get("sha256") and identity["sha256"] != now["sha256"]:
+                raise ConfigError(
+                    f"{folder / tag} was trained with the locked {name} {identity.get('source')!r} "
+                    f"(sha256 {identity['sha256'][:12]}...), this run loads {now.get('source')!r} (sha256 "
+                    f"{now['sha256'][:12]}...): pass the original file to resume, or start a new run"
+                )
         self.step = int(state.get("step", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         if "data" in state:
@@ -169,18 +232,17 @@ class Trainer:
         return state.get("wandb_id")
 
     # -- one step ----------------------------------------------------------------------------
-    def to_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            batch["image"].to(self.device, dtype=self.dtype, non_blocking=True),
-            batch["input_ids"].to(self.device, non_blocking=True),
-            batch["attention_mask"].to(self.device, non_blocking=True),
-        )
-
-    def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The global-batch loss of the engine's outputs (3T: its three terms, kept in ``loss_terms``)."""
         # The loss runs in fp32 whatever the towers' precision: logits of unit vectors times ~100
         # lose too much in bf16.
+        out = {key: value.float() for key, value in out.items()}
         try:
-            return self.loss_fn(image_features.float(), text_features.float(), scale.float())
+            if self.three_towers_loss is not None:
+                loss, terms = self.three_towers_loss(out)
+                self.loss_terms = {key: float(value) for key, value in terms.items()}
+                return loss
+            return self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
         except NonFiniteInputError as error:
             # Every rank raises together; the step is skipped and counted like a NaN loss.
             self.log(f"non-finite features: {error}")
@@ -189,10 +251,11 @@ class Trainer:
     def forward_backward(self, batch: dict) -> tuple[torch.Tensor, float]:
         """Gradients of one global batch, whole or by GradCache micro-batches; no update yet."""
         if self.micro_batches > 1:
-            return gradcache_backward(self.engine, split_batch(batch, self.micro_batches),
-                                      self.contrastive_loss, self.to_inputs, self.device)
-        out = self.engine(*self.to_inputs(batch))
-        loss = self.contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
+            micro_inputs = [self.inputs(micro, self.step) for micro in split_batch(batch, self.micro_batches)]
+            loss, out = gradcache_backward(self.engine, micro_inputs, self.compute_loss, self.device)
+            return loss, out["logit_scale"].item()
+        out = self.engine(**self.inputs(batch, self.step))
+        loss = self.compute_loss(out)
         if torch.isfinite(loss):
             self.engine.backward(loss)
         return loss.detach(), out["logit_scale"].item()
@@ -201,6 +264,7 @@ class Trainer:
         """One optimizer step; returns (global loss, logit scale). A non-finite loss updates nothing."""
         loss, scale = self.forward_backward(batch)
         if torch.isfinite(loss):
+            apply_unlock_schedule(self.engine.optimizer, self.cfg, self.step)
             self.engine.step()
         else:
             # The loss value is the global one, identical on every rank, so all ranks skip together.
@@ -208,14 +272,51 @@ class Trainer:
             self.engine.lr_scheduler.step()
         return loss.item(), scale
 
+    def log_unlocks(self) -> None:
+        """Announce a delayed unlock at the step it happens (the step about to run is ``self.step``)."""
+        for tower, factor in unlock_factors(self.cfg, self.step).items():
+            if self.step == getattr(self.cfg.model, f"{tower}_unlock_after_steps"):
+                warmup = self.cfg.optim.unlock_warmup_steps or self.cfg.optim.warmup_steps
+                self.log(f"step {self.step}: {tower} tower unlocked (it was locked for steps 0-{self.step - 1}); "
+                         f"its learning rate warms up over {warmup} steps")
+                self.append_log({"step": self.step, "event": f"unlock_{tower}", "lr_factor": factor})
+
+    def third_tower(self):
+        """3T's frozen third tower h (built for evaluation when its embeddings came precomputed)."""
+        if self.locked.third is not None:
+            return self.locked.third
+        if "third" not in self.eval_towers:
+            self.eval_towers["third"] = build_eval_tower(self.cfg, "third").to(self.device)
+        return self.eval_towers["third"]
+
+    def eval_model(self) -> torch.nn.Module:
+        """The engine's model with its locked towers (a precomputed tower is built for this only)."""
+        locked = self.locked
+        role = self.towers.precomputed
+        if role == "image":
+            if "image" not in self.eval_towers:
+                self.eval_towers["image"] = build_eval_tower(self.cfg, "image").to(self.device)
+            locked = type(locked)(image=self.eval_towers["image"], text=locked.text, third=locked.third)
+        if locked.image is None and locked.text is None:
+            return self.engine.module
+        return CLIPWithLocked(self.engine.module, locked)
+
     def evaluate(self) -> dict[str, float]:
         if self.eval_set is None:
             return {}
         started = time.time()
         metrics = evaluate(
-            self.engine.module, self.eval_set, self.tokenize, device=self.device, dtype=self.dtype,
+            self.eval_model(), self.eval_set, self.tokenize, device=self.device, dtype=self.dtype,
             batch_size=self.cfg.eval.batch_size, max_samples=self.cfg.eval.max_samples,
         )
+        alphas = self.cfg.eval.alpha_values()
+        if alphas and self.setting.three_towers:
+            from tritower.evaluation import evaluate_alphas
+
+            metrics.update(evaluate_alphas(
+                self.engine.module, self.third_tower(), self.eval_set, self.tokenize, alphas, device=self.device,
+                dtype=self.dtype, batch_size=self.cfg.eval.batch_size, max_samples=self.cfg.eval.max_samples,
+            ))
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         self.log(f"eval @ step {self.step}: {shown} ({time.time() - started:.1f}s)")
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
@@ -254,6 +355,7 @@ class Trainer:
         metrics: dict = {}
         batches = iter(self.train_loader)
         while self.step < steps:
+            self.log_unlocks()
             loss, scale = self.train_step(next(batches))
             self.step += 1
             window_steps += 1
@@ -283,8 +385,9 @@ class Trainer:
                     f"logit_scale {scale:.2f} | elapsed {format_duration(now - started)} | eta {format_duration(eta)}"
                     + (f" | bad samples {bad} {quality['bad']}" if bad else "")
                 )
-                self.append_log({"step": self.step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate})
-                self.wandb.log({"train/loss": last_loss, "train/lr": lr, "train/logit_scale": scale,
+                self.append_log({"step": self.step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate,
+                                 **{f"loss_{k}": v for k, v in self.loss_terms.items()}})
+                self.wandb.log({**{f"train/loss_{k}": v for k, v in self.loss_terms.items()}, "train/loss": last_loss, "train/lr": lr, "train/logit_scale": scale,
                                 "train/samples_per_s": rate, "train/nonfinite_total": self.nonfinite_total,
                                 "data/bad_samples": bad, **{f"data/bad_{k}": v for k, v in quality["bad"].items()}}, self.step)
                 window_start, window_steps = now, 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 KINDS = ("softmax", "sigmoid")
@@ -26,6 +27,13 @@ class LossConfig:
     check_finite: bool = True
     """Raise ``ValueError`` on NaN/Inf features. Costs one host sync (and, with several ranks,
     one tiny all-reduce) per call; turn off only once a run is known to be stable."""
+    weight_main: float = 1.0
+    """3T only: weight w_fg of the image-text term L(f, g) in
+    L = (w_fg L(f,g) + w_fh L(f_h,h_f) + w_gh L(g_h,h_g)) / 3. >= 0."""
+    weight_image_third: float = 1.0
+    """3T only: weight w_fh of the image-tower-to-third-tower term L(f_h, h_f). >= 0."""
+    weight_text_third: float = 1.0
+    """3T only: weight w_gh of the text-tower-to-third-tower term L(g_h, h_g). >= 0."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("kind", KINDS), ("impl", IMPLS), ("scope", SCOPES)):
@@ -36,3 +44,14 @@ class LossConfig:
             raise ValueError("loss.impl='triton' implements kind='softmax' only; use 'tiled'")
         if not isinstance(self.tile_size, int) or self.tile_size < 1:
             raise ValueError(f"loss.tile_size={self.tile_size!r}; expected a positive int")
+        for name in ("weight_main", "weight_image_third", "weight_text_third"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value >= 0):
+                raise ValueError(f"loss.{name}={value!r}; expected a finite float >= 0")
+
+    @property
+    def three_towers_weights(self) -> tuple[float, float, float]:
+        """(w_fg, w_fh, w_gh): the weights of the main, image-third and text-third terms."""
+        return (float(self.weight_main), float(self.weight_image_third),
+                float(self.weight_text_third))

@@ -26,6 +26,9 @@ class ModelConfig:
     """Initial value of the learnable log-temperature; CLIP starts at ln(1/0.07)."""
     max_logit_scale: float = 100.0
     """Upper clamp of exp(logit_scale), as in CLIP, so the softmax cannot become one-hot."""
+    init_logit_scale_3t: float = 0.0
+    """3T only: initial log-temperature of the two third-tower terms (f_h-h_f and g_h-h_g);
+    0 = the same as ``init_logit_scale``. (A true start at temperature 1 is ``1e-9``.)"""
     image_grad_checkpointing: bool = False
     """Recompute image-tower block activations in the backward pass (timm's own checkpointing)."""
     text_grad_checkpointing: bool = False
@@ -83,6 +86,11 @@ class ModelConfig:
         if math.exp(self.init_logit_scale) > self.max_logit_scale:
             raise ValueError(
                 f"exp(model.init_logit_scale)={math.exp(self.init_logit_scale):.3g} exceeds "
+                f"model.max_logit_scale={self.max_logit_scale}: the clamp would block its gradient"
+            )
+        if self.init_logit_scale_3t and math.exp(self.init_logit_scale_3t) > self.max_logit_scale:
+            raise ValueError(
+                f"exp(model.init_logit_scale_3t)={math.exp(self.init_logit_scale_3t):.3g} exceeds "
                 f"model.max_logit_scale={self.max_logit_scale}: the clamp would block its gradient"
             )
         if self.text_pooling not in ("",) + TEXT_POOLINGS:

@@ -8,6 +8,11 @@ checkpoint, no pretrained files needed, only the export folder.
     text_features = clip.encode_text(["a red circle.", "a blue star."])  # [2, D], unit norm
     logits = clip.similarity([Image.open("cat.jpg")], ["a red circle."])  # [1, 1]
 
+An export of a Three Towers run made with ``--alpha A`` loads as the alpha mixture
+(``tritower.evaluation.ThreeTowersMixture``: the main towers, the 3T heads and the third tower);
+its features are [sqrt(A) f(x), sqrt(1-A) h_g(h(x))] and [sqrt(A) g(t), sqrt(1-A) g_h(g(t))], so
+``similarity(..., scaled=False)`` is exactly A <f(x), g(t)> + (1-A) <h_g(h(x)), g_h(g(t))>.
+
 Images go through the evaluation transform the run was evaluated with (shorter side resized to
 the tower's size, centre crop, the tower's mean/std: ``tritower.data.transforms.EvalTransform``);
 captions through the exported tokenizer (``tritower.model.build_text_tokenizer``, padded or
@@ -25,6 +30,7 @@ from PIL import Image
 
 from .clip import CLIPModel
 from .config import ModelConfig
+from .locked import LockedTower
 from .registry import image_tower_spec
 from .settings import parse_setting
 from .text_tokenizers import build_text_tokenizer
@@ -59,19 +65,28 @@ def build_architecture(config: dict) -> CLIPModel:
         text_tower = TextTower(spec, config["vocab_rows"], config["text_pooling"], encoder=encoder)
     else:
         text_tower = build_text_tower(cfg.text_tower, config["vocab_rows"], pooling=config["text_pooling"])
-    third = image_tower_spec(cfg.third_tower or cfg.image_tower).width if setting.three_towers else 0
+    # A 3T run exported without --alpha is a plain CLIP: no 3T heads (config "three_towers" null).
+    mixed = setting.three_towers and bool(config.get("three_towers"))
+    third = image_tower_spec(cfg.third_tower or cfg.image_tower).width if mixed else 0
     return CLIPModel(image_tower, text_tower, cfg.embed_dim, cfg.init_logit_scale, cfg.max_logit_scale,
-                     third_width=third)
+                     third_width=third, logit_bias=0.0 if config.get("logit_bias") else None)
+
+
+def build_third_tower_architecture(config: dict) -> LockedTower:
+    """The third tower h of an alpha-mixed 3T export, placeholder weights, from its registry spec."""
+    name = config["three_towers"]["third_tower"]
+    return LockedTower(build_image_tower(name), name, source=config["three_towers"].get("third_source", ""))
 
 
 class ExportedModel:
     """An exported CLIP-style model with its tokenizer and image preprocessing.
 
     ``model`` is the plain ``CLIPModel`` (``encode_image(tensor)``,
-    ``encode_text(input_ids, attention_mask)``), e.g. for ``tritower.evaluation.evaluate``.
+    ``encode_text(input_ids, attention_mask)``), e.g. for ``tritower.evaluation.evaluate``; for an
+    alpha-mixed 3T export it is the ``ThreeTowersMixture`` with the same methods.
     """
 
-    def __init__(self, model: CLIPModel, config: dict, folder: Path, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, config: dict, folder: Path, device: torch.device) -> None:
         from tritower.data.transforms import EvalTransform
 
         self.model = model
@@ -119,14 +134,29 @@ class ExportedModel:
         """The learnt temperature's inverse, exp(logit_scale) clamped as in training."""
         return float(self.model.scale().float().item())
 
+    @property
+    def alpha(self) -> float | None:
+        """The 3T mixing weight of an alpha-mixed export; None for a plain CLIP."""
+        return (self.config.get("three_towers") or {}).get("alpha")
+
     def similarity(
         self, images: Sequence[Image.Image] | torch.Tensor, texts: Sequence[str], scaled: bool = True
     ) -> torch.Tensor:
         """[N images, M texts]: cosine similarity times the learnt logit scale (the logits the
         contrastive loss saw; softmax over texts gives zero-shot probabilities), or the plain
-        cosine in [-1, 1] with ``scaled=False``."""
+        cosine in [-1, 1] with ``scaled=False``. For an alpha-mixed 3T export the cosine is the
+        alpha score A <f, g> + (1-A) <h_g(h), g_h(g)>, scaled by the image-text multiplier."""
         cosine = self.encode_image(images) @ self.encode_text(texts).T  # [N,D] @ [D,M]
         return cosine * self.logit_scale() if scaled else cosine
+
+
+def _mixture_key(key: str) -> str:
+    """A key of an alpha-mixed export -> the ThreeTowersMixture's: the CLIPModel's keys sit under
+    ``model.``, the third tower's (``third_tower.`` + the ImageTower's names) under
+    ``third_tower.tower.`` (a LockedTower holds its tower as ``.tower``)."""
+    if key.startswith("third_tower."):
+        return "third_tower.tower." + key[len("third_tower."):]
+    return "model." + key
 
 
 def load_export(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ExportedModel:
@@ -141,8 +171,14 @@ def load_export(folder: str | Path, device: str | torch.device = "cpu", dtype: t
     config = json.loads((folder / "config.json").read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{folder / 'config.json'} is not a tritower export (format {config.get('format')!r})")
-    model = build_architecture(config)
-    state = load_file(str(folder / "model.safetensors"), device="cpu")
+    model: torch.nn.Module = build_architecture(config)
+    if config.get("three_towers"):
+        from tritower.evaluation.three_towers import ThreeTowersMixture
+
+        model = ThreeTowersMixture(model, build_third_tower_architecture(config), config["three_towers"]["alpha"])
+        state = {_mixture_key(k): v for k, v in load_file(str(folder / "model.safetensors"), device="cpu").items()}
+    else:
+        state = load_file(str(folder / "model.safetensors"), device="cpu")
     result = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                                    strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -115,15 +115,20 @@ class LockedTowers:
 def build_third_tower(cfg: ModelConfig, autocast_dtype: torch.dtype | None = None) -> LockedTower:
     """The frozen pretrained third tower h of 3T, loaded from ``cfg.third_pretrained``."""
     name = cfg.third_tower or cfg.image_tower
-    return LockedTower(load_image_tower(name, cfg.third_pretrained), name,
-                       autocast_dtype=autocast_dtype)
+    with torch.random.fork_rng(devices=[]):  # loading draws no numbers from the main stream
+        tower = load_image_tower(name, cfg.third_pretrained)
+    return LockedTower(tower, name, autocast_dtype=autocast_dtype)
 
 
 def split_locked(
-    model: CLIPModel, cfg: ModelConfig, autocast_dtype: torch.dtype | None = None
+    model: CLIPModel,
+    cfg: ModelConfig,
+    autocast_dtype: torch.dtype | None = None,
+    build_third: bool = True,
 ) -> tuple[CLIPModel, LockedTowers]:
     """Takes every fully locked tower out of ``model`` (the attribute becomes None) and returns
-    it as a LockedTower; under 3T also builds the third tower.
+    it as a LockedTower; under 3T also builds the third tower (unless ``build_third`` is False:
+    its output comes precomputed). A tower ``build_clip`` left out stays None.
 
     A partially unlocked L tower (``*_unlock_last_blocks`` > 0) stays inside, its locked blocks
     with ``requires_grad`` False. Names of the remaining parameters do not change, so the
@@ -134,10 +139,12 @@ def split_locked(
     for tower in ("image", "text"):
         if setting.locked(tower) and getattr(cfg, f"{tower}_unlock_last_blocks") == 0:
             module = getattr(model, f"{tower}_tower")
+            if module is None:
+                continue
             name = cfg.image_tower if tower == "image" else cfg.text_tower
             setattr(locked, tower, LockedTower(module, name, autocast_dtype=autocast_dtype))
             setattr(model, f"{tower}_tower", None)
-    if setting.three_towers:
+    if setting.three_towers and build_third:
         locked.third = build_third_tower(cfg, autocast_dtype)
     return model, locked
 

@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 LIT_SETTINGS = ("LU", "Lu", "UU", "Uu", "uu", "UL", "uL", "LL", "uU")
 THREE_TOWERS = "3T"
 LETTERS = {"L": "pretrained, locked", "U": "pretrained, unlocked", "u": "from scratch"}
-# Heads and temperatures of 3T that exist next to the two-tower ones (see clip.py).
-THREE_TOWER_HEADS = ("image_proj_3t", "text_proj_3t", "third_proj")
+# The four 3T heads that exist next to the two-tower ones (see clip.py): f_h, g_h on the main
+# embeddings, h_f, h_g on the third tower. Their temperatures are ``logit_scale_3t``.
+THREE_TOWER_HEADS = ("image_proj_3t", "text_proj_3t", "third_proj_image", "third_proj_text")
+THREE_TOWER_PARAMETERS = THREE_TOWER_HEADS + ("logit_scale_3t",)
+"""Top-level names of everything only a 3T model has (what a plain-CLIP export drops)."""
 
 
 @dataclass(frozen=True)
@@ -125,9 +128,9 @@ def validate_setting(cfg: ModelConfig) -> None:
             raise ValueError("model.third_pretrained is required for setting '3T' (the frozen "
                              "pretrained third tower); give a local checkpoint path")
         image_tower_spec(cfg.third_tower or cfg.image_tower)  # unknown name -> ValueError
-    elif cfg.third_tower or cfg.third_pretrained:
-        raise ValueError(f"model.third_tower/third_pretrained apply to setting '3T' only, "
-                         f"not {cfg.setting!r}")
+    elif cfg.third_tower or cfg.third_pretrained or cfg.init_logit_scale_3t:
+        raise ValueError(f"model.third_tower/third_pretrained/init_logit_scale_3t apply to "
+                         f"setting '3T' only, not {cfg.setting!r}")
 
 
 def _tower_rules(cfg: ModelConfig, tower: str, setting: TowerSetting) -> list[tuple[str, bool]]:
@@ -152,12 +155,14 @@ def trainable_rules(cfg: ModelConfig) -> list[tuple[str, bool]]:
 
     L tower: locked, except its last ``*_unlock_last_blocks`` blocks and final norm; its head
     trains iff ``locked_head_trainable``. U and u towers and their heads train. The temperature
-    always trains; under 3T so do the 3T heads and temperatures. The frozen third tower is
-    never inside the model, so no rule names it.
+    (and SigLIP's ``logit_bias``, where the model has one) always trains; under 3T so do the
+    four 3T heads and their temperatures. The frozen third tower is never inside the model, so
+    no rule names it.
     """
     setting = parse_setting(cfg.setting)
     rules = _tower_rules(cfg, "image", setting) + _tower_rules(cfg, "text", setting)
     rules.append((r"^logit_scale$", True))
+    rules.append((r"^logit_bias$", True))  # matches nothing without a SigLIP loss: allowed
     if setting.three_towers:
         rules.append((rf"^({'|'.join(THREE_TOWER_HEADS)})\.", True))
         rules.append((r"^logit_scale_3t$", True))
@@ -201,8 +206,8 @@ def _group_of(name: str) -> str:
     top = name.split(".", 1)[0]
     if top in ("image_tower", "text_tower"):
         return top
-    if top.startswith("logit_scale"):
-        return "logit_scale"
+    if top.startswith(("logit_scale", "logit_bias")):
+        return "logit_scale"  # temperatures and SigLIP's bias
     return "heads"
 
 
@@ -210,7 +215,7 @@ def parameter_counts(
     model: nn.Module, trainable: dict[str, bool], locked: dict[str, nn.Module] | None = None
 ) -> dict[str, tuple[int, int]]:
     """{group: (trainable, locked)} parameter counts; groups are image_tower, text_tower, heads,
-    logit_scale, plus each module of ``locked`` (towers held outside the model, all locked)."""
+    logit_scale (temperatures and SigLIP's bias), plus each module of ``locked`` (towers held outside the model, all locked)."""
     counts = {group: [0, 0] for group in ("image_tower", "text_tower", "heads", "logit_scale")}
     for name, parameter in model.named_parameters():
         counts[_group_of(name)][0 if trainable[name] else 1] += parameter.numel()
@@ -254,7 +259,7 @@ def parameter_groups(
         if not trainable[name]:
             continue
         tower = {"image_tower": "image", "text_tower": "text"}.get(name.split(".", 1)[0], "other")
-        decay = parameter.ndim >= 2 and not name.startswith("logit_scale")
+        decay = parameter.ndim >= 2 and not name.startswith(("logit_scale", "logit_bias"))
         group = groups.setdefault((tower, decay), {
             "params": [],
             "lr": base_lr * mults[tower],

@@ -136,13 +136,13 @@ def test_three_towers(vit_file: Path) -> None:
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     assert all(trainable.values())  # both main towers from scratch; h is outside
-    assert {"image_proj_3t.weight", "text_proj_3t.weight", "third_proj.weight",
-            "logit_scale_3t"} <= set(trainable)
+    assert {"image_proj_3t.weight", "text_proj_3t.weight", "third_proj_image.weight",
+            "third_proj_text.weight", "logit_scale_3t"} <= set(trainable)
     model, locked = split_locked(model, cfg)
     assert locked.third is not None and locked.image is None
     images, ids, mask = _batch()
     out = model(images, ids, mask, third_embeddings=locked.third.encode(images))
-    for key in ("image_features_3t", "text_features_3t", "third_features"):
+    for key in ("image_features_3t", "text_features_3t", "third_image_features", "third_text_features"):
         assert out[key].shape == (4, 16)
     assert out["logit_scale_3t"].shape == (2,)
     with pytest.raises(ValueError, match="third_embeddings"):

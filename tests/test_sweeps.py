@@ -7,10 +7,7 @@ implemented below from wandb's documentation and cross-checked against wandb's o
 ``min``/``max``/``distribution``, gives argument lists ``load_config`` accepts in-process; and one
 expanded command of ``clip_tiny_lr.yaml`` runs for real on 2 CPU ranks with the environment an
 agent sets (``WANDB_RUN_ID``, ``WANDB_SWEEP_ID``), where only global rank 0 may start a wandb run.
-
-Parameters of a feature not merged yet (the 3T loss weights) are listed in ``PENDING`` and only
-checked for form, until the loss config grows 3T fields: from then on they must exist under
-exactly the YAML's names, or this test fails.
+Every sweep parameter must be a config key (the 3T loss weights included).
 
 Run: ``pytest tests/test_sweeps.py`` (about a minute on 2 CPU cores, one DeepSpeed launch).
 """
@@ -37,8 +34,6 @@ from tritower.launch.ds_config import build_ds_config
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 COMMAND = ["deepspeed", "launch/train.py", "--zero", "zero_configs/z3.json", "${args}"]
-PENDING = {"loss.weight_main", "loss.weight_image_third", "loss.weight_text_third"}
-"""Sweep keys that land with the 3T issue (docs/sweeps.md)."""
 DISTRIBUTIONS = {"constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
                  "log_uniform_values", "q_log_uniform", "q_log_uniform_values", "normal", "q_normal",
                  "log_normal", "q_log_normal", "inv_log_uniform", "inv_log_uniform_values", "beta", "q_beta"}
@@ -126,11 +121,6 @@ def config_keys() -> set[str]:
     return keys
 
 
-def three_tower_loss_fields() -> list[str]:
-    """Loss fields of the 3T issue, once merged (named after the third tower)."""
-    return [k for k in config_keys() if k.startswith("loss.") and re.search(r"third|3t|three", k)]
-
-
 def parameter_sets(sweep: dict, rng: random.Random) -> list[dict]:
     """Random draws plus every boundary/choice of each parameter (others at a random draw)."""
     params = sweep["parameters"]
@@ -192,21 +182,15 @@ def test_expansion_matches_wandb_agent(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_every_expanded_command_is_accepted(path: Path, tmp_path: Path) -> None:
     sweep = load_sweep(path)
-    known = config_keys()
-    pending = sorted(set(sweep["parameters"]) - known)
-    if pending:
-        landed = three_tower_loss_fields()
-        assert not landed, (f"{path.name}: {pending} are not config keys, but 3T loss fields exist now "
-                            f"({landed}): rename the sweep's parameters to match")
-        assert set(pending) <= PENDING, f"{path.name}: unknown config keys {sorted(set(pending) - PENDING)}"
+    unknown = sorted(set(sweep["parameters"]) - config_keys())
+    assert not unknown, f"{path.name}: unknown config keys {unknown}"
     rng = random.Random(path.name)
     for params in parameter_sets(sweep, rng):
-        present = {k: v for k, v in params.items() if k not in pending}
-        command = expand(sweep["command"], sweep["program"], present, tmp_path / "args.json")
+        command = expand(sweep["command"], sweep["program"], params, tmp_path / "args.json")
         cfg = load_config(train_argv(command))
         # The ZeRO policy filling (batch split, warm-up vs steps) is the launch's next check.
         build_ds_config(cfg, world_size=2)
-        for key, value in present.items():
+        for key, value in params.items():
             if key.count(".") == 1:
                 section, name = key.split(".")
                 got = getattr(getattr(cfg, section), name)

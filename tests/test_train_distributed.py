@@ -26,7 +26,7 @@ def probes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two launches of the gradient probe: 1 rank and 2 ranks, every case in one engine each."""
     tmp_path = tmp_path_factory.mktemp("probes")
     z0, z1, z3 = _stage0_policy(tmp_path), str(REPO / "zero_configs" / "z1.json"), str(REPO / "zero_configs" / "z3.json")
-    cases = {1: [z0, z3], 2: [z0, z1, z3, f"{z1}:2", f"{z3}:2"]}
+    cases = {1: [z0, z3], 2: [z0, z1, z3, f"{z1}:2", f"{z3}:2", f"{z3}:0:Lu", f"{z3}:2:Lu", f"{z3}:0:3T", f"{z3}:2:3T"]}
     saved = {"paths": (z0, z1, z3)}
     for ranks, rank_cases in cases.items():
         out = tmp_path / f"probe{ranks}.pt"
@@ -61,6 +61,19 @@ def test_gradcache_micro_batches_equal_one_big_batch(probes: dict) -> None:
     _, z1, z3 = probes["paths"]
     for policy in (z1, z3):
         _assert_same(probes[2][policy], probes[2][f"{policy}:2"], f"GradCache, {policy}", loss_tol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["Lu", "3T"])
+def test_gradcache_with_locked_towers_equals_one_big_batch(probes: dict, setting: str) -> None:
+    """GradCache with a locked tower outside the engine (Lu) and with Three Towers' three loss terms:
+    4 micro-batches equal the whole batch, loss and every trainable gradient (ZeRO-3, 2 ranks). The
+    locked towers are encoded once per micro-batch and reused by the second pass."""
+    _, _, z3 = probes["paths"]
+    whole, micro = probes[2][f"{z3}:0:{setting}"], probes[2][f"{z3}:2:{setting}"]
+    assert not any(name.startswith("image_tower.") for name in whole["grads"]) or setting == "3T"
+    if setting == "3T":
+        assert any(name.startswith("third_proj") for name in whole["grads"])
+    _assert_same(whole, micro, f"GradCache {setting}", loss_tol=1e-6)
 
 
 @pytest.mark.parametrize("zero", ["z1", "z2", "z3"])

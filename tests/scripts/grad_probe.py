@@ -4,22 +4,28 @@ Run under ``deepspeed --num_gpus N`` by tests/test_train_distributed.py: the sam
 batch is split across the N ranks, so the saved loss and full (gathered) gradients must not depend
 on N. ``--case POLICY[:M]`` may be given several times: one engine per case, in order. With
 ``:M`` each rank's share is encoded by GradCache in micro-batches of M; the loss and gradients
-must equal the whole batch's. Results are saved keyed by the case string.
+must equal the whole batch's. ``--case POLICY:M:SETTING`` trains a tower setting instead of
+``uu`` (``Lu``: a locked image tower outside the engine; ``3T``: the third tower and the Three
+Towers loss), with towers loaded from a checkpoint this script writes. Results are saved keyed by
+the case string.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from deepspeed.utils import safe_get_full_grad
 
 from tritower.launch.config import load_config
+from tritower.model import build_image_tower
 from tritower.launch.engine import build_engine, init_distributed
 from tritower.launch.gradcache import gradcache_backward, split_batch
 from tritower.launch.dist_env import from_environ
+from tritower.launch.towers import TowerInputs, build_towers
 from tritower.losses import ContrastiveLoss
-from tritower.model import build_clip
 
 VOCAB = 50
 
@@ -43,24 +49,45 @@ def main() -> None:
     init_distributed()
     env = from_environ()
     results = {}
+    checkpoint = Path(options.out).with_suffix(".vit_test.safetensors")
+    if env.is_main:
+        torch.manual_seed(11)
+        save_file(build_image_tower("vit_test").vit.state_dict(), str(checkpoint))
+    torch.distributed.barrier()
     for case in options.case:
-        zero, _, micro_size = case.partition(":")
+        zero, _, rest = case.partition(":")
+        micro_size, _, setting = rest.partition(":")
         micro_size = int(micro_size or 0)
+        towers_args = {"": [], "Lu": ["--model.setting=Lu", f"--model.image_pretrained={checkpoint}"],
+                       "3T": ["--model.setting=3T", f"--model.third_pretrained={checkpoint}"]}[setting]
         cfg = load_config(["--experiment", "clip_test", "--zero", zero, f"--data.batch_size={options.global_batch}",
-                           f"--train.micro_batch_size={micro_size}"])
+                           f"--train.micro_batch_size={micro_size}", *towers_args])
         torch.manual_seed(0)
-        model = build_clip(cfg.model, vocab_size=VOCAB)
-        engine, _ = build_engine(model, cfg, env.world_size)
+        towers = build_towers(cfg, vocab_size=VOCAB)
+        engine, _ = build_engine(towers.model, cfg, env.world_size, towers.groups)
+        towers.locked.to(engine.device)
+        inputs = TowerInputs(cfg, towers, engine.module, engine.device, torch.float32)
         images, input_ids, attention_mask = synthetic_global_batch(options.global_batch, 32, 16)
         local = slice(env.rank * options.global_batch // env.world_size, (env.rank + 1) * options.global_batch // env.world_size)
-        loss_fn = ContrastiveLoss.from_config(cfg.loss)
         batch = {"image": images[local], "input_ids": input_ids[local], "attention_mask": attention_mask[local]}
-        if micro_size:
-            micro = split_batch(batch, batch["image"].shape[0] // micro_size)
-            loss, _ = gradcache_backward(engine, micro, loss_fn, lambda b: (b["image"], b["input_ids"], b["attention_mask"]), engine.device)
+        if setting == "3T":
+            from tritower.losses import ThreeTowersLoss
+
+            three = ThreeTowersLoss.from_config(cfg.loss)
+
+            def loss_of(out):
+                return three(out)[0]
         else:
-            out = engine(batch["image"], batch["input_ids"], batch["attention_mask"])
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            contrastive = ContrastiveLoss.from_config(cfg.loss)
+
+            def loss_of(out):
+                return contrastive(out["image_features"], out["text_features"], out["logit_scale"])
+
+        if micro_size:
+            micro = [inputs(part, 0) for part in split_batch(batch, batch["image"].shape[0] // micro_size)]
+            loss, _ = gradcache_backward(engine, micro, loss_of, engine.device)
+        else:
+            loss = loss_of(engine(**inputs(batch, 0)))
             engine.backward(loss)
         grads = {name: safe_get_full_grad(param).detach().clone() for name, param in engine.module.named_parameters()}
         results[case] = {"loss": loss.item(), "grads": grads}
