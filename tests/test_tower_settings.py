@@ -58,6 +58,7 @@ CASES = {
     "Uu_delayed": "Uu,model.image_unlock_after_steps=3",
     "LL_frozen_heads": "LL,model.locked_head_trainable=false,model.embed_dim=32",
     "3T": "3T,model.third_pretrained=IMAGE",
+    "uu_sigmoid": "uu,loss.kind=sigmoid",
 }
 # Which groups must change (train) and which must stay bitwise equal, per case.
 EXPECT = {
@@ -72,6 +73,7 @@ EXPECT = {
     "uU": ({"image_tower", "text_tower", "heads"}, set()),
     "Uu_delayed": ({"image_tower", "text_tower", "heads"}, set()),
     "3T": ({"image_tower", "text_tower", "heads"}, {"third_tower"}),
+    "uu_sigmoid": ({"image_tower", "text_tower", "heads"}, set()),
 }
 
 
@@ -133,6 +135,11 @@ def test_frozen_identity_heads_on_locked_towers(settings_results: dict) -> None:
     assert not record["groups"]["image_tower"]["changed"] and not record["groups"]["text_tower"]["changed"]
     heads = record["groups"]["heads"]
     assert set(heads["changed"]) == {"logit_scale"}, heads["changed"]
+
+
+def test_sigmoid_loss_trains_its_bias(settings_results: dict) -> None:
+    """SigLIP's loss in the trainer: the model gains a learnable logit_bias, and it trains."""
+    assert "logit_bias" in settings_results["uu_sigmoid"]["groups"]["heads"]["changed"]
 
 
 def test_start_table_counts_trainable_and_locked(settings_results: dict) -> None:
@@ -249,3 +256,17 @@ def test_embeddings_of_another_tower_are_refused(train, pretrained: dict, tmp_pa
               f"--data.cache_dir={tmp_path / 'cache'}", "--data.builtin_train_samples=200", ranks=1)
     message = str(failure.value)
     assert "config error" in message and "sha256" in message and str(other) in message
+
+
+def test_resume_with_a_changed_locked_tower_is_refused(train, pretrained: dict, tmp_path: Path) -> None:
+    """The checkpoint records each locked tower's sha256; resuming with another file fails clearly."""
+    from tritower.model import build_image_tower
+
+    train("--model.setting=Lu", f"--model.image_pretrained={pretrained['image']}", "--train.steps=3", ranks=1)
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(5)
+    save_file(build_image_tower("vit_test").vit.state_dict(), str(other))
+    with pytest.raises(AssertionError) as failure:
+        train("--model.setting=Lu", f"--model.image_pretrained={other}", "--train.steps=5", "--resume=auto", ranks=1)
+    message = str(failure.value)
+    assert "config error" in message and "locked image_tower" in message and "pass the original file" in message
