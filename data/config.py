@@ -32,6 +32,10 @@ class DataConfig:
     """Lower bound of the random-resized-crop area fraction (upper bound is 1)."""
     caption_key: str = "txt"
     """Field holding the caption: ``txt`` or ``json:<field>`` for a field of the json sidecar."""
+    label_key: str = "json:label"
+    """Companion class label (zero-shot evaluation, ``launch/pretrain_image.py``): ``json:<field>``
+    for an integer in the json sidecar, a field name holding the integer as text (``cls``, as
+    webdataset's class-labelled shards), or "" to read none. Absent labels are -1."""
     train_weights: str = ""
     """Sampling weights of the ``::``-separated sources of ``train_shards`` (e.g. ``1::3``);
     "" weighs all sources equally. Per sample: a sample comes from source i with probability
@@ -84,6 +88,12 @@ class DataConfig:
         if self.caption_key != "txt" and not self.caption_key.startswith("json:"):
             raise ValueError(
                 f"data.caption_key must be 'txt' or 'json:<field>', got {self.caption_key!r}"
+            )
+        if self.label_key and (self.label_key == "json:" or self.label_key.startswith("__")
+                               or "/" in self.label_key):
+            raise ValueError(
+                f"data.label_key must be 'json:<field>', a field name such as 'cls', or '', "
+                f"got {self.label_key!r}"
             )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(

@@ -62,6 +62,7 @@ def load_eval_set(
     context_length: int,
     *,
     caption_key: str = "txt",
+    label_key: str = "json:label",
     classnames: list[str] | None = None,
     templates: list[str] | None = None,
     max_samples: int = 0,
@@ -81,7 +82,7 @@ def load_eval_set(
     images, captions, labels, keys = [], [], [], []
     for url in urls:
         for sample in read_shard(url, stats, shard_retries):
-            decoded = decode_sample(sample, caption_key, stats)
+            decoded = decode_sample(sample, caption_key, stats, label_key=label_key)
             if decoded is None:
                 continue
             image, caption, label = decoded

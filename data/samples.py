@@ -190,15 +190,35 @@ def _caption(sample: dict[str, Any], caption_key: str) -> tuple[str | None, str 
     return (text, None) if text else (None, "caption")
 
 
-def _label(sample: dict[str, Any]) -> int:
-    """The json sidecar's integer ``label`` (zero-shot class), or -1."""
-    if "json" not in sample:
+def _label(sample: dict[str, Any], label_key: str) -> int:
+    """The sample's integer class label (zero-shot class, supervised pretraining), or -1.
+
+    ``label_key``: ``json:<field>`` (dotted path into the json sidecar, e.g. ``json:label``), a
+    field holding the integer as text (webdataset's ``cls`` convention), or "" for no labels.
+    A missing or non-integer label is -1, not a bad sample: labels are optional.
+    """
+    if not label_key:
+        return -1
+    if label_key.startswith("json:"):
+        if "json" not in sample:
+            return -1
+        try:
+            value = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError):
+            return -1
+        for part in label_key.removeprefix("json:").split("."):
+            if not isinstance(value, dict) or part not in value:
+                return -1
+            value = value[part]
+        # bool is an int subclass; a json true is no class index.
+        return value if isinstance(value, int) and not isinstance(value, bool) else -1
+    raw = sample.get(label_key)
+    if raw is None:
         return -1
     try:
-        label = json.loads(sample["json"]).get("label", -1)
+        return int(raw.decode("utf-8").strip())
     except (ValueError, UnicodeDecodeError, AttributeError):
         return -1
-    return label if isinstance(label, int) else -1
 
 
 def decode_image(payload: bytes) -> Image.Image:
@@ -214,9 +234,11 @@ def image_field(sample: dict[str, Any]) -> str | None:
 
 
 def decode_sample(
-    sample: dict[str, Any], caption_key: str, stats: BadDataStats, decode: bool = True
+    sample: dict[str, Any], caption_key: str, stats: BadDataStats, decode: bool = True,
+    label_key: str = "json:label",
 ) -> tuple[Image.Image | None, str, int] | None:
-    """(image, caption, label), or None after counting why the sample is bad.
+    """(image, caption, label), or None after counting why the sample is bad (label -1 when
+    the sample has none under ``label_key``, see ``_label``).
 
     ``decode=False`` checks that an image field is present but leaves it undecoded (image
     None): for batches that carry precomputed embeddings instead of pixels.
@@ -238,7 +260,7 @@ def decode_sample(
             stats.add_bad("image", url)
             return None
     assert caption is not None
-    return image, caption, _label(sample)
+    return image, caption, _label(sample, label_key)
 
 
 def probe_shards(

@@ -151,7 +151,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         url, key = sample["__url__"], sample["__key__"]
         skip = sample.get("__skip__")  # precompute could not embed it: its image is bad
         decoded = decode_sample(sample, self.cfg.caption_key, self.stats,
-                                decode=self.needs_images and skip is None)  # fmt: skip
+                                decode=self.needs_images and skip is None, label_key=self.cfg.label_key)  # fmt: skip
         if decoded is None:
             return None
         if skip is not None:

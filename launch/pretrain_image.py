@@ -61,7 +61,7 @@ class PretrainImageConfig:
     """Held-out images to score at the end (0 = all of the eval shards)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Shards and loader settings; empty ``train_shards`` = the built-in scenes. User shards
-    need an integer ``label`` in each sample's ``.json`` and ``data.vocab`` (the loader
+    need an integer class label under ``data.label_key`` (default the json's ``label``) and ``data.vocab`` (the loader
     tokenises captions even though this command does not use them)."""
 
 

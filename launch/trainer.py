@@ -130,7 +130,8 @@ class Trainer:
             per_rank_batch=self.per_rank_batch, seed=cfg.train.seed,
             needs_images=self.inputs.needs_images(), **loader_args,
         )
-        self.eval_set = (load_eval_set(sources.eval_shards, caption_key=cfg.data.caption_key, **loader_args)
+        self.eval_set = (load_eval_set(sources.eval_shards, caption_key=cfg.data.caption_key,
+                                       label_key=cfg.data.label_key, **loader_args)
                          if sources.eval_shards else None)
 
         self.step = 0

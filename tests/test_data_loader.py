@@ -301,6 +301,31 @@ def test_image_formats_and_json_captions(tmp_path, tokenizer) -> None:
     assert evalset.labels.tolist() == [0, 1, 2] and evalset.classnames == []
 
 
+def test_class_labels_from_a_cls_field_or_a_json_path(tmp_path, tokenizer) -> None:
+    """Companion labels: webdataset's ``cls`` text field, a nested json field, or none."""
+    samples = []
+    for i, label in enumerate([b"4", b" 17\n", b"not a number"]):
+        key, files = good_sample(f"s{i}", i)
+        files["cls"] = label
+        files["json"] = json.dumps({"meta": {"class": 10 + i}, "label": True}).encode()
+        samples.append((key, files))
+    samples.append(good_sample("s3", 3))  # no cls field, json label 0, no meta
+    shard = str(write_tar(tmp_path / "labels.tar", samples))
+
+    def labels(label_key: str) -> dict[str, int]:
+        batch = take(make_loader([shard], tokenizer, batch=4, label_key=label_key), 1)[0]
+        return dict(zip(batch["key"], batch["label"].tolist()))
+
+    assert labels("cls") == {"s0": 4, "s1": 17, "s2": -1, "s3": -1}
+    assert labels("json:meta.class") == {"s0": 10, "s1": 11, "s2": 12, "s3": -1}
+    assert labels("json:label") == {"s0": -1, "s1": -1, "s2": -1, "s3": 0}  # a json true is no class
+    assert labels("") == {"s0": -1, "s1": -1, "s2": -1, "s3": -1}
+    evalset = load_eval_set([shard], tokenizer, 8, MEAN, STD, 8, label_key="cls")
+    assert evalset.labels.tolist() == [4, 17, -1, -1]
+    with pytest.raises(ValueError, match="data.label_key"):
+        DataConfig(label_key="json:")
+
+
 def test_weighted_mixing_proportions(tmp_path, tokenizer) -> None:
     # Unequal shard sizes on purpose: weights are per sample, not per shard draw.
     write_dataset(tmp_path / "a", "a", shards=4, per_shard=4)
