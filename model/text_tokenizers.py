@@ -3,8 +3,8 @@
 - BERT / MiniLM (WordPiece): ``tritower.data.build_tokenizer`` (a ``vocab.txt``, a model folder,
   or ``package:<name>``); ``build_text_tokenizer`` hands such sources to it unchanged.
 - T5 / mT5 (SentencePiece): a folder holding ``spiece.model`` and/or ``tokenizer.json``, loaded
-  with ``AutoTokenizer.from_pretrained(folder, local_files_only=True)``. ``spiece.model`` needs
-  the ``sentencepiece`` package (not a dependency here); ``tokenizer.json`` does not.
+  with ``AutoTokenizer.from_pretrained(folder, local_files_only=True)``. ``spiece.model`` is read
+  by the ``sentencepiece`` package (a dependency); ``tokenizer.json`` by ``tokenizers``.
 - CLIP text towers pool the last real token, so any tokenizer that ends a caption with an end
   token works (WordPiece's ``[SEP]``, SentencePiece's ``</s>``).
 

@@ -100,6 +100,33 @@ def test_t5_tower_with_sentencepiece_tokenizer(tmp_path: Path) -> None:
     assert tower(ids, mask).shape == (4, 32)
 
 
+def test_t5_folder_with_only_spiece_model(tmp_path: Path) -> None:
+    """A T5/mT5 tokenizer folder as Google ships it (``spiece.model``, no ``tokenizer.json``)
+    loads from local files; its ids are sentencepiece's own encoding plus ``</s>``."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CAPTIONS * 4), model_writer=model, vocab_size=40, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+    )
+    folder = tmp_path / "t5_tokenizer"
+    folder.mkdir()
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "config.json").write_text('{"model_type": "t5"}')
+    tokenizer = build_text_tokenizer(folder)
+    reference = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    for caption in CAPTIONS[:5]:
+        assert tokenizer(caption)["input_ids"] == reference.encode(caption) + [1]
+    tower = build_text_tower("t5_test", vocab_size=len(tokenizer))
+    from tritower.data import tokenize
+
+    ids, mask = tokenize(tokenizer, CAPTIONS[:2], 16)  # truncated and padded as in training
+    assert tower(ids, mask).shape == (2, 32)
+
+
 def test_clip_with_t5_text_tower_and_rules() -> None:
     cfg = ModelConfig(image_tower="resnet_test", text_tower="t5_test", embed_dim=16)
     model = build_clip(cfg, vocab_size=VOCAB)
