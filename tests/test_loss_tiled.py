@@ -49,6 +49,39 @@ def test_tiled_large_scale_and_tile_shapes(kind: str, tile_size: int) -> None:
     ref.assert_close_all(got, want, *ref.TOLERANCES[torch.float64])
 
 
+def test_tiled_softmax_far_apart_logits_take_the_exact_fallback() -> None:
+    """float32 at scale 100 with logits ~110 apart inside a tile: a shared-shift exp would flush
+    the lower ones to zero, so both the forward's column sums and the backward's tiles must fall
+    back (the conditions are checked here from the float64 logits, independently of the code)."""
+    from tritower.losses.tiled import SHIFT_RANGE
+
+    gen = torch.Generator().manual_seed(11)
+    u, w, z = torch.eye(8, dtype=torch.float64)[:3]
+    t = -0.1 * u - 0.1 * w + 0.98**0.5 * z  # u.t = w.t = -0.1
+    noise = 0.01 * torch.randn(2, 20, 8, generator=gen, dtype=torch.float64)
+    normalize = torch.nn.functional.normalize
+    # Images 0-9 and texts 0-9 along u (logits ~ +100 among them); images 10-19 along w and
+    # texts 10-19 along t: every logit of columns 10-19 is ~ -10, from both image groups.
+    image = normalize(torch.cat([u.expand(10, 8), w.expand(10, 8)]) + noise[0], dim=1)
+    text = normalize(torch.cat([u.expand(10, 8), t.expand(10, 8)]) + noise[1], dim=1)
+    scale = torch.tensor([100.0], dtype=torch.float64)
+    logits = scale * image @ text.T
+    tile = 8
+    # Tile (rows 0-7, columns 8-15): its top row sits at ~100, columns 10-15 at ~ -10, and
+    # exp(-110) is zero in float32 although those entries carry 8/20 of their columns' sums.
+    assert logits[:tile, 8:16].amax() - logits[:tile, 10:16].amax() > 104
+    row_lse = torch.logsumexp(logits, 1)
+    assert row_lse.max() - row_lse.min() > SHIFT_RANGE  # backward: LSEs too far apart
+    bias = torch.tensor([-5.0], dtype=torch.float64)
+    # Reference on the float32-rounded features; float32 logits of ~100 carry ~1e-5 absolute
+    # error, which the naive loss shows too, hence the looser tolerance. A flushed group would
+    # be off by O(0.1-1), not 1e-5.
+    want = ref.reference_with_grads("softmax", image.float().double(), text.float().double(), scale, bias)
+    for impl in ("naive", "tiled"):
+        got = ref.loss_with_grads("softmax", impl, image.float(), text.float(), scale.float(), tile_size=tile)
+        ref.assert_close_all(got, want, rtol=1e-4, atol=5e-5)
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_tiled_bfloat16_features_are_computed_in_float32(kind: str) -> None:
     image, text, scale, bias = ref.random_inputs(40, 24, seed=3)
