@@ -49,12 +49,10 @@ def test_tiled_large_scale_and_tile_shapes(kind: str, tile_size: int) -> None:
     ref.assert_close_all(got, want, *ref.TOLERANCES[torch.float64])
 
 
-def test_tiled_softmax_far_apart_logits_take_the_exact_fallback() -> None:
-    """float32 at scale 100 with logits ~110 apart inside a tile: a shared-shift exp would flush
-    the lower ones to zero, so both the forward's column sums and the backward's tiles must fall
-    back (the conditions are checked here from the float64 logits, independently of the code)."""
-    from tritower.losses.tiled import SHIFT_RANGE
-
+def test_tiled_softmax_logits_far_apart_in_one_tile() -> None:
+    """float32 at scale 100 with logits ~110 apart inside a tile: an exp with one shift per tile
+    (or per row, for the column sums) would flush the lower ones to zero although they carry
+    much of their columns' sums; the conditions are checked here from the float64 logits."""
     gen = torch.Generator().manual_seed(11)
     u, w, z = torch.eye(8, dtype=torch.float64)[:3]
     t = -0.1 * u - 0.1 * w + 0.98**0.5 * z  # u.t = w.t = -0.1
@@ -71,7 +69,7 @@ def test_tiled_softmax_far_apart_logits_take_the_exact_fallback() -> None:
     # exp(-110) is zero in float32 although those entries carry 8/20 of their columns' sums.
     assert logits[:tile, 8:16].amax() - logits[:tile, 10:16].amax() > 104
     row_lse = torch.logsumexp(logits, 1)
-    assert row_lse.max() - row_lse.min() > SHIFT_RANGE  # backward: LSEs too far apart
+    assert row_lse.max() - row_lse.min() > 90  # rows' LSEs ~100 apart: no shared shift
     bias = torch.tensor([-5.0], dtype=torch.float64)
     # Reference on the float32-rounded features; float32 logits of ~100 carry ~1e-5 absolute
     # error, which the naive loss shows too, hence the looser tolerance. A flushed group would
