@@ -162,6 +162,19 @@ def _read_shard_once(url: str, stats: BadDataStats) -> Iterator[dict[str, Any]]:
                     stats.add_bad("shard", url)
 
 
+def _json_field(sample: dict[str, Any], key: str) -> Any:
+    """The value at ``json:<dotted.path>`` in the json sidecar. KeyError when the sidecar or a
+    path part is absent, ValueError/UnicodeDecodeError when the sidecar does not parse."""
+    if "json" not in sample:
+        raise KeyError("json")
+    value = json.loads(sample["json"])
+    for part in key.removeprefix("json:").split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(part)
+        value = value[part]
+    return value
+
+
 def _caption(sample: dict[str, Any], caption_key: str) -> tuple[str | None, str | None]:
     """Returns (caption, None) or (None, bad kind)."""
     if caption_key == "txt":
@@ -173,16 +186,12 @@ def _caption(sample: dict[str, Any], caption_key: str) -> tuple[str | None, str 
         except UnicodeDecodeError:
             return None, "caption"
     else:
-        if "json" not in sample:
-            return None, "missing"
         try:
-            value = json.loads(sample["json"])
+            value = _json_field(sample, caption_key)
+        except KeyError:
+            return None, "missing"
         except (ValueError, UnicodeDecodeError):
             return None, "caption"
-        for part in caption_key.removeprefix("json:").split("."):
-            if not isinstance(value, dict) or part not in value:
-                return None, "missing"
-            value = value[part]
         if not isinstance(value, str):
             return None, "caption"
         text = value
@@ -200,16 +209,10 @@ def _label(sample: dict[str, Any], label_key: str) -> int:
     if not label_key:
         return -1
     if label_key.startswith("json:"):
-        if "json" not in sample:
-            return -1
         try:
-            value = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError):
+            value = _json_field(sample, label_key)
+        except (KeyError, ValueError, UnicodeDecodeError):
             return -1
-        for part in label_key.removeprefix("json:").split("."):
-            if not isinstance(value, dict) or part not in value:
-                return -1
-            value = value[part]
         # bool is an int subclass; a json true is no class index.
         return value if isinstance(value, int) and not isinstance(value, bool) else -1
     raw = sample.get(label_key)
