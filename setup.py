@@ -7,14 +7,14 @@ folders import as ``tritower.launch``, ``tritower.model``, ... and no top-level 
 
 from setuptools import setup
 
-SUBPACKAGES = ["launch", "model", "data", "losses", "evaluation"]
+SUBPACKAGES = ["launch", "launch.plan", "launch.tools", "model", "data", "losses", "evaluation", "inference"]
 
 setup(
     name="tritower",
     version="0.1.0",
     description="CLIP, LiT and Three Towers contrastive training on DeepSpeed",
     python_requires=">=3.10",
-    package_dir={"tritower": "."} | {f"tritower.{p}": p for p in SUBPACKAGES},
+    package_dir={"tritower": "."} | {f"tritower.{p}": p.replace(".", "/") for p in SUBPACKAGES},
     packages=["tritower"] + [f"tritower.{p}" for p in SUBPACKAGES],
     package_data={"tritower": ["zero_configs/*.json"]},
     install_requires=[

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+from transformers import PreTrainedTokenizerBase
 
 from tritower.data.config import DataConfig
 from tritower.data.samples import BadDataStats, decode_sample, read_shard
@@ -68,7 +69,7 @@ def write_shards(
     return paths, jpeg_bytes / samples
 
 
-def plain_loop(shards: list[str], tokenizer, batch: int) -> float:
+def plain_loop(shards: list[str], tokenizer: PreTrainedTokenizerBase, batch: int) -> float:
     """samples/s of decode + crop + tokenise in a loop on this core (no DataLoader)."""
     transform = TrainTransform(224, CLIP_MEAN, CLIP_STD, 0.8)
     stats, rng = BadDataStats(), random.Random(0)
@@ -85,7 +86,7 @@ def plain_loop(shards: list[str], tokenizer, batch: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def loader_rate(shards: list[str], tokenizer, workers: int, batch: int, batches: int) -> float:
+def loader_rate(shards: list[str], tokenizer: PreTrainedTokenizerBase, workers: int, batch: int, batches: int) -> float:
     """samples/s of the real loader after one warm-up batch per worker."""
     cfg = DataConfig(num_workers=workers, resampled=True, shuffle_buffer=256)
     loader = build_train_loader(

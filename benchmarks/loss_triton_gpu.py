@@ -17,13 +17,16 @@ import math
 import time
 
 import torch
+from torch import Tensor
 
 from tritower.losses import clip_loss
 
 DEFAULT_SIZES = ["70x40", "1000x77", "4096x512", "16384x512", "32768x1024"]
 
 
-def reference_float64(image, text, scale, chunk: int = 4096):
+def reference_float64(
+    image: Tensor, text: Tensor, scale: Tensor, chunk: int = 4096
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss and gradients in float64, [chunk, B] logits at a time (B x B would not fit)."""
     x, y, s = image.double(), text.double(), float(scale)
     n = x.shape[0]
@@ -49,19 +52,21 @@ def reference_float64(image, text, scale, chunk: int = 4096):
     return loss, d_x, d_y, torch.tensor(d_s, dtype=torch.float64)
 
 
-def run_impl(impl: str, image, text, scale, tile: int):
+def run_impl(
+    impl: str, image: Tensor, text: Tensor, scale: Tensor, tile: int
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     leaves = [t.detach().clone().requires_grad_() for t in (image, text, scale)]
     loss = clip_loss(*leaves, impl=impl, tile_size=tile)
     loss.backward()
     return loss.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad
 
 
-def max_rel_error(got, want) -> float:
+def max_rel_error(got: Tensor, want: Tensor) -> float:
     diff = (got.double().reshape(want.shape) - want).abs().max()
     return float(diff / want.abs().max().clamp_min(1e-30))
 
 
-def time_impl(impl: str, image, text, scale, tile: int, repeats: int) -> dict:
+def time_impl(impl: str, image: Tensor, text: Tensor, scale: Tensor, tile: int, repeats: int) -> dict:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

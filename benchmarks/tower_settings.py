@@ -5,11 +5,11 @@ embeddings, 3T and 3T with precomputed third-tower embeddings, next to the FLOP 
     python benchmarks/tower_settings.py --device cuda --precision bf16 --image-tower \\
         vit_base_patch16_224 --text-tower bert_base --vocab-size 30522 --batch 128 --out gpu.json
 
-Every setting is built as the trainer builds it (``launch/towers.py``: ``build_towers`` with the
+Every setting is built as the trainer builds it (``launch/model_setup.py``: ``build_towers`` with the
 regex lock rules, ``split_locked`` and the per-tower parameter groups) from the same towers and
 one fixed batch, and stepped with ``torch.optim.AdamW`` over its groups, single process, no
 DeepSpeed. A step: the locked towers encode under inference mode (``TowerInputs``, as in the
-trainer), the trainable forward, the loss (``ContrastiveLoss``, or ``ThreeTowersLoss`` for 3T,
+trainer), the trainable forward, the objective (``build_objective``: CLIP, or 3T,
 in fp32), backward, optimizer step. A precomputed tower is not built: its output is a fixed
 random tensor of its width in the batch's ``embedding``, which is what reading it from a
 companion shard amounts to.
@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,14 +55,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tritower.data.config import DataConfig
 from tritower.launch.config import DeepSpeedConfig, TrainConfig
-from tritower.launch.towers import TowerInputs, build_towers
-from tritower.losses import ContrastiveLoss, LossConfig, ThreeTowersLoss
+from tritower.launch.model_setup import TowerInputs, build_towers
+from tritower.losses import LossConfig, build_objective
 from tritower.model import (
     LockedTower,
     ModelConfig,
     build_image_tower,
     build_text_tower,
     image_tower_spec,
+    parse_setting,
     text_tower_spec,
 )
 
@@ -111,7 +113,7 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _tensor_bytes(tensors) -> int:
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -121,13 +123,13 @@ class Runner:
     def __init__(self, setting: Setting, opts: argparse.Namespace, weights: dict[str, str],
                  shared_batch: dict[str, torch.Tensor], device: torch.device) -> None:
         self.setting, self.device = setting, device
-        image_letter = setting.setting[0]
+        parsed = parse_setting(setting.setting)
         model_cfg = ModelConfig(
             image_tower=opts.image_tower, text_tower=opts.text_tower, embed_dim=opts.embed_dim,
             setting=setting.setting,
-            image_pretrained=weights[opts.image_tower] if image_letter in "LU" else "",
+            image_pretrained=weights[opts.image_tower] if parsed.pretrained("image") else "",
             **({"third_tower": opts.third_tower, "third_pretrained": weights[opts.third_tower]}
-               if setting.setting == "3T" else {}),
+               if parsed.three_towers else {}),
         )
         self.cfg = TrainConfig(
             model=model_cfg,
@@ -147,11 +149,10 @@ class Runner:
         self.inputs = TowerInputs(self.cfg, towers, self.model, device, torch.float32)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                          if opts.precision == "bf16" else contextlib.nullcontext())
-        self.loss_fn = (ThreeTowersLoss.from_config(self.cfg.loss) if setting.setting == "3T"
-                        else ContrastiveLoss.from_config(self.cfg.loss))
+        self.objective = build_objective(self.cfg.loss, three_towers=self.cfg.model.parsed.three_towers)
         self.batch = dict(shared_batch)
         if setting.precomputed:
-            tower = opts.image_tower if setting.setting == "Lu" else opts.third_tower
+            tower = opts.third_tower if parsed.three_towers else opts.image_tower
             generator = torch.Generator().manual_seed(opts.seed + 1)
             self.batch["embedding"] = torch.randn(
                 opts.batch, image_tower_spec(tower).width, generator=generator).to(device)
@@ -168,8 +169,7 @@ class Runner:
             out = self.model(**kwargs)
         # fp32 loss whatever the towers' precision, as the trainer's compute_loss.
         out = {key: value.float() for key, value in out.items()}
-        loss = self.loss_fn(out)[0] if self.setting.setting == "3T" else self.loss_fn(
-            out["image_features"], out["text_features"], out["logit_scale"])
+        loss = self.objective(out)["loss"]
         marks.append(_clock(self.device))
         loss.backward()
         marks.append(_clock(self.device))
@@ -268,7 +268,7 @@ def time_forward(tower: LockedTower, inputs: tuple[torch.Tensor, ...],
     return _clock(device) - start
 
 
-def count_flops(run) -> int:
+def count_flops(run: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         run()
     return int(counter.get_total_flops())

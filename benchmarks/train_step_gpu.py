@@ -21,16 +21,16 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tritower.launch.config import load_config
+from tritower.launch.cli import load_config
 from tritower.launch.engine import build_engine, init_distributed
-from tritower.losses import ContrastiveLoss
+from tritower.losses import build_objective
 from tritower.model import build_clip, image_tower_spec, text_tower_spec
+from tritower.model.precision import dtype_of
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 CUDA = torch.cuda.is_available()
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sync() -> None:
@@ -43,7 +43,9 @@ def peak_tflops() -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
 
 
-def synthetic(batch: int, image_size: int, context: int, device: torch.device, dtype: torch.dtype):
+def synthetic(
+    batch: int, image_size: int, context: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=g).to(device, dtype)
     input_ids = torch.randint(1000, 30000, (batch, context), generator=g).to(device)
@@ -59,7 +61,8 @@ def forward_flops(model: torch.nn.Module, inputs: tuple) -> int:
 
 def run(experiment: str, zero: str, batch: int, steps: int, warmup: int, impl: str, checkpointing: bool) -> dict:
     overrides = ["--experiment", experiment, "--zero", zero, f"--data.batch_size={batch}", f"--loss.impl={impl}",
-                 f"--model.image_grad_checkpointing={checkpointing}", f"--model.text_grad_checkpointing={checkpointing}",
+                 f"--model.image_grad_checkpointing={checkpointing}",
+                 f"--model.text_grad_checkpointing={checkpointing}",
                  f"--train.steps={steps + warmup}", "--optim.warmup_steps=1"]
     cfg = load_config(overrides)
     torch.manual_seed(0)
@@ -69,15 +72,16 @@ def run(experiment: str, zero: str, batch: int, steps: int, warmup: int, impl: s
     params = sum(p.numel() for p in model.parameters())
     image_spec, text_spec = image_tower_spec(cfg.model.image_tower), text_tower_spec(cfg.model.text_tower)
     engine, report = build_engine(model, cfg, world_size=1)
-    loss_fn = ContrastiveLoss.from_config(cfg.loss)
-    inputs = synthetic(batch, image_spec.image_size, text_spec.context_length, engine.device, DTYPES[cfg.deepspeed.precision])
+    objective = build_objective(cfg.loss)
+    inputs = synthetic(batch, image_spec.image_size, text_spec.context_length, engine.device,
+                       dtype_of(cfg.deepspeed.precision))
     flops_per_batch = forward_flops(engine, inputs)
     times = []
     for step in range(steps + warmup):
         sync()
         start = time.perf_counter()
         out = engine(*inputs)
-        loss = loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
+        loss = objective({key: value.float() for key, value in out.items()})["loss"]
         engine.backward(loss)
         engine.step()
         sync()
@@ -93,7 +97,8 @@ def run(experiment: str, zero: str, batch: int, steps: int, warmup: int, impl: s
         "MFU": round(model_flops / (peak_tflops() * 1e12), 4),
         "HFU": round((3 + recompute) / 3 * model_flops / (peak_tflops() * 1e12), 4),
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else float("nan"),
-        "device": torch.cuda.get_device_name() if CUDA else "cpu", "kernels": report, "final_loss": round(loss.item(), 4),
+        "device": torch.cuda.get_device_name() if CUDA else "cpu", "kernels": report,
+        "final_loss": round(loss.item(), 4),
     }
     del engine, model, out, loss
     if CUDA:

@@ -5,7 +5,7 @@
 * ``tokenizer.build_tokenizer`` / ``tokenizer.tokenize``: local WordPiece vocabularies only.
 * ``webdataset.build_train_loader``: infinite, resumable per-rank batches from tar shards.
 * ``eval_set.load_eval_set``: the held-out split in memory for zero-shot and retrieval.
-* ``embeddings.load_meta``: precomputed locked-tower embeddings (``launch/precompute.py``).
+* ``embeddings.load_meta``: precomputed locked-tower embeddings (``launch/tools/precompute.py``).
 
 Nothing in this package imports DeepSpeed.
 """
@@ -16,7 +16,7 @@ from .eval_set import EvalSet, load_eval_set
 from .samples import BAD_KINDS, BadDataStats, DataQualityError
 from .scenes import CLASSNAMES, ZERO_SHOT_TEMPLATES, BuiltinData, ensure_builtin_data
 from .shards import expand_shards, resolve_sources
-from .tokenizer import build_tokenizer, tokenize
+from .tokenizer import build_text_tokenizer, build_tokenizer, tokenize, train_unigram_tokenizer
 from .transforms import epoch_view, view_rng
 from .webdataset import TrainLoader, build_train_loader
 
@@ -32,6 +32,7 @@ __all__ = [
     "EmbeddingsMeta",
     "EvalSet",
     "TrainLoader",
+    "build_text_tokenizer",
     "build_tokenizer",
     "build_train_loader",
     "ensure_builtin_data",
@@ -41,5 +42,6 @@ __all__ = [
     "load_meta",
     "resolve_sources",
     "tokenize",
+    "train_unigram_tokenizer",
     "view_rng",
 ]

@@ -33,7 +33,7 @@ class DataConfig:
     caption_key: str = "txt"
     """Field holding the caption: ``txt`` or ``json:<field>`` for a field of the json sidecar."""
     label_key: str = "json:label"
-    """Companion class label (zero-shot evaluation, ``launch/pretrain_image.py``): ``json:<field>``
+    """Companion class label (zero-shot evaluation, ``launch/tools/pretrain_image.py``): ``json:<field>``
     for an integer in the json sidecar, a field name holding the integer as text (``cls``, as
     webdataset's class-labelled shards), or "" to read none. Absent labels are -1."""
     train_weights: str = ""
@@ -72,7 +72,7 @@ class DataConfig:
     """Seed of the fixed views' crop boxes (with ``views`` > 0). With ``embeddings`` set, the
     folder's value is used; a different non-zero value here is an error."""
     embeddings: str = ""
-    """Folder of precomputed locked-tower embeddings written by ``launch/precompute.py`` for
+    """Folder of precomputed locked-tower embeddings written by ``launch/tools/precompute.py`` for
     these training shards; each batch then carries ``embedding`` [B, width] of exactly the view
     its image was cropped as. "" = none."""
 

@@ -1,6 +1,6 @@
 """Precomputed locked-tower embeddings: companion shards, their ``meta.json``, the join by key.
 
-``launch/precompute.py`` runs a locked image tower once over the training shards and writes one
+``launch/tools/precompute.py`` runs a locked image tower once over the training shards and writes one
 folder::
 
     out/emb-000000.tar   # companion of source shard 0: per source sample, in the source's order,
@@ -78,7 +78,7 @@ def _rerun(meta: EmbeddingsMeta | None = None, shards: str = "<the training shar
         tower = meta.tower if meta else "<locked tower>"
         checkpoint = meta.source if meta else "<its checkpoint>"
     views = f" --views {meta.views}" if meta else ""
-    return (f"re-run `python -m tritower.launch.precompute --tower {tower} --checkpoint "
+    return (f"re-run `python -m tritower.launch.tools.precompute --tower {tower} --checkpoint "
             f"{checkpoint} --shards {shards}{views} --out <new folder>` and point "
             "data.embeddings at it")
 
@@ -245,7 +245,7 @@ def load_meta(folder: str | Path) -> EmbeddingsMeta:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"embeddings folder {folder} does not exist; write it with "
-                                f"`python -m tritower.launch.precompute ... --out {folder}`")
+                                f"`python -m tritower.launch.tools.precompute ... --out {folder}`")
     path = folder / META
     if not path.is_file():
         if any(_PART.match(p.name) for p in folder.iterdir()):

@@ -82,7 +82,7 @@ class BadDataStats:
         }
 
     @classmethod
-    def merged(cls, summaries: list[dict[str, Any]]) -> "BadDataStats":
+    def merged(cls, summaries: list[dict[str, Any]]) -> BadDataStats:
         """Sums ``as_dict`` summaries (e.g. of all workers of a rank)."""
         total = cls()
         for summary in summaries:

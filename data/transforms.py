@@ -8,7 +8,7 @@ There are no horizontal flips: captions say "left" and "right".
 Fixed views (``data.views = V > 0``): instead of a fresh crop per position, sample ``key`` has V
 crops, view ``v`` drawn with ``view_rng(view_seed, key, v)``, and epoch ``e`` uses view
 ``epoch_view(seed, e, key, V)``. Both depend on the key, never on the position, so the crop a
-training run takes is the crop ``launch/precompute.py`` embedded for that key and view.
+training run takes is the crop ``launch/tools/precompute.py`` embedded for that key and view.
 """
 
 from __future__ import annotations

@@ -380,7 +380,7 @@ def build_train_loader(
     elif not needs_images:
         raise ValueError(
             "needs_images=False without data.embeddings: batches would hold no image and no "
-            "embedding; set data.embeddings to a folder written by launch/precompute.py"
+            "embedding; set data.embeddings to a folder written by launch/tools/precompute.py"
         )
     num_shards = sum(len(source.urls) for source in sources)
     workers = max(1, cfg.num_workers)

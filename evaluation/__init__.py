@@ -3,15 +3,13 @@ mixture of a Three Towers model (``three_towers.py``)."""
 
 from tritower.evaluation.retrieval import recall_at_k
 from tritower.evaluation.runner import evaluate
-from tritower.evaluation.three_towers import ThreeTowersMixture, evaluate_alphas, mix_embeddings
+from tritower.evaluation.three_towers import evaluate_alphas
 from tritower.evaluation.zeroshot import class_embeddings, topk_accuracy
 
 __all__ = [
-    "ThreeTowersMixture",
     "class_embeddings",
     "evaluate",
     "evaluate_alphas",
-    "mix_embeddings",
     "recall_at_k",
     "topk_accuracy",
 ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(
+    image_features: torch.Tensor, text_features: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
     """R@k in both directions for N paired, normalised image and text features."""
     similarity = image_features.float() @ text_features.float().T  # [N images, N captions]
     targets = torch.arange(similarity.shape[0])

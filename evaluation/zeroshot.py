@@ -6,7 +6,7 @@ section 3.1.4); an image is assigned the class of highest cosine similarity.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +30,9 @@ def class_embeddings(
     return torch.stack(rows)
 
 
-def topk_accuracy(image_features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def topk_accuracy(
+    image_features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
     """Fraction of images whose label is among the k highest-scoring classes, for each k."""
     scores = image_features.float() @ classifier.float().T  # [N, C]
     k_max = min(max(ks), scores.shape[1])

@@ -47,7 +47,9 @@ def load_policy(path: str) -> tuple[Path, dict[str, Any]]:
     try:
         policy = json.loads(resolved.read_text())
     except json.JSONDecodeError as error:
-        raise ConfigError(f"{resolved} is not valid JSON: {error}. Fix the file or pick one from zero_configs/.") from None
+        raise ConfigError(
+            f"{resolved} is not valid JSON: {error}. Fix the file or pick one from zero_configs/."
+        ) from None
     if not isinstance(policy, dict):
         raise ConfigError(f"{resolved} must hold a JSON object (a ZeRO policy), found {type(policy).__name__}")
     for key in policy:
@@ -111,7 +113,11 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
         raise ConfigError(f"train.steps={cfg.train.steps} is shorter than optim.warmup_steps={opt.warmup_steps}")
     fills = [
         ("train_batch_size", global_batch, "data.batch_size"),
-        ("train_micro_batch_size_per_gpu", global_batch // (world_size * micro_batches), "train.micro_batch_size (or data.batch_size / world size)"),
+        (
+            "train_micro_batch_size_per_gpu",
+            global_batch // (world_size * micro_batches),
+            "train.micro_batch_size (or data.batch_size / world size)",
+        ),
         ("gradient_accumulation_steps", micro_batches, "data.batch_size / (world size x train.micro_batch_size)"),
         ("gradient_clipping", float(opt.grad_clip), "optim.grad_clip"),
         ("optimizer.params.lr", opt.lr, "optim.lr"),
@@ -128,7 +134,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
     policy.setdefault("optimizer", {"type": "AdamW"})
     policy.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
     if policy["optimizer"].get("type", "AdamW") not in ("AdamW", "Adam"):
-        raise ConfigError(f"{origin}: optimizer.type must be AdamW (the trainer's optimizer), found {policy['optimizer']['type']!r}")
+        raise ConfigError(
+            f"{origin}: optimizer.type must be AdamW (the trainer's optimizer), "
+            f"found {policy['optimizer']['type']!r}"
+        )
     for dotted, value, source in fills:
         _fill(policy, dotted, value, source, origin)
     offloaded = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"

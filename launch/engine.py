@@ -36,13 +36,16 @@ def _remove_cpu_allreduce_buffer() -> None:
     Every rank maps the buffer during initialisation, so removing the name at exit is safe.
     """
     rank = os.environ.get("LOCAL_RANK", "0")
-    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{address}_{port}_{rank}"
     for path in glob.glob(pattern):
         with contextlib.suppress(OSError):
             os.unlink(path)
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, groups: list[dict] | None = None):
+def build_engine(
+    model: nn.Module, cfg: TrainConfig, world_size: int, groups: list[dict] | None = None
+) -> tuple[deepspeed.DeepSpeedEngine, list[str]]:
     """Wrap ``model`` in a DeepSpeed engine; returns (engine, lines saying which kernels are used).
 
     ``groups`` are the optimizer's parameter groups (``tritower.model.parameter_groups``: the
@@ -62,7 +65,10 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, groups: li
         config=ds_config,
     )
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    report += [describe_optimizer(optimizer), f"ZeRO stage {stage}, precision {cfg.deepspeed.precision}, device {engine.device}"]
+    report += [
+        describe_optimizer(optimizer),
+        f"ZeRO stage {stage}, precision {cfg.deepspeed.precision}, device {engine.device}",
+    ]
     return engine, report
 
 

@@ -17,7 +17,7 @@ the full-batch gradients (no 1/M).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -51,17 +51,18 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 def gradcache_backward(
     engine,
     micro_inputs: list[dict[str, torch.Tensor]],
-    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    objective: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     device: torch.device,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward and backward over all micro-batches; returns (global loss, detached outputs).
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Forward and backward over all micro-batches; returns (the objective's result, detached:
+    ``{"loss": global loss, terms...}``, and the detached outputs).
 
     ``micro_inputs`` are the keyword arguments of the engine's forward for each micro-batch,
     prepared once by the caller: a locked tower's embeddings in them are computed once and
     reused by both passes (a locked tower is never re-run). The engine's forward returns a dict
     of per-sample features ``[b, D]`` and temperatures/biases (keys starting with ``logit_``,
-    one value per step); ``loss_fn`` maps that dict (features concatenated over micro-batches)
-    to the loss. Features the loss does not use get no gradient.
+    one value per step); ``objective`` maps that dict (features concatenated over micro-batches)
+    to ``{"loss": ..., terms}`` (``tritower.losses.objectives``). Features the loss does not use get no gradient.
 
     Every micro-batch but the last is closed with ``engine.step()`` (DeepSpeed only counts it);
     the caller's own ``engine.step()`` after this call is the real update, at the accumulation
@@ -81,9 +82,11 @@ def gradcache_backward(
         key: (parts[-1][key] if _is_scale(key) else torch.cat([p[key] for p in parts])).detach().requires_grad_(True)
         for key in parts[0]
     }
-    loss = loss_fn(leaves)
+    result = objective(leaves)
+    loss = result["loss"]
+    detached = {key: value.detach() for key, value in result.items()}
     if not torch.isfinite(loss):
-        return loss.detach(), {key: value.detach() for key, value in leaves.items()}
+        return detached, {key: value.detach() for key, value in leaves.items()}
     loss.backward()
 
     sizes = [next(iter(v for k, v in p.items() if not _is_scale(k))).shape[0] for p in parts]
@@ -102,7 +105,7 @@ def gradcache_backward(
         if index < count - 1:
             engine.step()
     _set_rng_state(after_encoding, device)
-    return loss.detach(), {key: value.detach() for key, value in leaves.items()}
+    return detached, {key: value.detach() for key, value in leaves.items()}
 
 
 def _is_scale(key: str) -> bool:

@@ -6,6 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tritower.launch.config import TrainConfig
 
 
 def format_duration(seconds: float) -> str:
@@ -31,7 +35,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 class WandbLogger:
     """wandb on global rank 0; a no-op elsewhere or with ``--wandb.mode=disabled``."""
 
-    def __init__(self, cfg, run_dir: Path, enabled: bool, run_id: str | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, enabled: bool, run_id: str | None = None) -> None:
         """``run_id`` comes from the checkpoint on resume, so the resumed run continues the same
         wandb run (``resume="allow"``); a sweep agent's ``WANDB_RUN_ID`` wins when set."""
         self.run = None

@@ -13,7 +13,8 @@ import sys
 
 from tritower.data.embeddings import EmbeddingsError
 from tritower.data.samples import DataQualityError
-from tritower.launch.config import ConfigError, load_config
+from tritower.launch.cli import load_config
+from tritower.launch.config import ConfigError
 from tritower.launch.dist_env import from_environ
 from tritower.launch.ds_config import build_ds_config
 

@@ -1,8 +1,10 @@
-"""The training loop: data, towers and loss wired to a DeepSpeed engine, with progress and eval.
+"""The training loop: data, towers and objective wired to a DeepSpeed engine, with progress and eval.
 
 Every rank runs the same code; only global rank 0 prints, writes metrics and logs to wandb.
 Under ZeRO-3 every rank must take part in every forward (including evaluation), because each
-forward all-gathers the partitioned parameters.
+forward all-gathers the partitioned parameters. The pieces live beside this file: the run's data
+and folder (``run_setup.py``), its towers (``model_setup.py``), checkpoints (``checkpointer.py``),
+evaluation (``run_eval.py``) and exact accumulation (``gradcache.py``).
 """
 
 from __future__ import annotations
@@ -11,111 +13,68 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from tritower.data.config import DataConfig
-from tritower.evaluation import evaluate
-from tritower.launch import checkpointing, dist_env
+from tritower.launch import dist_env
+from tritower.launch.checkpointer import Checkpointer, gather_per_rank, rng_state, set_rng_state
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.ds_config import micro_batches_per_step
 from tritower.launch.engine import build_engine, init_distributed
 from tritower.launch.gradcache import gradcache_backward, split_batch
-from tritower.launch.preemption import Preempted, StopRequest
-from tritower.launch.run_io import WandbLogger, format_duration, write_json_atomic
-from tritower.launch.towers import (
+from tritower.launch.model_setup import (
     TowerInputs,
     apply_unlock_schedule,
-    build_eval_tower,
     build_towers,
     text_tokenizer_source,
     unlock_factors,
 )
-from tritower.losses import ContrastiveLoss, NonFiniteInputError
-from tritower.model import CLIPWithLocked, image_tower_spec, parse_setting, text_tower_spec
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class DataSources:
-    """Resolved shard lists and vocabulary for a run."""
-
-    train_shards: list[str] | str
-    eval_shards: list[str]
-    vocab: str
-
-
-def resolve_data(cfg: DataConfig) -> DataSources:
-    """Built-in scenes (generated once, then reused) or the user's shards."""
-    from tritower.data import ensure_builtin_data, expand_shards
-
-    if cfg.train_shards in ("", "builtin"):
-        builtin = ensure_builtin_data(cfg)
-        return DataSources(builtin.train_shards, builtin.eval_shards, cfg.vocab or str(builtin.vocab_path))
-    if not cfg.vocab:
-        raise ConfigError("data.vocab must name a local vocab.txt (or a model folder holding one) when "
-                          "data.train_shards are your own shards")
-    # The spec string goes to the loader as is: weighted mixing ("a.tar::b.tar") needs it whole.
-    return DataSources(cfg.train_shards, expand_shards(cfg.eval_shards) if cfg.eval_shards else [], cfg.vocab)
-
-
-def run_name(cfg: TrainConfig) -> str:
-    """The run folder's name: ``train.run_name``, else one per wandb sweep run, else the experiment.
-
-    Under a sweep agent every run gets its own folder (named after ``WANDB_RUN_ID``, which the agent
-    sets for each process), so runs never resume from each other's checkpoints.
-    """
-    if cfg.train.run_name:
-        return cfg.train.run_name
-    sweep_run = os.environ.get("WANDB_RUN_ID")
-    return f"{cfg.experiment}-{sweep_run}" if sweep_run else cfg.experiment
+from tritower.launch.preemption import Preempted, StopRequest
+from tritower.launch.run_eval import RunEvaluator
+from tritower.launch.progress import data_quality, progress_line
+from tritower.launch.run_io import WandbLogger, write_json_atomic
+from tritower.launch.run_setup import check_embeddings, locked_identities, resolve_data, run_name
+from tritower.losses import NonFiniteInputError, build_objective
+from tritower.model import image_tower_spec, text_tower_spec
+from tritower.model.precision import dtype_of
 
 
 class Trainer:
     """Builds everything from one ``TrainConfig`` and runs ``train()``."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+        from tritower.data import build_text_tokenizer, build_train_loader, load_eval_set
+
+        self.cfg, self.parsed = cfg, cfg.model.parsed
         self.stop = StopRequest()
         init_distributed()
         self.env = dist_env.from_environ()
         self.run_dir = Path(cfg.train.output_dir) / run_name(cfg)
-        self.checkpoints = self.run_dir / "checkpoints"
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"tritower: experiment {cfg.experiment}, world size {self.env.world_size}, run folder {self.run_dir}")
 
-        from tritower.data import build_train_loader, load_eval_set
-        from tritower.model import build_text_tokenizer
-
         sources = resolve_data(cfg.data)
         self.tokenizer = build_text_tokenizer(text_tokenizer_source(cfg, sources.vocab))
         image_spec = image_tower_spec(cfg.model.image_tower)
-        self.context_length = text_tower_spec(cfg.model.text_tower).context_length
-        self.setting = parse_setting(cfg.model.setting)
+        context_length = text_tower_spec(cfg.model.text_tower).context_length
 
         # Same seed on every rank: the towers must start identical before ZeRO partitions them.
         torch.manual_seed(cfg.train.seed)
         self.towers = build_towers(cfg, vocab_size=cfg.model.vocab_size or len(self.tokenizer))
         self.log(f"setting {cfg.model.setting}: parameters per tower\n{self.towers.table}")
-        self.embeddings_meta = self.check_embeddings() if self.towers.precomputed else None
+        self.embeddings_meta = None
+        if self.towers.precomputed:
+            self.embeddings_meta = meta = check_embeddings(cfg, self.towers.precomputed)
+            self.log(f"{self.towers.precomputed} tower: precomputed embeddings {cfg.data.embeddings} ({meta.views} "
+                     f"view(s) per sample, width {meta.width}); the tower itself is not built")
         self.engine, kernel_report = build_engine(self.towers.model, cfg, self.env.world_size, self.towers.groups)
-        self.device = self.engine.device
-        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.device, self.dtype = self.engine.device, dtype_of(cfg.deepspeed.precision)
         self.locked = self.towers.locked.to(self.device)
         self.inputs = TowerInputs(cfg, self.towers, self.engine.module, self.device, self.dtype)
-        self.loss_fn = ContrastiveLoss.from_config(cfg.loss)
-        self.three_towers_loss = None
-        if self.setting.three_towers:
-            from tritower.losses import ThreeTowersLoss
-
-            self.three_towers_loss = ThreeTowersLoss.from_config(cfg.loss)
-        self.loss_terms: dict[str, float] = {}
-        self.eval_towers: dict[str, object] = {}
+        self.objective = build_objective(cfg.loss, three_towers=self.parsed.three_towers)
         self.log("kernels: " + "; ".join(kernel_report))
 
         self.per_rank_batch = cfg.data.batch_size // self.env.world_size
@@ -124,22 +83,25 @@ class Trainer:
             self.log(f"exact accumulation (GradCache): {self.micro_batches} micro-batches of "
                      f"{self.per_rank_batch // self.micro_batches} per rank, global batch {cfg.data.batch_size}")
         loader_args = dict(tokenizer=self.tokenizer, image_size=image_spec.image_size, mean=image_spec.mean,
-                           std=image_spec.std, context_length=self.context_length)
+                           std=image_spec.std, context_length=context_length)
         self.train_loader = build_train_loader(
             cfg.data, shards=sources.train_shards, rank=self.env.rank, world_size=self.env.world_size,
             per_rank_batch=self.per_rank_batch, seed=cfg.train.seed,
             needs_images=self.inputs.needs_images(), **loader_args,
         )
-        self.eval_set = (load_eval_set(sources.eval_shards, caption_key=cfg.data.caption_key,
-                                       label_key=cfg.data.label_key, **loader_args)
-                         if sources.eval_shards else None)
+        self.evaluator = None
+        if sources.eval_shards:
+            eval_set = load_eval_set(sources.eval_shards, caption_key=cfg.data.caption_key,
+                                     label_key=cfg.data.label_key, **loader_args)
+            self.evaluator = RunEvaluator(cfg, self.towers, self.locked, self.engine.module, eval_set,
+                                          self.tokenizer, context_length, self.device, self.dtype)
 
         self.step = 0
         self.nonfinite_total = self.nonfinite_in_row = 0
-        wandb_id = None
-        target = checkpointing.resolve_resume(cfg.checkpoint.resume, self.checkpoints)
-        if target is not None:
-            wandb_id = self.restore(*target)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.engine, keep_last=cfg.checkpoint.keep_last,
+                                         keep_every_steps=cfg.checkpoint.keep_every_steps)
+        target = self.checkpointer.resume_target(cfg.checkpoint.resume)
+        wandb_id = self.restore(*target) if target is not None else None
         self.wandb = WandbLogger(cfg, self.run_dir, enabled=self.env.is_main, run_id=wandb_id)
 
     def log(self, line: str) -> None:
@@ -153,188 +115,111 @@ class Trainer:
                 out.write(json.dumps(record) + "\n")
 
     # -- checkpoints -------------------------------------------------------------------------
-    def client_state(self) -> dict:
-        """The trainer's state beside the engine's (a collective: all ranks call it)."""
-        per_rank = checkpointing.gather_per_rank(
-            {"data": self.train_loader.state_dict(), "rng": checkpointing.rng_state(self.device)}
-        )
-        return {
+    def locked_identities(self) -> dict[str, dict[str, str]]:
+        return locked_identities(self.locked, self.embeddings_meta, self.towers.precomputed, self.cfg.data.embeddings)
+
+    def save(self, reason: str) -> None:
+        """Checkpoint the engine and the trainer's state (a collective: all ranks call it)."""
+        per_rank = gather_per_rank({"data": self.train_loader.state_dict(), "rng": rng_state(self.device)})
+        state = {
             "step": self.step, "samples_seen": self.step * self.cfg.data.batch_size,
             "config": self.cfg.to_dict(), "world_size": self.env.world_size,
             "data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank],
             "nonfinite_total": self.nonfinite_total, "wandb_id": self.wandb.run_id,
             "locked": self.locked_identities(),
         }
-
-    def locked_identities(self) -> dict[str, dict[str, str]]:
-        """What each locked tower was loaded from (file and sha256), precomputed ones included."""
-        identities = self.locked.identities()
-        meta = self.embeddings_meta
-        if meta is not None:
-            name = "image_tower" if self.towers.precomputed == "image" else "third_tower"
-            identities[name] = {"tower": meta.tower, "source": meta.source, "sha256": meta.sha256,
-                                "embeddings": self.cfg.data.embeddings}
-        return identities
-
-    def check_embeddings(self):
-        """The precomputed embeddings must come from the tower this config locks (name, file, width)."""
-        from tritower.data.embeddings import load_meta
-        from tritower.model import file_sha256
-
-        model = self.cfg.model
-        role = self.towers.precomputed
-        name = model.image_tower if role == "image" else (model.third_tower or model.image_tower)
-        source = model.image_pretrained if role == "image" else model.third_pretrained
-        meta = load_meta(self.cfg.data.embeddings)
-        spec = image_tower_spec(name)
-        try:
-            meta.check(tower=name, sha256=file_sha256(source), width=spec.width, image_size=spec.image_size,
-                       mean=spec.mean, std=spec.std)
-        except ValueError as error:
-            raise ConfigError(f"data.embeddings={self.cfg.data.embeddings!r} do not fit the {role} tower "
-                              f"{name} from {source!r}: {error}") from None
-        self.log(f"{role} tower: precomputed embeddings {self.cfg.data.embeddings} ({meta.views} view(s) per "
-                 f"sample, width {meta.width}); the tower itself is not built")
-        return meta
-
-    def save(self, reason: str) -> None:
-        keep_every = self.cfg.checkpoint.keep_every_steps
-        tag = checkpointing.save(
-            self.engine, self.checkpoints, self.step, self.client_state(), keep_last=self.cfg.checkpoint.keep_last,
-            keep=bool(keep_every and self.step % keep_every == 0),
-        )
+        written = self.checkpointer.save(self.step, state)
         self.last_save = (self.step, time.time())
-        self.log(f"checkpoint written ({reason}): {self.checkpoints / tag}")
+        self.log(f"checkpoint written ({reason}): {written}")
 
     def restore(self, folder: Path, tag: str) -> str | None:
-        state = checkpointing.load(self.engine, folder, tag)
-        saved_world = state.get("world_size", self.env.world_size)
-        if saved_world != self.env.world_size:
-            raise ConfigError(
-                f"{folder / tag} was written by {saved_world} ranks, this run has {self.env.world_size}: "
-                "resume with the same world size (the data position and RNG streams are per rank)"
-            )
-        recorded, current = state.get("locked", {}), self.locked_identities()
-        for name, identity in recorded.items():
-            now = current.get(name, {})
-            if identity.get("sha256") and now.get("sha256") and identity["sha256"] != now["sha256"]:
-                raise ConfigError(
-                    f"{folder / tag} was trained with the locked {name} {identity.get('source')!r} "
-                    f"(sha256 {identity['sha256'][:12]}...), this run loads {now.get('source')!r} (sha256 "
-                    f"{now['sha256'][:12]}...): pass the original file to resume, or start a new run"
-                )
+        """Load a checkpoint into the engine and the trainer; returns its wandb run id."""
+        try:
+            state = self.checkpointer.load(folder, tag, world_size=self.env.world_size,
+                                           locked=self.locked_identities())
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.step = int(state.get("step", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         if "data" in state:
             self.train_loader.load_state_dict(state["data"])
         if "rng" in state:
-            checkpointing.set_rng_state(state["rng"][self.env.rank], self.device)
+            set_rng_state(state["rng"][self.env.rank], self.device)
         self.log(f"resumed from {folder / tag} at step {self.step}")
         return state.get("wandb_id")
 
     # -- one step ----------------------------------------------------------------------------
-    def compute_loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The global-batch loss of the engine's outputs (3T: its three terms, kept in ``loss_terms``)."""
+    def objective_of(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The objective on the engine's outputs: ``{"loss": ..., <named terms>}``; NaN where the
+        features were not finite."""
         # The loss runs in fp32 whatever the towers' precision: logits of unit vectors times ~100
         # lose too much in bf16.
         out = {key: value.float() for key, value in out.items()}
         try:
-            if self.three_towers_loss is not None:
-                loss, terms = self.three_towers_loss(out)
-                self.loss_terms = {key: float(value) for key, value in terms.items()}
-                return loss
-            return self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+            return self.objective(out)
         except NonFiniteInputError as error:
             # Every rank raises together; the step is skipped and counted like a NaN loss.
             self.log(f"non-finite features: {error}")
-            return torch.tensor(float("nan"))
+            return {"loss": torch.tensor(float("nan"))}
 
-    def forward_backward(self, batch: dict) -> tuple[torch.Tensor, float]:
-        """Gradients of one global batch, whole or by GradCache micro-batches; no update yet."""
+    def forward_backward(self, batch: dict) -> tuple[dict[str, torch.Tensor], float]:
+        """Gradients of one global batch, whole or by GradCache micro-batches; no update yet.
+        Returns the objective's result (detached) and the logit scale."""
         if self.micro_batches > 1:
             micro_inputs = [self.inputs(micro, self.step) for micro in split_batch(batch, self.micro_batches)]
-            loss, out = gradcache_backward(self.engine, micro_inputs, self.compute_loss, self.device)
-            return loss, out["logit_scale"].item()
+            result, out = gradcache_backward(self.engine, micro_inputs, self.objective_of, self.device)
+            return result, out["logit_scale"].item()
         out = self.engine(**self.inputs(batch, self.step))
-        loss = self.compute_loss(out)
-        if torch.isfinite(loss):
-            self.engine.backward(loss)
-        return loss.detach(), out["logit_scale"].item()
+        result = self.objective_of(out)
+        if torch.isfinite(result["loss"]):
+            self.engine.backward(result["loss"])
+        return {key: value.detach() for key, value in result.items()}, out["logit_scale"].item()
 
-    def train_step(self, batch: dict) -> tuple[float, float]:
-        """One optimizer step; returns (global loss, logit scale). A non-finite loss updates nothing."""
-        loss, scale = self.forward_backward(batch)
-        if torch.isfinite(loss):
+    def train_step(self, batch: dict) -> tuple[dict[str, float], float]:
+        """One optimizer step; returns ({"loss": global loss, terms...}, logit scale). A non-finite
+        loss updates nothing."""
+        result, scale = self.forward_backward(batch)
+        if torch.isfinite(result["loss"]):
             apply_unlock_schedule(self.engine.optimizer, self.cfg, self.step)
             self.engine.step()
         else:
             # The loss value is the global one, identical on every rank, so all ranks skip together.
             # The schedule still advances: step numbers and learning rates stay aligned.
             self.engine.lr_scheduler.step()
-        return loss.item(), scale
+        return {key: float(value) for key, value in result.items()}, scale
 
     def log_unlocks(self) -> None:
         """Announce a delayed unlock at the step it happens (the step about to run is ``self.step``)."""
         for tower, factor in unlock_factors(self.cfg, self.step).items():
-            if self.step == getattr(self.cfg.model, f"{tower}_unlock_after_steps"):
+            if self.step == self.parsed.tower(tower).unlock_after_steps:
                 warmup = self.cfg.optim.unlock_warmup_steps or self.cfg.optim.warmup_steps
                 self.log(f"step {self.step}: {tower} tower unlocked (it was locked for steps 0-{self.step - 1}); "
                          f"its learning rate warms up over {warmup} steps")
                 self.append_log({"step": self.step, "event": f"unlock_{tower}", "lr_factor": factor})
 
-    def third_tower(self):
-        """3T's frozen third tower h (built for evaluation when its embeddings came precomputed)."""
-        if self.locked.third is not None:
-            return self.locked.third
-        if "third" not in self.eval_towers:
-            self.eval_towers["third"] = build_eval_tower(self.cfg, "third").to(self.device)
-        return self.eval_towers["third"]
-
-    def eval_model(self) -> torch.nn.Module:
-        """The engine's model with its locked towers (a precomputed tower is built for this only)."""
-        locked = self.locked
-        role = self.towers.precomputed
-        if role == "image":
-            if "image" not in self.eval_towers:
-                self.eval_towers["image"] = build_eval_tower(self.cfg, "image").to(self.device)
-            locked = type(locked)(image=self.eval_towers["image"], text=locked.text, third=locked.third)
-        if locked.image is None and locked.text is None:
-            return self.engine.module
-        return CLIPWithLocked(self.engine.module, locked)
+    def count_nonfinite(self, loss: float) -> None:
+        """Count a skipped step; too many in a row checkpoint and stop."""
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        self.log(f"step {self.step}: non-finite loss ({loss}), step skipped "
+                 f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+            self.save("non-finite losses")
+            raise FloatingPointError(
+                f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; a checkpoint "
+                f"is in {self.checkpointer.folder}. Lower --optim.lr, raise --optim.warmup_steps, or use bf16/fp32 "
+                "instead of fp16, then --resume it"
+            )
 
     def evaluate(self) -> dict[str, float]:
-        if self.eval_set is None:
+        if self.evaluator is None:
             return {}
         started = time.time()
-        metrics = evaluate(
-            self.eval_model(), self.eval_set, self.tokenize, device=self.device, dtype=self.dtype,
-            batch_size=self.cfg.eval.batch_size, max_samples=self.cfg.eval.max_samples,
-        )
-        alphas = self.cfg.eval.alpha_values()
-        if alphas and self.setting.three_towers:
-            from tritower.evaluation import evaluate_alphas
-
-            metrics.update(evaluate_alphas(
-                self.engine.module, self.third_tower(), self.eval_set, self.tokenize, alphas, device=self.device,
-                dtype=self.dtype, batch_size=self.cfg.eval.batch_size, max_samples=self.cfg.eval.max_samples,
-            ))
+        metrics = self.evaluator()
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         self.log(f"eval @ step {self.step}: {shown} ({time.time() - started:.1f}s)")
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
         return metrics
-
-    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from tritower.data import tokenize
-
-        return tokenize(self.tokenizer, captions, self.context_length)
-
-    def data_quality(self) -> dict:
-        """Good and bad samples so far, bad ones by kind, summed over ranks (a collective)."""
-        stats = self.train_loader.stats()
-        kinds = sorted(set().union(*checkpointing.gather_per_rank(list(stats.bad))))
-        counts = torch.tensor([float(stats.good)] + [float(stats.bad.get(kind, 0)) for kind in kinds])
-        dist.all_reduce(counts)
-        return {"good": int(counts[0]), "bad": {kind: int(n) for kind, n in zip(kinds, counts[1:].tolist())}}
 
     def agreed_flags(self) -> tuple[bool, bool]:
         """(stop requested on any rank, time-based save due by rank 0's clock), same on all ranks."""
@@ -344,6 +229,20 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
+    def log_progress(self, loss: float, last_loss: float, terms: dict[str, float], scale: float, rate: float,
+                     elapsed: float, eta: float) -> None:
+        """The progress line, the ``train_log.jsonl`` record and the wandb values of one logged step."""
+        lr = self.engine.get_lr()[0]
+        quality = data_quality(self.train_loader)
+        bad = sum(quality["bad"].values())
+        self.log(progress_line(self.step, self.cfg.train.steps, rate, last_loss, lr, scale, elapsed, eta, quality["bad"]))
+        self.append_log({"step": self.step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate,
+                         **{f"loss_{k}": v for k, v in terms.items()}})
+        self.wandb.log({**{f"train/loss_{k}": v for k, v in terms.items()}, "train/loss": last_loss, "train/lr": lr,
+                        "train/logit_scale": scale, "train/samples_per_s": rate,
+                        "train/nonfinite_total": self.nonfinite_total, "data/bad_samples": bad,
+                        **{f"data/bad_{k}": v for k, v in quality["bad"].items()}}, self.step)
+
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
@@ -351,46 +250,23 @@ class Trainer:
         start_step = self.step
         started = window_start = time.time()
         self.last_save = (self.step, started)
-        window_steps = 0
-        last_loss, scale = math.nan, math.nan
-        metrics: dict = {}
+        window_steps, last_loss, scale, metrics = 0, math.nan, math.nan, {}
         batches = iter(self.train_loader)
         while self.step < steps:
             self.log_unlocks()
-            loss, scale = self.train_step(next(batches))
+            result, scale = self.train_step(next(batches))
+            loss, terms = result.pop("loss"), result
             self.step += 1
             window_steps += 1
             if math.isfinite(loss):
                 last_loss, self.nonfinite_in_row = loss, 0
             else:
-                self.nonfinite_total += 1
-                self.nonfinite_in_row += 1
-                self.log(f"step {self.step}: non-finite loss ({loss}), step skipped "
-                         f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
-                if self.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                    self.save("non-finite losses")
-                    raise FloatingPointError(
-                        f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; a checkpoint "
-                        f"is in {self.checkpoints}. Lower --optim.lr, raise --optim.warmup_steps, or use bf16/fp32 "
-                        "instead of fp16, then --resume it"
-                    )
+                self.count_nonfinite(loss)
             if self.step % cfg.train.log_every == 0 or self.step == steps:
                 now = time.time()
                 rate = window_steps * batch / max(now - window_start, 1e-9)
-                lr = self.engine.get_lr()[0]
                 eta = (now - started) / (self.step - start_step) * (steps - self.step)
-                quality = self.data_quality()
-                bad = sum(quality["bad"].values())
-                self.log(
-                    f"step {self.step}/{steps} | {rate:8.1f} samples/s | loss {last_loss:.4f} | lr {lr:.3e} | "
-                    f"logit_scale {scale:.2f} | elapsed {format_duration(now - started)} | eta {format_duration(eta)}"
-                    + (f" | bad samples {bad} {quality['bad']}" if bad else "")
-                )
-                self.append_log({"step": self.step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate,
-                                 **{f"loss_{k}": v for k, v in self.loss_terms.items()}})
-                self.wandb.log({**{f"train/loss_{k}": v for k, v in self.loss_terms.items()}, "train/loss": last_loss, "train/lr": lr, "train/logit_scale": scale,
-                                "train/samples_per_s": rate, "train/nonfinite_total": self.nonfinite_total,
-                                "data/bad_samples": bad, **{f"data/bad_{k}": v for k, v in quality["bad"].items()}}, self.step)
+                self.log_progress(loss, last_loss, terms, scale, rate, now - started, eta)
                 window_start, window_steps = now, 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < steps:
                 metrics = self.evaluate()
@@ -409,12 +285,13 @@ class Trainer:
         if cfg.checkpoint.save_at_end and self.last_save[0] != self.step:
             self.save("end of training")
         trained = self.step - start_step
-        quality = self.data_quality()
+        quality = data_quality(self.train_loader)
         final = {
             "experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale,
             "world_size": self.env.world_size, "global_batch": batch, "train_wall_s": round(wall, 2),
             "samples_per_s": round(trained * batch / wall, 1) if trained else 0.0,
-            "nonfinite_steps": self.nonfinite_total, "data_samples": quality["good"], "data_bad": quality["bad"], **metrics,
+            "nonfinite_steps": self.nonfinite_total, "data_samples": quality["good"], "data_bad": quality["bad"],
+            **metrics,
         }
         if self.env.is_main:
             print(json.dumps(final), flush=True)

@@ -1,21 +1,36 @@
 """Contrastive losses (CLIP softmax, SigLIP sigmoid) with naive, tiled and Triton kernels.
 
-``ContrastiveLoss.from_config(config.loss)`` is what the trainer builds for two towers,
-``ThreeTowersLoss.from_config(config.loss)`` for setting 3T (three ``clip_loss`` terms sharing
-one gather); ``clip_loss``, ``sigmoid_loss`` and ``three_towers_loss`` are the functional forms.
+``build_objective(config.loss, three_towers=...)`` is what the trainer builds: an objective
+from ``OBJECTIVES`` (CLIP, SigLIP, 3T) called as ``objective(outputs) -> {"loss": ..., terms}``
+(``objectives.py``); ``clip_loss``, ``sigmoid_loss`` and ``three_towers_loss`` are the functional
+forms.
 See ``docs/loss.md``.
 """
 
 from .config import LossConfig
-from .contrastive import ContrastiveLoss, NonFiniteInputError, check_finite, clip_loss, sigmoid_loss
+from .contrastive import NonFiniteInputError, check_finite, clip_loss, sigmoid_loss
 from .distributed import average_value, gather_with_grad
-from .three_towers import ThreeTowersLoss, three_towers_loss
+from .objectives import (
+    OBJECTIVES,
+    CLIPObjective,
+    Objective,
+    SigLIPObjective,
+    ThreeTowersObjective,
+    build_objective,
+    objective_name,
+)
+from .three_towers import three_towers_loss
 
 __all__ = [
-    "ContrastiveLoss",
+    "CLIPObjective",
     "LossConfig",
     "NonFiniteInputError",
-    "ThreeTowersLoss",
+    "OBJECTIVES",
+    "Objective",
+    "SigLIPObjective",
+    "ThreeTowersObjective",
+    "build_objective",
+    "objective_name",
     "average_value",
     "check_finite",
     "clip_loss",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import naive
 from .config import LossConfig
@@ -151,54 +151,3 @@ def sigmoid_loss(
         local = sigmoid_tiled(image_features, text_all, logit_scale, logit_bias, row_offset,
                               tile_size)
     return average_value(local, group)
-
-
-class ContrastiveLoss(nn.Module):
-    """The loss module the trainer calls: ``loss(image_features, text_features, s[, bias])``.
-
-    It holds no parameters: ``logit_scale`` and ``logit_bias`` live in the model (shape [1],
-    see FACTS on DeepSpeed and 0-dim parameters) and are passed in.
-    """
-
-    def __init__(
-        self,
-        kind: str = "softmax",
-        impl: str = "naive",
-        scope: str = "global",
-        tile_size: int = 1024,
-        check_finite: bool = True,
-        group: ProcessGroup | None = None,
-    ) -> None:
-        super().__init__()
-        self.config = LossConfig(kind=kind, impl=impl, scope=scope, tile_size=tile_size,
-                                 check_finite=check_finite)
-        self.group = group
-
-    @classmethod
-    def from_config(cls, config: LossConfig, group: ProcessGroup | None = None) -> ContrastiveLoss:
-        """Build from the ``loss`` section of the training config."""
-        return cls(config.kind, config.impl, config.scope, config.tile_size,
-                   config.check_finite, group)
-
-    def forward(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        logit_scale: Tensor,
-        logit_bias: Tensor | None = None,
-    ) -> Tensor:
-        """Scalar loss, identical on every rank (see the module docstring for gradients)."""
-        c = self.config
-        common = dict(impl=c.impl, scope=c.scope, group=self.group, tile_size=c.tile_size,
-                      check_inputs=c.check_finite)
-        if c.kind == "sigmoid":
-            if logit_bias is None:
-                raise ValueError("kind='sigmoid' needs logit_bias (a learnable [1] parameter)")
-            return sigmoid_loss(image_features, text_features, logit_scale, logit_bias, **common)
-        if logit_bias is not None:
-            raise ValueError("kind='softmax' takes no logit_bias; pass None")
-        return clip_loss(image_features, text_features, logit_scale, **common)
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return f"kind={c.kind}, impl={c.impl}, scope={c.scope}, tile_size={c.tile_size}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 ProcessGroup = dist.ProcessGroup
 
@@ -56,7 +57,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, local: Tensor, group: ProcessGroup | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, local: Tensor, group: ProcessGroup | None) -> Tensor:  # type: ignore[override]
         ctx.group = group
         _, world = rank_and_world(group)
         parts = [torch.empty_like(local) for _ in range(world)]
@@ -64,7 +65,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts)  # [W*b, D], rank-major
 
     @staticmethod
-    def backward(ctx, grad_full: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad_full: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return reduce_scatter_sum(grad_full, ctx.group), None
 
 

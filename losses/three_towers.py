@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .config import LossConfig
 from .contrastive import check_finite, clip_loss
@@ -119,43 +119,3 @@ def three_towers_loss(
     ]
     total = sum(weight * value for weight, value in zip(weights, values, strict=True)) / 3
     return total, {term: value.detach() for term, value in zip(TERMS, values, strict=True)}
-
-
-class ThreeTowersLoss(nn.Module):
-    """The 3T loss the trainer calls on the model's forward dict: ``loss, terms = fn(out)``.
-
-    Holds no parameters (the heads and temperatures live in the model). ``kind="sigmoid"`` is
-    not implemented for 3T and is refused here, before training starts.
-    """
-
-    def __init__(self, config: LossConfig, group: ProcessGroup | None = None) -> None:
-        super().__init__()
-        if config.kind != "softmax":
-            raise ValueError(
-                f"loss.kind={config.kind!r} is not supported with setting '3T' yet: the Three "
-                "Towers loss is implemented for the softmax (CLIP) loss only; use loss.kind=softmax"
-            )
-        self.config = config
-        self.group = group
-
-    @classmethod
-    def from_config(cls, config: LossConfig, group: ProcessGroup | None = None) -> ThreeTowersLoss:
-        """Build from the ``loss`` section of the training config."""
-        return cls(config, group)
-
-    def forward(self, out: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``out`` is ``CLIPModel.forward``'s dict under 3T (keys ``INPUT_KEYS``); returns the
-        scalar loss and the detached values of the terms "main", "image_third", "text_third"."""
-        missing = [key for key in INPUT_KEYS if key not in out]
-        if missing:
-            raise KeyError(f"the 3T loss needs the model outputs {missing} (is model.setting '3T' "
-                           "and third_embeddings passed to the model?)")
-        c = self.config
-        return three_towers_loss(
-            *(out[key] for key in INPUT_KEYS), weights=c.three_towers_weights, impl=c.impl,
-            scope=c.scope, group=self.group, tile_size=c.tile_size, check_inputs=c.check_finite)
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return (f"impl={c.impl}, scope={c.scope}, tile_size={c.tile_size}, "
-                f"weights={c.three_towers_weights}")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from .naive import accumulation_dtype
 
@@ -96,7 +97,7 @@ class _TiledSoftmax(torch.autograd.Function):
     """Symmetric InfoNCE share of one rank; gradients follow the W x global convention."""
 
     @staticmethod
-    def forward(ctx, image: Tensor, text_all: Tensor, logit_scale: Tensor, row_offset: int,
+    def forward(ctx: FunctionCtx, image: Tensor, text_all: Tensor, logit_scale: Tensor, row_offset: int,
                 tile: int, combine: LseCombine | None) -> Tensor:  # type: ignore[override]
         scale = logit_scale.detach().reshape(()).to(accumulation_dtype(image))
         row_lse, col_lse, positives = softmax_lse(image, text_all, scale, row_offset, tile)
@@ -111,7 +112,7 @@ class _TiledSoftmax(torch.autograd.Function):
         return 0.5 * (row_lse + own_cols - 2.0 * positives).sum() / b
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         image, text_all, logit_scale, row_lse, col_lse = ctx.saved_tensors
         acc = row_lse.dtype
         scale = logit_scale.detach().reshape(()).to(acc)
@@ -148,7 +149,7 @@ class _TiledSigmoid(torch.autograd.Function):
     """SigLIP share of one rank, -(1/b) sum over its rows and all columns; no LSE needed."""
 
     @staticmethod
-    def forward(ctx, image: Tensor, text_all: Tensor, logit_scale: Tensor, logit_bias: Tensor,
+    def forward(ctx: FunctionCtx, image: Tensor, text_all: Tensor, logit_scale: Tensor, logit_bias: Tensor,
                 row_offset: int, tile: int) -> Tensor:  # type: ignore[override]
         acc = accumulation_dtype(image)
         scale = logit_scale.detach().reshape(()).to(acc)
@@ -166,7 +167,7 @@ class _TiledSigmoid(torch.autograd.Function):
         return total / image.shape[0]
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         image, text_all, logit_scale, logit_bias = ctx.saved_tensors
         acc = accumulation_dtype(image)
         scale = logit_scale.detach().reshape(()).to(acc)

@@ -24,14 +24,17 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from .tiled import LseCombine, tile_bounds
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 
 
+# The three kernels' untyped parameters stay unannotated: Triton reads a parameter's annotation as its
+# kernel type (and hashes it into the cache key), so a Python hint would change compilation.
 @triton.jit
-def _dots_block(a_ptr, b_ptr, offs_m, offs_n, M, N, D, stride_a, stride_b,
+def _dots_block(a_ptr, b_ptr, offs_m, offs_n, M, N, D, stride_a, stride_b,  # noqa: ANN001, ANN202
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_M, BLOCK_N] block of A B^T; masked loads pad D and the edges with zeros."""
@@ -49,7 +52,7 @@ def _dots_block(a_ptr, b_ptr, offs_m, offs_n, M, N, D, stride_a, stride_b,
 
 
 @triton.jit
-def _lse_kernel(a_ptr, b_ptr, scale_ptr, out_ptr, M, N, D, stride_a, stride_b,
+def _lse_kernel(a_ptr, b_ptr, scale_ptr, out_ptr, M, N, D, stride_a, stride_b,  # noqa: ANN001, ANN202
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """out[i] = logsumexp_j scale * A_i . B_j for one block of BLOCK_M rows."""
@@ -72,8 +75,8 @@ def _lse_kernel(a_ptr, b_ptr, scale_ptr, out_ptr, M, N, D, stride_a, stride_b,
 
 
 @triton.jit(do_not_specialize=["diag_shift"])
-def _grad_tile_kernel(a_ptr, b_ptr, row_lse_ptr, col_lse_ptr, scale_ptr, coef_ptr, g_ptr,
-                      d_scale_ptr, M, N, D, diag_shift, stride_a, stride_b, stride_g,
+def _grad_tile_kernel(a_ptr, b_ptr, row_lse_ptr, col_lse_ptr, scale_ptr, coef_ptr, g_ptr,  # noqa: ANN001, ANN202
+                      d_scale_ptr, M, N, D, diag_shift, stride_a, stride_b, stride_g,  # noqa: ANN001
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """G block = coef * (P_row + P_col - 2 * [row + diag_shift == col]); sum(G * A B^T)."""
@@ -129,7 +132,7 @@ class _TritonSoftmax(torch.autograd.Function):
     """Same maths and conventions as ``tiled._TiledSoftmax``; tiles computed by Triton."""
 
     @staticmethod
-    def forward(ctx, image: Tensor, text_all: Tensor, logit_scale: Tensor, row_offset: int,
+    def forward(ctx: FunctionCtx, image: Tensor, text_all: Tensor, logit_scale: Tensor, row_offset: int,
                 tile: int, combine: LseCombine | None) -> Tensor:  # type: ignore[override]
         if image.dtype != text_all.dtype or image.dtype not in (
                 torch.float64, torch.float32, torch.bfloat16, torch.float16):
@@ -152,7 +155,7 @@ class _TritonSoftmax(torch.autograd.Function):
         return 0.5 * (lse_rows + lse_cols[row_offset:row_offset + b] - 2.0 * positives).sum() / b
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         rows, cols, logit_scale, lse_rows, lse_cols = ctx.saved_tensors
         acc = lse_rows.dtype
         scale = logit_scale.detach().reshape(1).to(acc)

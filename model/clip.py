@@ -243,7 +243,6 @@ def build_clip(
     change the initialisation of anything else.
     """
     from .pretrained import load_image_tower, load_text_tower
-    from .settings import parse_setting
 
     if cfg.vocab_size > 0:
         if vocab_size is not None and cfg.vocab_size < vocab_size:
@@ -252,18 +251,18 @@ def build_clip(
                 f"vocabulary ({vocab_size}); token ids would index past the embedding table"
             )
         vocab_size = cfg.vocab_size
-    setting = parse_setting(cfg.setting)
+    parsed = cfg.parsed
     if "image" in without:
-        if not setting.pretrained("image"):
+        if not parsed.image.is_pretrained:
             raise ValueError(f"only a pretrained image tower can be left out, not one of setting {cfg.setting!r}")
         with torch.device("meta"):  # only its width is needed; no weights are made or loaded
             image_tower = build_image_tower(cfg.image_tower)
-    elif setting.pretrained("image"):
+    elif parsed.image.is_pretrained:
         with torch.random.fork_rng(devices=[]):
             image_tower = load_image_tower(cfg.image_tower, cfg.image_pretrained)
     else:
         image_tower = build_image_tower(cfg.image_tower)
-    if setting.pretrained("text"):
+    if parsed.text.is_pretrained:
         with torch.random.fork_rng(devices=[]):
             text_tower = load_text_tower(cfg.text_tower, cfg.text_pretrained, cfg.text_pooling)
         rows = text_tower.vocab_rows
@@ -279,16 +278,16 @@ def build_clip(
         embed_dim=cfg.embed_dim,
         init_logit_scale=cfg.init_logit_scale,
         max_logit_scale=cfg.max_logit_scale,
-        third_width=third_width if setting.three_towers else 0,
+        third_width=third_width if parsed.three_towers else 0,
         init_logit_scale_3t=cfg.init_logit_scale_3t or None,
         logit_bias=logit_bias,
     )
     if not cfg.locked_head_trainable:
         # A frozen head must not scramble the locked features: validation made it square.
-        for tower in ("image", "text"):
-            if setting.locked(tower):
-                nn.init.eye_(getattr(model, f"{tower}_proj").weight)
-    model.set_grad_checkpointing(cfg.image_grad_checkpointing, cfg.text_grad_checkpointing)
+        for tower in parsed.main_towers:
+            if tower.locked:
+                nn.init.eye_(getattr(model, f"{tower.role}_proj").weight)
+    model.set_grad_checkpointing(parsed.image.grad_checkpointing, parsed.text.grad_checkpointing)
     if "image" in without:
         model.image_tower = None
     return model

@@ -1,13 +1,220 @@
-"""Configuration of the model (the ``model`` section of the training config)."""
+"""Configuration of the model (the ``model`` section of the training config) and its parsed form.
+
+The command line keeps flat ``--model.<tower>_<option>=...`` keys (the form sweep agents pass);
+``ModelConfig.parsed`` turns them, once, into a ``ParsedModel``: the setting's letters and one
+``TowerOptions`` per tower. Everything downstream reads those objects; this module is the only
+place that reads per-tower fields by composed name or compares setting strings.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from .registry import image_tower_spec, text_tower_spec
+from .registry import TEXT_POOLINGS, image_tower_spec, text_tower_spec
 
-TEXT_POOLINGS = ("mean", "cls", "eot")
+# The paper's eight settings, plus uU (from-scratch image, pretrained text tower), which the
+# paper does not run but which the letters describe just as well.
+LIT_SETTINGS = ("LU", "Lu", "UU", "Uu", "uu", "UL", "uL", "LL", "uU")
+THREE_TOWERS = "3T"
+SETTINGS = LIT_SETTINGS + (THREE_TOWERS,)
+LETTERS = {"L": "pretrained, locked", "U": "pretrained, unlocked", "u": "from scratch"}
+MAIN_TOWERS = ("image", "text")
+
+
+@dataclass(frozen=True)
+class TowerSetting:
+    """A parsed setting: one letter per main tower and whether a third tower exists."""
+
+    image: str
+    """``L``, ``U`` or ``u``."""
+    text: str
+    """``L``, ``U`` or ``u``."""
+    three_towers: bool = False
+    """3T: a frozen pretrained third image tower and its heads join the model."""
+
+    def letter(self, tower: str) -> str:
+        """The letter of ``tower`` ("image" or "text")."""
+        return {"image": self.image, "text": self.text}[tower]
+
+    def locked(self, tower: str) -> bool:
+        """Whether ``tower`` is L (pretrained and locked)."""
+        return self.letter(tower) == "L"
+
+    def pretrained(self, tower: str) -> bool:
+        """Whether ``tower`` starts from pretrained weights (L or U)."""
+        return self.letter(tower) in ("L", "U")
+
+    @property
+    def name(self) -> str:
+        """The setting as the user writes it (``Lu``, ``3T``)."""
+        return THREE_TOWERS if self.three_towers else self.image + self.text
+
+
+def parse_setting(setting: str) -> TowerSetting:
+    """``"Lu"`` -> TowerSetting("L", "u"); ``"3T"`` -> TowerSetting("u", "u", True).
+
+    Letters are case-sensitive (U and u differ); anything else raises ValueError listing the
+    valid settings.
+    """
+    if setting == THREE_TOWERS:
+        return TowerSetting("u", "u", three_towers=True)
+    if setting in LIT_SETTINGS:
+        return TowerSetting(setting[0], setting[1])
+    raise ValueError(
+        f"model.setting={setting!r} is not a tower setting: use one of "
+        f"{', '.join(SETTINGS)} (image letter first, then text; "
+        + "; ".join(f"{k} = {v}" for k, v in LETTERS.items()) + ")"
+    )
+
+
+@dataclass(frozen=True)
+class TowerOptions:
+    """One tower's options, parsed from the flat ``model.<tower>_*`` fields."""
+
+    role: str
+    """``image``, ``text`` or ``third`` (3T's frozen third image tower)."""
+    letter: str
+    """``L``, ``U`` or ``u`` (the third tower is always ``L``)."""
+    name: str
+    """Registry name of the tower."""
+    pretrained: str = ""
+    """Local weights of an L/U tower (for text towers the registry's default folder where the
+    field is empty); "" for a tower trained from scratch."""
+    unlock_last_blocks: int = 0
+    """Partial unlocking of an L tower: its last N blocks (and final norm) train."""
+    unlock_after_steps: int = 0
+    """Delayed unlocking of a U tower: locked for the first N steps (0 = never)."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier of the tower's trainable parameters (not its head)."""
+    grad_checkpointing: bool = False
+    """Recompute the tower's block activations in the backward pass."""
+
+    @property
+    def locked(self) -> bool:
+        """L: pretrained and locked (possibly with its last blocks unlocked)."""
+        return self.letter == "L"
+
+    @property
+    def fully_locked(self) -> bool:
+        """L without partial unlocking: the tower is held outside the engine."""
+        return self.letter == "L" and self.unlock_last_blocks == 0
+
+    @property
+    def is_pretrained(self) -> bool:
+        """L or U: starts from ``pretrained`` weights."""
+        return self.letter in ("L", "U")
+
+    def updates_at(self, step: int) -> bool:
+        """Whether the tower's own parameters update at optimizer ``step`` (0-based): u always,
+        U from ``unlock_after_steps`` on, L only through partially unlocked blocks."""
+        if self.letter == "L":
+            return self.unlock_last_blocks > 0
+        if self.letter == "U":
+            return step >= self.unlock_after_steps
+        return True
+
+    def unlock_factor(self, step: int, warmup_steps: int) -> float | None:
+        """Learning-rate factor at ``step`` of a tower with a delayed unlock (None without one):
+        0 before ``unlock_after_steps``, then a linear ramp to 1 over ``warmup_steps``."""
+        if not self.unlock_after_steps:
+            return None
+        if step < self.unlock_after_steps:
+            return 0.0
+        return min(1.0, (step - self.unlock_after_steps + 1) / max(1, warmup_steps))
+
+
+@dataclass(frozen=True)
+class ParsedModel:
+    """``ModelConfig`` parsed: the setting and one ``TowerOptions`` per tower."""
+
+    setting: TowerSetting
+    image: TowerOptions
+    text: TowerOptions
+    third: TowerOptions | None = None
+    """3T's third tower; None for the LiT settings."""
+
+    @property
+    def three_towers(self) -> bool:
+        return self.setting.three_towers
+
+    @property
+    def main_towers(self) -> tuple[TowerOptions, TowerOptions]:
+        """(image, text)."""
+        return self.image, self.text
+
+    def tower(self, role: str) -> TowerOptions:
+        """The options of ``image``, ``text`` or ``third``."""
+        options = {"image": self.image, "text": self.text, "third": self.third}.get(role)
+        if options is None:
+            raise ValueError(f"no {role} tower in setting {self.setting.name!r}")
+        return options
+
+
+def parse_model(cfg: ModelConfig) -> ParsedModel:
+    """Parses and checks the setting-related fields of ``cfg`` together; ValueError naming the
+    field and the fix."""
+    setting = parse_setting(cfg.setting)
+    towers = {}
+    for role in MAIN_TOWERS:
+        letter = setting.letter(role)
+        spec = image_tower_spec(cfg.image_tower) if role == "image" else text_tower_spec(cfg.text_tower)
+        field = getattr(cfg, f"{role}_pretrained")
+        default = getattr(spec, "pretrained_dir", "")
+        if letter in "LU" and not (field or default):
+            raise ValueError(
+                f"model.{role}_pretrained is required: setting {cfg.setting!r} makes the "
+                f"{role} tower {letter} ({LETTERS[letter]}); give a local checkpoint path"
+            )
+        if letter == "u" and field:
+            raise ValueError(
+                f"model.{role}_pretrained={field!r} is set but setting {cfg.setting!r} trains "
+                f"the {role} tower from scratch (u); clear it or use L/U"
+            )
+        blocks = getattr(cfg, f"{role}_unlock_last_blocks")
+        if blocks < 0 or (blocks and letter != "L"):
+            raise ValueError(
+                f"model.{role}_unlock_last_blocks={blocks} applies to a locked (L) {role} "
+                f"tower only and must be >= 0 (setting {cfg.setting!r})"
+            )
+        if blocks > spec.num_blocks:
+            raise ValueError(
+                f"model.{role}_unlock_last_blocks={blocks} exceeds the {spec.num_blocks} "
+                f"blocks of {spec.name}"
+            )
+        delay = getattr(cfg, f"{role}_unlock_after_steps")
+        if delay < 0 or (delay and letter != "U"):
+            raise ValueError(
+                f"model.{role}_unlock_after_steps={delay} applies to an unlocked pretrained (U) "
+                f"{role} tower only and must be >= 0 (setting {cfg.setting!r})"
+            )
+        mult = getattr(cfg, f"{role}_lr_mult")
+        if not (mult > 0 and math.isfinite(mult)):
+            raise ValueError(f"model.{role}_lr_mult must be positive, got {mult}")
+        if letter == "L" and not cfg.locked_head_trainable and spec.width != cfg.embed_dim:
+            raise ValueError(
+                f"model.locked_head_trainable=False freezes the {role} head as the identity, "
+                f"which needs model.embed_dim={cfg.embed_dim} to equal {spec.name}'s width "
+                f"{spec.width}"
+            )
+        towers[role] = TowerOptions(
+            role=role, letter=letter, name=spec.name, pretrained=(field or default) if letter in "LU" else "",
+            unlock_last_blocks=blocks, unlock_after_steps=delay, lr_mult=mult,
+            grad_checkpointing=getattr(cfg, f"{role}_grad_checkpointing"),
+        )
+    third = None
+    if setting.three_towers:
+        if not cfg.third_pretrained:
+            raise ValueError("model.third_pretrained is required for setting '3T' (the frozen "
+                             "pretrained third tower); give a local checkpoint path")
+        name = cfg.third_tower or cfg.image_tower
+        image_tower_spec(name)  # unknown name -> ValueError
+        third = TowerOptions(role="third", letter="L", name=name, pretrained=cfg.third_pretrained)
+    elif cfg.third_tower or cfg.third_pretrained or cfg.init_logit_scale_3t:
+        raise ValueError(f"model.third_tower/third_pretrained/init_logit_scale_3t apply to "
+                         f"setting '3T' only, not {cfg.setting!r}")
+    return ParsedModel(setting, towers["image"], towers["text"], third)
 
 
 @dataclass
@@ -100,7 +307,13 @@ class ModelConfig:
             )
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size must be >= 0, got {self.vocab_size}")
-        # Imported here: settings.py imports this module's ModelConfig for type hints only.
-        from .settings import validate_setting
+        self.parsed  # noqa: B018 -- parses and validates the setting and per-tower fields
 
-        validate_setting(self)
+    @property
+    def parsed(self) -> ParsedModel:
+        """The setting and per-tower options as objects (re-parsed only when a field changed)."""
+        key = dataclasses.astuple(self)
+        if self.__dict__.get("_parsed_key") != key:
+            self.__dict__["_parsed"] = parse_model(self)
+            self.__dict__["_parsed_key"] = key
+        return self.__dict__["_parsed"]

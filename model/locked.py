@@ -4,7 +4,7 @@ A fully locked tower (L without partial unlocking, and the 3T third tower) is no
 parameter anywhere: the trainer keeps it as a plain module next to the DeepSpeed engine (eval
 mode, ``requires_grad`` False, run under ``torch.inference_mode()``), never inside the engine,
 where ZeRO-3 would still partition and all-gather it every step and ``zero_to_fp32`` of ZeRO-1
-would drop it (shared/FACTS.md). On resume it is reloaded from its own source, and the
+would silently drop it (DeepSpeed 0.19.8; see docs/export.md). On resume it is reloaded from its own source, and the
 checkpoint records its identity (``LockedTower.identity()``) so a changed file is noticed.
 
 Flow in the trainer::
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from .pretrained import file_sha256, load_image_tower
-from .settings import parse_setting
 
 if TYPE_CHECKING:
     from .clip import CLIPModel
@@ -134,17 +133,15 @@ def split_locked(
     with ``requires_grad`` False. Names of the remaining parameters do not change, so the
     resolved ``{name: trainable}`` map still applies.
     """
-    setting = parse_setting(cfg.setting)
     locked = LockedTowers()
-    for tower in ("image", "text"):
-        if setting.locked(tower) and getattr(cfg, f"{tower}_unlock_last_blocks") == 0:
-            module = getattr(model, f"{tower}_tower")
+    for tower in cfg.parsed.main_towers:
+        if tower.fully_locked:
+            module = getattr(model, f"{tower.role}_tower")
             if module is None:
                 continue
-            name = cfg.image_tower if tower == "image" else cfg.text_tower
-            setattr(locked, tower, LockedTower(module, name, autocast_dtype=autocast_dtype))
-            setattr(model, f"{tower}_tower", None)
-    if setting.three_towers and build_third:
+            setattr(locked, tower.role, LockedTower(module, tower.name, autocast_dtype=autocast_dtype))
+            setattr(model, f"{tower.role}_tower", None)
+    if cfg.parsed.three_towers and build_third:
         locked.third = build_third_tower(cfg, autocast_dtype)
     return model, locked
 

@@ -22,8 +22,8 @@ naming the file, the first mismatching keys and shapes, and what was expected.
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -144,7 +144,7 @@ def load_image_tower(name: str, path: str | Path) -> ImageTower:
 
 
 def _check_sidecar(path: Path, name: str) -> None:
-    """A ``<stem>.json`` beside the weights (written by ``launch/pretrain_image.py``) names the
+    """A ``<stem>.json`` beside the weights (written by ``launch/tools/pretrain_image.py``) names the
     registry tower they were trained as; a different configured tower is a mistake."""
     sidecar = path.with_suffix(".json")
     if path.suffix != ".json" and sidecar.is_file():
@@ -163,7 +163,7 @@ def _weights_file(folder: Path) -> Path:
     )
 
 
-def _text_model_class(arch: str) -> type:
+def text_model_class(arch: str) -> type:
     import transformers
 
     return getattr(transformers, {"bert": "BertModel", "t5": "T5EncoderModel",
@@ -192,7 +192,7 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
             + ", ".join(f"{k} expected {e}, found {f}" for k, (e, f) in wrong.items())
         )
     kwargs = {"add_pooling_layer": False} if spec.arch == "bert" else {}
-    model_class = _text_model_class(spec.arch)
+    model_class = text_model_class(spec.arch)
     from transformers.utils import logging as hf_logging
 
     # transformers logs a key-by-key load report (the expected BERT pooler keys as

@@ -1,8 +1,9 @@
 """Registry of tower architectures, found by name.
 
 Every entry names its architecture family in an explicit ``arch`` field (``timm_vit``,
-``timm``, ``bert``, ``t5``, ``mt5``, ``clip_text``) and spells out every size, so nothing is inferred from which keys exist and nothing
-depends on a library's defaults changing. Building a tower from a spec lives in ``towers.py``.
+``timm``, ``bert``, ``t5``, ``mt5``, ``clip_text``) and spells out every size, so nothing is
+inferred from which keys exist and nothing depends on a library's defaults changing. Building a
+tower from a spec lives in ``towers.py``.
 
 Pooling of the image towers: the tiny towers (``vit_test``, ``vit_scene_tiny``) use global
 average pooling over patch tokens (``global_pool="avg"``), which trains from scratch more robustly
@@ -143,6 +144,10 @@ class TextTowerSpec:
     def block_start(self) -> int:
         """Index of the first layer."""
         return 0
+
+
+TEXT_POOLINGS = ("mean", "cls", "eot")
+"""Text poolings a tower can use (``model.text_pooling``; ``towers.py`` implements them)."""
 
 
 def _vit(
@@ -300,25 +305,3 @@ def tower_spec(name: str) -> ImageTowerSpec | TextTowerSpec:
 def spec_dict(name: str) -> dict:
     """A tower's spec as a plain dict (for logging the architecture with a run)."""
     return asdict(tower_spec(name))
-
-
-def count_parameters(name: str, vocab_size: int | None = None) -> int:
-    """Parameters of tower ``name`` as built for training (no classifier head, no BERT pooler).
-
-    The tower is built on the ``meta`` device, so even ViT-g/14 allocates no memory.
-    ``vocab_size`` applies to text towers only (default: the spec's 30522).
-    """
-    import torch
-
-    # Imported here, not at module level: towers.py imports this module.
-    from .towers import build_image_tower, build_text_tower
-
-    spec = tower_spec(name)
-    with torch.device("meta"):
-        if isinstance(spec, ImageTowerSpec):
-            if vocab_size is not None:
-                raise ValueError(f"vocab_size applies to text towers only, not {name!r}")
-            tower = build_image_tower(name)
-        else:
-            tower = build_text_tower(name, vocab_size=vocab_size)
-    return sum(p.numel() for p in tower.parameters())

@@ -11,23 +11,13 @@ trainer prints is the truth about what the optimizer sees.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .registry import ImageTowerSpec, TextTowerSpec, image_tower_spec, text_tower_spec
+from .config import ModelConfig, TowerOptions
+from .registry import image_tower_spec, text_tower_spec
 
-if TYPE_CHECKING:
-    from .config import ModelConfig
-
-# The paper's eight settings, plus uU (from-scratch image, pretrained text tower), which the
-# paper does not run but which the letters describe just as well.
-LIT_SETTINGS = ("LU", "Lu", "UU", "Uu", "uu", "UL", "uL", "LL", "uU")
-THREE_TOWERS = "3T"
-LETTERS = {"L": "pretrained, locked", "U": "pretrained, unlocked", "u": "from scratch"}
 # The four 3T heads that exist next to the two-tower ones (see clip.py): f_h, g_h on the main
 # embeddings, h_f, h_g on the third tower. Their temperatures are ``logit_scale_3t``.
 THREE_TOWER_HEADS = ("image_proj_3t", "text_proj_3t", "third_proj_image", "third_proj_text")
@@ -35,110 +25,12 @@ THREE_TOWER_PARAMETERS = THREE_TOWER_HEADS + ("logit_scale_3t",)
 """Top-level names of everything only a 3T model has (what a plain-CLIP export drops)."""
 
 
-@dataclass(frozen=True)
-class TowerSetting:
-    """A parsed setting: one letter per main tower and whether a third tower exists."""
-
-    image: str
-    """``L``, ``U`` or ``u``."""
-    text: str
-    """``L``, ``U`` or ``u``."""
-    three_towers: bool = False
-    """3T: a frozen pretrained third image tower and its heads join the model."""
-
-    def letter(self, tower: str) -> str:
-        """The letter of ``tower`` ("image" or "text")."""
-        return {"image": self.image, "text": self.text}[tower]
-
-    def locked(self, tower: str) -> bool:
-        """Whether ``tower`` is L (pretrained and locked)."""
-        return self.letter(tower) == "L"
-
-    def pretrained(self, tower: str) -> bool:
-        """Whether ``tower`` starts from pretrained weights (L or U)."""
-        return self.letter(tower) in ("L", "U")
-
-
-def parse_setting(setting: str) -> TowerSetting:
-    """``"Lu"`` -> TowerSetting("L", "u"); ``"3T"`` -> TowerSetting("u", "u", True).
-
-    Letters are case-sensitive (U and u differ); anything else raises ValueError listing the
-    valid settings.
-    """
-    if setting == THREE_TOWERS:
-        return TowerSetting("u", "u", three_towers=True)
-    if setting in LIT_SETTINGS:
-        return TowerSetting(setting[0], setting[1])
-    raise ValueError(
-        f"model.setting={setting!r} is not a tower setting: use one of "
-        f"{', '.join(LIT_SETTINGS + (THREE_TOWERS,))} (image letter first, then text; "
-        + "; ".join(f"{k} = {v}" for k, v in LETTERS.items()) + ")"
-    )
-
-
-def _spec(cfg: ModelConfig, tower: str) -> ImageTowerSpec | TextTowerSpec:
-    return image_tower_spec(cfg.image_tower) if tower == "image" else text_tower_spec(cfg.text_tower)
-
-
-def validate_setting(cfg: ModelConfig) -> None:
-    """Checks the setting-related fields of ``cfg`` together; ValueError naming the field."""
-    setting = parse_setting(cfg.setting)
-    for tower in ("image", "text"):
-        letter, spec = setting.letter(tower), _spec(cfg, tower)
-        source = getattr(cfg, f"{tower}_pretrained")
-        default = getattr(spec, "pretrained_dir", "")
-        if letter in "LU" and not (source or default):
-            raise ValueError(
-                f"model.{tower}_pretrained is required: setting {cfg.setting!r} makes the "
-                f"{tower} tower {letter} ({LETTERS[letter]}); give a local checkpoint path"
-            )
-        if letter == "u" and source:
-            raise ValueError(
-                f"model.{tower}_pretrained={source!r} is set but setting {cfg.setting!r} trains "
-                f"the {tower} tower from scratch (u); clear it or use L/U"
-            )
-        blocks = getattr(cfg, f"{tower}_unlock_last_blocks")
-        if blocks < 0 or (blocks and letter != "L"):
-            raise ValueError(
-                f"model.{tower}_unlock_last_blocks={blocks} applies to a locked (L) {tower} "
-                f"tower only and must be >= 0 (setting {cfg.setting!r})"
-            )
-        if blocks > spec.num_blocks:
-            raise ValueError(
-                f"model.{tower}_unlock_last_blocks={blocks} exceeds the {spec.num_blocks} "
-                f"blocks of {spec.name}"
-            )
-        delay = getattr(cfg, f"{tower}_unlock_after_steps")
-        if delay < 0 or (delay and letter != "U"):
-            raise ValueError(
-                f"model.{tower}_unlock_after_steps={delay} applies to an unlocked pretrained (U) "
-                f"{tower} tower only and must be >= 0 (setting {cfg.setting!r})"
-            )
-        mult = getattr(cfg, f"{tower}_lr_mult")
-        if not (mult > 0 and math.isfinite(mult)):
-            raise ValueError(f"model.{tower}_lr_mult must be positive, got {mult}")
-        if letter == "L" and not cfg.locked_head_trainable and spec.width != cfg.embed_dim:
-            raise ValueError(
-                f"model.locked_head_trainable=False freezes the {tower} head as the identity, "
-                f"which needs model.embed_dim={cfg.embed_dim} to equal {spec.name}'s width "
-                f"{spec.width}"
-            )
-    if setting.three_towers:
-        if not cfg.third_pretrained:
-            raise ValueError("model.third_pretrained is required for setting '3T' (the frozen "
-                             "pretrained third tower); give a local checkpoint path")
-        image_tower_spec(cfg.third_tower or cfg.image_tower)  # unknown name -> ValueError
-    elif cfg.third_tower or cfg.third_pretrained or cfg.init_logit_scale_3t:
-        raise ValueError(f"model.third_tower/third_pretrained/init_logit_scale_3t apply to "
-                         f"setting '3T' only, not {cfg.setting!r}")
-
-
-def _tower_rules(cfg: ModelConfig, tower: str, setting: TowerSetting) -> list[tuple[str, bool]]:
-    module, head = f"{tower}_tower", f"{tower}_proj"
-    if not setting.locked(tower):
+def _tower_rules(tower: TowerOptions, locked_head_trainable: bool) -> list[tuple[str, bool]]:
+    module, head = f"{tower.role}_tower", f"{tower.role}_proj"
+    if not tower.locked:
         return [(rf"^{module}\.", True), (rf"^{head}\.", True)]
-    spec = _spec(cfg, tower)
-    unlock = getattr(cfg, f"{tower}_unlock_last_blocks")
+    spec = image_tower_spec(tower.name) if tower.role == "image" else text_tower_spec(tower.name)
+    unlock = tower.unlock_last_blocks
     rules = []
     if unlock:
         last = spec.block_start + spec.num_blocks
@@ -146,7 +38,7 @@ def _tower_rules(cfg: ModelConfig, tower: str, setting: TowerSetting) -> list[tu
             rules.append((rf"^{module}\.{re.escape(spec.block_prefix)}{index}\.", True))
         rules += [(rf"^{module}\.{re.escape(norm)}\.", True) for norm in spec.final_norm]
     # Locked rule after the unlocked blocks: first match wins.
-    rules += [(rf"^{module}\.", False), (rf"^{head}\.", cfg.locked_head_trainable)]
+    rules += [(rf"^{module}\.", False), (rf"^{head}\.", locked_head_trainable)]
     return rules
 
 
@@ -159,11 +51,11 @@ def trainable_rules(cfg: ModelConfig) -> list[tuple[str, bool]]:
     four 3T heads and their temperatures. The frozen third tower is never inside the model, so
     no rule names it.
     """
-    setting = parse_setting(cfg.setting)
-    rules = _tower_rules(cfg, "image", setting) + _tower_rules(cfg, "text", setting)
+    parsed = cfg.parsed
+    rules = [rule for tower in parsed.main_towers for rule in _tower_rules(tower, cfg.locked_head_trainable)]
     rules.append((r"^logit_scale$", True))
     rules.append((r"^logit_bias$", True))  # matches nothing without a SigLIP loss: allowed
-    if setting.three_towers:
+    if parsed.three_towers:
         rules.append((rf"^({'|'.join(THREE_TOWER_HEADS)})\.", True))
         rules.append((r"^logit_scale_3t$", True))
     return rules
@@ -215,7 +107,8 @@ def parameter_counts(
     model: nn.Module, trainable: dict[str, bool], locked: dict[str, nn.Module] | None = None
 ) -> dict[str, tuple[int, int]]:
     """{group: (trainable, locked)} parameter counts; groups are image_tower, text_tower, heads,
-    logit_scale (temperatures and SigLIP's bias), plus each module of ``locked`` (towers held outside the model, all locked)."""
+    logit_scale (temperatures and SigLIP's bias), plus each module of ``locked`` (towers held
+    outside the model, all locked)."""
     counts = {group: [0, 0] for group in ("image_tower", "text_tower", "heads", "logit_scale")}
     for name, parameter in model.named_parameters():
         counts[_group_of(name)][0 if trainable[name] else 1] += parameter.numel()
@@ -253,7 +146,7 @@ def parameter_groups(
     ``logit_scale``) get no weight decay. Extra keys ``name``, ``tower``, ``lr_mult`` are for
     logs and delayed unlocking; torch optimizers keep them untouched.
     """
-    mults = {"image": cfg.image_lr_mult, "text": cfg.text_lr_mult, "other": 1.0}
+    mults = {"image": cfg.parsed.image.lr_mult, "text": cfg.parsed.text.lr_mult, "other": 1.0}
     groups: dict[tuple[str, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not trainable[name]:
@@ -279,14 +172,4 @@ def trainable_towers_at(cfg: ModelConfig, step: int) -> dict[str, bool]:
     partially unlocked blocks, if any. A tower reported False runs without gradient and its
     parameter groups (``group["tower"]``) get lr 0 for that step (see docs/towers.md).
     """
-    setting = parse_setting(cfg.setting)
-    result = {}
-    for tower in ("image", "text"):
-        letter = setting.letter(tower)
-        if letter == "L":
-            result[tower] = getattr(cfg, f"{tower}_unlock_last_blocks") > 0
-        elif letter == "U":
-            result[tower] = step >= getattr(cfg, f"{tower}_unlock_after_steps")
-        else:
-            result[tower] = True
-    return result
+    return {tower.role: tower.updates_at(step) for tower in cfg.parsed.main_towers}

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from .config import TEXT_POOLINGS
-from .registry import ImageTowerSpec, TextTowerSpec, image_tower_spec, text_tower_spec
+from .registry import TEXT_POOLINGS, ImageTowerSpec, TextTowerSpec, image_tower_spec, text_tower_spec, tower_spec
 
 IMAGE_ARCHS = ("timm_vit", "timm")
 TEXT_ARCHS = ("bert", "t5", "mt5", "clip_text")
@@ -147,7 +146,12 @@ class TextTower(nn.Module):
 def _encoder(spec: TextTowerSpec, vocab_size: int) -> nn.Module:
     """A randomly initialised transformers encoder of the spec's family."""
     from transformers import (
-        CLIPTextConfig, CLIPTextModel, MT5Config, MT5EncoderModel, T5Config, T5EncoderModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        MT5Config,
+        MT5EncoderModel,
+        T5Config,
+        T5EncoderModel,
     )
 
     if spec.arch == "bert":
@@ -228,3 +232,20 @@ def build_text_tower(name: str, vocab_size: int | None = None, pooling: str = ""
     """
     spec = text_tower_spec(name)
     return TextTower(spec, vocab_size or spec.vocab_size, pooling=pooling)
+
+
+def count_parameters(name: str, vocab_size: int | None = None) -> int:
+    """Parameters of tower ``name`` as built for training (no classifier head, no BERT pooler).
+
+    The tower is built on the ``meta`` device, so even ViT-g/14 allocates no memory.
+    ``vocab_size`` applies to text towers only (default: the spec's 30522).
+    """
+    spec = tower_spec(name)
+    with torch.device("meta"):
+        if isinstance(spec, ImageTowerSpec):
+            if vocab_size is not None:
+                raise ValueError(f"vocab_size applies to text towers only, not {name!r}")
+            tower = build_image_tower(name)
+        else:
+            tower = build_text_tower(name, vocab_size=vocab_size)
+    return sum(p.numel() for p in tower.parameters())

@@ -1,49 +1,80 @@
-"""Shared fixtures: real ``deepspeed`` launches on CPU ranks (gloo), each on its own free port."""
+"""Shared fixtures: real ``deepspeed`` launches on CPU ranks (gloo), each on its own free port.
+
+Helpers that tests import live in ``launching.py``; nothing imports from this file.
+
+Two speeds: a test that starts a process (a ``subprocess`` command, the ``deepspeed`` launcher, a
+``tests/scripts`` probe, ``torch.multiprocessing.spawn`` ranks: anything that starts a fresh
+interpreter) is marked ``@pytest.mark.launch``; ``pytest -m "not launch" tests`` is the quick
+loop. ``forbid_unmarked_launches`` enforces the marker. Forked workers (DataLoader workers, a
+fork ``Pool``) are not launches: they start no interpreter.
+"""
 
 from __future__ import annotations
 
-import json
+import multiprocessing.popen_forkserver
+import multiprocessing.popen_spawn_posix
 import os
-import socket
 import subprocess
-import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TRAIN = REPO / "launch" / "train.py"
+from launching import Run, launch_train
+
+UNMARKED_LAUNCH = "this test starts a process: mark it @pytest.mark.launch"
 
 
-def free_port() -> int:
-    # Two launches in a row on one master port can fail with gloo "Broken pipe" (FACTS).
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@contextmanager
+def forbid_unmarked_launches(item: pytest.Item):
+    """A test not marked ``launch`` may not start a process: the marker stays complete by itself.
+
+    The refusal fails the test even where the code under test catches the error (a ``pipe:``
+    shard that fails is counted as a bad shard, not raised), and even in a forked DataLoader
+    worker: refusals are written to a file, which the forks share."""
+    if item.get_closest_marker("launch"):
+        yield
+        return
+    handle, name = tempfile.mkstemp(prefix="tritower-refused-launches-")
+    os.close(handle)
+    refused = Path(name)
+
+    def refuse(self, what=None, *args, **kwargs):
+        with open(refused, "a") as out:
+            out.write(repr(what)[:300].replace("\n", " ") + "\n")
+        raise RuntimeError(f"{UNMARKED_LAUNCH} ({item.nodeid})")
+
+    def check() -> None:
+        attempts = refused.read_text().splitlines()
+        refused.unlink()
+        if attempts:
+            pytest.fail(f"{item.nodeid}: {UNMARKED_LAUNCH}; it tried to start {attempts[0]}", pytrace=False)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", refuse)
+        for popen in (multiprocessing.popen_spawn_posix.Popen, multiprocessing.popen_forkserver.Popen):
+            patch.setattr(popen, "__init__", refuse)
+        try:
+            yield
+        except BaseException:  # a failure, or a skip
+            check()
+            raise
+    check()
 
 
-def deepspeed_launch(script: Path, args: list[str], *, ranks: int, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    """Run ``deepspeed --num_gpus ranks script args`` the way a user does, and return its output."""
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    command = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
-    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), WANDB_SILENT="true",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        tail = (result.stdout + result.stderr)[-6000:]
-        raise AssertionError(f"launch failed ({result.returncode}): {' '.join(command)}\n{tail}")
-    return result
+# Hooks rather than an autouse fixture: a test's setup also builds the module- and session-scoped
+# fixtures it is the first to need, and pytest builds those before any function-scoped fixture.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with forbid_unmarked_launches(item):
+        return (yield)
 
 
-def final_metrics(output: str) -> dict:
-    """The one JSON line the trainer prints at the end."""
-    lines = [line for line in output.splitlines() if line.startswith("{") and '"experiment"' in line]
-    assert lines, f"no final metrics line in output:\n{output[-3000:]}"
-    return json.loads(lines[-1])
-
-
-def losses_logged(output: str) -> list[float]:
-    return [float(line.split("| loss ")[1].split()[0]) for line in output.splitlines() if line.startswith("step ") and "| loss " in line]
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with forbid_unmarked_launches(item):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)
@@ -63,12 +94,12 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def train(tmp_path: Path, data_cache: Path):
-    """Launch ``launch/train.py`` on N CPU ranks with test-sized defaults; returns its output."""
+    """Launch ``launch/train.py`` on N CPU ranks with test-sized defaults; returns a ``Run``: its
+    console output, and what this launch wrote to ``tmp_path/runs/<run name>`` (log records, metrics)."""
 
-    def run(*overrides: str, ranks: int = 2, zero: str = "zero_configs/z3.json", experiment: str = "clip_test") -> str:
+    def run(*overrides: str, ranks: int = 2, zero: str = "zero_configs/z3.json", experiment: str = "clip_test") -> Run:
         args = ["--zero", zero, "--experiment", experiment, f"--data.cache_dir={data_cache}",
                 f"--train.output_dir={tmp_path / 'runs'}", *overrides]
-        result = deepspeed_launch(TRAIN, args, ranks=ranks, cwd=REPO)
-        return result.stdout + result.stderr
+        return launch_train(args, ranks=ranks)
 
     return run

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from launching import REPO
 
 from tritower.model import count_parameters
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tritower.launch.config import ConfigError, load_config, parse_cli
+from tritower.launch.cli import load_config, parse_cli
+from tritower.launch.config import ConfigError
 from tritower.launch.ds_config import build_ds_config
 from tritower.launch.experiments import EXPERIMENTS
 
@@ -110,6 +111,7 @@ def test_batch_not_divisible_by_world_size() -> None:
         build_ds_config(cfg, world_size=4)
 
 
+@pytest.mark.launch
 def test_train_script_rejects_typo_before_starting() -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "launch" / "train.py"), "--zero", "zero_configs/z3.json", "--optim.lrr=1"],

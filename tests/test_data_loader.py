@@ -183,6 +183,7 @@ def faulty_shards(folder: Path) -> tuple[list[str], int]:
     return [str(mixed), str(truncated), str(garbage), str(missing), failing], 5 + 3
 
 
+@pytest.mark.launch  # faulty_shards has a pipe: shard, a process
 @pytest.mark.filterwarnings("ignore:.*local shards do not exist")
 def test_faults_are_skipped_and_counted_by_kind(tmp_path, tokenizer) -> None:
     shards, good = faulty_shards(tmp_path)
@@ -204,6 +205,7 @@ def test_faults_are_skipped_and_counted_by_kind(tmp_path, tokenizer) -> None:
     assert loader.state_dict()["stats"]["bad"]["shard"] == 3
 
 
+@pytest.mark.launch  # faulty_shards has a pipe: shard, a process
 @pytest.mark.filterwarnings("ignore:.*local shards do not exist")
 def test_resume_continues_the_bad_data_counts_exactly(tmp_path, tokenizer) -> None:
     shards = faulty_shards(tmp_path / "faulty")[0] + write_dataset(tmp_path, "d", 3, 8)
@@ -220,6 +222,7 @@ def test_resume_continues_the_bad_data_counts_exactly(tmp_path, tokenizer) -> No
     assert resumed.stats().as_dict() == expected.as_dict()
 
 
+@pytest.mark.launch  # faulty_shards has a pipe: shard, a process
 @pytest.mark.filterwarnings("ignore:.*local shards do not exist")
 def test_too_much_bad_data_stops_naming_the_worst_shard(tmp_path, tokenizer) -> None:
     shards, _ = faulty_shards(tmp_path)
@@ -258,6 +261,7 @@ def test_worker_without_any_good_sample_stops(tmp_path, tokenizer) -> None:
     assert len(errors) == 1 and "no readable sample in epoch 0" in errors[0]
 
 
+@pytest.mark.launch  # a pipe: shard runs its command
 def test_shard_specs_brace_list_and_pipe(tmp_path, tokenizer) -> None:
     shards = write_dataset(tmp_path / "data", "d", shards=4, per_shard=3)
     assert expand_shards(str(tmp_path / "data" / "d-{00..03}.tar")) == shards
@@ -273,6 +277,7 @@ def test_shard_specs_brace_list_and_pipe(tmp_path, tokenizer) -> None:
     assert loader.stats().total_bad == 0
 
 
+@pytest.mark.launch  # pipe: shards run their command
 def test_remote_shard_is_retried_after_a_transient_failure(tmp_path, tokenizer) -> None:
     shard = write_dataset(tmp_path, "d", shards=1, per_shard=4)[0]
     marker = tmp_path / "failed-once"

@@ -1,5 +1,5 @@
-"""Export of consolidated weights (``launch/export.py``), the inference API
-(``model/inference.py``) and evaluation of an export (``launch/evaluate.py``).
+"""Export of consolidated weights (``launch/tools/export.py``), the inference API
+(``inference/exported.py``) and evaluation of an export (``launch/tools/evaluate.py``).
 
 What "identical" means here. With 2 ranks and no gradient clipping, the ZeRO stages compute the
 same gradients bit for bit (the mean over two ranks is one exact float addition and a halving),
@@ -27,10 +27,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, deepspeed_launch, final_metrics
-from tritower.launch.export import CheckpointTensors, ExportError, assemble_state, export
+from launching import REPO, deepspeed_launch, launch_train
+from tritower.launch.tools.export import CheckpointTensors, ExportError, assemble_state, export
 from tritower.model import build_clip, build_image_tower, build_text_tower, resolve_trainable, trainable_rules
-from tritower.model.inference import load_export
+from tritower.inference import load_export
 
 STAGES = (1, 2, 3)
 CAPTIONS = ["a red circle.", "a small blue star at the top left.", "two shapes: a green cross and a purple square."]
@@ -46,14 +46,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[int
     for stage in STAGES:
         args = ["--zero", f"zero_configs/z{stage}.json", *COMMON, f"--data.cache_dir={data_cache}",
                 f"--train.output_dir={root}", f"--train.run_name=z{stage}", f"--eval.at_end={stage == 3}"]
-        launched = deepspeed_launch(REPO / "launch" / "train.py", args, ranks=2, cwd=REPO)
-        output = launched.stdout + launched.stderr
-        exported = export(root / f"z{stage}" / "checkpoints", root / f"z{stage}-export")
-        result[stage] = {"run": root / f"z{stage}", "export": root / f"z{stage}-export",
-                         "final": final_metrics(output), "config": exported}
+        launched = launch_train(args, ranks=2)
+        exported = export(launched.run_dir / "checkpoints", root / f"z{stage}-export")
+        result[stage] = {"run": launched.run_dir, "export": root / f"z{stage}-export",
+                         "final": launched.metrics, "config": exported}
     return result
 
 
+@pytest.mark.launch
 def test_zero_stages_export_identical_weights(runs: dict[int, dict]) -> None:
     weights = {stage: load_file(str(runs[stage]["export"] / "model.safetensors")) for stage in STAGES}
     # Same seed as the trainer: the initial weights, to show the steps changed them.
@@ -84,6 +84,7 @@ def _model_config(config: dict):
     return ModelConfig(**config["model"])
 
 
+@pytest.mark.launch
 def test_load_export_features_equal_training_model(runs: dict[int, dict]) -> None:
     """Features of the export equal those of the model the run trained, built the way the
     trainer builds it (``build_clip``) with DeepSpeed's own consolidated weights loaded."""
@@ -112,9 +113,10 @@ def test_load_export_features_equal_training_model(runs: dict[int, dict]) -> Non
     assert cosine.abs().max() <= 1 + 1e-6
 
 
+@pytest.mark.launch
 def test_evaluate_reproduces_training_zero_shot(runs: dict[int, dict], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
-    from tritower.launch.evaluate import main as evaluate_main
+    from tritower.launch.tools.evaluate import main as evaluate_main
 
     run = runs[3]
     out = tmp_path / "metrics.json"
@@ -202,6 +204,7 @@ def locked_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("variant", ["inside", "outside"])
 def test_locked_tower_export_equals_engine_and_source(locked_runs: Path, variant: str) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -231,6 +234,7 @@ def test_locked_tower_export_equals_engine_and_source(locked_runs: Path, variant
         assert "image_tower.vit.blocks.0.attn.qkv.weight" not in plain
 
 
+@pytest.mark.launch
 def test_locked_source_changed_is_refused(locked_runs: Path) -> None:
     other = locked_runs / "other-vit.safetensors"
     torch.manual_seed(8)
@@ -256,6 +260,7 @@ def test_missing_and_unexpected_keys_are_named() -> None:
     assert torch.equal(state["logit_scale"], torch.ones(1)) and origins["checkpoint (fp32 master)"] == 1
 
 
+@pytest.mark.launch
 def test_bf16_export_round_trips(runs: dict[int, dict], tmp_path: Path) -> None:
     export(runs[1]["run"] / "checkpoints", tmp_path / "bf16", dtype="bf16")
     fp32, bf16 = load_export(runs[1]["export"]), load_export(tmp_path / "bf16")
@@ -266,6 +271,7 @@ def test_bf16_export_round_trips(runs: dict[int, dict], tmp_path: Path) -> None:
     assert torch.allclose(bf16.encode_text(CAPTIONS), fp32.encode_text(CAPTIONS), atol=5e-2)
 
 
+@pytest.mark.launch
 def test_text_tower_built_from_registry_matches(runs: dict[int, dict]) -> None:
     """The export records what rebuilds the model without pretrained files or the registry's
     defaults changing under it: vocab rows, pooling, specs, preprocessing."""
@@ -280,7 +286,7 @@ def test_text_tower_built_from_registry_matches(runs: dict[int, dict]) -> None:
 def test_pretrained_text_tower_round_trips(tmp_path: Path) -> None:
     """A locked pretrained text tower (MiniLM-L6 from its local package) is rebuilt from the
     transformers config saved in the export, not from the registry, and gives the same features."""
-    from tritower.launch.export import write_export
+    from tritower.launch.tools.export import write_export
     from tritower.model import ModelConfig
 
     cfg = ModelConfig(image_tower="vit_test", text_tower="minilm_l6", embed_dim=32, setting="uL")
@@ -293,7 +299,7 @@ def test_pretrained_text_tower_round_trips(tmp_path: Path) -> None:
 
 
 def test_export_cli_names_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from tritower.launch.export import main
+    from tritower.launch.tools.export import main
 
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
     assert "no DeepSpeed checkpoint" in capsys.readouterr().err

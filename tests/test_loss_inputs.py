@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tritower.losses import ContrastiveLoss, LossConfig, clip_loss, sigmoid_loss
+from tritower.losses import OBJECTIVES, LossConfig, build_objective, clip_loss, sigmoid_loss
+
+
+def objective(image, text, scale, bias=None, **config):
+    """The objective for ``LossConfig(**config)`` on a model's output dict."""
+    outputs = {"image_features": image, "text_features": text, "logit_scale": scale}
+    if bias is not None:
+        outputs["logit_bias"] = bias
+    return build_objective(LossConfig(**config))(outputs)["loss"]
 
 
 def _features(batch: int = 6, dim: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,25 +38,24 @@ def test_nonfinite_features_name_the_input_and_count(impl: str) -> None:
 def test_nonfinite_scale_and_bias_are_reported() -> None:
     image, text, _ = _features()
     with pytest.raises(ValueError, match="logit_scale: 1 non-finite"):
-        ContrastiveLoss()(image, text, torch.tensor([float("inf")]))
+        objective(image, text, torch.tensor([float("inf")]))
     with pytest.raises(ValueError, match="logit_bias: 1 non-finite"):
-        ContrastiveLoss(kind="sigmoid")(image, text, torch.tensor([1.0]),
-                                        torch.tensor([float("nan")]))
+        objective(image, text, torch.tensor([1.0]), torch.tensor([float("nan")]), kind="sigmoid")
 
 
 def test_check_can_be_turned_off() -> None:
     image, text, scale = _features()
     image[0, 0] = float("nan")
-    loss = ContrastiveLoss(check_finite=False)(image, text, scale)
+    loss = objective(image, text, scale, check_finite=False)
     assert torch.isnan(loss)
 
 
 def test_bias_is_required_for_sigmoid_and_refused_for_softmax() -> None:
     image, text, scale = _features()
     with pytest.raises(ValueError, match="needs logit_bias"):
-        ContrastiveLoss(kind="sigmoid")(image, text, scale)
+        objective(image, text, scale, kind="sigmoid")
     with pytest.raises(ValueError, match="takes no logit_bias"):
-        ContrastiveLoss(kind="softmax")(image, text, scale, torch.tensor([0.0]))
+        objective(image, text, scale, torch.tensor([0.0]), kind="softmax")
 
 
 def test_mismatched_shapes_are_refused() -> None:
@@ -66,10 +73,14 @@ def test_config_rejects_unknown_values(field: str, value) -> None:
         LossConfig(kind="sigmoid", impl="triton")
 
 
-def test_from_config_builds_the_configured_loss() -> None:
-    loss = ContrastiveLoss.from_config(LossConfig(kind="sigmoid", impl="tiled", tile_size=8))
-    assert loss.config.kind == "sigmoid" and loss.config.tile_size == 8
+def test_objective_is_chosen_from_one_table() -> None:
+    loss = build_objective(LossConfig(kind="sigmoid", impl="tiled", tile_size=8))
+    assert type(loss) is OBJECTIVES["siglip"] and loss.config.tile_size == 8
     assert "impl=tiled" in repr(loss)
+    assert type(build_objective(LossConfig())) is OBJECTIVES["clip"]
+    assert type(build_objective(LossConfig(), three_towers=True)) is OBJECTIVES["3T"]
+    with pytest.raises(KeyError, match="logit_scale"):
+        build_objective(LossConfig())({"image_features": torch.ones(2, 3), "text_features": torch.ones(2, 3)})
 
 
 def test_triton_refuses_cpu_tensors_without_the_interpreter() -> None:

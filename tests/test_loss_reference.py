@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tritower.losses import ContrastiveLoss, clip_loss, gather_with_grad, sigmoid_loss
+from tritower.losses import LossConfig, build_objective, clip_loss, gather_with_grad, sigmoid_loss
 
 
 def reference_clip_loss(
@@ -93,11 +93,13 @@ def test_naive_matches_float64_reference(batch: int, dim: int, dtype, kind: str)
 def test_module_accepts_scale_shapes_and_returns_scalar(scale_shape) -> None:
     image, text, scale, bias = random_inputs(9, 16, seed=0)
     scale = scale.reshape(scale_shape).requires_grad_()
-    loss = ContrastiveLoss(kind="softmax", impl="naive")(image, text, scale)
+    outputs = {"image_features": image, "text_features": text, "logit_scale": scale}
+    loss = build_objective(LossConfig(kind="softmax", impl="naive"))(outputs)["loss"]
     assert loss.shape == ()
     loss.backward()
     assert scale.grad.shape == scale_shape
-    sig = ContrastiveLoss(kind="sigmoid")(image, text, scale.detach(), bias)
+    outputs = {"image_features": image, "text_features": text, "logit_scale": scale.detach(), "logit_bias": bias}
+    sig = build_objective(LossConfig(kind="sigmoid"))(outputs)["loss"]
     torch.testing.assert_close(sig.double(), reference_sigmoid_loss(image, text, scale, bias))
 
 
@@ -193,6 +195,7 @@ def run_ranks(world: int, cases: list[tuple]) -> None:
     mp.spawn(distributed_worker, args=(world, free_port(), cases), nprocs=world, join=True)
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_ranks_match_global_reference(world: int) -> None:
     # (kind, impl, scope, local batch, dim, tile_size). Local batches 7, 9 and 20 with tile 16

@@ -29,6 +29,7 @@ def _load_reference():
     return module
 
 
+@pytest.mark.launch
 def test_triton_kernels_under_interpreter() -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -248,6 +248,7 @@ def test_grad_checkpointing_gives_same_gradients() -> None:
     assert calls == {"image": 1, "text": 1}
 
 
+@pytest.mark.launch
 def test_model_package_imports_no_deepspeed() -> None:
     # model/ must stay usable without DeepSpeed; a fresh interpreter shows what it pulls in.
     import subprocess

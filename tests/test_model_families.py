@@ -12,17 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tritower.data import build_text_tokenizer, train_unigram_tokenizer
 from tritower.model import (
     ModelConfig,
     build_clip,
     build_image_tower,
-    build_text_tokenizer,
     build_text_tower,
     count_parameters,
     image_tower_spec,
     resolve_trainable,
     text_tower_spec,
-    train_unigram_tokenizer,
     trainable_rules,
 )
 

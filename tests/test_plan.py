@@ -1,11 +1,11 @@
-"""The memory planner (launch/plan.py) against DeepSpeed's estimators and measured CPU runs.
+"""The memory planner (launch/plan/planner.py) against DeepSpeed's estimators and measured CPU runs.
 
     pytest -q tests/test_plan.py
 
-Two measurements run in fresh subprocesses, side by side (one thread each), started with the
-module's first test and checked by its last two: a tiny CLIP's forward+backward in plain PyTorch with and without activation
+Two measurements run in fresh subprocesses, side by side (one thread each), started together
+and checked by the module's last two tests (marked ``launch``): a tiny CLIP's forward+backward in plain PyTorch with and without activation
 checkpointing, and a whole fp32 step through a 1-rank DeepSpeed ZeRO-2 engine. Peak resident
-memory is read from the kernel (see launch/plan_measure.py); a planner 2x off fails.
+memory is read from the kernel (see launch/plan/measure.py); a planner 2x off fails.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from tritower.launch import plan as planner
-from tritower.launch.plan_activations import layer_saved_bytes, tower_shape
-from tritower.launch.plan_measure import finish, start_measurement
-from tritower.launch.plan_states import (
+from tritower.launch.plan.activations import layer_saved_bytes, tower_shape
+from tritower.launch.plan.measure import finish, start_measurement
+from tritower.launch.plan.states import (
     POLICIES, comparable_engine_bytes, deepspeed_estimate, largest_layer_parameters,
     model_states, tower_parameters,
 )
@@ -32,10 +32,10 @@ CAN_MEASURE = os.path.exists("/proc/self/clear_refs")
 needs_proc = pytest.mark.skipif(not CAN_MEASURE, reason="needs Linux /proc/self/clear_refs")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def started() -> dict:
-    """Both CPU measurements, started with the module's first test so that the quick tests run
-    while they compute; about 25 s on an idle 2-core machine."""
+    """Both CPU measurements, started side by side by the first test that needs them; about 25 s
+    on an idle 2-core machine."""
     if not CAN_MEASURE:
         yield {}
         return
@@ -187,6 +187,7 @@ def test_precomputed_locked_and_fp32() -> None:
         planner.PlanRequest(setting="uu", **dict(base, gpus=3))
 
 
+@pytest.mark.launch
 @needs_proc
 def test_activations_match_cpu_measurement(measurements: dict) -> None:
     by_mode = {r["checkpointing"]: r for r in measurements["activations"]}
@@ -197,6 +198,7 @@ def test_activations_match_cpu_measurement(measurements: dict) -> None:
     assert by_mode[True]["measured"] < 0.5 * by_mode[False]["measured"]
 
 
+@pytest.mark.launch
 @needs_proc
 def test_total_matches_deepspeed_step(measurements: dict) -> None:
     (result,) = measurements["deepspeed"]

@@ -1,4 +1,4 @@
-"""Precomputed locked-tower embeddings: ``launch/precompute.py`` writes companion shards, the
+"""Precomputed locked-tower embeddings: ``launch/tools/precompute.py`` writes companion shards, the
 loader joins them by key (``data.embeddings``), and every mismatch is a clear error.
 
 Real tar shards of 40x36 px noise JPEGs, the real ``vit_test`` tower from a checkpoint file, and
@@ -25,7 +25,7 @@ from tritower.data.embeddings import EmbeddingsError, load_meta
 from tritower.data.tokenizer import build_tokenizer, write_vocab
 from tritower.data.transforms import TrainTransform
 from tritower.data.webdataset import build_train_loader
-from tritower.launch.precompute import main as precompute_main
+from tritower.launch.tools.precompute import main as precompute_main
 from tritower.model import build_image_tower, file_sha256, image_tower_spec, load_image_tower
 
 TOWER = "vit_test"

@@ -1,4 +1,4 @@
-"""``launch/pretrain_image.py`` (issue 3): a few supervised steps on tiny built-in scenes, then
+"""``launch/tools/pretrain_image.py`` (issue 3): a few supervised steps on tiny built-in scenes, then
 the written checkpoint loads as a locked (L) image tower of a LiT model.
 
 Run: ``pytest tests/test_pretrained_image_script.py`` (CPU, ~10 s).
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tritower.launch.pretrain_image import parse_args, pretrain
+from tritower.launch.tools.pretrain_image import parse_args, pretrain
 from tritower.model import (
     ModelConfig,
     build_clip,
@@ -56,5 +56,9 @@ def test_pretrain_then_load_as_locked_tower(tmp_path: Path) -> None:
 
 
 def test_bad_option_is_rejected() -> None:
-    with pytest.raises(SystemExit, match="bad option"):
+    from tritower.launch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
         parse_args(["--stpes=3"])
+    with pytest.raises(ConfigError, match="did you mean .data.builtin_image_size."):
+        parse_args(["--data.builtin_image_sise=32"])

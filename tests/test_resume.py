@@ -6,7 +6,6 @@ reference the interrupted ones must reproduce step for step (fp32, same world si
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,9 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import REPO, TRAIN, free_port
+from launching import REPO, TRAIN, free_port, losses_by_step
+
+pytestmark = pytest.mark.launch
 
 COMMON = ["--zero=zero_configs/z2.json", "--experiment=clip_test", "--train.log_every=1", "--eval.at_end=false",
           "--wandb.mode=disabled", "--checkpoint.every_steps=3", "--checkpoint.keep_last=0"]
@@ -38,17 +40,6 @@ def _finish(process: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
     return process.returncode, output
 
 
-def _losses(run: Path) -> dict[int, float]:
-    losses = {}
-    for line in (run / "train_log.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line being written right now
-            continue
-        losses[record["step"]] = record["loss"]
-    return losses
-
-
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     tag = (run / "checkpoints" / "latest").read_text().strip()
     return torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
@@ -64,7 +55,7 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
 def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (run / "train_log.jsonl").exists() and max(_losses(run), default=0) >= step:
+        if max(losses_by_step(run), default=0) >= step:
             return
         assert process.poll() is None, process.communicate()[0][-3000:]
         time.sleep(0.2)
@@ -87,7 +78,7 @@ def test_kill_at_random_step_then_resume_matches_uninterrupted(tmp_path: Path, d
     assert code == 0, output[-3000:]
     assert "resumed from" in output
 
-    expected, got = _losses(reference), _losses(interrupted)
+    expected, got = losses_by_step(reference), losses_by_step(interrupted)
     assert set(got) == set(expected) == set(range(1, 11))
     for step in expected:  # the resumed steps overwrite nothing: later records win
         assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]} (killed after {kill_after})"
@@ -128,7 +119,7 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(tmp_path: Path, data_ca
     tag = (run / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(tag.removeprefix("step"))
     assert 2 <= stopped_at < 400
-    assert max(_losses(run)) == stopped_at
+    assert max(losses_by_step(run)) == stopped_at
 
 
 def test_nonfinite_losses_are_skipped_counted_then_stop_with_checkpoint(tmp_path: Path, data_cache: Path) -> None:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, final_metrics, free_port
+from launching import REPO, Run, free_port
+
+pytestmark = pytest.mark.launch
 
 FAKE = REPO / "tests" / "fake_slurm"
 
@@ -37,11 +39,12 @@ def _job(script: str, tmp_path: Path, data_cache: Path, *overrides: str, job_id:
 
 
 def test_one_node_script_trains_to_the_end(tmp_path: Path, data_cache: Path) -> None:
+    run = Run.before(tmp_path / "runs" / "slurmrun")
     process, log = _job("train_1node.sbatch", tmp_path, data_cache, "--train.steps=4")
     output, _ = process.communicate(timeout=400)
     assert process.returncode == 0, output[-3000:]
     assert "2 ranks, master 127.0.0.1" in output
-    metrics = final_metrics(output)
+    metrics = run.finished(output).metrics
     assert metrics["world_size"] == 2 and metrics["step"] == 4
     assert "requeue" not in log.read_text()
 
@@ -64,8 +67,11 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(script: str, tmp
     stopped = int(latest.removeprefix("step"))
 
     # The requeued job runs the same script again and resumes by itself (--resume=auto).
+    requeued = Run.before(tmp_path / "runs" / "slurmrun")
     process, log = _job(script, tmp_path, data_cache, f"--train.steps={stopped + 2}")
     output, _ = process.communicate(timeout=400)
     assert process.returncode == 0, output[-3000:]
     assert f"at step {stopped}" in output
-    assert final_metrics(output)["step"] == stopped + 2
+    requeued.finished(output)
+    assert [record["step"] for record in requeued.steps()] == [stopped + 1, stopped + 2]
+    assert requeued.metrics["step"] == stopped + 2

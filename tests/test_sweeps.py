@@ -28,8 +28,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, final_metrics, free_port
-from tritower.launch.config import ALIASES, TrainConfig, load_config
+from launching import REPO, Run, free_port
+from tritower.launch.cli import ALIASES, load_config
+from tritower.launch.config import TrainConfig
 from tritower.launch.ds_config import build_ds_config
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -197,6 +198,7 @@ def test_every_expanded_command_is_accepted(path: Path, tmp_path: Path) -> None:
                 assert got == value or math.isclose(got, value, rel_tol=1e-12), (key, got, value)
 
 
+@pytest.mark.launch
 def test_one_expanded_command_runs_with_agent_environment(tmp_path: Path, data_cache: Path) -> None:
     """One agent-expanded clip_tiny_lr command, clip_test-sized, on 2 CPU ranks; one wandb run."""
     sweep = load_sweep(REPO / "sweeps" / "clip_tiny_lr.yaml")
@@ -211,10 +213,11 @@ def test_one_expanded_command_runs_with_agent_environment(tmp_path: Path, data_c
     launched = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), *command[1:]]
     env = dict(os.environ, WANDB_RUN_ID="sweeprun01", WANDB_SWEEP_ID="sweep0001", WANDB_SILENT="true",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    run = Run.before(tmp_path / "runs" / "sweep-run")
     result = subprocess.run(launched, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
-    final = final_metrics(output)
+    final = run.finished(output).metrics
     assert final["step"] == 2 and final["world_size"] == 2 and math.isfinite(final["loss"])
     assert f"'--optim.lr={params['optim.lr']}'" in output  # the sampled value reached both ranks
     runs = list((tmp_path / "runs" / "sweep-run" / "wandb").glob("offline-run-*"))

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tritower.losses import LossConfig, NonFiniteInputError, ThreeTowersLoss, three_towers_loss
+from tritower.losses import LossConfig, NonFiniteInputError, ThreeTowersObjective, three_towers_loss
 from tritower.losses.three_towers import INPUT_KEYS, TERMS
 
 VOCAB = 64
@@ -128,16 +128,17 @@ def test_weights_and_temperatures_are_honoured(impl: str) -> None:
 def test_module_reads_the_model_dict_and_config() -> None:
     inputs = random_inputs(9, 4, seed=5)
     config = LossConfig(impl="tiled", tile_size=4, weight_main=2.0, weight_image_third=0.25, weight_text_third=1.5)
-    total, terms = ThreeTowersLoss.from_config(config)({**inputs, "unused": torch.ones(1)})
+    result = ThreeTowersObjective(config)({**inputs, "unused": torch.ones(1)})
+    total, terms = result["loss"], result
     want, want_terms = reference_loss(inputs, (2.0, 0.25, 1.5))
     torch.testing.assert_close(total, want)
     for name, value in zip(TERMS, want_terms, strict=True):
         torch.testing.assert_close(terms[name], value)
         assert not terms[name].requires_grad
     with pytest.raises(KeyError, match="third_text_features"):
-        ThreeTowersLoss(LossConfig())({k: v for k, v in inputs.items() if k != "third_text_features"})
+        ThreeTowersObjective(LossConfig())({k: v for k, v in inputs.items() if k != "third_text_features"})
     with pytest.raises(ValueError, match="sigmoid.*not supported"):
-        ThreeTowersLoss(LossConfig(kind="sigmoid"))
+        ThreeTowersObjective(LossConfig(kind="sigmoid"))
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="weight_text_third"):
             LossConfig(weight_text_third=bad)
@@ -149,7 +150,7 @@ def test_nonfinite_inputs_raise(key: str) -> None:
     inputs[key] = inputs[key].clone()
     inputs[key].view(-1)[0] = float("nan")
     with pytest.raises(NonFiniteInputError, match=f"{key}: 1 non-finite"):
-        ThreeTowersLoss(LossConfig())(inputs)
+        ThreeTowersObjective(LossConfig())(inputs)
 
 
 # ---- the loss on 2 gloo ranks -----------------------------------------------------------------
@@ -214,12 +215,13 @@ def rank_worker(rank: int, world: int, port: int, impls: tuple[str, ...] = ("nai
         if rank == world - 1:
             inputs["third_text_features"][0, 0] = float("nan")
         with pytest.raises(NonFiniteInputError, match=f"over {world} ranks.*third_text_features: 1"):
-            ThreeTowersLoss(LossConfig(impl="tiled"))(inputs)
+            ThreeTowersObjective(LossConfig(impl="tiled"))(inputs)
         dist.barrier()  # every rank raised, none is left waiting in a collective
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.launch
 def test_two_gloo_ranks_equal_one_process_with_one_gather() -> None:
     mp.spawn(rank_worker, args=(2, free_port()), nprocs=2, join=True)
 
@@ -227,6 +229,7 @@ def test_two_gloo_ranks_equal_one_process_with_one_gather() -> None:
 # ---- triton, under the interpreter in a fresh process -----------------------------------------
 
 
+@pytest.mark.launch
 def test_triton_under_interpreter() -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

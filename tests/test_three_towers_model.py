@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tritower.losses import LossConfig, ThreeTowersLoss
+from tritower.losses import LossConfig, ThreeTowersObjective
 
 VOCAB = 64
 
@@ -68,7 +68,7 @@ def test_model_heads_match_their_formulas() -> None:
         torch.testing.assert_close(out[key].double(), want[piece], rtol=1e-5, atol=1e-6, msg=key)
     torch.testing.assert_close(out["logit_scale_3t"], torch.full([2], 1.5).exp())
     assert not torch.allclose(want["h_f"], want["h_g"])  # two heads on h, not one
-    total, _ = ThreeTowersLoss(LossConfig())(out)
+    total = ThreeTowersObjective(LossConfig())(out)["loss"]
     total.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(p.grad is None for p in third.parameters())
@@ -123,7 +123,7 @@ def alpha_scores(p: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_mixture_scores_are_the_alpha_formula(alpha: float) -> None:
-    from tritower.evaluation import ThreeTowersMixture
+    from tritower.model import ThreeTowersMixture
     from tritower.model import CLIPWithLocked, LockedTowers
 
     model, third = tiny_three_towers()
@@ -161,7 +161,8 @@ def toy_eval_set(n: int = 24):
 
 
 def test_evaluate_alphas_equals_evaluate_on_each_mixture() -> None:
-    from tritower.evaluation import ThreeTowersMixture, evaluate, evaluate_alphas
+    from tritower.evaluation import evaluate, evaluate_alphas
+    from tritower.model import ThreeTowersMixture
 
     model, third = tiny_three_towers()
     eval_set = toy_eval_set()
@@ -183,7 +184,8 @@ def test_evaluate_alphas_equals_evaluate_on_each_mixture() -> None:
 
 def test_eval_config_alphas() -> None:
     from tritower.evaluation.config import EvalConfig
-    from tritower.launch.config import ConfigError, load_config
+    from tritower.launch.cli import load_config
+    from tritower.launch.config import ConfigError
 
     assert EvalConfig(alphas=" 0, 0.5,1 ").alpha_values() == [0.0, 0.5, 1.0] and EvalConfig().alpha_values() == []
     for bad in ("1.5", "half"):
@@ -216,9 +218,9 @@ def fake_checkpoint(root: Path, model, cfg) -> Path:
 def test_export_plain_and_alpha_mixture(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from tritower.launch.export import ExportError, export
+    from tritower.launch.tools.export import ExportError, export
     from tritower.model import ModelConfig, build_clip, build_image_tower, build_third_tower
-    from tritower.model.inference import load_export
+    from tritower.inference import load_export
 
     torch.manual_seed(1)
     save_file(build_image_tower("vit_test").vit.state_dict(), str(tmp_path / "vit.safetensors"))

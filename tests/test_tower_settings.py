@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, deepspeed_launch, final_metrics
+from launching import REPO, deepspeed_launch
+
+pytestmark = pytest.mark.launch
 
 SETTINGS_PROBE = REPO / "tests" / "scripts" / "settings_probe.py"
 MINILM_PROBE = REPO / "tests" / "scripts" / "minilm_zero3_probe.py"
@@ -183,13 +185,14 @@ def test_two_rank_zero3_run_through_the_launcher(setting: str, train, pretrained
         "UU": [f"--model.image_pretrained={pretrained['image']}", "--model.text_tower=minilm_l6"],
         "3T": [f"--model.third_pretrained={pretrained['image']}", "--eval.alphas=0,0.5,1"],
     }[setting]
-    output = train(f"--model.setting={setting}", *overrides, "--train.steps=8", "--train.log_every=2",
-                   "--eval.at_end=true", "--eval.max_samples=64")
-    metrics = final_metrics(output)
+    launched = train(f"--model.setting={setting}", *overrides, "--train.steps=8", "--train.log_every=2",
+                     "--eval.at_end=true", "--eval.max_samples=64")
+    metrics = launched.metrics
     assert metrics["step"] == 8 and metrics["world_size"] == 2 and metrics["nonfinite_steps"] == 0
     assert "zeroshot_top1" in metrics
-    assert f"setting {setting}: parameters per tower" in output
-    run = tmp_path / "runs" / "clip_test"
+    assert f"setting {setting}: parameters per tower" in launched.output
+    run = launched.run_dir
+    assert run == tmp_path / "runs" / "clip_test"
     state = torch.load(next((run / "checkpoints" / "step00000008").glob("*mp_rank_00_model_states.pt")),
                        weights_only=False)
     locked = state["locked"] if "locked" in state else state["client_state"]["locked"]
@@ -202,35 +205,32 @@ def test_two_rank_zero3_run_through_the_launcher(setting: str, train, pretrained
         for metric in ("zeroshot_top1", "image_to_text_R@5"):
             assert {f"{metric}@alpha=0", f"{metric}@alpha=0.5"} <= set(metrics)
             assert metrics[f"{metric}@alpha=1"] == pytest.approx(metrics[metric], abs=1e-6)
-        records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-        assert all({"loss_main", "loss_image_third", "loss_text_third"} <= set(r) for r in records if "loss" in r)
-
-
-def _log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        steps = launched.steps()
+        assert [r["step"] for r in steps] == [2, 4, 6, 8]
+        assert all({"loss_main", "loss_image_third", "loss_text_third"} <= set(r) for r in steps)
 
 
 def test_precomputed_embeddings_give_the_on_the_fly_trajectory(train, pretrained: dict, data_cache: Path,
                                                                 tmp_path: Path) -> None:
-    """``launch/precompute.py`` then Lu training on the embeddings == Lu with the locked tower run
+    """``launch/tools/precompute.py`` then Lu training on the embeddings == Lu with the locked tower run
     on the fly over the same fixed views: the same loss at every step (fp32), and the precomputed
     run never builds the tower (nor decodes an image)."""
     import subprocess
     import sys
 
     embeddings = tmp_path / "embeddings"
-    subprocess.run([sys.executable, "-m", "tritower.launch.precompute", "--tower", "vit_test",
+    subprocess.run([sys.executable, "-m", "tritower.launch.tools.precompute", "--tower", "vit_test",
                     "--checkpoint", pretrained["image"], "--shards", "builtin", "--experiment", "clip_test",
                     f"--data.cache_dir={data_cache}", "--out", str(embeddings), "--views", "2",
                     "--view-seed", "5", "--store-dtype", "fp32", "--num-workers", "0", "--batch-size", "100"],
                    check=True, cwd=REPO, timeout=600)
     common = ["--model.setting=Lu", f"--model.image_pretrained={pretrained['image']}", "--train.steps=6",
               "--train.log_every=1", "--checkpoint.save_at_end=false"]
-    train(*common, "--data.views=2", "--data.view_seed=5", "--train.run_name=fly")
-    output = train(*common, f"--data.embeddings={embeddings}", "--train.run_name=pre")
-    assert "precomputed embeddings" in output and "not built" in output
-    fly, pre = _log(tmp_path / "runs" / "fly"), _log(tmp_path / "runs" / "pre")
-    assert len(fly) == len(pre) == 6
+    fly = train(*common, "--data.views=2", "--data.view_seed=5", "--train.run_name=fly")
+    pre = train(*common, f"--data.embeddings={embeddings}", "--train.run_name=pre")
+    assert "precomputed embeddings" in pre.output and "not built" in pre.output
+    fly, pre = fly.steps(), pre.steps()
+    assert [r["step"] for r in fly] == [r["step"] for r in pre] == list(range(1, 7))
     for a, b in zip(fly, pre):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
     assert fly[-1]["loss"] != fly[0]["loss"]
@@ -247,7 +247,7 @@ def test_embeddings_of_another_tower_are_refused(train, pretrained: dict, tmp_pa
     torch.manual_seed(99)
     save_file(build_image_tower("vit_test").vit.state_dict(), str(other))
     embeddings = tmp_path / "embeddings"
-    subprocess.run([sys.executable, "-m", "tritower.launch.precompute", "--tower", "vit_test",
+    subprocess.run([sys.executable, "-m", "tritower.launch.tools.precompute", "--tower", "vit_test",
                     "--checkpoint", pretrained["image"], "--shards", "builtin", "--experiment", "clip_test",
                     f"--data.cache_dir={tmp_path / 'cache'}", "--data.builtin_train_samples=200",
                     "--out", str(embeddings), "--num-workers", "0"], check=True, cwd=REPO, timeout=600)

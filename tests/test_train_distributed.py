@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_launch, final_metrics, losses_logged
+from launching import REPO, deepspeed_launch
+
+pytestmark = pytest.mark.launch
 
 PROBE = REPO / "tests" / "scripts" / "grad_probe.py"
 
@@ -78,14 +80,14 @@ def test_gradcache_with_locked_towers_equals_one_big_batch(probes: dict, setting
 
 @pytest.mark.parametrize("zero", ["z1", "z2", "z3"])
 def test_stage_trains_saves_and_resumes(zero: str, train, tmp_path: Path) -> None:
-    output = train(f"--zero=zero_configs/{zero}.json", "--train.steps=16", "--train.log_every=2",
-                   "--wandb.mode=offline" if zero == "z3" else "--wandb.mode=disabled")
-    losses = losses_logged(output)
-    assert len(losses) == 8
+    first = train(f"--zero=zero_configs/{zero}.json", "--train.steps=16", "--train.log_every=2",
+                  "--wandb.mode=offline" if zero == "z3" else "--wandb.mode=disabled")
+    assert [record["step"] for record in first.steps()] == list(range(2, 17, 2))
+    losses = first.losses()
     assert min(losses[-3:]) < losses[0] - 0.05, f"loss did not fall: {losses}"
     checkpoints = tmp_path / "runs" / "clip_test" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step00000016"
-    metrics = final_metrics(output)
+    metrics = first.metrics
     assert metrics["step"] == 16 and metrics["world_size"] == 2
     if zero == "z3":
         assert list((tmp_path / "runs" / "clip_test" / "wandb").glob("offline-run-*")), "no offline wandb run written"
@@ -95,6 +97,7 @@ def test_stage_trains_saves_and_resumes(zero: str, train, tmp_path: Path) -> Non
     if zero == "z3":  # the resumed run continues the same wandb run: its id came from the checkpoint
         runs = sorted((tmp_path / "runs" / "clip_test" / "wandb").glob("offline-run-*"))
         assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
-    assert f"resumed from {checkpoints / 'step00000016'} at step 16" in resumed
-    assert [line.split("|")[0].strip() for line in resumed.splitlines() if line.startswith("step ")] == ["step 17/18", "step 18/18"]
-    assert losses_logged(resumed)[0] < losses[0]
+    assert f"resumed from {checkpoints / 'step00000016'} at step 16" in resumed.output
+    assert [record["step"] for record in resumed.steps()] == [17, 18]  # appended to the first launch's log
+    assert resumed.log_start == len(first.log) and resumed.metrics["step"] == 18
+    assert resumed.losses()[0] < losses[0]

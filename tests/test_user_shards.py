@@ -7,10 +7,11 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from conftest import final_metrics, losses_logged
+pytestmark = pytest.mark.launch
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
 
@@ -40,10 +41,10 @@ def _write_shards(folder: Path, count: int) -> tuple[str, Path]:
 
 def test_shardwriter_img2dataset_shards_train(train, tmp_path: Path) -> None:
     shards, vocab = _write_shards(tmp_path, 240)
-    output = train(f"--data.train_shards={shards}", f"--data.vocab={vocab}", "--data.caption_key=json:caption",
-                   "--train.steps=6", "--train.log_every=2", "--eval.at_end=false", "--wandb.mode=disabled", ranks=1)
-    assert len(losses_logged(output)) == 3
-    metrics = final_metrics(output)
+    run = train(f"--data.train_shards={shards}", f"--data.vocab={vocab}", "--data.caption_key=json:caption",
+                "--train.steps=6", "--train.log_every=2", "--eval.at_end=false", "--wandb.mode=disabled", ranks=1)
+    assert [record["step"] for record in run.steps()] == [2, 4, 6]
+    metrics = run.metrics
     assert metrics["step"] == 6 and metrics["nonfinite_steps"] == 0
     assert metrics["data_bad"].get("image", 0) >= 1 and set(metrics["data_bad"]) == {"image"}, metrics
     assert metrics["data_samples"] >= 6 * 32

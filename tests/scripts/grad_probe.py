@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import save_file
 from deepspeed.utils import safe_get_full_grad
 
-from tritower.launch.config import load_config
+from tritower.launch.cli import load_config
 from tritower.model import build_image_tower
 from tritower.launch.engine import build_engine, init_distributed
 from tritower.launch.gradcache import gradcache_backward, split_batch
 from tritower.launch.dist_env import from_environ
-from tritower.launch.towers import TowerInputs, build_towers
-from tritower.losses import ContrastiveLoss
+from tritower.launch.model_setup import TowerInputs, build_towers
+from tritower.losses import build_objective
 
 VOCAB = 50
 
@@ -70,24 +70,12 @@ def main() -> None:
         images, input_ids, attention_mask = synthetic_global_batch(options.global_batch, 32, 16)
         local = slice(env.rank * options.global_batch // env.world_size, (env.rank + 1) * options.global_batch // env.world_size)
         batch = {"image": images[local], "input_ids": input_ids[local], "attention_mask": attention_mask[local]}
-        if setting == "3T":
-            from tritower.losses import ThreeTowersLoss
-
-            three = ThreeTowersLoss.from_config(cfg.loss)
-
-            def loss_of(out):
-                return three(out)[0]
-        else:
-            contrastive = ContrastiveLoss.from_config(cfg.loss)
-
-            def loss_of(out):
-                return contrastive(out["image_features"], out["text_features"], out["logit_scale"])
-
+        objective = build_objective(cfg.loss, three_towers=cfg.model.parsed.three_towers)
         if micro_size:
             micro = [inputs(part, 0) for part in split_batch(batch, batch["image"].shape[0] // micro_size)]
-            loss, _ = gradcache_backward(engine, micro, loss_of, engine.device)
+            loss = gradcache_backward(engine, micro, objective, engine.device)[0]["loss"]
         else:
-            loss = loss_of(engine(**inputs(batch, 0)))
+            loss = objective(engine(**inputs(batch, 0)))["loss"]
             engine.backward(loss)
         grads = {name: safe_get_full_grad(param).detach().clone() for name, param in engine.module.named_parameters()}
         results[case] = {"loss": loss.item(), "grads": grads}

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from tritower.launch.config import load_config
+from tritower.launch.cli import load_config
 from tritower.launch.trainer import Trainer
 from tritower.model import parse_setting
 

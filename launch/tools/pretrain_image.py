@@ -2,8 +2,8 @@
 cross-entropy on labelled webdataset shards (by default the built-in scenes' 30 colour x shape
 labels). The result is an image tower checkpoint that LiT/3T runs load as L or U.
 
-    python launch/pretrain_image.py                                  # vit_scene_tiny, ~1-2 min
-    python launch/pretrain_image.py --tower=vit_test --steps=20 --out=runs/pretrain_vit_test
+    python launch/tools/pretrain_image.py                                  # vit_scene_tiny, ~1-2 min
+    python launch/tools/pretrain_image.py --tower=vit_test --steps=20 --out=runs/pretrain_vit_test
 
 Writes ``<out>/image_tower.safetensors`` (the timm module's weights plus ``head.*``, the
 classifier, which the loader drops) and ``<out>/image_tower.json`` naming the registry tower;
@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from tritower.data.config import DataConfig
+from tritower.launch.cli import parse_overrides
+from tritower.launch.config import ConfigError
 from tritower.model import build_image_tower, file_sha256, image_tower_spec
 
 CHECKPOINT = "image_tower.safetensors"
@@ -177,24 +179,22 @@ def _save(cfg: PretrainImageConfig, tower: nn.Module, classifier: nn.Linear, num
 
 
 def parse_args(argv: list[str]) -> PretrainImageConfig:
-    """``--field=value`` / ``--data.field=value`` overrides of PretrainImageConfig."""
-    cfg = PretrainImageConfig()
-    for arg in argv:
-        key, sep, text = arg.removeprefix("--").partition("=")
-        target, name = (cfg.data, key[5:]) if key.startswith("data.") else (cfg, key)
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        if not arg.startswith("--") or not sep or name not in fields or name == "data":
-            raise SystemExit(f"pretrain_image: bad option {arg!r}; options: --FIELD=VALUE for "
-                             f"{sorted(f for f in fields if f != 'data')} or --data.FIELD=VALUE")
-        kind = type(getattr(target, name))
-        value = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
-        setattr(target, name, value)
-    cfg.data.__post_init__()  # re-validate after overrides
+    """``--field=value`` / ``--data.field=value`` overrides of PretrainImageConfig (``launch/cli.py``)."""
+    cfg = parse_overrides(PretrainImageConfig(), argv)
+    try:
+        cfg.data.__post_init__()  # re-validate after overrides
+    except ValueError as error:
+        raise ConfigError(f"data: {error}") from None
     return cfg
 
 
 def main(argv: list[str]) -> int:
-    pretrain(parse_args(argv))
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as error:
+        print(f"pretrain_image: config error: {error}", file=sys.stderr)
+        return 2
+    pretrain(cfg)
     return 0
 
 

@@ -1,9 +1,9 @@
 """Export a DeepSpeed checkpoint to plain consolidated weights for inference.
 
-    python -m tritower.launch.export --checkpoint runs/clip_tiny/checkpoints --out exports/clip_tiny
-    python -m tritower.launch.export --checkpoint runs/lit/checkpoints --tag step00000400 \\
+    python -m tritower.launch.tools.export --checkpoint runs/clip_tiny/checkpoints --out exports/clip_tiny
+    python -m tritower.launch.tools.export --checkpoint runs/lit/checkpoints --tag step00000400 \\
         --out exports/lit --dtype bf16
-    python -m tritower.launch.export --checkpoint runs/3t/checkpoints --out exports/3t_a05 --alpha 0.5
+    python -m tritower.launch.tools.export --checkpoint runs/3t/checkpoints --out exports/3t_a05 --alpha 0.5
 
 Writes ``OUT/model.safetensors`` (every tensor of the full CLIP model, locked towers included),
 ``OUT/config.json`` (model section, tower specs, image preprocessing, context length, where each
@@ -56,12 +56,13 @@ from tritower.model import (
     text_tower_spec,
     trainable_rules,
 )
+from tritower.launch.checkpointer import check_locked, locate
+from tritower.model.architecture import FORMAT
+from tritower.model.precision import dtype_of
 from tritower.model.settings import THREE_TOWER_PARAMETERS
 
-FORMAT = "tritower-export"
 FORMAT_VERSION = 1
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_PRECISIONS = ("fp32", "bf16")
 SHOWN = 8  # keys named per kind in an error
 
 
@@ -82,23 +83,6 @@ class CheckpointTensors:
     """fp32 master weights of the trainable parameters, plus buffers (zero_to_fp32)."""
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)
     """Copies of frozen parameters in the training precision (not in ``master``)."""
-
-
-def resolve_tag(checkpoint: str | Path, tag: str | None = None) -> tuple[Path, str]:
-    """(checkpoints folder, tag) from a run's ``checkpoints`` folder (+ ``tag`` or its ``latest``)
-    or from one tag folder."""
-    path = Path(checkpoint).expanduser()
-    if tag is None and not (path / "latest").is_file() and any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    if tag is None:
-        if not (path / "latest").is_file():
-            raise FileNotFoundError(f"no DeepSpeed checkpoint at {path}: pass a run's checkpoints "
-                                    "folder (holding 'latest') or one of its step folders")
-        tag = (path / "latest").read_text().strip()
-    if not any((path / tag).glob("*model_states.pt")):
-        tags = sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-        raise FileNotFoundError(f"no checkpoint tag {tag!r} in {path} (found: {tags})")
-    return path, tag
 
 
 def _model_states_file(tag_dir: Path) -> Path:
@@ -154,8 +138,7 @@ def model_config_from(saved: dict) -> ModelConfig:
 
 def locked_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
     """Module prefixes of the L towers: their tensors may come from the pretrained source."""
-    setting = parse_setting(cfg.setting)
-    return tuple(f"{tower}_tower." for tower in ("image", "text") if setting.locked(tower))
+    return tuple(f"{tower.role}_tower." for tower in cfg.parsed.main_towers if tower.locked)
 
 
 def assemble_state(
@@ -215,23 +198,20 @@ def assemble_state(
 def check_locked_identities(
     model: torch.nn.Module, identities: dict[str, dict[str, str]], third_tower: torch.nn.Module | None = None
 ) -> None:
-    """A locked tower held outside the engine has no copy in the checkpoint: its identity
-    (``LockedTower.identity()``, saved by the trainer as client state ``locked``) is the only
-    proof that the file found now is the one trained with. ``third_tower`` is 3T's h when the
-    export holds it (``--alpha``)."""
+    """The checkpointer's locked-tower identity check (``checkpointer.check_locked``) against the
+    files this export loads now. ``third_tower`` is 3T's h when the export holds it (``--alpha``)."""
     from tritower.model import file_sha256
 
-    for name, identity in identities.items():
+    current = {}
+    for name in identities:
         tower = third_tower if name == "third_tower" else getattr(model, name, None)
-        recorded = identity.get("sha256", "")
         source = getattr(tower, "source", "")
-        if tower is None or not recorded or not source:
-            continue  # the third tower is not part of a plain export; older runs recorded no hash
-        found = file_sha256(source)
-        if found != recorded:
-            raise ExportError(f"locked {name} {source!r} has sha256 {found[:12]}..., the run trained with "
-                              f"{identity.get('source')!r} of sha256 {recorded[:12]}...: pass the original file "
-                              "with --pretrained")
+        if source:  # the third tower is not part of a plain export
+            current[name] = {"source": source, "sha256": file_sha256(source)}
+    try:
+        check_locked(identities, current, "the checkpoint")
+    except ValueError as error:
+        raise ExportError(f"{error} (export: pass the original file with --pretrained)") from None
 
 
 def tokenizer_source(data: dict) -> str:
@@ -286,15 +266,15 @@ def export(
     ...}) overrides where locked towers' pretrained files are now. ``alpha`` (3T runs only)
     exports the alpha mixture with the third tower instead of the plain CLIP (module docstring).
     """
-    from tritower.model.text_tokenizers import build_text_tokenizer
+    from tritower.data.tokenizer import build_text_tokenizer
 
-    folder, tag = resolve_tag(checkpoint, tag)
+    folder, tag = locate(checkpoint, tag)
     tensors = read_checkpoint(folder, tag)
     saved = tensors.client_state.get("config")
     if not saved:
         raise ExportError(f"{folder / tag} carries no training config in its client state")
     cfg = model_config_from({**saved["model"], **(pretrained or {})})
-    if alpha is not None and not parse_setting(cfg.setting).three_towers:
+    if alpha is not None and not cfg.parsed.three_towers:
         raise ExportError(f"--alpha applies to Three Towers runs (model.setting=3T) only; this run is "
                           f"{cfg.setting!r}")
     if alpha is not None and not 0.0 <= alpha <= 1.0:
@@ -316,7 +296,7 @@ def export(
     reference = model.state_dict()
     locked = {k: (not trainable[k]) if k in trainable else k.startswith(prefixes) for k in reference}
     sources = {k: getattr(getattr(model, k.split(".")[0]), "source", "initialisation") for k in reference}
-    state, origins = assemble_state(reference, locked, tensors, TRAIN_DTYPES[train_precision], sources)
+    state, origins = assemble_state(reference, locked, tensors, dtype_of(train_precision), sources)
     model.load_state_dict(state, strict=True)
 
     extra = {
@@ -345,11 +325,11 @@ def write_export(
     """
     from safetensors.torch import save_file
 
-    from tritower.evaluation.three_towers import check_alpha
+    from tritower.model.mixture import check_alpha
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    target_dtype = EXPORT_DTYPES[dtype]
+    target_dtype = dtype_of(dtype)
     state = model.state_dict()
     three_towers = None
     if alpha is not None:
@@ -367,7 +347,7 @@ def write_export(
                for k, v in state.items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
     image_spec, text_spec = image_tower_spec(cfg.image_tower), text_tower_spec(cfg.text_tower)
-    pretrained_text = parse_setting(cfg.setting).pretrained("text")
+    pretrained_text = cfg.parsed.text.is_pretrained
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -404,11 +384,11 @@ def parse_pretrained(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tritower.launch.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tritower.launch.tools.export", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run's checkpoints folder, or one tag folder in it")
     parser.add_argument("--tag", default=None, help="tag to export (default: the folder's 'latest')")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=EXPORT_PRECISIONS, default="fp32")
     parser.add_argument("--vocab", default=None, help="tokenizer source if the run's has moved")
     parser.add_argument("--pretrained", action="append", default=[], metavar="TOWER=PATH",
                         help="where a locked tower's pretrained file is now (image=..., text=...)")

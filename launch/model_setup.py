@@ -32,15 +32,12 @@ from tritower.model import (
     load_image_tower,
     parameter_groups,
     parameter_table,
-    parse_setting,
     resolve_trainable,
     split_locked,
-    text_tower_spec,
     trainable_rules,
     trainable_towers_at,
 )
-
-PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from tritower.model.precision import autocast_dtype
 
 
 @dataclass
@@ -63,10 +60,10 @@ def precomputed_role(cfg: TrainConfig) -> str:
     """Which locked tower ``data.embeddings`` replaces: the L image tower, or 3T's third tower."""
     if not cfg.data.embeddings:
         return ""
-    setting = parse_setting(cfg.model.setting)
-    if setting.three_towers:
+    parsed = cfg.model.parsed
+    if parsed.three_towers:
         return "third"
-    if setting.locked("image") and cfg.model.image_unlock_last_blocks == 0:
+    if parsed.image.fully_locked:
         return "image"
     raise ConfigError(
         f"data.embeddings={cfg.data.embeddings!r} replaces a fully locked image tower, but setting "
@@ -79,8 +76,8 @@ def text_tokenizer_source(cfg: TrainConfig, builtin_vocab: str) -> str:
     """The tokenizer's files: ``data.vocab``, else a pretrained text tower's own, else the built-in one."""
     if cfg.data.vocab:
         return cfg.data.vocab
-    if parse_setting(cfg.model.setting).pretrained("text"):
-        return cfg.model.text_pretrained or text_tower_spec(cfg.model.text_tower).pretrained_dir
+    if cfg.model.parsed.text.is_pretrained:
+        return cfg.model.parsed.text.pretrained
     return builtin_vocab
 
 
@@ -92,7 +89,7 @@ def build_towers(cfg: TrainConfig, vocab_size: int) -> Towers:
     model = build_clip(model_cfg, vocab_size=vocab_size, **logit_bias, **(
         {"without": ("image",)} if precomputed == "image" else {}))
     trainable = resolve_trainable(model, trainable_rules(model_cfg))
-    autocast = PRECISION_DTYPES[cfg.deepspeed.precision]
+    autocast = autocast_dtype(cfg.deepspeed.precision)
     model, locked = split_locked(model, model_cfg, autocast_dtype=autocast,
                                  build_third=precomputed != "third")
     apply_trainable(model, trainable)
@@ -109,11 +106,9 @@ def build_towers(cfg: TrainConfig, vocab_size: int) -> Towers:
 
 def build_eval_tower(cfg: TrainConfig, role: str) -> LockedTower:
     """The locked tower that precomputed embeddings stand for, for evaluation on new images only."""
-    model_cfg = cfg.model
-    name = model_cfg.image_tower if role == "image" else (model_cfg.third_tower or model_cfg.image_tower)
-    source = model_cfg.image_pretrained if role == "image" else model_cfg.third_pretrained
-    return LockedTower(load_image_tower(name, source), name,
-                       autocast_dtype=PRECISION_DTYPES[cfg.deepspeed.precision])
+    tower = cfg.model.parsed.tower(role)
+    return LockedTower(load_image_tower(tower.name, tower.pretrained), tower.name,
+                       autocast_dtype=autocast_dtype(cfg.deepspeed.precision))
 
 
 class TowerInputs:
@@ -131,11 +126,11 @@ class TowerInputs:
         self.precomputed = towers.precomputed
         self.module = module  # the engine's module: its U towers run here while not yet unlocked
         self.device, self.dtype = device, dtype
-        self.setting = parse_setting(cfg.model.setting)
+        self.parsed = cfg.model.parsed
 
     def needs_images(self) -> bool:
         """Whether any tower reads pixels (False for Lu with precomputed image embeddings)."""
-        return self.precomputed != "image" or self.setting.three_towers
+        return self.precomputed != "image" or self.parsed.three_towers
 
     def __call__(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         training = trainable_towers_at(self.cfg.model, step)
@@ -149,17 +144,17 @@ class TowerInputs:
             kwargs["image_embeddings"] = self._embedding(batch)
         elif self.locked.image is not None:
             kwargs["image_embeddings"] = self.locked.image.encode(images).to(self.dtype)
-        elif not training["image"] and self.setting.letter("image") == "U":
+        elif not training["image"] and self.parsed.image.letter == "U":
             kwargs["image_embeddings"] = self._frozen(self.module.image_tower, images)
         else:
             kwargs["images"] = images
         if self.locked.text is not None:
             kwargs["text_embeddings"] = self.locked.text.encode(ids, mask).to(self.dtype)
-        elif not training["text"] and self.setting.letter("text") == "U":
+        elif not training["text"] and self.parsed.text.letter == "U":
             kwargs["text_embeddings"] = self._frozen(self.module.text_tower, ids, mask)
         else:
             kwargs["input_ids"], kwargs["attention_mask"] = ids, mask
-        if self.setting.three_towers:
+        if self.parsed.three_towers:
             kwargs["third_embeddings"] = (self._embedding(batch) if self.precomputed == "third"
                                           else self.locked.third.encode(images).to(self.dtype))
         return kwargs
@@ -179,12 +174,8 @@ def unlock_factors(cfg: TrainConfig, step: int) -> dict[str, float]:
     delayed unlock: 0 before ``*_unlock_after_steps``, then a linear ramp to 1 over
     ``optim.unlock_warmup_steps`` (0 = ``optim.warmup_steps``) steps."""
     warmup = cfg.optim.unlock_warmup_steps or cfg.optim.warmup_steps
-    factors = {}
-    for tower in ("image", "text"):
-        delay = getattr(cfg.model, f"{tower}_unlock_after_steps")
-        if delay:
-            factors[tower] = 0.0 if step < delay else min(1.0, (step - delay + 1) / max(1, warmup))
-    return factors
+    factors = {tower.role: tower.unlock_factor(step, warmup) for tower in cfg.model.parsed.main_towers}
+    return {role: factor for role, factor in factors.items() if factor is not None}
 
 
 def apply_unlock_schedule(optimizer, cfg: TrainConfig, step: int) -> None:

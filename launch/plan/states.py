@@ -57,7 +57,7 @@ POLICIES = (
 BUCKET_ELEMENTS = 50_000_000
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def largest_layer_parameters(name: str, vocab_size: int | None = None) -> int:
     """Parameters of the module holding the most direct parameters (DeepSpeed's
     ``model_to_params`` rule), built on the meta device."""
@@ -179,7 +179,7 @@ def comparable_engine_bytes(states: ModelStates, trained: int, gpus: int,
     return engine
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tower_parameters(name: str, kind: str, vocab_size: int | None = None) -> int:
     """Parameters of an image or text tower; ``vocab_size`` applies to text towers only."""
     return count_parameters(name, vocab_size if kind == "text" else None)

@@ -1,8 +1,8 @@
 """Precompute a locked image tower's embeddings once, into companion shards of the training data.
 
-    python -m tritower.launch.precompute --tower vit_scene_tiny \\
+    python -m tritower.launch.tools.precompute --tower vit_scene_tiny \\
         --checkpoint runs/pretrain_image/image_tower.safetensors --shards builtin --out runs/emb
-    python -m tritower.launch.precompute --tower vit_base_patch16_224 \\
+    python -m tritower.launch.tools.precompute --tower vit_base_patch16_224 \\
         --checkpoint /ckpt/vit_b16.safetensors --shards '/data/laion/{00000..41455}.tar' \\
         --views 4 --device cuda --dtype bf16 --num-workers 8 --part 3 --parts 16 --out /data/emb
 
@@ -45,8 +45,8 @@ from tritower.data.embeddings import (
 from tritower.data.samples import BadDataStats, decode_image, image_field, read_shard
 from tritower.data.shards import expand_shards, load_shard_sizes
 from tritower.data.transforms import TrainTransform, view_rng
+from tritower.model.precision import PRECISIONS, autocast_dtype
 
-FORWARD_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
 
 
@@ -149,7 +149,7 @@ class ViewStream(torch.utils.data.IterableDataset):
 def resolve_shards(cfg: PrecomputeConfig) -> tuple[list[str], float]:
     """(every source shard URL in order, the default crop_scale_min) for ``cfg.shards``."""
     from tritower.data import ensure_builtin_data
-    from tritower.launch.config import apply_override
+    from tritower.launch.cli import apply_override
     from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
 
     train = get_experiment(cfg.experiment or DEFAULT_EXPERIMENT)
@@ -205,7 +205,7 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
 
     spec = image_tower_spec(cfg.tower)
     tower = load_image_tower(cfg.tower, cfg.checkpoint)
-    locked = LockedTower(tower, cfg.tower, autocast_dtype=FORWARD_DTYPES[cfg.dtype]).to(cfg.device)
+    locked = LockedTower(tower, cfg.tower, autocast_dtype=autocast_dtype(cfg.dtype)).to(cfg.device)
     transform = TrainTransform(spec.image_size, spec.mean, spec.std, crop_scale_min)
     stream = ViewStream(mine, transform, cfg.views, cfg.view_seed,
                         chunk_samples=max(1, cfg.batch_size // cfg.views))
@@ -291,7 +291,7 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
 
 def parse_args(argv: list[str]) -> PrecomputeConfig:
     """The command line -> PrecomputeConfig (``--name value`` or ``--name=value``)."""
-    parser = argparse.ArgumentParser(prog="python -m tritower.launch.precompute",
+    parser = argparse.ArgumentParser(prog="python -m tritower.launch.tools.precompute",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--tower", required=True, help="image tower name from the registry")
     parser.add_argument("--checkpoint", required=True, help="its local weights file")
@@ -304,7 +304,7 @@ def parse_args(argv: list[str]) -> PrecomputeConfig:
                         help="crop area fraction lower bound (default: the experiment's)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward")
     parser.add_argument("--device", default=PrecomputeConfig.device, help="cpu or cuda[:i]")
-    parser.add_argument("--dtype", choices=sorted(FORWARD_DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32",
                         help="forward precision")
     parser.add_argument("--store-dtype", choices=sorted(STORE_DTYPES), default="fp16",
                         help="storage precision of the embeddings")

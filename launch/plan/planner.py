@@ -1,4 +1,4 @@
-"""Memory planner: per-GPU memory of a run, and the ZeRO stage, micro-batch and checkpointing
+"""The memory planner's model: per-GPU memory of a run, and the ZeRO stage, micro-batch and checkpointing
 that fit it into the GPUs (docs/memory_planner.md has the formulas and their checks).
 
     python -m tritower.launch.plan --image vit_giant_patch14_224 --text bert_large \\
@@ -11,17 +11,24 @@ tower's architecture). ``--json`` prints the plan as JSON. Sizes are GiB (2^30 b
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import asdict, dataclass, field
 
-from tritower.launch.plan_activations import (
-    TowerShape, inference_bytes, input_bytes, naive_loss_bytes, tiled_loss_bytes, tower_shape,
+from tritower.launch.plan.activations import (
+    TowerShape,
+    inference_bytes,
+    input_bytes,
+    naive_loss_bytes,
+    tiled_loss_bytes,
+    tower_shape,
     train_activations,
 )
-from tritower.launch.plan_states import (
-    POLICIES, ModelStates, ZeroPolicy, largest_layer_parameters, model_states, tower_parameters,
+from tritower.launch.plan.states import (
+    POLICIES,
+    ModelStates,
+    ZeroPolicy,
+    largest_layer_parameters,
+    model_states,
+    tower_parameters,
 )
 
 SETTINGS = ("LU", "Lu", "UU", "Uu", "uu", "UL", "uL", "LL", "3T")
@@ -259,47 +266,3 @@ def to_json(result: dict) -> dict:
             "best_per_zero": {k: candidate(v) for k, v in result["per_policy"].items()},
             "recommendation": candidate(best),
             "flags": flags(request, best) if best else None}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", required=True, help="image tower registry name")
-    parser.add_argument("--text", required=True, help="text tower registry name")
-    parser.add_argument("--setting", default="uu", choices=SETTINGS)
-    parser.add_argument("--global-batch", type=int, required=True)
-    parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--margin", type=float, default=0.10, help="fraction kept free")
-    parser.add_argument("--embed-dim", type=int, default=1024)
-    parser.add_argument("--third", default="", help="3T third tower (default: the image tower)")
-    parser.add_argument("--vocab-size", type=int, default=None)
-    parser.add_argument("--tile", type=int, default=1024, help="tiled loss tile size")
-    parser.add_argument("--precomputed-locked", action="store_true",
-                        help="locked towers' embeddings are precomputed (not on the GPU)")
-    parser.add_argument("--unfused-attention", action="store_true",
-                        help="attention keeps its s x s probabilities (math kernel)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    options = parser.parse_args(argv)
-    try:
-        request = PlanRequest(
-            options.image, options.text, options.setting, options.global_batch, options.gpus,
-            options.gpu_memory, options.precision, options.gpus_per_node, options.margin,
-            options.embed_dim, options.third, options.vocab_size, options.tile,
-            options.precomputed_locked, not options.unfused_attention)
-        result = plan(request)
-    except ValueError as error:
-        print(f"tritower.plan: {error}", file=sys.stderr)
-        return 2
-    if options.json:
-        print(json.dumps(to_json(result), indent=1))
-    else:
-        from tritower.launch.plan_report import format_plan
-
-        print(format_plan(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

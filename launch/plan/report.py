@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from tritower.launch.plan import GIB, Candidate, PlanRequest, flags
-from tritower.launch.plan_activations import (
-    inference_bytes, naive_loss_bytes, tiled_loss_bytes, train_activations,
+from tritower.launch.plan.activations import (
+    inference_bytes,
+    naive_loss_bytes,
+    tiled_loss_bytes,
+    train_activations,
 )
-from tritower.launch.plan_states import POLICIES
+from tritower.launch.plan.planner import GIB, Candidate, PlanRequest, flags
+from tritower.launch.plan.states import POLICIES
 
 MIB = 2.0 ** 20
 STATE_ROWS = [

@@ -1,6 +1,6 @@
 """Measure the activation memory of one CLIP forward+backward on the CPU, to check the planner.
 
-    python -m tritower.launch.plan_measure --image vit_scene_tiny --text bert_scene_tiny \\
+    python -m tritower.launch.plan.measure --image vit_scene_tiny --text bert_scene_tiny \\
         --batch 256 --checkpointing off,on
 
 prints one JSON line per mode: the measured extra peak memory of a training step (bytes) and the
@@ -44,7 +44,7 @@ def _reset_peak() -> None:
 def predicted_step_bytes(image: str, text: str, batch: int, checkpointing: bool,
                          embed_dim: int, elem: int = 4) -> dict[str, float]:
     """The planner's figures for one plain (no GradCache) fp32 step of both towers + naive loss."""
-    from tritower.launch.plan_activations import naive_loss_bytes, tower_shape, train_activations
+    from tritower.launch.plan.activations import naive_loss_bytes, tower_shape, train_activations
 
     towers = [train_activations(tower_shape(name), elem, checkpointing) for name in (image, text)]
     stored = batch * sum(t.stored for t in towers)
@@ -120,9 +120,12 @@ def predicted_deepspeed_bytes(image: str, text: str, batch: int, stage: int, voc
                               embed_dim: int, bucket: int) -> dict[str, float]:
     """The planner's total for a 1-rank fp32 DeepSpeed step: engine states + buckets,
     activations and loss, and the input batch."""
-    from tritower.launch.plan_activations import input_bytes, tower_shape
-    from tritower.launch.plan_states import (
-        POLICIES, largest_layer_parameters, model_states, tower_parameters,
+    from tritower.launch.plan.activations import input_bytes, tower_shape
+    from tritower.launch.plan.states import (
+        POLICIES,
+        largest_layer_parameters,
+        model_states,
+        tower_parameters,
     )
 
     shapes = [tower_shape(image), tower_shape(text)]
@@ -197,7 +200,7 @@ def start_measurement(image: str, text: str, batch: int, checkpointing: str = "o
     """Start ``main`` in a fresh interpreter with the mmap threshold fixed (module docstring).
     Several can run side by side, one thread each; ``finish`` collects one."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "tritower.launch.plan_measure", "--image", image,
+    command = [sys.executable, "-m", "tritower.launch.plan.measure", "--image", image,
                "--text", text, "--batch", str(batch), "--embed-dim", str(embed_dim),
                "--checkpointing", checkpointing, "--deepspeed-stage", str(deepspeed_stage),
                "--vocab", str(vocab)]

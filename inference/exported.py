@@ -1,7 +1,7 @@
-"""Inference on an exported model (``python -m tritower.launch.export``): no DeepSpeed, no
+"""Inference on an exported model (``python -m tritower.launch.tools.export``): no DeepSpeed, no
 checkpoint, no pretrained files needed, only the export folder.
 
-    from tritower.model.inference import load_export
+    from tritower.inference import load_export
 
     clip = load_export("exports/clip_tiny")
     image_features = clip.encode_image([Image.open("cat.jpg")])      # [1, D], unit norm
@@ -15,7 +15,7 @@ its features are [sqrt(A) f(x), sqrt(1-A) h_g(h(x))] and [sqrt(A) g(t), sqrt(1-A
 
 Images go through the evaluation transform the run was evaluated with (shorter side resized to
 the tower's size, centre crop, the tower's mean/std: ``tritower.data.transforms.EvalTransform``);
-captions through the exported tokenizer (``tritower.model.build_text_tokenizer``, padded or
+captions through the exported tokenizer (``tritower.data.build_text_tokenizer``, padded or
 truncated to the tower's context length: ``tritower.data.tokenize``).
 """
 
@@ -28,54 +28,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .clip import CLIPModel
-from .config import ModelConfig
-from .locked import LockedTower
-from .registry import image_tower_spec
-from .settings import parse_setting
-from .text_tokenizers import build_text_tokenizer
-from .towers import TextTower, build_image_tower, build_text_tower, unwrap_clip_text
-
-FORMAT = "tritower-export"
-
-
-def build_architecture(config: dict) -> CLIPModel:
-    """The exported model's modules with placeholder weights, from ``config.json`` alone.
-
-    Towers are built from their registry specs (never from pretrained files, which the
-    inference machine need not have); a pretrained text encoder is rebuilt from its own saved
-    transformers config, whose architecture may differ in details from the registry's.
-    """
-    cfg = ModelConfig(**config["model"])
-    setting = parse_setting(cfg.setting)
-    image_tower = build_image_tower(cfg.image_tower)
-    if config.get("text_encoder_config"):
-        import transformers
-
-        from .pretrained import _text_model_class
-        from .registry import text_tower_spec
-
-        spec = text_tower_spec(cfg.text_tower)
-        saved = dict(config["text_encoder_config"])
-        encoder_config = transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)
-        kwargs = {"add_pooling_layer": False} if spec.arch == "bert" else {}
-        encoder = _text_model_class(spec.arch)(encoder_config, **kwargs)
-        if spec.arch == "clip_text":
-            encoder = unwrap_clip_text(encoder)
-        text_tower = TextTower(spec, config["vocab_rows"], config["text_pooling"], encoder=encoder)
-    else:
-        text_tower = build_text_tower(cfg.text_tower, config["vocab_rows"], pooling=config["text_pooling"])
-    # A 3T run exported without --alpha is a plain CLIP: no 3T heads (config "three_towers" null).
-    mixed = setting.three_towers and bool(config.get("three_towers"))
-    third = image_tower_spec(cfg.third_tower or cfg.image_tower).width if mixed else 0
-    return CLIPModel(image_tower, text_tower, cfg.embed_dim, cfg.init_logit_scale, cfg.max_logit_scale,
-                     third_width=third, logit_bias=0.0 if config.get("logit_bias") else None)
-
-
-def build_third_tower_architecture(config: dict) -> LockedTower:
-    """The third tower h of an alpha-mixed 3T export, placeholder weights, from its registry spec."""
-    name = config["three_towers"]["third_tower"]
-    return LockedTower(build_image_tower(name), name, source=config["three_towers"].get("third_source", ""))
+from tritower.data.tokenizer import build_text_tokenizer, tokenize
+from tritower.data.transforms import EvalTransform
+from tritower.model.architecture import FORMAT, build_architecture, build_third_tower_architecture
+from tritower.model.mixture import ThreeTowersMixture
+from tritower.model.precision import dtype_of
 
 
 class ExportedModel:
@@ -87,8 +44,6 @@ class ExportedModel:
     """
 
     def __init__(self, model: torch.nn.Module, config: dict, folder: Path, device: torch.device) -> None:
-        from tritower.data.transforms import EvalTransform
-
         self.model = model
         self.config = config
         self.folder = folder
@@ -101,8 +56,6 @@ class ExportedModel:
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (input_ids, attention_mask), int64 [N, context_length] each."""
-        from tritower.data import tokenize
-
         return tokenize(self.tokenizer, list(texts), self.context_length)
 
     def preprocess(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
@@ -159,7 +112,9 @@ def _mixture_key(key: str) -> str:
     return "model." + key
 
 
-def load_export(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ExportedModel:
+def load_export(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> ExportedModel:
     """Load an export folder (``model.safetensors`` + ``config.json`` + tokenizer files).
 
     ``dtype`` None keeps the exported precision. Every tensor of the file must fit the model
@@ -173,8 +128,6 @@ def load_export(folder: str | Path, device: str | torch.device = "cpu", dtype: t
         raise ValueError(f"{folder / 'config.json'} is not a tritower export (format {config.get('format')!r})")
     model: torch.nn.Module = build_architecture(config)
     if config.get("three_towers"):
-        from tritower.evaluation.three_towers import ThreeTowersMixture
-
         model = ThreeTowersMixture(model, build_third_tower_architecture(config), config["three_towers"]["alpha"])
         state = {_mixture_key(k): v for k, v in load_file(str(folder / "model.safetensors"), device="cpu").items()}
     else:
@@ -184,7 +137,7 @@ def load_export(folder: str | Path, device: str | torch.device = "cpu", dtype: t
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{folder / 'model.safetensors'} does not fit its config: missing "
                          f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
-    stored = {"fp32": torch.float32, "bf16": torch.bfloat16}[config["dtype"]]
+    stored = dtype_of(config["dtype"])
     device = torch.device(device)
     model = model.to(device=device, dtype=dtype or stored).eval()
     return ExportedModel(model, config, folder, device)

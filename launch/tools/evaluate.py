@@ -1,7 +1,7 @@
 """Evaluate an exported model on zero-shot classification and image-text retrieval.
 
-    python -m tritower.launch.evaluate --export exports/clip_tiny
-    python -m tritower.launch.evaluate --export exports/clip_tiny \\
+    python -m tritower.launch.tools.evaluate --export exports/clip_tiny
+    python -m tritower.launch.tools.evaluate --export exports/clip_tiny \\
         --eval-shards '/data/eval/{000..003}.tar' --out metrics.json
 
 Without ``--eval-shards`` it uses the held-out data the run was evaluated on: the built-in scenes'
@@ -26,8 +26,8 @@ import torch
 
 from tritower.data import DataConfig, ensure_builtin_data, expand_shards, load_eval_set, tokenize
 from tritower.evaluation import evaluate, recall_at_k
+from tritower.inference import ExportedModel, load_export
 from tritower.launch.run_io import write_json_atomic
-from tritower.model.inference import ExportedModel, load_export
 
 
 def eval_shards_for(exported: ExportedModel, spec: str | None, cache_dir: str | None) -> list[str]:
@@ -61,8 +61,10 @@ def run_evaluation(
         image_features = exported.encode_image(eval_set.images[:count], batch_size)
         with torch.no_grad():
             text_features = torch.cat([
-                exported.model.encode_text(eval_set.input_ids[i : i + batch_size].to(exported.device),
-                                           eval_set.attention_mask[i : i + batch_size].to(exported.device)).float().cpu()
+                exported.model.encode_text(
+                    eval_set.input_ids[i : i + batch_size].to(exported.device),
+                    eval_set.attention_mask[i : i + batch_size].to(exported.device),
+                ).float().cpu()
                 for i in range(0, count, batch_size)])
         return recall_at_k(image_features, text_features) | {"eval_samples": count}
     return evaluate(
@@ -73,8 +75,10 @@ def run_evaluation(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tritower.launch.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--export", required=True, help="folder written by tritower.launch.export")
+    parser = argparse.ArgumentParser(
+        prog="python -m tritower.launch.tools.evaluate", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--export", required=True, help="folder written by tritower.launch.tools.export")
     parser.add_argument("--eval-shards", default=None, help="held-out shards (brace pattern or .txt list)")
     parser.add_argument("--cache-dir", default=None, help="built-in data cache (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")

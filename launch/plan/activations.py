@@ -1,6 +1,6 @@
 """Activation and loss-buffer memory of the towers, from their sizes alone (no tensors built).
 
-The memory planner (``launch/plan.py``) adds these to the model states. Every count below is a
+The memory planner (``launch/plan/planner.py``) adds these to the model states. Every count below is a
 tensor that autograd keeps for backward, read off the saved-tensor lists of timm's ViT block and
 transformers' BertLayer (``torch.autograd.graph.saved_tensors_hooks``); ``docs/memory_planner.md``
 derives them and compares them with measured runs.

@@ -1,0 +1,197 @@
+"""Checkpoints through the DeepSpeed engine, written so that nothing saved is ever lost: the
+``Checkpointer`` (save, load, resume resolution, the locked-tower identity checks), used by the
+trainer, and ``locate`` (a checkpoint path -> folder and tag), used by the trainer and by export.
+
+Layout of ``<run>/checkpoints/``::
+
+    step00000400/        one DeepSpeed tag (every rank's shards + the trainer's client state)
+    step00000400/keep    marker: never pruned
+    latest               names the newest complete tag
+
+A save writes a temporary tag (``step00000600.partial``) on every rank, waits until every rank
+has finished, renames it (one atomic rename by rank 0) and only then rewrites ``latest``
+atomically. A process killed at any moment therefore leaves ``latest`` pointing at a complete
+checkpoint. Old tags beyond the last ``keep_last`` are removed, except those marked ``keep``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tritower.launch.run_io import write_text_atomic
+
+TAG_PATTERN = re.compile(r"^step(\d{8})$")
+PARTIAL_SUFFIX = ".partial"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state(device: torch.device) -> dict:
+    """This rank's random generators, so a resumed run draws the same numbers."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_per_rank(value: object) -> list:
+    """Every rank's ``value`` in rank order (a collective: all ranks call it)."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def complete_tags(folder: Path) -> list[str]:
+    """Finished tags, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+
+
+def save(engine, folder: Path, step: int, client_state: dict, *, keep_last: int, keep: bool = False) -> str:
+    """Write tag ``step`` from every rank; returns the tag once ``latest`` points at it."""
+    tag = tag_for(step)
+    partial = tag + PARTIAL_SUFFIX
+    is_main = dist.get_rank() == 0
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder / partial, ignore_errors=True)  # a leftover of a killed save
+    dist.barrier()
+    engine.save_checkpoint(str(folder), tag=partial, client_state=client_state, save_latest=False)
+    if os.environ.get("TRITOWER_FAULT_KILL_IN_SAVE") == str(step):
+        # Fault injection for tests: die like a preempted node in the middle of a save.
+        os.kill(os.getpid(), 9)
+    dist.barrier()  # every rank's shards are on disk before the tag becomes visible
+    if is_main:
+        if (folder / tag).exists():  # saving the same step twice (e.g. end right after a periodic save)
+            shutil.rmtree(folder / tag)
+        os.replace(folder / partial, folder / tag)
+        if keep:
+            (folder / tag / "keep").touch()
+        write_text_atomic(folder / "latest", tag)
+        prune(folder, keep_last)
+    dist.barrier()
+    return tag
+
+
+def prune(folder: Path, keep_last: int) -> list[str]:
+    """Remove complete tags older than the newest ``keep_last``, sparing those marked ``keep``."""
+    if keep_last <= 0:
+        return []
+    tags = complete_tags(folder)
+    removed = []
+    for tag in tags[:-keep_last]:
+        if not (folder / tag / "keep").exists():
+            shutil.rmtree(folder / tag, ignore_errors=True)
+            removed.append(tag)
+    return removed
+
+
+def locate(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
+    """(checkpoints folder, tag) of a checkpoint: a run's ``checkpoints`` folder (its ``latest``,
+    or ``tag``) or one tag folder in it. FileNotFoundError naming what was expected otherwise."""
+    path = Path(path).expanduser()
+    if tag is None and not (path / "latest").is_file() and path.is_dir() and any(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    named_by_latest = tag is None
+    if tag is None:
+        if not (path / "latest").is_file():
+            raise FileNotFoundError(
+                f"no DeepSpeed checkpoint at {path}: pass a run's checkpoints folder (holding 'latest') "
+                "or one of its step folders (or --resume auto to resume this run's own)"
+            )
+        tag = (path / "latest").read_text().strip()
+    if named_by_latest and not (path / tag).is_dir():
+        raise FileNotFoundError(f"{path / 'latest'} names {tag}, which is missing: pass one of "
+                                f"{complete_tags(path)}")
+    if not any((path / tag).glob("*model_states.pt")):
+        raise FileNotFoundError(f"no checkpoint tag {tag!r} in {path} (found: {complete_tags(path)})")
+    return path, tag
+
+
+def resolve_resume(resume: str, checkpoints: Path) -> tuple[Path, str] | None:
+    """Where to resume from: ``auto`` (this run's latest, if any), a checkpoints folder, or a tag.
+
+    Returns (checkpoints folder, tag), or None to start fresh (``auto`` with nothing saved).
+    """
+    if not resume:
+        return None
+    if resume == "auto" and not (checkpoints / "latest").is_file():
+        return None
+    return locate(checkpoints if resume == "auto" else resume)
+
+
+def check_locked(recorded: dict[str, dict[str, str]], current: dict[str, dict[str, str]], where: str) -> None:
+    """A locked tower held outside the engine has no copy in the checkpoint: its identity (file
+    and sha256, saved as client state ``locked``) is the only proof that the file loaded now is
+    the one trained with. ValueError naming both files where a recorded hash differs; towers
+    without a recorded or current hash (older runs, towers not loaded) are not compared."""
+    for name, identity in recorded.items():
+        now = current.get(name, {})
+        if identity.get("sha256") and now.get("sha256") and identity["sha256"] != now["sha256"]:
+            raise ValueError(
+                f"{where} was trained with the locked {name} {identity.get('source')!r} "
+                f"(sha256 {identity['sha256'][:12]}...), this run loads {now.get('source')!r} (sha256 "
+                f"{now['sha256'][:12]}...): pass the original file to resume, or start a new run"
+            )
+
+
+def load(engine, folder: Path, tag: str) -> dict:
+    """Load model, optimizer and scheduler state on every rank; returns the trainer's client state."""
+    load_path, client_state = engine.load_checkpoint(str(folder), tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load tag {tag} from {folder}")
+    return client_state or {}
+
+
+class Checkpointer:
+    """Save, load and resume resolution for one run's ``checkpoints/`` folder (every rank holds
+    one; every method is a collective unless it says otherwise)."""
+
+    def __init__(self, folder: Path, engine: object, *, keep_last: int, keep_every_steps: int = 0) -> None:
+        self.folder = folder
+        self.engine = engine
+        self.keep_last = keep_last
+        self.keep_every_steps = keep_every_steps
+
+    def resume_target(self, resume: str) -> tuple[Path, str] | None:
+        """What ``--resume`` names (``auto``: this run's latest), or None to start fresh."""
+        return resolve_resume(resume, self.folder)
+
+    def save(self, step: int, client_state: dict) -> Path:
+        """Write tag ``step`` (kept for good if ``keep_every_steps`` divides it); returns its folder."""
+        keep = bool(self.keep_every_steps and step % self.keep_every_steps == 0)
+        tag = save(self.engine, self.folder, step, client_state, keep_last=self.keep_last, keep=keep)
+        return self.folder / tag
+
+    def load(self, folder: Path, tag: str, *, world_size: int, locked: dict[str, dict[str, str]]) -> dict:
+        """Load tag ``folder/tag`` into the engine after checking it fits this run: the same world
+        size (data positions and RNG streams are per rank) and the same locked-tower files.
+        Returns the trainer's client state; ValueError naming the mismatch and the fix."""
+        state = load(self.engine, folder, tag)
+        saved_world = state.get("world_size", world_size)
+        if saved_world != world_size:
+            raise ValueError(
+                f"{folder / tag} was written by {saved_world} ranks, this run has {world_size}: "
+                "resume with the same world size (the data position and RNG streams are per rank)"
+            )
+        check_locked(state.get("locked", {}), locked, str(folder / tag))
+        return state

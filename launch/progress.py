@@ -1,0 +1,29 @@
+"""What a run reports while it trains: bad-data counts summed over ranks, and the progress line."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tritower.launch.checkpointer import gather_per_rank
+from tritower.launch.run_io import format_duration
+
+
+def data_quality(loader: object) -> dict:
+    """Good and bad samples so far, bad ones by kind, summed over ranks (a collective)."""
+    stats = loader.stats()
+    kinds = sorted(set().union(*gather_per_rank(list(stats.bad))))
+    counts = torch.tensor([float(stats.good)] + [float(stats.bad.get(kind, 0)) for kind in kinds])
+    dist.all_reduce(counts)
+    return {"good": int(counts[0]), "bad": {kind: int(n) for kind, n in zip(kinds, counts[1:].tolist())}}
+
+
+def progress_line(step: int, steps: int, rate: float, loss: float, lr: float, scale: float, elapsed: float,
+                  eta: float, bad: dict[str, int]) -> str:
+    """``step 10/450 | 98.1 samples/s | loss 4.1 | lr ... | logit_scale ... | elapsed ... | eta ...``."""
+    total_bad = sum(bad.values())
+    return (
+        f"step {step}/{steps} | {rate:8.1f} samples/s | loss {loss:.4f} | lr {lr:.3e} | "
+        f"logit_scale {scale:.2f} | elapsed {format_duration(elapsed)} | eta {format_duration(eta)}"
+        + (f" | bad samples {total_bad} {bad}" if total_bad else "")
+    )

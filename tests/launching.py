@@ -1,0 +1,153 @@
+"""Helpers for tests that start processes: free ports, ``deepspeed`` launches, and reading what a
+training run wrote (``train_log.jsonl``, ``metrics.json``) instead of its human progress lines.
+
+Tests import these explicitly (``from launching import ...``); fixtures live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "launch" / "train.py"
+
+
+def free_port() -> int:
+    # Two launches in a row on one master port can fail with gloo "Broken pipe" (FACTS).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def deepspeed_launch(script: Path, args: list[str], *, ranks: int, cwd: Path, timeout: int = 400,
+                     env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``deepspeed --num_gpus ranks script args`` the way a user does, and return its output."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    command = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), WANDB_SILENT="true",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr)[-6000:]
+        raise AssertionError(f"launch failed ({result.returncode}): {' '.join(command)}\n{tail}")
+    return result
+
+
+# ---- what a run writes ----------------------------------------------------------------------
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """Every record of ``run_dir/train_log.jsonl`` (all launches of the run, in order); a last line
+    still being written by a live run is left out."""
+    path = Path(run_dir) / "train_log.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+    return records
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """Step -> loss over all launches of the run; a step logged again after a resume: the later record wins."""
+    return {record["step"]: record["loss"] for record in read_log(run_dir) if "loss" in record}
+
+
+def _option(args: list[str], key: str) -> str | None:
+    """The last value given to ``--key`` in ``--key=value`` or ``--key value`` form (later ones win)."""
+    value = None
+    for i, token in enumerate(args):
+        if token.startswith(f"--{key}="):
+            value = token.split("=", 1)[1]
+        elif token == f"--{key}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def run_dir_of(args: list[str], env: dict | None = None) -> Path:
+    """Where ``launch/train.py args`` writes: ``train.output_dir`` / (``train.run_name``, else the
+    experiment, suffixed ``-$WANDB_RUN_ID`` under a sweep agent); see ``trainer.run_name``."""
+    env = os.environ if env is None else env
+    output_dir = Path(_option(args, "train.output_dir") or "runs")
+    if not output_dir.is_absolute():
+        output_dir = REPO / output_dir
+    name = _option(args, "train.run_name")
+    if not name:
+        experiment = _option(args, "experiment") or "clip_tiny"
+        name = f"{experiment}-{env['WANDB_RUN_ID']}" if env.get("WANDB_RUN_ID") else experiment
+    return output_dir / name
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Which version of a file is there (the trainer replaces metrics.json atomically: a new inode)."""
+    if not path.exists():
+        return None
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+@dataclass
+class Run:
+    """One launch of a training run: its console ``output`` (for message checks) and what it wrote
+    in ``run_dir``. Make it with ``Run.before(run_dir)`` *before* launching, then
+    ``run.finished(output)`` once the launch is over: ``log`` and ``metrics`` are then this
+    launch's own, not those of an earlier launch of the same run (a resume appends to
+    ``train_log.jsonl``) nor of a later one."""
+
+    run_dir: Path
+    output: str = ""
+    log_start: int = 0  # records in train_log.jsonl before this launch
+    log_end: int | None = None  # ... and after it (None: still running)
+    metrics_before: tuple[int, int] | None = field(default=None, repr=False)
+    written_metrics: dict | None = field(default=None, repr=False)
+
+    @classmethod
+    def before(cls, run_dir: Path) -> Run:
+        run_dir = Path(run_dir)
+        return cls(run_dir, log_start=len(read_log(run_dir)), metrics_before=_stamp(run_dir / "metrics.json"))
+
+    def finished(self, output: str) -> Run:
+        self.output = output
+        self.log_end = len(read_log(self.run_dir))
+        path = self.run_dir / "metrics.json"
+        if _stamp(path) not in (None, self.metrics_before):
+            self.written_metrics = json.loads(path.read_text())
+        return self
+
+    @property
+    def log(self) -> list[dict]:
+        """The train_log.jsonl records this launch wrote: per-step records and events."""
+        return read_log(self.run_dir)[self.log_start:self.log_end]
+
+    def steps(self) -> list[dict]:
+        """This launch's per-step records (those with a ``loss``), in order."""
+        return [record for record in self.log if "loss" in record]
+
+    def losses(self) -> list[float]:
+        return [record["loss"] for record in self.steps()]
+
+    def events(self) -> list[dict]:
+        return [record for record in self.log if "event" in record]
+
+    @property
+    def metrics(self) -> dict:
+        """The final metrics this launch wrote (``metrics.json``); an error if it wrote none."""
+        assert self.written_metrics is not None, (
+            f"this launch wrote no {self.run_dir / 'metrics.json'}:\n{self.output[-3000:]}")
+        return self.written_metrics
+
+
+def launch_train(args: list[str], *, ranks: int, timeout: int = 400, env: dict | None = None) -> Run:
+    """``deepspeed launch/train.py args`` on ``ranks`` CPU ranks; a failed launch raises AssertionError."""
+    run = Run.before(run_dir_of(args, env=None if env is None else {**os.environ, **env}))
+    result = deepspeed_launch(TRAIN, args, ranks=ranks, cwd=REPO, timeout=timeout, env=env)
+    return run.finished(result.stdout + result.stderr)
