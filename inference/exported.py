@@ -9,7 +9,7 @@ checkpoint, no pretrained files needed, only the export folder.
     logits = clip.similarity([Image.open("cat.jpg")], ["a red circle."])  # [1, 1]
 
 An export of a Three Towers run made with ``--alpha A`` loads as the alpha mixture
-(``tritower.evaluation.ThreeTowersMixture``: the main towers, the 3T heads and the third tower);
+(``tritower.model.ThreeTowersMixture``: the main towers, the 3T heads and the third tower);
 its features are [sqrt(A) f(x), sqrt(1-A) h_g(h(x))] and [sqrt(A) g(t), sqrt(1-A) g_h(g(t))], so
 ``similarity(..., scaled=False)`` is exactly A <f(x), g(t)> + (1-A) <h_g(h(x)), g_h(g(t))>.
 

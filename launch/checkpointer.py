@@ -21,12 +21,16 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from tritower.launch.run_io import write_text_atomic
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"
@@ -66,7 +70,9 @@ def complete_tags(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
 
 
-def save(engine, folder: Path, step: int, client_state: dict, *, keep_last: int, keep: bool = False) -> str:
+def save(
+    engine: DeepSpeedEngine, folder: Path, step: int, client_state: dict, *, keep_last: int, keep: bool = False
+) -> str:
     """Write tag ``step`` from every rank; returns the tag once ``latest`` points at it."""
     tag = tag_for(step)
     partial = tag + PARTIAL_SUFFIX
@@ -154,7 +160,7 @@ def check_locked(recorded: dict[str, dict[str, str]], current: dict[str, dict[st
             )
 
 
-def load(engine, folder: Path, tag: str) -> dict:
+def load(engine: DeepSpeedEngine, folder: Path, tag: str) -> dict:
     """Load model, optimizer and scheduler state on every rank; returns the trainer's client state."""
     load_path, client_state = engine.load_checkpoint(str(folder), tag=tag)
     if load_path is None:
@@ -166,7 +172,7 @@ class Checkpointer:
     """Save, load and resume resolution for one run's ``checkpoints/`` folder (every rank holds
     one; every method is a collective unless it says otherwise)."""
 
-    def __init__(self, folder: Path, engine: object, *, keep_last: int, keep_every_steps: int = 0) -> None:
+    def __init__(self, folder: Path, engine: DeepSpeedEngine, *, keep_last: int, keep_every_steps: int = 0) -> None:
         self.folder = folder
         self.engine = engine
         self.keep_last = keep_last

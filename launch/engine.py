@@ -1,4 +1,4 @@
-"""DeepSpeed lives here (with launch/checkpointing.py): process group and engine construction.
+"""DeepSpeed lives here (with launch/checkpointer.py): process group and engine construction.
 
 ``model/``, ``losses/``, ``data/`` and ``evaluation/`` never import DeepSpeed; this module hands
 them an engine that behaves like the model (``engine(...)``, ``engine.module.encode_image``).

@@ -18,8 +18,12 @@ the full-batch gradients (no 1/M).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 Batch = dict[str, torch.Tensor]
 
@@ -49,7 +53,7 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 def gradcache_backward(
-    engine,
+    engine: DeepSpeedEngine,
     micro_inputs: list[dict[str, torch.Tensor]],
     objective: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     device: torch.device,

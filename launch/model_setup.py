@@ -178,7 +178,7 @@ def unlock_factors(cfg: TrainConfig, step: int) -> dict[str, float]:
     return {role: factor for role, factor in factors.items() if factor is not None}
 
 
-def apply_unlock_schedule(optimizer, cfg: TrainConfig, step: int) -> None:
+def apply_unlock_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
     """Scale the scheduler's learning rate of each delayed-unlock tower's groups (call right before
     the optimizer step; the scheduler recomputes every group's lr from scratch after it)."""
     factors = unlock_factors(cfg, step)

@@ -32,8 +32,8 @@ from tritower.launch.model_setup import (
     unlock_factors,
 )
 from tritower.launch.preemption import Preempted, StopRequest
-from tritower.launch.run_eval import RunEvaluator
 from tritower.launch.progress import data_quality, progress_line
+from tritower.launch.run_eval import RunEvaluator
 from tritower.launch.run_io import WandbLogger, write_json_atomic
 from tritower.launch.run_setup import check_embeddings, locked_identities, resolve_data, run_name
 from tritower.losses import NonFiniteInputError, build_objective
@@ -235,7 +235,8 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         quality = data_quality(self.train_loader)
         bad = sum(quality["bad"].values())
-        self.log(progress_line(self.step, self.cfg.train.steps, rate, last_loss, lr, scale, elapsed, eta, quality["bad"]))
+        steps = self.cfg.train.steps
+        self.log(progress_line(self.step, steps, rate, last_loss, lr, scale, elapsed, eta, quality["bad"]))
         self.append_log({"step": self.step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate,
                          **{f"loss_{k}": v for k, v in terms.items()}})
         self.wandb.log({**{f"train/loss_{k}": v for k, v in terms.items()}, "train/loss": last_loss, "train/lr": lr,

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from launching import Run, launch_train
 
 UNMARKED_LAUNCH = "this test starts a process: mark it @pytest.mark.launch"

@@ -19,7 +19,7 @@ TRAIN = REPO / "launch" / "train.py"
 
 
 def free_port() -> int:
-    # Two launches in a row on one master port can fail with gloo "Broken pipe" (FACTS).
+    # Two launches in a row on one master port failed once with gloo "Broken pipe" on these machines.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

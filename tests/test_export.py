@@ -12,7 +12,7 @@ and AdamW is elementwise, so partitioning changes nothing. So:
 - a small DeepSpeed script (LiT ``Lu`` with a locked image tower, once inside the engine with its
   frozen blocks, once held outside it) must export exactly the weights its engine holds
   (gathered on rank 0), and the locked tower exactly its pretrained file, for all three stages;
-  this covers ZeRO-1's ``zero_to_fp32`` dropping frozen parameters (FACTS).
+  this covers ZeRO-1's ``zero_to_fp32`` dropping frozen parameters (DeepSpeed 0.19.8).
 
 Run: ``pytest tests/test_export.py`` (4 DeepSpeed launches of 2 CPU ranks).
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import REPO, deepspeed_launch, launch_train
 from safetensors.torch import load_file, save_file
 
-from launching import REPO, deepspeed_launch, launch_train
+from tritower.inference import load_export
 from tritower.launch.tools.export import CheckpointTensors, ExportError, assemble_state, export
 from tritower.model import build_clip, build_image_tower, build_text_tower, resolve_trainable, trainable_rules
-from tritower.inference import load_export
 
 STAGES = (1, 2, 3)
 CAPTIONS = ["a red circle.", "a small blue star at the top left.", "two shapes: a green cross and a purple square."]

@@ -21,8 +21,12 @@ from tritower.launch import plan as planner
 from tritower.launch.plan.activations import layer_saved_bytes, tower_shape
 from tritower.launch.plan.measure import finish, start_measurement
 from tritower.launch.plan.states import (
-    POLICIES, comparable_engine_bytes, deepspeed_estimate, largest_layer_parameters,
-    model_states, tower_parameters,
+    POLICIES,
+    comparable_engine_bytes,
+    deepspeed_estimate,
+    largest_layer_parameters,
+    model_states,
+    tower_parameters,
 )
 
 TOLERANCE_DEEPSPEED = 0.05

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launching import REPO, TRAIN, free_port, losses_by_step
 
 pytestmark = pytest.mark.launch

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launching import REPO, Run, free_port
 
 pytestmark = pytest.mark.launch

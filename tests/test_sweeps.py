@@ -1,6 +1,6 @@
 """wandb sweep files (``sweeps/*.yaml``): valid, and every command an agent would run is accepted.
 
-A sweep needs a W&B server, so what is tested here is what can be (shared/FACTS.md): each YAML
+A sweep needs a W&B server, so what is tested here is what can be (there are no offline sweeps in wandb 0.31): each YAML
 parses and is well formed; its ``command:`` expanded the way ``wandb agent`` expands it (macros
 implemented below from wandb's documentation and cross-checked against wandb's own
 ``create_sweep_command_args``), with values sampled from each parameter's ``values`` /
@@ -15,7 +15,6 @@ Run: ``pytest tests/test_sweeps.py`` (about a minute on 2 CPU cores, one DeepSpe
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -27,8 +26,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from launching import REPO, Run, free_port
+
 from tritower.launch.cli import ALIASES, load_config
 from tritower.launch.config import TrainConfig
 from tritower.launch.ds_config import build_ds_config
@@ -145,7 +144,7 @@ def test_sweep_files_exist() -> None:
 def test_sweep_is_well_formed(path: Path) -> None:
     sweep = load_sweep(path)
     assert sweep["program"] == "launch/train.py" and (REPO / sweep["program"]).is_file()
-    assert sweep["command"] == COMMAND, "multi-process sweeps name deepspeed literally (FACTS)"
+    assert sweep["command"] == COMMAND, "multi-process sweeps name deepspeed literally (the agent's ${interpreter} is always python)"
     assert sweep["method"] in ("grid", "random", "bayes")
     assert sweep["metric"]["goal"] in ("minimize", "maximize") and sweep["metric"]["name"]
     assert (REPO / "zero_configs" / "z3.json").is_file()

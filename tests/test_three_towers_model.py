@@ -77,8 +77,15 @@ def test_model_heads_match_their_formulas() -> None:
 def test_config_rules_and_sigmoid_bias(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from tritower.model import (ModelConfig, build_clip, build_image_tower, parameter_counts, parameter_groups,
-                                resolve_trainable, trainable_rules)
+    from tritower.model import (
+        ModelConfig,
+        build_clip,
+        build_image_tower,
+        parameter_counts,
+        parameter_groups,
+        resolve_trainable,
+        trainable_rules,
+    )
 
     vit = tmp_path / "vit.safetensors"
     save_file(build_image_tower("vit_test").vit.state_dict(), str(vit))
@@ -123,8 +130,7 @@ def alpha_scores(p: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_mixture_scores_are_the_alpha_formula(alpha: float) -> None:
-    from tritower.model import ThreeTowersMixture
-    from tritower.model import CLIPWithLocked, LockedTowers
+    from tritower.model import CLIPWithLocked, LockedTowers, ThreeTowersMixture
 
     model, third = tiny_three_towers()
     images, ids, mask = batch()
@@ -218,9 +224,9 @@ def fake_checkpoint(root: Path, model, cfg) -> Path:
 def test_export_plain_and_alpha_mixture(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
+    from tritower.inference import load_export
     from tritower.launch.tools.export import ExportError, export
     from tritower.model import ModelConfig, build_clip, build_image_tower, build_third_tower
-    from tritower.inference import load_export
 
     torch.manual_seed(1)
     save_file(build_image_tower("vit_test").vit.state_dict(), str(tmp_path / "vit.safetensors"))

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from launching import REPO, deepspeed_launch
+from safetensors.torch import save_file
 
 pytestmark = pytest.mark.launch
 

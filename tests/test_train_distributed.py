@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launching import REPO, deepspeed_launch
 
 pytestmark = pytest.mark.launch

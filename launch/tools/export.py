@@ -18,7 +18,7 @@ Where each tensor comes from, in order of preference:
    checkpoint also holds a copy (a frozen parameter inside the engine), the two must agree in the
    training precision, otherwise the source file changed since training and the export stops;
 3. the checkpoint's copy of a frozen parameter or buffer (training precision). ZeRO-1's
-   ``zero_to_fp32`` silently drops frozen parameters (shared/FACTS.md), so for stages 0-2 they
+   ``zero_to_fp32`` silently drops frozen parameters (read in DeepSpeed 0.19.8), so for stages 0-2 they
    are read from the engine's full ``module`` state instead.
 
 Any model tensor left without a source, and any checkpoint tensor the model does not have, is an
@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from tritower.launch.checkpointer import check_locked, locate
 from tritower.model import (
     ModelConfig,
     build_clip,
@@ -56,7 +57,6 @@ from tritower.model import (
     text_tower_spec,
     trainable_rules,
 )
-from tritower.launch.checkpointer import check_locked, locate
 from tritower.model.architecture import FORMAT
 from tritower.model.precision import dtype_of
 from tritower.model.settings import THREE_TOWER_PARAMETERS

@@ -16,16 +16,16 @@ import argparse
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from deepspeed.utils import safe_get_full_grad
+from safetensors.torch import save_file
 
 from tritower.launch.cli import load_config
-from tritower.model import build_image_tower
+from tritower.launch.dist_env import from_environ
 from tritower.launch.engine import build_engine, init_distributed
 from tritower.launch.gradcache import gradcache_backward, split_batch
-from tritower.launch.dist_env import from_environ
 from tritower.launch.model_setup import TowerInputs, build_towers
 from tritower.losses import build_objective
+from tritower.model import build_image_tower
 
 VOCAB = 50
 

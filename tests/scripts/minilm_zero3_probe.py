@@ -15,12 +15,11 @@ import json
 import torch
 import torch.distributed as dist
 
-from tritower.data import tokenize
+from tritower.data import build_text_tokenizer, tokenize
 from tritower.launch.cli import load_config
 from tritower.launch.dist_env import from_environ
 from tritower.launch.engine import build_engine, init_distributed
 from tritower.launch.model_setup import build_towers
-from tritower.data import build_text_tokenizer
 
 CAPTIONS = [
     "a red circle above a blue square",
