@@ -47,9 +47,7 @@ def photo_like_jpeg(rng: np.random.Generator, size: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(
-    folder: Path, samples: int, per_shard: int, quality: int
-) -> tuple[list[str], float]:
+def write_shards(folder: Path, samples: int, per_shard: int, quality: int) -> tuple[list[str], float]:
     """Writes the benchmark shards; returns their paths and the mean JPEG size in bytes."""
     rng = np.random.default_rng(0)
     words = random.Random(0)
@@ -131,12 +129,13 @@ def main() -> None:
             name = "loader, in-process" if workers == 0 else f"loader, {workers} worker(s)"
             rows.append((name, max(1, workers), rate))
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; JPEG {jpeg_bytes / 1e3:.1f} KB"
-          f"/sample, tar {shard_bytes / 1e3:.1f} KB/sample; batch {options.batch}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; JPEG {jpeg_bytes / 1e3:.1f} KB"
+        f"/sample, tar {shard_bytes / 1e3:.1f} KB/sample; batch {options.batch}"
+    )
     print(f"{'setting':<28}{'procs':>6}{'samples/s':>12}{'per proc':>10}{'MB/s read':>11}")
     for name, procs, rate in rows:
-        print(f"{name:<28}{procs:>6}{rate:>12.1f}{rate / procs:>10.1f}"
-              f"{rate * shard_bytes / 1e6:>11.1f}")
+        print(f"{name:<28}{procs:>6}{rate:>12.1f}{rate / procs:>10.1f}{rate * shard_bytes / 1e6:>11.1f}")
     if options.out:
         result = {
             "cpu_count": os.cpu_count(),

@@ -28,8 +28,7 @@ import time
 
 GIB = 2**30
 # 65536x1024 is left out by default: ~6 min of tiled on one core; pass it to --single to run it.
-DEFAULT_SINGLE = [f"{b}x{d}" for d in (512, 1024) for b in (4096, 8192, 16384, 32768)] + [
-    "65536x512"]
+DEFAULT_SINGLE = [f"{b}x{d}" for d in (512, 1024) for b in (4096, 8192, 16384, 32768)] + ["65536x512"]
 
 
 def _status_kb(field: str) -> int:
@@ -53,8 +52,7 @@ def _mem_available() -> int:
     raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
-def measure(impl: str, batch: int, dim: int, tile: int, threads: int, rank: int = 0,
-            world: int = 1) -> dict:
+def measure(impl: str, batch: int, dim: int, tile: int, threads: int, rank: int = 0, world: int = 1) -> dict:
     """Forward+backward of this rank's share of a global batch; peak extra bytes and seconds."""
     import torch
 
@@ -82,12 +80,12 @@ def measure(impl: str, batch: int, dim: int, tile: int, threads: int, rank: int 
     return {"peak_extra_bytes": peak - rss_before, "seconds": seconds, "loss": float(loss)}
 
 
-def _rank_main(rank: int, world: int, port: int, impl: str, batch: int, dim: int, tile: int,
-               threads: int, results: dict) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, impl: str, batch: int, dim: int, tile: int, threads: int, results: dict
+) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results[rank] = measure(impl, batch, dim, tile, threads, rank, world)
         dist.barrier()
@@ -105,16 +103,17 @@ def child(impl: str, batch: int, dim: int, tile: int, world: int, threads: int) 
         port = sock.getsockname()[1]
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank_main, args=(world, port, impl, batch, dim, tile, threads, results),
-                 nprocs=world)
+        mp.spawn(_rank_main, args=(world, port, impl, batch, dim, tile, threads, results), nprocs=world)
         per_rank = [results[r] for r in range(world)]
-    return {"peak_extra_bytes": max(r["peak_extra_bytes"] for r in per_rank),
-            "seconds": max(r["seconds"] for r in per_rank), "loss": per_rank[0]["loss"]}
+    return {
+        "peak_extra_bytes": max(r["peak_extra_bytes"] for r in per_rank),
+        "seconds": max(r["seconds"] for r in per_rank),
+        "loss": per_rank[0]["loss"],
+    }
 
 
 def run_config(impl: str, batch: int, dim: int, tile: int, world: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl] + [
-        str(n) for n in (batch, dim, tile, world, threads)]
+    cmd = [sys.executable, __file__, "--child", impl] + [str(n) for n in (batch, dim, tile, world, threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
@@ -124,20 +123,29 @@ def run_config(impl: str, batch: int, dim: int, tile: int, world: int, threads: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON file for the results")
-    parser.add_argument("--single", nargs="*", default=DEFAULT_SINGLE,
-                        help="BxD global batch x embedding size for one process")
+    parser.add_argument(
+        "--single", nargs="*", default=DEFAULT_SINGLE, help="BxD global batch x embedding size for one process"
+    )
     parser.add_argument("--tile", type=int, default=1024)
-    parser.add_argument("--ranked", nargs="*", default=["16384x512", "32768x512"],
-                        help="BxD global batch for the multi-rank runs (naive only at the first)")
+    parser.add_argument(
+        "--ranked",
+        nargs="*",
+        default=["16384x512", "32768x512"],
+        help="BxD global batch for the multi-rank runs (naive only at the first)",
+    )
     parser.add_argument("--worlds", type=int, nargs="*", default=[2, 4])
     parser.add_argument("--impls", nargs="+", default=["naive", "tiled"])
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="fresh processes per config; the table shows the fastest")
-    parser.add_argument("--mem-budget-gib", type=float, default=None,
-                        help="judge naive runs against this much memory instead of MemAvailable "
-                             "(e.g. 24 to reproduce the 2-core, 24 GiB development machine)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (per rank); see docs/loss.md")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="fresh processes per config; the table shows the fastest"
+    )
+    parser.add_argument(
+        "--mem-budget-gib",
+        type=float,
+        default=None,
+        help="judge naive runs against this much memory instead of MemAvailable "
+        "(e.g. 24 to reproduce the 2-core, 24 GiB development machine)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (per rank); see docs/loss.md")
     parser.add_argument("--child", nargs=6, metavar=("IMPL", "B", "D", "TILE", "WORLD", "THREADS"))
     opts = parser.parse_args()
     if opts.child:
@@ -150,24 +158,37 @@ def main() -> None:
         return int(batch), int(dim)
 
     configs = [(1, *parse(c), impl) for c in opts.single for impl in opts.impls]
-    configs += [(w, *parse(c), impl) for w in opts.worlds for c in opts.ranked
-                for impl in opts.impls if impl == "tiled" or c == opts.ranked[0]]
+    configs += [
+        (w, *parse(c), impl)
+        for w in opts.worlds
+        for c in opts.ranked
+        for impl in opts.impls
+        if impl == "tiled" or c == opts.ranked[0]
+    ]
     naive_coef: dict[int, float] = {}  # world -> peak bytes per B^2
     rows = []
     for world, batch, dim, impl in configs:
-        row = {"world": world, "B": batch, "D": dim, "impl": impl, "tile": opts.tile,
-               "threads": opts.threads, "load_avg_1min": os.getloadavg()[0]}
+        row = {
+            "world": world,
+            "B": batch,
+            "D": dim,
+            "impl": impl,
+            "tile": opts.tile,
+            "threads": opts.threads,
+            "load_avg_1min": os.getloadavg()[0],
+        }
         predicted = naive_coef.get(world, 0.0) * batch**2
         available = _mem_available()
         if opts.mem_budget_gib is not None:
             available = min(available, int(opts.mem_budget_gib * GIB))
         if impl == "naive" and predicted > available - 3 * GIB:
-            row["skipped"] = (f"predicted {predicted / GIB:.1f} GiB (one fp32 B x B matrix alone "
-                              f"is {batch**2 * 4 / GIB:.1f} GiB) > available "
-                              f"{available / GIB:.1f} GiB - 3")
+            row["skipped"] = (
+                f"predicted {predicted / GIB:.1f} GiB (one fp32 B x B matrix alone "
+                f"is {batch**2 * 4 / GIB:.1f} GiB) > available "
+                f"{available / GIB:.1f} GiB - 3"
+            )
         else:
-            runs = [run_config(impl, batch, dim, opts.tile, world, opts.threads)
-                    for _ in range(opts.repeats)]
+            runs = [run_config(impl, batch, dim, opts.tile, world, opts.threads) for _ in range(opts.repeats)]
             errors = [r for r in runs if "error" in r]
             if errors:
                 row.update(errors[0])
@@ -181,22 +202,28 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    print(f"\n{'ranks':>5} {'B':>6} {'D':>5} {'impl':>6} {'peak extra MiB':>15} {'time s':>8} "
-          f"{'load':>5}  note")
+    print(f"\n{'ranks':>5} {'B':>6} {'D':>5} {'impl':>6} {'peak extra MiB':>15} {'time s':>8} {'load':>5}  note")
     for r in rows:
         if "peak_extra_bytes" in r:
-            print(f"{r['world']:>5} {r['B']:>6} {r['D']:>5} {r['impl']:>6} "
-                  f"{r['peak_extra_bytes'] / 2**20:>15.0f} {r['seconds']:>8.2f} "
-                  f"{r['load_avg_1min']:>5.1f}")
+            print(
+                f"{r['world']:>5} {r['B']:>6} {r['D']:>5} {r['impl']:>6} "
+                f"{r['peak_extra_bytes'] / 2**20:>15.0f} {r['seconds']:>8.2f} "
+                f"{r['load_avg_1min']:>5.1f}"
+            )
         else:
-            print(f"{r['world']:>5} {r['B']:>6} {r['D']:>5} {r['impl']:>6} {'-':>15} {'-':>8} "
-                  f"{r['load_avg_1min']:>5.1f}  "
-                  + r.get("skipped", r.get("error", "")))
+            print(
+                f"{r['world']:>5} {r['B']:>6} {r['D']:>5} {r['impl']:>6} {'-':>15} {'-':>8} "
+                f"{r['load_avg_1min']:>5.1f}  " + r.get("skipped", r.get("error", ""))
+            )
     if opts.out:
-        meta = {"command": " ".join(sys.argv), "cpus": os.cpu_count(),
-                "cpu_affinity": sorted(os.sched_getaffinity(0)),
-                "mem_total_gib": _mem_total() / GIB, "torch_threads": opts.threads,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        meta = {
+            "command": " ".join(sys.argv),
+            "cpus": os.cpu_count(),
+            "cpu_affinity": sorted(os.sched_getaffinity(0)),
+            "mem_total_gib": _mem_total() / GIB,
+            "torch_threads": opts.threads,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         with open(opts.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

@@ -33,21 +33,21 @@ def reference_float64(
     row_lse = torch.empty(n, dtype=torch.float64, device=x.device)
     col_lse = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
     for r0 in range(0, n, chunk):
-        logits = s * x[r0:r0 + chunk] @ y.T
-        row_lse[r0:r0 + chunk] = torch.logsumexp(logits, dim=1)
+        logits = s * x[r0 : r0 + chunk] @ y.T
+        row_lse[r0 : r0 + chunk] = torch.logsumexp(logits, dim=1)
         col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
     positives = s * (x * y).sum(dim=1)
     loss = 0.5 * ((row_lse - positives).mean() + (col_lse - positives).mean())
     d_x, d_y = torch.zeros_like(x), torch.zeros_like(y)
     d_s = 0.0
     for r0 in range(0, n, chunk):
-        dots = x[r0:r0 + chunk] @ y.T
+        dots = x[r0 : r0 + chunk] @ y.T
         # dL/dS = 0.5/B * (softmax over the row + softmax over the column - 2 * positives)
-        grad = torch.exp(s * dots - row_lse[r0:r0 + chunk, None]) + torch.exp(s * dots - col_lse)
+        grad = torch.exp(s * dots - row_lse[r0 : r0 + chunk, None]) + torch.exp(s * dots - col_lse)
         grad.diagonal(r0).sub_(2.0)
         grad *= 0.5 / n
-        d_x[r0:r0 + chunk] = s * grad @ y
-        d_y += s * grad.T @ x[r0:r0 + chunk]
+        d_x[r0 : r0 + chunk] = s * grad @ y
+        d_y += s * grad.T @ x[r0 : r0 + chunk]
         d_s += float((grad * dots).sum())
     return loss, d_x, d_y, torch.tensor(d_s, dtype=torch.float64)
 
@@ -103,35 +103,45 @@ def main() -> None:
         batch, dim = (int(v) for v in size.split("x"))
         for dtype_name in opts.dtypes:
             dtype = getattr(torch, dtype_name)
-            image = torch.nn.functional.normalize(
-                torch.randn(batch, dim, device="cuda", generator=gen), dim=1)
-            text = torch.nn.functional.normalize(
-                image + torch.randn(batch, dim, device="cuda", generator=gen), dim=1)
+            image = torch.nn.functional.normalize(torch.randn(batch, dim, device="cuda", generator=gen), dim=1)
+            text = torch.nn.functional.normalize(image + torch.randn(batch, dim, device="cuda", generator=gen), dim=1)
             image, text = image.to(dtype), text.to(dtype)
             scale = torch.tensor([100.0 if batch < 5000 else 14.3], device="cuda")
             want = reference_float64(image, text, scale)
             got = run_impl("triton", image, text, scale, opts.tile)
             errors = [max_rel_error(g, w) for g, w in zip(got, want, strict=True)]
             names = ["value", "d_image", "d_text", "d_scale"]
-            row = {"B": batch, "D": dim, "dtype": dtype_name, "tile": opts.tile,
-                   "triton_rel_err": dict(zip(names, errors, strict=True))}
+            row = {
+                "B": batch,
+                "D": dim,
+                "dtype": dtype_name,
+                "tile": opts.tile,
+                "triton_rel_err": dict(zip(names, errors, strict=True)),
+            }
             for impl in ("naive", "tiled", "triton"):
                 row[impl] = time_impl(impl, image, text, scale, opts.tile, opts.repeats)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'B':>6} {'D':>5} {'dtype':>8} | {'err value':>9} {'err dI':>8} {'err ds':>8} | "
-          + " | ".join(f"{i:>6} ms {i[:5]:>5} MB" for i in ("naive", "tiled", "triton")))
+    print(
+        f"\n{'B':>6} {'D':>5} {'dtype':>8} | {'err value':>9} {'err dI':>8} {'err ds':>8} | "
+        + " | ".join(f"{i:>6} ms {i[:5]:>5} MB" for i in ("naive", "tiled", "triton"))
+    )
     for r in rows:
         e = r["triton_rel_err"]
         cells = []
         for impl in ("naive", "tiled", "triton"):
             t = r[impl]
-            cells.append(f"{t['ms']:9.1f} {t['peak_extra_mb']:8.0f}" if t["ms"] is not None
-                         else f"{'OOM':>9} {'-':>8}")
-        print(f"{r['B']:>6} {r['D']:>5} {r['dtype']:>8} | {e['value']:9.1e} {e['d_image']:8.1e} "
-              f"{e['d_scale']:8.1e} | " + " | ".join(cells))
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "tf32": opts.tf32, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            cells.append(f"{t['ms']:9.1f} {t['peak_extra_mb']:8.0f}" if t["ms"] is not None else f"{'OOM':>9} {'-':>8}")
+        print(
+            f"{r['B']:>6} {r['D']:>5} {r['dtype']:>8} | {e['value']:9.1e} {e['d_image']:8.1e} "
+            f"{e['d_scale']:8.1e} | " + " | ".join(cells)
+        )
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "tf32": opts.tf32,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     with open(opts.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

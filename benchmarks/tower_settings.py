@@ -93,13 +93,16 @@ class Setting:
         return 3 * sum(forward[t] for t in self.trained) + sum(forward[t] for t in self.locked)
 
 
-SETTINGS = {s.name: s for s in (
-    Setting("Uu", "Uu", False, ("image", "text"), ()),
-    Setting("Lu", "Lu", False, ("text",), ("image",)),
-    Setting("Lu_precomputed", "Lu", True, ("text",), ()),
-    Setting("3T", "3T", False, ("image", "text"), ("third",)),
-    Setting("3T_precomputed", "3T", True, ("image", "text"), ()),
-)}
+SETTINGS = {
+    s.name: s
+    for s in (
+        Setting("Uu", "Uu", False, ("image", "text"), ()),
+        Setting("Lu", "Lu", False, ("text",), ("image",)),
+        Setting("Lu_precomputed", "Lu", True, ("text",), ()),
+        Setting("3T", "3T", False, ("image", "text"), ("third",)),
+        Setting("3T_precomputed", "3T", True, ("image", "text"), ()),
+    )
+}
 REFERENCE = "Uu"
 
 
@@ -120,16 +123,27 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 class Runner:
     """One setting's model, locked towers, optimizer and batch; ``step`` is one training step."""
 
-    def __init__(self, setting: Setting, opts: argparse.Namespace, weights: dict[str, str],
-                 shared_batch: dict[str, torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self,
+        setting: Setting,
+        opts: argparse.Namespace,
+        weights: dict[str, str],
+        shared_batch: dict[str, torch.Tensor],
+        device: torch.device,
+    ) -> None:
         self.setting, self.device = setting, device
         parsed = parse_setting(setting.setting)
         model_cfg = ModelConfig(
-            image_tower=opts.image_tower, text_tower=opts.text_tower, embed_dim=opts.embed_dim,
+            image_tower=opts.image_tower,
+            text_tower=opts.text_tower,
+            embed_dim=opts.embed_dim,
             setting=setting.setting,
             image_pretrained=weights[opts.image_tower] if parsed.pretrained("image") else "",
-            **({"third_tower": opts.third_tower, "third_pretrained": weights[opts.third_tower]}
-               if parsed.three_towers else {}),
+            **(
+                {"third_tower": opts.third_tower, "third_pretrained": weights[opts.third_tower]}
+                if parsed.three_towers
+                else {}
+            ),
         )
         self.cfg = TrainConfig(
             model=model_cfg,
@@ -142,20 +156,21 @@ class Runner:
         self.towers, self.model = towers, towers.model.to(device).train()
         towers.locked.to(device)
         optim = self.cfg.optim
-        self.optimizer = torch.optim.AdamW(towers.groups, betas=(optim.beta1, optim.beta2),
-                                           eps=optim.eps)
+        self.optimizer = torch.optim.AdamW(towers.groups, betas=(optim.beta1, optim.beta2), eps=optim.eps)
         # Parameters stay fp32 (no DeepSpeed to cast them); bf16 is autocast on the trainable
         # forward here and inside LockedTower.encode (build_towers sets it from the precision).
         self.inputs = TowerInputs(self.cfg, towers, self.model, device, torch.float32)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                         if opts.precision == "bf16" else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if opts.precision == "bf16" else contextlib.nullcontext()
+        )
         self.objective = build_objective(self.cfg.loss, three_towers=self.cfg.model.parsed.three_towers)
         self.batch = dict(shared_batch)
         if setting.precomputed:
             tower = opts.third_tower if parsed.three_towers else opts.image_tower
             generator = torch.Generator().manual_seed(opts.seed + 1)
-            self.batch["embedding"] = torch.randn(
-                opts.batch, image_tower_spec(tower).width, generator=generator).to(device)
+            self.batch["embedding"] = torch.randn(opts.batch, image_tower_spec(tower).width, generator=generator).to(
+                device
+            )
         self.index = 0
         self.loss = float("nan")
 
@@ -187,16 +202,14 @@ class Runner:
         """Parameters, buffers and optimizer state of the model and its locked towers."""
         modules = [self.model, *self.towers.locked.modules().values()]
         state = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        state += [t for s in self.optimizer.state.values() for t in s.values()
-                  if isinstance(t, torch.Tensor)]
+        state += [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         return _tensor_bytes(state)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, locked) parameters; a precomputed tower counts as neither."""
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         locked = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
-        locked += sum(p.numel() for m in self.towers.locked.modules().values()
-                      for p in m.parameters())
+        locked += sum(p.numel() for m in self.towers.locked.modules().values() for p in m.parameters())
         return trainable, locked
 
 
@@ -241,28 +254,33 @@ def save_image_weights(name: str, folder: Path) -> str:
     return str(path)
 
 
-def forward_probes(opts: argparse.Namespace, batch: dict[str, torch.Tensor],
-                   device: torch.device) -> dict[str, tuple[LockedTower, tuple[torch.Tensor, ...]]]:
+def forward_probes(
+    opts: argparse.Namespace, batch: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, tuple[LockedTower, tuple[torch.Tensor, ...]]]:
     """{tower role: (tower, inputs)}: each tower alone, run as a locked tower (F of the model)."""
     autocast = torch.bfloat16 if opts.precision == "bf16" else None
     image_inputs = (batch["image"],)
     probes = {
-        "image": (LockedTower(build_image_tower(opts.image_tower), opts.image_tower,
-                              autocast_dtype=autocast), image_inputs),
-        "text": (LockedTower(build_text_tower(opts.text_tower, opts.vocab_size), opts.text_tower,
-                             autocast_dtype=autocast),
-                 (batch["input_ids"], batch["attention_mask"])),
+        "image": (
+            LockedTower(build_image_tower(opts.image_tower), opts.image_tower, autocast_dtype=autocast),
+            image_inputs,
+        ),
+        "text": (
+            LockedTower(build_text_tower(opts.text_tower, opts.vocab_size), opts.text_tower, autocast_dtype=autocast),
+            (batch["input_ids"], batch["attention_mask"]),
+        ),
     }
     if opts.third_tower != opts.image_tower:
-        probes["third"] = (LockedTower(build_image_tower(opts.third_tower), opts.third_tower,
-                                       autocast_dtype=autocast), image_inputs)
+        probes["third"] = (
+            LockedTower(build_image_tower(opts.third_tower), opts.third_tower, autocast_dtype=autocast),
+            image_inputs,
+        )
     for tower, _ in probes.values():
         tower.to(device)
     return probes
 
 
-def time_forward(tower: LockedTower, inputs: tuple[torch.Tensor, ...],
-                 device: torch.device) -> float:
+def time_forward(tower: LockedTower, inputs: tuple[torch.Tensor, ...], device: torch.device) -> float:
     start = _clock(device)
     tower.encode(*inputs)
     return _clock(device) - start
@@ -282,17 +300,29 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=256, help="samples per step")
     parser.add_argument("--steps", type=int, default=40, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch intra-op threads (default: the CPUs this process may use)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch intra-op threads (default: the CPUs this process may use)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16: autocast on the trainable forward and the locked towers")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: autocast on the trainable forward and the locked towers",
+    )
     parser.add_argument("--vocab-size", type=int, default=1024, help="text token table rows")
     parser.add_argument("--embed-dim", type=int, default=128, help="model.embed_dim")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
-                        help=f"settings to run ({REFERENCE} is always run: ratios are to it)")
-    parser.add_argument("--tolerance", type=float, default=0.15,
-                        help="allowed relative error of each ratio to Uu")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=list(SETTINGS),
+        choices=list(SETTINGS),
+        help=f"settings to run ({REFERENCE} is always run: ratios are to it)",
+    )
+    parser.add_argument("--tolerance", type=float, default=0.15, help="allowed relative error of each ratio to Uu")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="write the results as JSON here")
@@ -315,19 +345,22 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(opts.seed)
     size, context = image_spec.image_size, text_spec.context_length
     ids = torch.randint(1, opts.vocab_size, (opts.batch, context), generator=generator)
-    batch = {"image": torch.randn(opts.batch, 3, size, size, generator=generator).to(device),
-             "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    batch = {
+        "image": torch.randn(opts.batch, 3, size, size, generator=generator).to(device),
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+    }
 
     with tempfile.TemporaryDirectory() as folder:
-        weights = {name: save_image_weights(name, Path(folder))
-                   for name in {opts.image_tower, opts.third_tower}}
-        runners = {name: Runner(SETTINGS[name], opts, weights, batch, device)
-                   for name in opts.settings}
+        weights = {name: save_image_weights(name, Path(folder)) for name in {opts.image_tower, opts.third_tower}}
+        runners = {name: Runner(SETTINGS[name], opts, weights, batch, device) for name in opts.settings}
     probes = forward_probes(opts, batch, device)
 
     # Round robin, the order rotated every round: load drifts hit every setting alike.
-    jobs = [(f"forward:{role}", lambda t=tower, x=inputs: time_forward(t, x, device))
-            for role, (tower, inputs) in probes.items()]
+    jobs = [
+        (f"forward:{role}", lambda t=tower, x=inputs: time_forward(t, x, device))
+        for role, (tower, inputs) in probes.items()
+    ]
     jobs += [(name, runner.step) for name, runner in runners.items()]
     samples: dict[str, list] = {name: [] for name, _ in jobs}
     started = time.perf_counter()
@@ -343,8 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     forward.setdefault("third", forward["image"])
     flops: dict[str, int] = {}
     if not opts.no_flops:
-        flops = {role: count_flops(lambda t=tower, x=inputs: t.encode(*x))
-                 for role, (tower, inputs) in probes.items()}
+        flops = {role: count_flops(lambda t=tower, x=inputs: t.encode(*x)) for role, (tower, inputs) in probes.items()}
         flops.setdefault("third", flops["image"])
 
     rows = []
@@ -354,12 +386,19 @@ def main(argv: list[str] | None = None) -> dict:
         total = statistics.median(s["total"] for s in steps)
         trainable, locked = runner.parameter_counts()
         row = {
-            "name": name, "setting": setting.setting, "precomputed": setting.precomputed,
-            "trained_towers": list(setting.trained), "locked_towers": list(setting.locked),
-            "trainable_parameters": trainable, "locked_parameters": locked,
-            "step_seconds": total, "step_seconds_all": [s["total"] for s in steps],
-            "phase_seconds": {phase: statistics.median(s[phase] for s in steps)
-                              for phase in ("locked", "forward", "backward", "optimizer")},
+            "name": name,
+            "setting": setting.setting,
+            "precomputed": setting.precomputed,
+            "trained_towers": list(setting.trained),
+            "locked_towers": list(setting.locked),
+            "trainable_parameters": trainable,
+            "locked_parameters": locked,
+            "step_seconds": total,
+            "step_seconds_all": [s["total"] for s in steps],
+            "phase_seconds": {
+                phase: statistics.median(s[phase] for s in steps)
+                for phase in ("locked", "forward", "backward", "optimizer")
+            },
             "model_seconds": setting.model_cost(forward),
         }
         if flops:
@@ -383,22 +422,38 @@ def main(argv: list[str] | None = None) -> dict:
 
     meta = {
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv)),
-        "image_tower": opts.image_tower, "text_tower": opts.text_tower,
-        "third_tower": opts.third_tower, "batch": opts.batch, "steps": opts.steps,
-        "warmup": opts.warmup, "threads": opts.threads, "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else f"{os.cpu_count()} CPUs"),
-        "precision": opts.precision, "vocab_size": opts.vocab_size, "embed_dim": opts.embed_dim,
-        "tolerance": opts.tolerance, "torch": torch.__version__,
-        "load_avg_1min": [load_before, os.getloadavg()[0]], "timed_seconds": timed_seconds,
+        "image_tower": opts.image_tower,
+        "text_tower": opts.text_tower,
+        "third_tower": opts.third_tower,
+        "batch": opts.batch,
+        "steps": opts.steps,
+        "warmup": opts.warmup,
+        "threads": opts.threads,
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"),
+        "precision": opts.precision,
+        "vocab_size": opts.vocab_size,
+        "embed_dim": opts.embed_dim,
+        "tolerance": opts.tolerance,
+        "torch": torch.__version__,
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
+        "timed_seconds": timed_seconds,
         "flop_model": "3 x F per trained tower + 1 x F per locked tower + 0 per precomputed; "
-                      "F = measured median forward time of the tower alone (inference mode)",
-        "memory_method": ("torch.cuda.max_memory_allocated growth over one step" if device.type
-                          == "cuda" else "peak RSS (VmHWM) growth over one step after malloc_trim"),
+        "F = measured median forward time of the tower alone (inference mode)",
+        "memory_method": (
+            "torch.cuda.max_memory_allocated growth over one step"
+            if device.type == "cuda"
+            else "peak RSS (VmHWM) growth over one step after malloc_trim"
+        ),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    results = {"meta": meta, "forward_seconds": forward, "forward_flops": flops, "settings": rows,
-               "all_pass": all(row["pass"] for row in rows)}
+    results = {
+        "meta": meta,
+        "forward_seconds": forward,
+        "forward_flops": flops,
+        "settings": rows,
+        "all_pass": all(row["pass"] for row in rows),
+    }
     print_tables(results)
     if opts.out:
         Path(opts.out).write_text(json.dumps(results, indent=1))
@@ -407,33 +462,46 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_tables(results: dict) -> None:
     meta, forward, flops = results["meta"], results["forward_seconds"], results["forward_flops"]
-    print(f"\n{meta['image_tower']} / {meta['text_tower']} (third: {meta['third_tower']}), batch "
-          f"{meta['batch']}, {meta['device_name']}, {meta['threads']} threads, "
-          f"{meta['precision']}; "
-          f"median of {meta['steps']} steps after {meta['warmup']}; load "
-          f"{meta['load_avg_1min'][0]:.1f} -> {meta['load_avg_1min'][1]:.1f}")
+    print(
+        f"\n{meta['image_tower']} / {meta['text_tower']} (third: {meta['third_tower']}), batch "
+        f"{meta['batch']}, {meta['device_name']}, {meta['threads']} threads, "
+        f"{meta['precision']}; "
+        f"median of {meta['steps']} steps after {meta['warmup']}; load "
+        f"{meta['load_avg_1min'][0]:.1f} -> {meta['load_avg_1min'][1]:.1f}"
+    )
     for role in ("image", "text", "third"):
         counted = f", {flops[role] / 1e9:.2f} GFLOP" if flops else ""
         print(f"  F_{role:<6}{forward[role] * 1e3:>10.1f} ms{counted}")
     tolerance = f"{meta['tolerance']:.0%}"
-    print(f"\n{'setting':<16}{'step ms':>9}{'model ms':>10}{'step/model':>12}{'ratio':>8}"
-          f"{'model':>8}{'error':>8}{'  ' + tolerance:>7}{'FLOP ratio':>12}")
+    print(
+        f"\n{'setting':<16}{'step ms':>9}{'model ms':>10}{'step/model':>12}{'ratio':>8}"
+        f"{'model':>8}{'error':>8}{'  ' + tolerance:>7}{'FLOP ratio':>12}"
+    )
     for index, row in enumerate(results["settings"]):
         flop_ratio = f"{row['flop_ratio']:>12.3f}" if "flop_ratio" in row else f"{'-':>12}"
-        check = (f"{'ref':>8}{'':>7}" if index == 0 else
-                 f"{row['relative_error']:>+8.1%}{'PASS' if row['pass'] else 'FAIL':>7}")
-        print(f"{row['name']:<16}{row['step_seconds'] * 1e3:>9.1f}"
-              f"{row['model_seconds'] * 1e3:>10.1f}{row['step_over_model']:>12.3f}"
-              f"{row['ratio']:>8.3f}{row['model_ratio']:>8.3f}{check}{flop_ratio}")
-    print(f"\n{'setting':<16}{'locked ms':>10}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}"
-          f"{'trainable':>12}{'locked':>12}{'state MiB':>11}{'extra MiB':>11}{'peak MiB':>10}")
+        check = (
+            f"{'ref':>8}{'':>7}"
+            if index == 0
+            else f"{row['relative_error']:>+8.1%}{'PASS' if row['pass'] else 'FAIL':>7}"
+        )
+        print(
+            f"{row['name']:<16}{row['step_seconds'] * 1e3:>9.1f}"
+            f"{row['model_seconds'] * 1e3:>10.1f}{row['step_over_model']:>12.3f}"
+            f"{row['ratio']:>8.3f}{row['model_ratio']:>8.3f}{check}{flop_ratio}"
+        )
+    print(
+        f"\n{'setting':<16}{'locked ms':>10}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}"
+        f"{'trainable':>12}{'locked':>12}{'state MiB':>11}{'extra MiB':>11}{'peak MiB':>10}"
+    )
     for row in results["settings"]:
         phases = row["phase_seconds"]
-        print(f"{row['name']:<16}{phases['locked'] * 1e3:>10.1f}{phases['forward'] * 1e3:>9.1f}"
-              f"{phases['backward'] * 1e3:>9.1f}{phases['optimizer'] * 1e3:>9.1f}"
-              f"{row['trainable_parameters']:>12,}{row['locked_parameters']:>12,}"
-              f"{row['state_bytes'] / MIB:>11.1f}{row['step_extra_bytes'] / MIB:>11.1f}"
-              f"{row['peak_bytes'] / MIB:>10.1f}")
+        print(
+            f"{row['name']:<16}{phases['locked'] * 1e3:>10.1f}{phases['forward'] * 1e3:>9.1f}"
+            f"{phases['backward'] * 1e3:>9.1f}{phases['optimizer'] * 1e3:>9.1f}"
+            f"{row['trainable_parameters']:>12,}{row['locked_parameters']:>12,}"
+            f"{row['state_bytes'] / MIB:>11.1f}{row['step_extra_bytes'] / MIB:>11.1f}"
+            f"{row['peak_bytes'] / MIB:>10.1f}"
+        )
     print(f"\nall ratios within {tolerance} of the FLOP model: {results['all_pass']}")
 
 

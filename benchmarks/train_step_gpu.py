@@ -60,10 +60,18 @@ def forward_flops(model: torch.nn.Module, inputs: tuple) -> int:
 
 
 def run(experiment: str, zero: str, batch: int, steps: int, warmup: int, impl: str, checkpointing: bool) -> dict:
-    overrides = ["--experiment", experiment, "--zero", zero, f"--data.batch_size={batch}", f"--loss.impl={impl}",
-                 f"--model.image_grad_checkpointing={checkpointing}",
-                 f"--model.text_grad_checkpointing={checkpointing}",
-                 f"--train.steps={steps + warmup}", "--optim.warmup_steps=1"]
+    overrides = [
+        "--experiment",
+        experiment,
+        "--zero",
+        zero,
+        f"--data.batch_size={batch}",
+        f"--loss.impl={impl}",
+        f"--model.image_grad_checkpointing={checkpointing}",
+        f"--model.text_grad_checkpointing={checkpointing}",
+        f"--train.steps={steps + warmup}",
+        "--optim.warmup_steps=1",
+    ]
     cfg = load_config(overrides)
     torch.manual_seed(0)
     if CUDA:
@@ -73,8 +81,9 @@ def run(experiment: str, zero: str, batch: int, steps: int, warmup: int, impl: s
     image_spec, text_spec = image_tower_spec(cfg.model.image_tower), text_tower_spec(cfg.model.text_tower)
     engine, report = build_engine(model, cfg, world_size=1)
     objective = build_objective(cfg.loss)
-    inputs = synthetic(batch, image_spec.image_size, text_spec.context_length, engine.device,
-                       dtype_of(cfg.deepspeed.precision))
+    inputs = synthetic(
+        batch, image_spec.image_size, text_spec.context_length, engine.device, dtype_of(cfg.deepspeed.precision)
+    )
     flops_per_batch = forward_flops(engine, inputs)
     times = []
     for step in range(steps + warmup):
@@ -91,13 +100,20 @@ def run(experiment: str, zero: str, batch: int, steps: int, warmup: int, impl: s
     model_flops = 3 * flops_per_batch / step_time
     recompute = 1 if checkpointing else 0
     result = {
-        "experiment": experiment, "zero": zero, "batch": batch, "loss_impl": impl, "checkpointing": checkpointing,
-        "params_M": round(params / 1e6, 1), "step_s_median": round(step_time, 4),
-        "samples_per_s": round(batch / step_time, 1), "fwd_TFLOP_per_sample": round(flops_per_batch / batch / 1e12, 4),
+        "experiment": experiment,
+        "zero": zero,
+        "batch": batch,
+        "loss_impl": impl,
+        "checkpointing": checkpointing,
+        "params_M": round(params / 1e6, 1),
+        "step_s_median": round(step_time, 4),
+        "samples_per_s": round(batch / step_time, 1),
+        "fwd_TFLOP_per_sample": round(flops_per_batch / batch / 1e12, 4),
         "MFU": round(model_flops / (peak_tflops() * 1e12), 4),
         "HFU": round((3 + recompute) / 3 * model_flops / (peak_tflops() * 1e12), 4),
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else float("nan"),
-        "device": torch.cuda.get_device_name() if CUDA else "cpu", "kernels": report,
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "kernels": report,
         "final_loss": round(loss.item(), 4),
     }
     del engine, model, out, loss
@@ -123,15 +139,25 @@ def main() -> None:
     print(f"{'batch':>6} {'step s':>8} {'samples/s':>10} {'MFU':>6} {'HFU':>6} {'peak GiB':>9}")
     for batch in options.batches:
         try:
-            result = run(options.experiment, options.zero, batch, options.steps, options.warmup, options.impl,
-                         not options.no_checkpointing)
+            result = run(
+                options.experiment,
+                options.zero,
+                batch,
+                options.steps,
+                options.warmup,
+                options.impl,
+                not options.no_checkpointing,
+            )
         except torch.cuda.OutOfMemoryError as error:
             result = {"batch": batch, "error": f"out of memory: {str(error)[:200]}"}
             torch.cuda.empty_cache()
             print(f"{batch:>6} out of memory")
         else:
-            print(f"{batch:>6} {result['step_s_median']:>8.3f} {result['samples_per_s']:>10.1f} "
-                  f"{result['MFU']:>6.3f} {result['HFU']:>6.3f} {result['peak_mem_GiB']:>9.2f}", flush=True)
+            print(
+                f"{batch:>6} {result['step_s_median']:>8.3f} {result['samples_per_s']:>10.1f} "
+                f"{result['MFU']:>6.3f} {result['HFU']:>6.3f} {result['peak_mem_GiB']:>9.2f}",
+                flush=True,
+            )
         results.append(result)
         with open(options.out, "w") as out:
             json.dump(results, out, indent=2)

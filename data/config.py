@@ -86,19 +86,13 @@ class DataConfig:
         if self.batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.caption_key != "txt" and not self.caption_key.startswith("json:"):
+            raise ValueError(f"data.caption_key must be 'txt' or 'json:<field>', got {self.caption_key!r}")
+        if self.label_key and (self.label_key == "json:" or self.label_key.startswith("__") or "/" in self.label_key):
             raise ValueError(
-                f"data.caption_key must be 'txt' or 'json:<field>', got {self.caption_key!r}"
-            )
-        if self.label_key and (self.label_key == "json:" or self.label_key.startswith("__")
-                               or "/" in self.label_key):
-            raise ValueError(
-                f"data.label_key must be 'json:<field>', a field name such as 'cls', or '', "
-                f"got {self.label_key!r}"
+                f"data.label_key must be 'json:<field>', a field name such as 'cls', or '', got {self.label_key!r}"
             )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(
-                f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}"
-            )
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.samples_per_epoch < 0 or (self.samples_per_epoch and not self.resampled):
             raise ValueError("data.samples_per_epoch must be >= 0 and needs data.resampled=True")
         if self.views < 0:

@@ -50,8 +50,20 @@ STORE_DTYPES = ("float16", "float32")
 _PART = re.compile(r"meta\.part-(\d+)-of-(\d+)\.json$")
 # Fields every part of a split run must agree on (the rest are per-shard counts; ``source``,
 # the checkpoint's path, may differ between machines: its sha256 may not).
-_SHARED = ("tower", "sha256", "width", "views", "view_seed", "dtype", "image_size", "mean",
-           "std", "crop_scale_min", "num_shards", "forward_dtype")
+_SHARED = (
+    "tower",
+    "sha256",
+    "width",
+    "views",
+    "view_seed",
+    "dtype",
+    "image_size",
+    "mean",
+    "std",
+    "crop_scale_min",
+    "num_shards",
+    "forward_dtype",
+)
 
 
 class EmbeddingsError(ValueError):
@@ -69,8 +81,7 @@ def part_meta_name(part: int, parts: int) -> str:
     return f"meta.part-{part:05d}-of-{parts:05d}.json"
 
 
-def _rerun(meta: EmbeddingsMeta | None = None, shards: str = "<the training shards>",
-           tower: str = "") -> str:
+def _rerun(meta: EmbeddingsMeta | None = None, shards: str = "<the training shards>", tower: str = "") -> str:
     """The fix, as a command: precompute again (with ``meta``'s settings when known)."""
     if tower:
         tower, checkpoint = tower, "<the run's checkpoint of it>"
@@ -78,9 +89,11 @@ def _rerun(meta: EmbeddingsMeta | None = None, shards: str = "<the training shar
         tower = meta.tower if meta else "<locked tower>"
         checkpoint = meta.source if meta else "<its checkpoint>"
     views = f" --views {meta.views}" if meta else ""
-    return (f"re-run `python -m tritower.launch.tools.precompute --tower {tower} --checkpoint "
-            f"{checkpoint} --shards {shards}{views} --out <new folder>` and point "
-            "data.embeddings at it")
+    return (
+        f"re-run `python -m tritower.launch.tools.precompute --tower {tower} --checkpoint "
+        f"{checkpoint} --shards {shards}{views} --out <new folder>` and point "
+        "data.embeddings at it"
+    )
 
 
 @dataclass
@@ -142,15 +155,32 @@ class EmbeddingsMeta:
         except ValueError as error:
             raise ValueError(f"{path}: not valid JSON ({error}); {_rerun()}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a tritower embeddings meta.json (format "
-                             f"{data.get('format') if isinstance(data, dict) else None!r}, "
-                             f"expected {FORMAT!r}); {_rerun()}")
+            raise ValueError(
+                f"{path}: not a tritower embeddings meta.json (format "
+                f"{data.get('format') if isinstance(data, dict) else None!r}, "
+                f"expected {FORMAT!r}); {_rerun()}"
+            )
         if data.get("version") != VERSION:
-            raise ValueError(f"{path}: embeddings format version {data.get('version')}, this "
-                             f"tritower reads version {VERSION}; {_rerun()}")
+            raise ValueError(
+                f"{path}: embeddings format version {data.get('version')}, this "
+                f"tritower reads version {VERSION}; {_rerun()}"
+            )
         known = {f.name for f in fields(cls) if f.name != "folder"}
-        required = {"tower", "source", "sha256", "width", "views", "view_seed", "dtype",
-                    "image_size", "mean", "std", "crop_scale_min", "num_shards", "shards"}
+        required = {
+            "tower",
+            "source",
+            "sha256",
+            "width",
+            "views",
+            "view_seed",
+            "dtype",
+            "image_size",
+            "mean",
+            "std",
+            "crop_scale_min",
+            "num_shards",
+            "shards",
+        }
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"{path}: fields {missing} missing; {_rerun()}")
@@ -158,8 +188,16 @@ class EmbeddingsMeta:
         meta.folder = path.parent
         return meta
 
-    def check(self, tower: str, sha256: str, width: int, *, image_size: int | None = None,
-              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+    def check(
+        self,
+        tower: str,
+        sha256: str,
+        width: int,
+        *,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         """ValueError naming every difference unless these embeddings are of ``tower`` loaded
         from a file with ``sha256`` (a changed checkpoint is another tower), of ``width``, and,
         when given, computed on crops of ``image_size`` normalised with ``mean``/``std`` (the
@@ -168,16 +206,16 @@ class EmbeddingsMeta:
         if tower != self.tower:
             wrong.append(f"tower {self.tower!r}, expected {tower!r}")
         if sha256 != self.sha256:
-            wrong.append(f"checkpoint sha256 {self.sha256[:12]}... ({self.source}), expected "
-                         f"{sha256[:12]}...")
+            wrong.append(f"checkpoint sha256 {self.sha256[:12]}... ({self.source}), expected {sha256[:12]}...")
         if width != self.width:
             wrong.append(f"width {self.width}, expected {width}")
         if image_size is not None and image_size != self.image_size:
             wrong.append(f"image_size {self.image_size}, expected {image_size}")
         for name, value in (("mean", mean), ("std", std)):
             stored = getattr(self, name)
-            if value is not None and (len(value) != len(stored) or not all(
-                    math.isclose(a, b, rel_tol=1e-6) for a, b in zip(value, stored))):
+            if value is not None and (
+                len(value) != len(stored) or not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(value, stored))
+            ):
                 wrong.append(f"{name} {list(stored)}, expected {list(value)}")
         if wrong:
             raise ValueError(
@@ -215,8 +253,7 @@ class EmbeddingsMeta:
         by its file name when that is unique in the folder (data moved to another mount)."""
         by_url = {entry["source"]: entry for entry in self.shards}
         names = Counter(Path(entry["source"]).name for entry in self.shards)
-        by_name = {Path(e["source"]).name: e for e in self.shards
-                   if names[Path(e["source"]).name] == 1}
+        by_name = {Path(e["source"]).name: e for e in self.shards if names[Path(e["source"]).name] == 1}
         found, missing = {}, []
         for url in urls:
             entry = by_url.get(url) or by_name.get(Path(url).name)
@@ -228,8 +265,7 @@ class EmbeddingsMeta:
             raise EmbeddingsError(
                 f"{len(missing)} of {len(set(urls))} training shards have no precomputed "
                 f"embeddings in {self.folder} (it holds {len(self.shards)} shards, e.g. "
-                f"{self.shards[0]['source'] if self.shards else 'none'}): {missing[:3]}; "
-                + _rerun(self)
+                f"{self.shards[0]['source'] if self.shards else 'none'}): {missing[:3]}; " + _rerun(self)
             )
         absent = sorted({path for path in found.values() if not Path(path).is_file()})
         if absent:
@@ -244,8 +280,10 @@ def load_meta(folder: str | Path) -> EmbeddingsMeta:
     """The metadata of an embeddings folder (merging a split run's parts when needed)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"embeddings folder {folder} does not exist; write it with "
-                                f"`python -m tritower.launch.tools.precompute ... --out {folder}`")
+        raise FileNotFoundError(
+            f"embeddings folder {folder} does not exist; write it with "
+            f"`python -m tritower.launch.tools.precompute ... --out {folder}`"
+        )
     path = folder / META
     if not path.is_file():
         if any(_PART.match(p.name) for p in folder.iterdir()):
@@ -274,8 +312,10 @@ def merge_parts(folder: Path, write: bool = False) -> EmbeddingsMeta:
             found[(int(match[1]), int(match[2]))] = EmbeddingsMeta.from_json(path.read_text(), path)
     counts = {parts for _, parts in found}
     if len(counts) != 1:
-        raise ValueError(f"{folder}: part metadata of runs split {sorted(counts)} ways; remove "
-                         "the stale ones (or re-run every part with --overwrite)")
+        raise ValueError(
+            f"{folder}: part metadata of runs split {sorted(counts)} ways; remove "
+            "the stale ones (or re-run every part with --overwrite)"
+        )
     parts = counts.pop()
     missing = [i for i in range(parts) if (i, parts) not in found]
     if missing:
@@ -287,16 +327,18 @@ def merge_parts(folder: Path, write: bool = False) -> EmbeddingsMeta:
     for name in _SHARED:
         values = [getattr(m, name) for m in metas]
         if any(v != values[0] for v in values):
-            raise ValueError(f"{folder}: the parts disagree on {name} ({values}); re-run them "
-                             "with the same options")
-    merged = EmbeddingsMeta(**{name: getattr(metas[0], name) for name in _SHARED},
-                            source=metas[0].source, parts=parts, folder=folder)
+            raise ValueError(f"{folder}: the parts disagree on {name} ({values}); re-run them with the same options")
+    merged = EmbeddingsMeta(
+        **{name: getattr(metas[0], name) for name in _SHARED}, source=metas[0].source, parts=parts, folder=folder
+    )
     merged.shards = sorted((s for m in metas for s in m.shards), key=lambda s: s["index"])
     merged.samples = sum(m.samples for m in metas)
     merged.skipped = dict(sum((Counter(m.skipped) for m in metas), Counter()))
     if [s["index"] for s in merged.shards] != list(range(merged.num_shards)):
-        raise ValueError(f"{folder}: the parts do not cover shards 0..{merged.num_shards - 1} "
-                         "once each; re-run them with the same --shards")
+        raise ValueError(
+            f"{folder}: the parts do not cover shards 0..{merged.num_shards - 1} "
+            "once each; re-run them with the same --shards"
+        )
     if write:
         write_meta(merged, folder / META)
     return merged
@@ -325,9 +367,7 @@ class CompanionWriter:
     def add(self, key: str, embeddings: np.ndarray) -> None:
         """The embeddings [views, width] of sample ``key`` (the next one of the source)."""
         if tuple(embeddings.shape) != self.shape:
-            raise ValueError(
-                f"{key}: embeddings {list(embeddings.shape)}, expected {list(self.shape)}"
-            )
+            raise ValueError(f"{key}: embeddings {list(embeddings.shape)}, expected {list(self.shape)}")
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(embeddings, dtype=self.dtype), allow_pickle=False)
         self._member(f"{key}.emb.npy", buffer.getvalue())
@@ -350,9 +390,7 @@ class CompanionWriter:
         self.temp.unlink(missing_ok=True)
 
 
-def join_embeddings(
-    samples: Iterator[dict[str, Any]], url: str, companion: str
-) -> Iterator[dict[str, Any]]:
+def join_embeddings(samples: Iterator[dict[str, Any]], url: str, companion: str) -> Iterator[dict[str, Any]]:
     """The samples of source shard ``url`` with their companion record attached, in step:
     ``__emb__`` (the ``emb.npy`` bytes) or ``__skip__`` (the bad kind precompute recorded),
     and ``__companion__``. A key out of step is an EmbeddingsError naming both sides."""
@@ -363,13 +401,15 @@ def join_embeddings(
         for sample in samples:
             record = next(records, None)
             if record is None or record["__key__"] != sample["__key__"]:
-                there = (f"found {record['__key__']!r} there instead" if record is not None else
-                         f"it ends after {read} records"
-                         + (f" ({dict(scratch.bad)} reading it)" if scratch.total_bad else ""))
+                there = (
+                    f"found {record['__key__']!r} there instead"
+                    if record is not None
+                    else f"it ends after {read} records"
+                    + (f" ({dict(scratch.bad)} reading it)" if scratch.total_bad else "")
+                )
                 raise EmbeddingsError(
                     f"sample {sample['__key__']!r} of shard {url} has no precomputed embedding in "
-                    f"{companion} ({there}): the embeddings were computed from other data; "
-                    + _rerun(shards=url)
+                    f"{companion} ({there}): the embeddings were computed from other data; " + _rerun(shards=url)
                 )
             read += 1
             if "emb.npy" in record:
@@ -402,8 +442,7 @@ def probe_companion(companion: str, views: int, width: int) -> None:
     records = read_shard(companion, BadDataStats())
     for record in records:
         if "emb.npy" in record:
-            record |= {"__emb__": record["emb.npy"], "__companion__": companion,
-                       "__url__": "<its source shard>"}
+            record |= {"__emb__": record["emb.npy"], "__companion__": companion, "__url__": "<its source shard>"}
             decode_embedding(record, 0, views, width)
             break
     records.close()

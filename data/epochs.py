@@ -124,8 +124,7 @@ def mixed_samples(
     budget = ShardBudget(shard_draws)
     where = f"slot {slot} epoch {epoch}"
     streams = [
-        _source_samples(source, random.Random(f"{seed}/draw/{epoch}/{slot}/{i}"), budget,
-                        read, where)  # fmt: skip
+        _source_samples(source, random.Random(f"{seed}/draw/{epoch}/{slot}/{i}"), budget, read, where)  # fmt: skip
         for i, source in enumerate(sources)
     ]
     weights = [source.weight for source in sources]

@@ -95,9 +95,7 @@ def load_eval_set(
         if len(images) == max_samples:
             break
     if not images:
-        raise DataQualityError(
-            f"no readable held-out sample in {len(urls)} shards; bad by kind {dict(stats.bad)}"
-        )
+        raise DataQualityError(f"no readable held-out sample in {len(urls)} shards; bad by kind {dict(stats.bad)}")
     input_ids, attention_mask = tokenize(tokenizer, captions, context_length)
     return EvalSet(
         images=torch.from_numpy(np.stack([i.numpy() for i in images])),  # see webdataset.py

@@ -100,9 +100,7 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def read_shard(
-    url: str, stats: BadDataStats, retries: int = 0, backoff_s: float = 1.0
-) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, stats: BadDataStats, retries: int = 0, backoff_s: float = 1.0) -> Iterator[dict[str, Any]]:
     """Yields the samples of one tar shard as ``{"__key__", "__url__", ext: bytes, ...}``.
 
     Members are grouped by key in tar order (the webdataset convention: a sample's files are
@@ -237,7 +235,10 @@ def image_field(sample: dict[str, Any]) -> str | None:
 
 
 def decode_sample(
-    sample: dict[str, Any], caption_key: str, stats: BadDataStats, decode: bool = True,
+    sample: dict[str, Any],
+    caption_key: str,
+    stats: BadDataStats,
+    decode: bool = True,
     label_key: str = "json:label",
 ) -> tuple[Image.Image | None, str, int] | None:
     """(image, caption, label), or None after counting why the sample is bad (label -1 when
@@ -266,9 +267,7 @@ def decode_sample(
     return image, caption, _label(sample, label_key)
 
 
-def probe_shards(
-    urls: list[str], caption_key: str, retries: int = 0, shards: int = 3, samples: int = 16
-) -> None:
+def probe_shards(urls: list[str], caption_key: str, retries: int = 0, shards: int = 3, samples: int = 16) -> None:
     """Fails fast, in the calling process, when the first samples are all unusable.
 
     A wrong ``caption_key`` or a wrong shard pattern would otherwise surface only as a worker's

@@ -291,10 +291,24 @@ def generate_builtin_data(cfg: DataConfig, root: Path) -> None:
     root.mkdir(parents=True)
     # Different seeds for the splits: held-out scenes are new draws, not training repeats
     # (a few coincide by chance: the scene space is small, but captions and jitter differ).
-    train = write_split(root, "train", cfg.builtin_train_samples, 2 * cfg.builtin_seed,
-                        cfg.builtin_image_size, cfg.builtin_shard_size, single_fraction=0.75)
-    held_out = write_split(root, "eval", cfg.builtin_eval_samples, 2 * cfg.builtin_seed + 1,
-                           cfg.builtin_image_size, cfg.builtin_shard_size, single_fraction=1.0)
+    train = write_split(
+        root,
+        "train",
+        cfg.builtin_train_samples,
+        2 * cfg.builtin_seed,
+        cfg.builtin_image_size,
+        cfg.builtin_shard_size,
+        single_fraction=0.75,
+    )
+    held_out = write_split(
+        root,
+        "eval",
+        cfg.builtin_eval_samples,
+        2 * cfg.builtin_seed + 1,
+        cfg.builtin_image_size,
+        cfg.builtin_shard_size,
+        single_fraction=1.0,
+    )
     write_vocab(root / "vocab.txt", caption_words())
     (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (root / "templates.txt").write_text("\n".join(ZERO_SHOT_TEMPLATES) + "\n")

@@ -116,9 +116,7 @@ def build_text_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer at ``source``: a WordPiece ``vocab.txt`` / BERT folder / ``package:<name>``
     (``build_tokenizer``) or a local SentencePiece/tokenizers folder."""
     path = _package_model_folder(str(source))
-    has_sentencepiece = path.is_dir() and any(
-        (path / name).is_file() for name in ("spiece.model", "tokenizer.json")
-    )
+    has_sentencepiece = path.is_dir() and any((path / name).is_file() for name in ("spiece.model", "tokenizer.json"))
     if not has_sentencepiece or (path / "vocab.txt").is_file():
         return build_tokenizer(source)
     from transformers import AutoTokenizer
@@ -126,9 +124,7 @@ def build_text_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def train_unigram_tokenizer(
-    texts: Iterable[str], folder: str | Path, vocab_size: int = 100
-) -> PreTrainedTokenizerBase:
+def train_unigram_tokenizer(texts: Iterable[str], folder: str | Path, vocab_size: int = 100) -> PreTrainedTokenizerBase:
     """Trains a SentencePiece-style Unigram tokenizer (NFKC, lowercase, ``▁`` word boundaries,
     ``</s>`` appended) on ``texts`` and saves it to ``folder`` as a T5 tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -139,15 +135,16 @@ def train_unigram_tokenizer(
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
-    trainer = UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=list(T5_SPECIALS), unk_token="<unk>"
-    )
+    trainer = UnigramTrainer(vocab_size=vocab_size, special_tokens=list(T5_SPECIALS), unk_token="<unk>")
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))]
     )
     wrapped = T5TokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
         extra_ids=0,
     )
     wrapped.save_pretrained(str(folder))

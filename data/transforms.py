@@ -81,9 +81,7 @@ def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def to_normalised_tensor(
-    image: Image.Image, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def to_normalised_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 HWC RGB image -> float32 CHW tensor, ``(x / 255 - mean) / std``.
 
     In numpy on purpose: torch's intra-op threads made this 5x slower in a busy main process

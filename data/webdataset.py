@@ -197,9 +197,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 item = self._item(sample, epoch, slot, index)
                 if item is not None:
                     yield *item, epoch, index + 1
-                self.stats.check(
-                    self.cfg.max_bad_fraction, self.cfg.bad_check_min_samples, where
-                )
+                self.stats.check(self.cfg.max_bad_fraction, self.cfg.bad_check_min_samples, where)
             if start == 0 and self.stats.good == 0:
                 # Without this an all-bad data set would loop forever without a batch. Only a
                 # worker that never saw a good sample stops: in resampled mode one epoch may

@@ -52,9 +52,9 @@ def evaluate(
 
     def encode_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         chunks = [
-            model.encode_text(
-                input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device)
-            ).float().cpu()
+            model.encode_text(input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device))
+            .float()
+            .cpu()
             for i in range(0, len(input_ids), batch_size)
         ]
         return torch.cat(chunks)

@@ -64,13 +64,17 @@ def evaluate_alphas(
     count = len(eval_set.labels) if max_samples <= 0 else min(max_samples, len(eval_set.labels))
 
     def encode_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        chunks = [mixture.image_parts(images[i : i + batch_size].to(device=device, dtype=dtype))
-                  for i in range(0, len(images), batch_size)]
+        chunks = [
+            mixture.image_parts(images[i : i + batch_size].to(device=device, dtype=dtype))
+            for i in range(0, len(images), batch_size)
+        ]
         return tuple(torch.cat([c[k].float().cpu() for c in chunks]) for k in (0, 1))
 
     def encode_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        chunks = [mixture.text_parts(input_ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
-                  for i in range(0, len(input_ids), batch_size)]
+        chunks = [
+            mixture.text_parts(input_ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+            for i in range(0, len(input_ids), batch_size)
+        ]
         return tuple(torch.cat([c[k].float().cpu() for c in chunks]) for k in (0, 1))
 
     prompts_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -88,8 +92,11 @@ def evaluate_alphas(
         image_features = mix_embeddings(*images, alpha)
         result = recall_at_k(image_features, mix_embeddings(*texts, alpha))
         if zeroshot:
-            classifier = class_embeddings(lambda prompts, alpha=alpha: mix_embeddings(*prompt_parts(prompts), alpha),
-                                          eval_set.classnames, eval_set.templates)
+            classifier = class_embeddings(
+                lambda prompts, alpha=alpha: mix_embeddings(*prompt_parts(prompts), alpha),
+                eval_set.classnames,
+                eval_set.templates,
+            )
             result = topk_accuracy(image_features, classifier, eval_set.labels[:count]) | result
         metrics.update({alpha_key(name, alpha): value for name, value in result.items()})
     model.train(was_training)

@@ -69,17 +69,24 @@ class ExportedModel:
     def encode_image(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """PIL images, or a preprocessed tensor [N,3,H,W] -> unit-norm features [N,D] (float32)."""
         pixels = self.preprocess(images)
-        chunks = [self.model.encode_image(pixels[i : i + batch_size].to(self.device, self.dtype)).float().cpu()
-                  for i in range(0, len(pixels), batch_size)]
+        chunks = [
+            self.model.encode_image(pixels[i : i + batch_size].to(self.device, self.dtype)).float().cpu()
+            for i in range(0, len(pixels), batch_size)
+        ]
         return torch.cat(chunks)
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Captions -> unit-norm features [N,D] (float32)."""
         input_ids, attention_mask = self.tokenize(texts)
-        chunks = [self.model.encode_text(input_ids[i : i + batch_size].to(self.device),
-                                         attention_mask[i : i + batch_size].to(self.device)).float().cpu()
-                  for i in range(0, len(input_ids), batch_size)]
+        chunks = [
+            self.model.encode_text(
+                input_ids[i : i + batch_size].to(self.device), attention_mask[i : i + batch_size].to(self.device)
+            )
+            .float()
+            .cpu()
+            for i in range(0, len(input_ids), batch_size)
+        ]
         return torch.cat(chunks)
 
     @torch.no_grad()
@@ -108,7 +115,7 @@ def _mixture_key(key: str) -> str:
     ``model.``, the third tower's (``third_tower.`` + the ImageTower's names) under
     ``third_tower.tower.`` (a LockedTower holds its tower as ``.tower``)."""
     if key.startswith("third_tower."):
-        return "third_tower.tower." + key[len("third_tower."):]
+        return "third_tower.tower." + key[len("third_tower.") :]
     return "model." + key
 
 
@@ -132,11 +139,14 @@ def load_export(
         state = {_mixture_key(k): v for k, v in load_file(str(folder / "model.safetensors"), device="cpu").items()}
     else:
         state = load_file(str(folder / "model.safetensors"), device="cpu")
-    result = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                                   strict=False)
+    result = model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False
+    )
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{folder / 'model.safetensors'} does not fit its config: missing "
-                         f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+        raise ValueError(
+            f"{folder / 'model.safetensors'} does not fit its config: missing "
+            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}"
+        )
     stored = dtype_of(config["dtype"])
     device = torch.device(device)
     model = model.to(device=device, dtype=dtype or stored).eval()

@@ -32,6 +32,8 @@ from tritower.launch.run_io import write_text_atomic
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
+    from tritower.launch.config import CheckpointConfig
+
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"
 
@@ -126,8 +128,7 @@ def locate(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
             )
         tag = (path / "latest").read_text().strip()
     if named_by_latest and not (path / tag).is_dir():
-        raise FileNotFoundError(f"{path / 'latest'} names {tag}, which is missing: pass one of "
-                                f"{complete_tags(path)}")
+        raise FileNotFoundError(f"{path / 'latest'} names {tag}, which is missing: pass one of {complete_tags(path)}")
     if not any((path / tag).glob("*model_states.pt")):
         raise FileNotFoundError(f"no checkpoint tag {tag!r} in {path} (found: {complete_tags(path)})")
     return path, tag
@@ -177,6 +178,11 @@ class Checkpointer:
         self.engine = engine
         self.keep_last = keep_last
         self.keep_every_steps = keep_every_steps
+
+    @classmethod
+    def from_config(cls, folder: Path, engine: DeepSpeedEngine, cfg: CheckpointConfig) -> Checkpointer:
+        """A checkpointer with the ``checkpoint`` section's retention (``keep_last``, ``keep_every_steps``)."""
+        return cls(folder, engine, keep_last=cfg.keep_last, keep_every_steps=cfg.keep_every_steps)
 
     def resume_target(self, resume: str) -> tuple[Path, str] | None:
         """What ``--resume`` names (``auto``: this run's latest), or None to start fresh."""

@@ -19,6 +19,7 @@ from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
 # Top-level flags that are shorthands for a section field.
 ALIASES = {"zero": "deepspeed.zero", "resume": "checkpoint.resume"}
 
+
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
     return f" (did you mean '{match[0]}'?)" if match else ""

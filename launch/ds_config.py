@@ -20,11 +20,26 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 # Top-level keys a policy file may hold; anything else is a typo or belongs in the training config.
 ALLOWED_KEYS = {
-    "zero_optimization", "bf16", "fp16", "train_batch_size", "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps", "gradient_clipping", "optimizer", "scheduler", "steps_per_print",
-    "wall_clock_breakdown", "communication_data_type", "prescale_gradients",
-    "gradient_predivide_factor", "zero_allow_untested_optimizer", "activation_checkpointing",
-    "flops_profiler", "comms_logger", "data_types", "seq_parallel_communication_data_type",
+    "zero_optimization",
+    "bf16",
+    "fp16",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "communication_data_type",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "zero_allow_untested_optimizer",
+    "activation_checkpointing",
+    "flops_profiler",
+    "comms_logger",
+    "data_types",
+    "seq_parallel_communication_data_type",
 }
 
 
@@ -58,7 +73,7 @@ def load_policy(path: str) -> tuple[Path, dict[str, Any]]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
                 f"{resolved}: unknown top-level key '{key}'{hint}. A ZeRO policy holds only "
-                "zero_optimization, precision and \"auto\" trainer fields."
+                'zero_optimization, precision and "auto" trainer fields.'
             )
     stage = policy.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -80,7 +95,7 @@ def _fill(policy: dict, dotted: str, value: Any, source: str, origin: Path) -> N
     if not same:
         raise ConfigError(
             f"{origin} sets {dotted}={current!r} but the training config gives {value!r} ({source}). "
-            f"Set it to \"auto\" in the JSON (the trainer fills it) or change {source}."
+            f'Set it to "auto" in the JSON (the trainer fills it) or change {source}.'
         )
 
 
@@ -135,8 +150,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
     policy.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
     if policy["optimizer"].get("type", "AdamW") not in ("AdamW", "Adam"):
         raise ConfigError(
-            f"{origin}: optimizer.type must be AdamW (the trainer's optimizer), "
-            f"found {policy['optimizer']['type']!r}"
+            f"{origin}: optimizer.type must be AdamW (the trainer's optimizer), found {policy['optimizer']['type']!r}"
         )
     for dotted, value, source in fills:
         _fill(policy, dotted, value, source, origin)

@@ -94,8 +94,11 @@ def gradcache_backward(
     loss.backward()
 
     sizes = [next(iter(v for k, v in p.items() if not _is_scale(k))).shape[0] for p in parts]
-    grads = {key: (leaf.grad if _is_scale(key) else leaf.grad.split(sizes)) for key, leaf in leaves.items()
-             if leaf.grad is not None}
+    grads = {
+        key: (leaf.grad if _is_scale(key) else leaf.grad.split(sizes))
+        for key, leaf in leaves.items()
+        if leaf.grad is not None
+    }
     for index, kwargs in enumerate(micro_inputs):
         _set_rng_state(states[index], device)
         out = engine(**kwargs)

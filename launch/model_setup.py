@@ -86,12 +86,12 @@ def build_towers(cfg: TrainConfig, vocab_size: int) -> Towers:
     precomputed = precomputed_role(cfg)
     logit_bias = {"logit_bias": -10.0} if cfg.loss.kind == "sigmoid" else {}
     model_cfg = cfg.model
-    model = build_clip(model_cfg, vocab_size=vocab_size, **logit_bias, **(
-        {"without": ("image",)} if precomputed == "image" else {}))
+    model = build_clip(
+        model_cfg, vocab_size=vocab_size, **logit_bias, **({"without": ("image",)} if precomputed == "image" else {})
+    )
     trainable = resolve_trainable(model, trainable_rules(model_cfg))
     autocast = autocast_dtype(cfg.deepspeed.precision)
-    model, locked = split_locked(model, model_cfg, autocast_dtype=autocast,
-                                 build_third=precomputed != "third")
+    model, locked = split_locked(model, model_cfg, autocast_dtype=autocast, build_third=precomputed != "third")
     apply_trainable(model, trainable)
     # Names of parameters still in the model are unchanged by split_locked.
     trainable = {name: trainable[name] for name, _ in model.named_parameters()}
@@ -107,8 +107,11 @@ def build_towers(cfg: TrainConfig, vocab_size: int) -> Towers:
 def build_eval_tower(cfg: TrainConfig, role: str) -> LockedTower:
     """The locked tower that precomputed embeddings stand for, for evaluation on new images only."""
     tower = cfg.model.parsed.tower(role)
-    return LockedTower(load_image_tower(tower.name, tower.pretrained), tower.name,
-                       autocast_dtype=autocast_dtype(cfg.deepspeed.precision))
+    return LockedTower(
+        load_image_tower(tower.name, tower.pretrained),
+        tower.name,
+        autocast_dtype=autocast_dtype(cfg.deepspeed.precision),
+    )
 
 
 class TowerInputs:
@@ -119,8 +122,9 @@ class TowerInputs:
     micro-batch and reused by both passes, so a locked tower is never run twice.
     """
 
-    def __init__(self, cfg: TrainConfig, towers: Towers, module: nn.Module, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: TrainConfig, towers: Towers, module: nn.Module, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.cfg = cfg
         self.locked = towers.locked
         self.precomputed = towers.precomputed
@@ -155,8 +159,11 @@ class TowerInputs:
         else:
             kwargs["input_ids"], kwargs["attention_mask"] = ids, mask
         if self.parsed.three_towers:
-            kwargs["third_embeddings"] = (self._embedding(batch) if self.precomputed == "third"
-                                          else self.locked.third.encode(images).to(self.dtype))
+            kwargs["third_embeddings"] = (
+                self._embedding(batch)
+                if self.precomputed == "third"
+                else self.locked.third.encode(images).to(self.dtype)
+            )
         return kwargs
 
     def _embedding(self, batch: dict) -> torch.Tensor:

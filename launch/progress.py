@@ -1,4 +1,5 @@
-"""What a run reports while it trains: bad-data counts summed over ranks, and the progress line."""
+"""What a run reports while it trains: bad-data counts summed over ranks, the progress line, the
+``train_log.jsonl`` record and the wandb values of a logged step."""
 
 from __future__ import annotations
 
@@ -18,8 +19,17 @@ def data_quality(loader: object) -> dict:
     return {"good": int(counts[0]), "bad": {kind: int(n) for kind, n in zip(kinds, counts[1:].tolist())}}
 
 
-def progress_line(step: int, steps: int, rate: float, loss: float, lr: float, scale: float, elapsed: float,
-                  eta: float, bad: dict[str, int]) -> str:
+def progress_line(
+    step: int,
+    steps: int,
+    rate: float,
+    loss: float,
+    lr: float,
+    scale: float,
+    elapsed: float,
+    eta: float,
+    bad: dict[str, int],
+) -> str:
     """``step 10/450 | 98.1 samples/s | loss 4.1 | lr ... | logit_scale ... | elapsed ... | eta ...``."""
     total_bad = sum(bad.values())
     return (
@@ -27,3 +37,32 @@ def progress_line(step: int, steps: int, rate: float, loss: float, lr: float, sc
         f"logit_scale {scale:.2f} | elapsed {format_duration(elapsed)} | eta {format_duration(eta)}"
         + (f" | bad samples {total_bad} {bad}" if total_bad else "")
     )
+
+
+def step_record(step: int, loss: float, lr: float, scale: float, rate: float, terms: dict[str, float]) -> dict:
+    """One ``train_log.jsonl`` record: the step's loss at full precision (NaN where skipped)."""
+    record = {"step": step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate}
+    return record | {f"loss_{k}": v for k, v in terms.items()}
+
+
+def wandb_values(
+    last_loss: float,
+    lr: float,
+    scale: float,
+    rate: float,
+    terms: dict[str, float],
+    nonfinite_total: int,
+    bad: dict[str, int],
+) -> dict:
+    """The wandb values of a logged step (``train/``, ``data/``)."""
+    values = {f"train/loss_{k}": v for k, v in terms.items()}
+    values |= {"train/loss": last_loss, "train/lr": lr, "train/logit_scale": scale, "train/samples_per_s": rate}
+    values |= {"train/nonfinite_total": nonfinite_total, "data/bad_samples": sum(bad.values())}
+    return values | {f"data/bad_{k}": v for k, v in bad.items()}
+
+
+def agree_on_flags(*flags: bool) -> tuple[bool, ...]:
+    """Each flag set on any rank, the same on every rank (a collective: a max all-reduce)."""
+    values = torch.tensor([float(flag) for flag in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(value) for value in values)

@@ -13,17 +13,26 @@ from tritower.data import EvalSet, tokenize
 from tritower.evaluation import evaluate, evaluate_alphas
 from tritower.launch.config import TrainConfig
 from tritower.launch.model_setup import Towers, build_eval_tower
-from tritower.model import CLIPWithLocked, LockedTowers
+from tritower.model import CLIPWithLocked, LockedTowers, text_tower_spec
 
 
 class RunEvaluator:
     """Evaluates the engine's current weights on one eval set; returns ``{metric: value}``."""
 
-    def __init__(self, cfg: TrainConfig, towers: Towers, locked: LockedTowers, module: nn.Module,
-                 eval_set: EvalSet, tokenizer: object, context_length: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        towers: Towers,
+        locked: LockedTowers,
+        module: nn.Module,
+        eval_set: EvalSet,
+        tokenizer: object,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.cfg, self.towers, self.locked, self.module = cfg, towers, locked, module
-        self.eval_set, self.tokenizer, self.context_length = eval_set, tokenizer, context_length
+        self.eval_set, self.tokenizer = eval_set, tokenizer
+        self.context_length = text_tower_spec(cfg.model.text_tower).context_length
         self.device, self.dtype = device, dtype
         self.built: dict[str, nn.Module] = {}  # towers built for evaluation only (precomputed ones)
 
@@ -49,11 +58,16 @@ class RunEvaluator:
         return CLIPWithLocked(self.module, locked)
 
     def __call__(self) -> dict[str, float]:
-        common = dict(device=self.device, dtype=self.dtype, batch_size=self.cfg.eval.batch_size,
-                      max_samples=self.cfg.eval.max_samples)
+        common = dict(
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.cfg.eval.batch_size,
+            max_samples=self.cfg.eval.max_samples,
+        )
         metrics = evaluate(self.model(), self.eval_set, self.tokenize, **common)
         alphas = self.cfg.eval.alpha_values()
         if alphas and self.cfg.model.parsed.three_towers:
-            metrics.update(evaluate_alphas(self.module, self.third_tower(), self.eval_set, self.tokenize,
-                                           alphas, **common))
+            metrics.update(
+                evaluate_alphas(self.module, self.third_tower(), self.eval_set, self.tokenize, alphas, **common)
+            )
         return metrics

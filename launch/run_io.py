@@ -44,9 +44,15 @@ class WandbLogger:
         import wandb
 
         self.run = wandb.init(
-            project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=run_dir.name,
-            dir=str(run_dir), mode=cfg.wandb.mode, config=cfg.to_dict(), reinit="finish_previous",
-            id=os.environ.get("WANDB_RUN_ID") or run_id, resume="allow",
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity or None,
+            name=run_dir.name,
+            dir=str(run_dir),
+            mode=cfg.wandb.mode,
+            config=cfg.to_dict(),
+            reinit="finish_previous",
+            id=os.environ.get("WANDB_RUN_ID") or run_id,
+            resume="allow",
         )
 
     @property

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from tritower.launch import dist_env
 from tritower.launch.checkpointer import Checkpointer, gather_per_rank, rng_state, set_rng_state
@@ -32,12 +31,11 @@ from tritower.launch.model_setup import (
     unlock_factors,
 )
 from tritower.launch.preemption import Preempted, StopRequest
-from tritower.launch.progress import data_quality, progress_line
+from tritower.launch.progress import agree_on_flags, data_quality, progress_line, step_record, wandb_values
 from tritower.launch.run_eval import RunEvaluator
 from tritower.launch.run_io import WandbLogger, write_json_atomic
-from tritower.launch.run_setup import check_embeddings, locked_identities, resolve_data, run_name
+from tritower.launch.run_setup import build_loaders, check_embeddings, locked_identities, resolve_data, run_name
 from tritower.losses import NonFiniteInputError, build_objective
-from tritower.model import image_tower_spec, text_tower_spec
 from tritower.model.precision import dtype_of
 
 
@@ -45,7 +43,7 @@ class Trainer:
     """Builds everything from one ``TrainConfig`` and runs ``train()``."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from tritower.data import build_text_tokenizer, build_train_loader, load_eval_set
+        from tritower.data import build_text_tokenizer
 
         self.cfg, self.parsed = cfg, cfg.model.parsed
         self.stop = StopRequest()
@@ -58,8 +56,6 @@ class Trainer:
 
         sources = resolve_data(cfg.data)
         self.tokenizer = build_text_tokenizer(text_tokenizer_source(cfg, sources.vocab))
-        image_spec = image_tower_spec(cfg.model.image_tower)
-        context_length = text_tower_spec(cfg.model.text_tower).context_length
 
         # Same seed on every rank: the towers must start identical before ZeRO partitions them.
         torch.manual_seed(cfg.train.seed)
@@ -68,8 +64,10 @@ class Trainer:
         self.embeddings_meta = None
         if self.towers.precomputed:
             self.embeddings_meta = meta = check_embeddings(cfg, self.towers.precomputed)
-            self.log(f"{self.towers.precomputed} tower: precomputed embeddings {cfg.data.embeddings} ({meta.views} "
-                     f"view(s) per sample, width {meta.width}); the tower itself is not built")
+            self.log(
+                f"{self.towers.precomputed} tower: precomputed embeddings {cfg.data.embeddings} ({meta.views} "
+                f"view(s) per sample, width {meta.width}); the tower itself is not built"
+            )
         self.engine, kernel_report = build_engine(self.towers.model, cfg, self.env.world_size, self.towers.groups)
         self.device, self.dtype = self.engine.device, dtype_of(cfg.deepspeed.precision)
         self.locked = self.towers.locked.to(self.device)
@@ -80,26 +78,21 @@ class Trainer:
         self.per_rank_batch = cfg.data.batch_size // self.env.world_size
         self.micro_batches = micro_batches_per_step(cfg, self.env.world_size)
         if self.micro_batches > 1:
-            self.log(f"exact accumulation (GradCache): {self.micro_batches} micro-batches of "
-                     f"{self.per_rank_batch // self.micro_batches} per rank, global batch {cfg.data.batch_size}")
-        loader_args = dict(tokenizer=self.tokenizer, image_size=image_spec.image_size, mean=image_spec.mean,
-                           std=image_spec.std, context_length=context_length)
-        self.train_loader = build_train_loader(
-            cfg.data, shards=sources.train_shards, rank=self.env.rank, world_size=self.env.world_size,
-            per_rank_batch=self.per_rank_batch, seed=cfg.train.seed,
-            needs_images=self.inputs.needs_images(), **loader_args,
+            self.log(
+                f"exact accumulation (GradCache): {self.micro_batches} micro-batches of "
+                f"{self.per_rank_batch // self.micro_batches} per rank, global batch {cfg.data.batch_size}"
+            )
+        self.train_loader, eval_set = build_loaders(
+            cfg, sources, self.tokenizer, self.env, self.per_rank_batch, self.inputs.needs_images()
         )
         self.evaluator = None
-        if sources.eval_shards:
-            eval_set = load_eval_set(sources.eval_shards, caption_key=cfg.data.caption_key,
-                                     label_key=cfg.data.label_key, **loader_args)
-            self.evaluator = RunEvaluator(cfg, self.towers, self.locked, self.engine.module, eval_set,
-                                          self.tokenizer, context_length, self.device, self.dtype)
+        if eval_set is not None:
+            model = (self.towers, self.locked, self.engine.module)
+            self.evaluator = RunEvaluator(cfg, *model, eval_set, self.tokenizer, self.device, self.dtype)
 
         self.step = 0
         self.nonfinite_total = self.nonfinite_in_row = 0
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.engine, keep_last=cfg.checkpoint.keep_last,
-                                         keep_every_steps=cfg.checkpoint.keep_every_steps)
+        self.checkpointer = Checkpointer.from_config(self.run_dir / "checkpoints", self.engine, cfg.checkpoint)
         target = self.checkpointer.resume_target(cfg.checkpoint.resume)
         wandb_id = self.restore(*target) if target is not None else None
         self.wandb = WandbLogger(cfg, self.run_dir, enabled=self.env.is_main, run_id=wandb_id)
@@ -122,10 +115,14 @@ class Trainer:
         """Checkpoint the engine and the trainer's state (a collective: all ranks call it)."""
         per_rank = gather_per_rank({"data": self.train_loader.state_dict(), "rng": rng_state(self.device)})
         state = {
-            "step": self.step, "samples_seen": self.step * self.cfg.data.batch_size,
-            "config": self.cfg.to_dict(), "world_size": self.env.world_size,
-            "data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank],
-            "nonfinite_total": self.nonfinite_total, "wandb_id": self.wandb.run_id,
+            "step": self.step,
+            "samples_seen": self.step * self.cfg.data.batch_size,
+            "config": self.cfg.to_dict(),
+            "world_size": self.env.world_size,
+            "data": [rank["data"] for rank in per_rank],
+            "rng": [rank["rng"] for rank in per_rank],
+            "nonfinite_total": self.nonfinite_total,
+            "wandb_id": self.wandb.run_id,
             "locked": self.locked_identities(),
         }
         written = self.checkpointer.save(self.step, state)
@@ -135,8 +132,7 @@ class Trainer:
     def restore(self, folder: Path, tag: str) -> str | None:
         """Load a checkpoint into the engine and the trainer; returns its wandb run id."""
         try:
-            state = self.checkpointer.load(folder, tag, world_size=self.env.world_size,
-                                           locked=self.locked_identities())
+            state = self.checkpointer.load(folder, tag, world_size=self.env.world_size, locked=self.locked_identities())
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self.step = int(state.get("step", 0))
@@ -193,16 +189,20 @@ class Trainer:
         for tower, factor in unlock_factors(self.cfg, self.step).items():
             if self.step == self.parsed.tower(tower).unlock_after_steps:
                 warmup = self.cfg.optim.unlock_warmup_steps or self.cfg.optim.warmup_steps
-                self.log(f"step {self.step}: {tower} tower unlocked (it was locked for steps 0-{self.step - 1}); "
-                         f"its learning rate warms up over {warmup} steps")
+                self.log(
+                    f"step {self.step}: {tower} tower unlocked (it was locked for steps 0-{self.step - 1}); "
+                    f"its learning rate warms up over {warmup} steps"
+                )
                 self.append_log({"step": self.step, "event": f"unlock_{tower}", "lr_factor": factor})
 
     def count_nonfinite(self, loss: float) -> None:
         """Count a skipped step; too many in a row checkpoint and stop."""
         self.nonfinite_total += 1
         self.nonfinite_in_row += 1
-        self.log(f"step {self.step}: non-finite loss ({loss}), step skipped "
-                 f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
+        self.log(
+            f"step {self.step}: non-finite loss ({loss}), step skipped "
+            f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)"
+        )
         if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
             self.save("non-finite losses")
             raise FloatingPointError(
@@ -223,26 +223,28 @@ class Trainer:
 
     def agreed_flags(self) -> tuple[bool, bool]:
         """(stop requested on any rank, time-based save due by rank 0's clock), same on all ranks."""
-        ckpt = self.cfg.checkpoint
-        due = self.env.is_main and ckpt.every_minutes > 0 and time.time() - self.last_save[1] >= 60 * ckpt.every_minutes
-        flags = torch.tensor([float(self.stop.requested), float(due)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        minutes = self.cfg.checkpoint.every_minutes
+        due = self.env.is_main and minutes > 0 and time.time() - self.last_save[1] >= 60 * minutes
+        return agree_on_flags(self.stop.requested, due)
 
-    def log_progress(self, loss: float, last_loss: float, terms: dict[str, float], scale: float, rate: float,
-                     elapsed: float, eta: float) -> None:
+    def log_progress(
+        self,
+        loss: float,
+        last_loss: float,
+        terms: dict[str, float],
+        scale: float,
+        rate: float,
+        elapsed: float,
+        eta: float,
+    ) -> None:
         """The progress line, the ``train_log.jsonl`` record and the wandb values of one logged step."""
         lr = self.engine.get_lr()[0]
         quality = data_quality(self.train_loader)
-        bad = sum(quality["bad"].values())
         steps = self.cfg.train.steps
         self.log(progress_line(self.step, steps, rate, last_loss, lr, scale, elapsed, eta, quality["bad"]))
-        self.append_log({"step": self.step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate,
-                         **{f"loss_{k}": v for k, v in terms.items()}})
-        self.wandb.log({**{f"train/loss_{k}": v for k, v in terms.items()}, "train/loss": last_loss, "train/lr": lr,
-                        "train/logit_scale": scale, "train/samples_per_s": rate,
-                        "train/nonfinite_total": self.nonfinite_total, "data/bad_samples": bad,
-                        **{f"data/bad_{k}": v for k, v in quality["bad"].items()}}, self.step)
+        self.append_log(step_record(self.step, loss, lr, scale, rate, terms))
+        values = wandb_values(last_loss, lr, scale, rate, terms, self.nonfinite_total, quality["bad"])
+        self.wandb.log(values, self.step)
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -276,8 +278,10 @@ class Trainer:
             if stop or due or (every and self.step % every == 0 and self.step < steps):
                 self.save("preemption signal" if stop else "periodic")
             if stop:
-                self.log(f"stopping for preemption ({self.stop.signal_name or 'signal on another rank'}) "
-                         f"at step {self.step}; exit code {Preempted().code} asks the scheduler to requeue")
+                self.log(
+                    f"stopping for preemption ({self.stop.signal_name or 'signal on another rank'}) "
+                    f"at step {self.step}; exit code {Preempted().code} asks the scheduler to requeue"
+                )
                 self.wandb.finish({"preempted_at_step": self.step})
                 raise Preempted()
         wall = time.time() - started
@@ -287,13 +291,11 @@ class Trainer:
             self.save("end of training")
         trained = self.step - start_step
         quality = data_quality(self.train_loader)
-        final = {
-            "experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale,
-            "world_size": self.env.world_size, "global_batch": batch, "train_wall_s": round(wall, 2),
-            "samples_per_s": round(trained * batch / wall, 1) if trained else 0.0,
-            "nonfinite_steps": self.nonfinite_total, "data_samples": quality["good"], "data_bad": quality["bad"],
-            **metrics,
-        }
+        final = {"experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale}
+        final |= {"world_size": self.env.world_size, "global_batch": batch, "train_wall_s": round(wall, 2)}
+        final |= {"samples_per_s": round(trained * batch / wall, 1) if trained else 0.0}
+        final |= {"nonfinite_steps": self.nonfinite_total, "data_samples": quality["good"], "data_bad": quality["bad"]}
+        final |= metrics
         if self.env.is_main:
             print(json.dumps(final), flush=True)
             write_json_atomic(self.run_dir / "metrics.json", final)

@@ -53,5 +53,4 @@ class LossConfig:
     @property
     def three_towers_weights(self) -> tuple[float, float, float]:
         """(w_fg, w_fh, w_gh): the weights of the main, image-third and text-third terms."""
-        return (float(self.weight_main), float(self.weight_image_third),
-                float(self.weight_text_third))
+        return (float(self.weight_main), float(self.weight_image_third), float(self.weight_text_third))

@@ -36,8 +36,11 @@ def check_finite(named: dict[str, Tensor], group: ProcessGroup | None = None) ->
     counts = count_nonfinite(list(named.values()), group)
     _, world = rank_and_world(group)
     per = " per rank" if world > 1 else ""
-    bad = [f"{name}: {n} non-finite value(s) (NaN/Inf) of {named[name].numel()}{per}"
-           for name, n in zip(named, counts, strict=True) if n]
+    bad = [
+        f"{name}: {n} non-finite value(s) (NaN/Inf) of {named[name].numel()}{per}"
+        for name, n in zip(named, counts, strict=True)
+        if n
+    ]
     if bad:
         where = f" (counted over {world} ranks)" if world > 1 else ""
         raise NonFiniteInputError("contrastive loss got non-finite inputs" + where + ": " + "; ".join(bad))
@@ -48,12 +51,11 @@ def _check_shapes(image_features: Tensor, text_features: Tensor) -> None:
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(
             f"expected image_features and text_features of one shape [b, D], got "
-            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
 
 
-def _columns(
-    local: Tensor, gathered: Tensor | None, cross_rank: bool, group: ProcessGroup | None
-) -> Tensor:
+def _columns(local: Tensor, gathered: Tensor | None, cross_rank: bool, group: ProcessGroup | None) -> Tensor:
     """All ranks' features for the column side: given pre-gathered, gathered here, or local."""
     if not cross_rank:
         return local
@@ -93,16 +95,16 @@ def clip_loss(
     LossConfig(kind="softmax", impl=impl, scope=scope, tile_size=tile_size)  # validates
     _check_shapes(image_features, text_features)
     if check_inputs:
-        check_finite({"image_features": image_features, "text_features": text_features,
-                      "logit_scale": logit_scale}, group)
+        check_finite(
+            {"image_features": image_features, "text_features": text_features, "logit_scale": logit_scale}, group
+        )
     rank, world = rank_and_world(group)
     cross_rank = scope == "global" and world > 1
     row_offset = rank * image_features.shape[0] if cross_rank else 0
     text_all = _columns(text_features, text_features_all, cross_rank, group)
     if impl == "naive":
         image_all = _columns(image_features, image_features_all, cross_rank, group)
-        local = naive.softmax_rows(
-            image_features, text_features, image_all, text_all, logit_scale, row_offset)
+        local = naive.softmax_rows(image_features, text_features, image_all, text_all, logit_scale, row_offset)
     else:
         # Tiled kernels need only the text columns: the text->image direction is the column
         # log-sum-exp of the same logits, combined over ranks instead of recomputed.
@@ -137,8 +139,15 @@ def sigmoid_loss(
     LossConfig(kind="sigmoid", impl=impl, scope=scope, tile_size=tile_size)  # validates
     _check_shapes(image_features, text_features)
     if check_inputs:
-        check_finite({"image_features": image_features, "text_features": text_features,
-                      "logit_scale": logit_scale, "logit_bias": logit_bias}, group)
+        check_finite(
+            {
+                "image_features": image_features,
+                "text_features": text_features,
+                "logit_scale": logit_scale,
+                "logit_bias": logit_bias,
+            },
+            group,
+        )
     rank, world = rank_and_world(group)
     cross_rank = scope == "global" and world > 1
     row_offset = rank * image_features.shape[0] if cross_rank else 0
@@ -148,6 +157,5 @@ def sigmoid_loss(
     else:
         from .tiled import sigmoid_tiled
 
-        local = sigmoid_tiled(image_features, text_all, logit_scale, logit_bias, row_offset,
-                              tile_size)
+        local = sigmoid_tiled(image_features, text_all, logit_scale, logit_bias, row_offset, tile_size)
     return average_value(local, group)

@@ -51,7 +51,7 @@ def softmax_rows(
     # Positive pairs (column row_offset + i) have the same logit in both directions; a row
     # dot product, since the backward of .diagonal() would allocate another [b, B] matrix.
     b = image_local.shape[0]
-    positives = (scaled_image * text_all[row_offset:row_offset + b].to(acc)).sum(dim=1)  # [b]
+    positives = (scaled_image * text_all[row_offset : row_offset + b].to(acc)).sum(dim=1)  # [b]
     return 0.5 * (lse_image.mean() + lse_text.mean()) - positives.mean()
 
 

@@ -37,14 +37,12 @@ class Objective(nn.Module):
     def _inputs(self, outputs: Outputs) -> list[Tensor]:
         missing = [key for key in self.needs if key not in outputs]
         if missing:
-            raise KeyError(f"the {type(self).__name__} needs the model outputs {missing}; got "
-                           f"{sorted(outputs)}")
+            raise KeyError(f"the {type(self).__name__} needs the model outputs {missing}; got {sorted(outputs)}")
         return [outputs[key] for key in self.needs]
 
     def _common(self) -> dict:
         c = self.config
-        return dict(impl=c.impl, scope=c.scope, group=self.group, tile_size=c.tile_size,
-                    check_inputs=c.check_finite)
+        return dict(impl=c.impl, scope=c.scope, group=self.group, tile_size=c.tile_size, check_inputs=c.check_finite)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -58,8 +56,9 @@ class CLIPObjective(Objective):
 
     def forward(self, outputs: Outputs) -> dict[str, Tensor]:
         if outputs.get("logit_bias") is not None:
-            raise ValueError("the softmax (CLIP) objective takes no logit_bias: the model was built for "
-                             "loss.kind=sigmoid")
+            raise ValueError(
+                "the softmax (CLIP) objective takes no logit_bias: the model was built for loss.kind=sigmoid"
+            )
         return {"loss": clip_loss(*self._inputs(outputs), **self._common())}
 
 
@@ -70,8 +69,7 @@ class SigLIPObjective(Objective):
 
     def forward(self, outputs: Outputs) -> dict[str, Tensor]:
         if outputs.get("logit_bias") is None:
-            raise ValueError("the sigmoid (SigLIP) objective needs logit_bias (a learnable [1] parameter "
-                             "of the model)")
+            raise ValueError("the sigmoid (SigLIP) objective needs logit_bias (a learnable [1] parameter of the model)")
         return {"loss": sigmoid_loss(*self._inputs(outputs), **self._common())}
 
 
@@ -89,8 +87,9 @@ class ThreeTowersObjective(Objective):
         super().__init__(config, group)
 
     def forward(self, outputs: Outputs) -> dict[str, Tensor]:
-        loss, terms = three_towers_loss(*self._inputs(outputs), weights=self.config.three_towers_weights,
-                                        **self._common())
+        loss, terms = three_towers_loss(
+            *self._inputs(outputs), weights=self.config.three_towers_weights, **self._common()
+        )
         return {"loss": loss, **terms}
 
     def extra_repr(self) -> str:
@@ -112,7 +111,6 @@ def objective_name(config: LossConfig, three_towers: bool = False) -> str:
     return {"softmax": "clip", "sigmoid": "siglip"}[config.kind]
 
 
-def build_objective(config: LossConfig, three_towers: bool = False,
-                    group: ProcessGroup | None = None) -> Objective:
+def build_objective(config: LossConfig, three_towers: bool = False, group: ProcessGroup | None = None) -> Objective:
     """The objective for the ``loss`` section (``three_towers``: the model is a 3T model)."""
     return OBJECTIVES[objective_name(config, three_towers)](config, group)

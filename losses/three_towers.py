@@ -36,8 +36,13 @@ from .distributed import ProcessGroup, gather_with_grad, rank_and_world
 TERMS = ("main", "image_third", "text_third")
 """Names of the three terms, in the order of ``LossConfig.three_towers_weights``."""
 INPUT_KEYS = (
-    "image_features", "text_features", "logit_scale",
-    "image_features_3t", "text_features_3t", "third_image_features", "third_text_features",
+    "image_features",
+    "text_features",
+    "logit_scale",
+    "image_features_3t",
+    "text_features_3t",
+    "third_image_features",
+    "third_text_features",
     "logit_scale_3t",
 )
 """The keys of the model's forward dict the loss reads (``CLIPModel.forward`` under 3T)."""
@@ -76,26 +81,48 @@ def three_towers_loss(
     W x global, as for ``clip_loss``.
     """
     w_fg, w_fh, w_gh = weights
-    LossConfig(kind="softmax", impl=impl, scope=scope, tile_size=tile_size, weight_main=w_fg,
-               weight_image_third=w_fh, weight_text_third=w_gh)  # validates
-    named = {"image_features": image_features, "text_features": text_features,
-             "logit_scale": logit_scale, "image_features_3t": image_features_3t,
-             "text_features_3t": text_features_3t, "third_image_features": third_image_features,
-             "third_text_features": third_text_features, "logit_scale_3t": logit_scale_3t}
+    LossConfig(
+        kind="softmax",
+        impl=impl,
+        scope=scope,
+        tile_size=tile_size,
+        weight_main=w_fg,
+        weight_image_third=w_fh,
+        weight_text_third=w_gh,
+    )  # validates
+    named = {
+        "image_features": image_features,
+        "text_features": text_features,
+        "logit_scale": logit_scale,
+        "image_features_3t": image_features_3t,
+        "text_features_3t": text_features_3t,
+        "third_image_features": third_image_features,
+        "third_text_features": third_text_features,
+        "logit_scale_3t": logit_scale_3t,
+    }
     if logit_scale_3t.numel() != 2:
-        raise ValueError(f"logit_scale_3t must hold 2 values (f_h-h_f, g_h-h_g), got shape "
-                         f"{tuple(logit_scale_3t.shape)}")
+        raise ValueError(
+            f"logit_scale_3t must hold 2 values (f_h-h_f, g_h-h_g), got shape {tuple(logit_scale_3t.shape)}"
+        )
     if check_inputs:
         check_finite(named, group)  # one count for all eight inputs, all ranks raise together
-    features = [image_features, image_features_3t, text_features_3t,
-                text_features, third_image_features, third_text_features]
+    features = [
+        image_features,
+        image_features_3t,
+        text_features_3t,
+        text_features,
+        third_image_features,
+        third_text_features,
+    ]
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in features])
     rows = [t.to(dtype) for t in features[:3]]  # f, f_h, g_h: this rank's rows
     cols = [t.to(dtype) for t in features[3:]]  # g, h_f, h_g: the columns (negatives)
     for row, col, term in zip(rows, cols, TERMS, strict=True):
         if row.ndim != 2 or row.shape != col.shape or row.shape[0] != rows[0].shape[0]:
-            raise ValueError(f"3T term {term!r}: expected two [b, D] features with the b of the "
-                             f"others, got {tuple(row.shape)} and {tuple(col.shape)}")
+            raise ValueError(
+                f"3T term {term!r}: expected two [b, D] features with the b of the "
+                f"others, got {tuple(row.shape)} and {tuple(col.shape)}"
+            )
 
     _, world = rank_and_world(group)
     rows_all: list[Tensor | None] = [None, None, None]
@@ -112,10 +139,19 @@ def three_towers_loss(
 
     scales = [logit_scale, logit_scale_3t.reshape(2)[0:1], logit_scale_3t.reshape(2)[1:2]]
     values = [
-        clip_loss(row, col, scale, impl, scope=scope, group=group, tile_size=tile_size,
-                  check_inputs=False, image_features_all=row_all, text_features_all=col_all)
-        for row, col, scale, row_all, col_all in zip(rows, cols, scales, rows_all, cols_all,
-                                                     strict=True)
+        clip_loss(
+            row,
+            col,
+            scale,
+            impl,
+            scope=scope,
+            group=group,
+            tile_size=tile_size,
+            check_inputs=False,
+            image_features_all=row_all,
+            text_features_all=col_all,
+        )
+        for row, col, scale, row_all, col_all in zip(rows, cols, scales, rows_all, cols_all, strict=True)
     ]
     total = sum(weight * value for weight, value in zip(weights, values, strict=True)) / 3
     return total, {term: value.detach() for term, value in zip(TERMS, values, strict=True)}

@@ -27,8 +27,9 @@ def tile_bounds(n: int, tile: int) -> list[tuple[int, int]]:
     return [(start, min(start + tile, n)) for start in range(0, n, tile)]
 
 
-def softmax_lse(image: Tensor, text_all: Tensor, scale: Tensor, row_offset: int,
-                tile: int) -> tuple[Tensor, Tensor, Tensor]:
+def softmax_lse(
+    image: Tensor, text_all: Tensor, scale: Tensor, row_offset: int, tile: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Row and column log-sum-exp of S = scale * image @ text_all^T, streamed over tiles,
     and the positive logits S[i, row_offset + i]. Returns ([b], [B], [b]) in ``scale.dtype``.
 
@@ -42,7 +43,7 @@ def softmax_lse(image: Tensor, text_all: Tensor, scale: Tensor, row_offset: int,
     for r0, r1 in tile_bounds(image.shape[0], tile):
         # Blocks are scaled and cast one at a time: memory stays O(tile * D), never O(B * D).
         rows = scale * image[r0:r1].to(acc)  # [tr, D]
-        positives[r0:r1] = (rows * text_all[row_offset + r0:row_offset + r1].to(acc)).sum(1)
+        positives[r0:r1] = (rows * text_all[row_offset + r0 : row_offset + r1].to(acc)).sum(1)
         running = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=device)
         for c0, c1 in tile_bounds(text_all.shape[0], tile):
             logits = rows @ text_all[c0:c1].to(acc).T  # [tr, tc]
@@ -55,9 +56,15 @@ def softmax_lse(image: Tensor, text_all: Tensor, scale: Tensor, row_offset: int,
 TileGrad = Callable[[Tensor, int, int, int, int], Tensor]
 
 
-def backward_products(image: Tensor, text_all: Tensor, scale: Tensor, tile: int,
-                      tile_grad: TileGrad, want_image: bool, want_text: bool,
-                      ) -> tuple[Tensor | None, Tensor | None, Tensor]:
+def backward_products(
+    image: Tensor,
+    text_all: Tensor,
+    scale: Tensor,
+    tile: int,
+    tile_grad: TileGrad,
+    want_image: bool,
+    want_text: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """Stream over tiles of S = scale * X Y^T and accumulate the products the gradients need.
 
     ``tile_grad(logits, r0, r1, c0, c1)`` turns a logits tile into H = dLoss/dS for it (up
@@ -97,8 +104,15 @@ class _TiledSoftmax(torch.autograd.Function):
     """Symmetric InfoNCE share of one rank; gradients follow the W x global convention."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, image: Tensor, text_all: Tensor, logit_scale: Tensor, row_offset: int,
-                tile: int, combine: LseCombine | None) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx: FunctionCtx,
+        image: Tensor,
+        text_all: Tensor,
+        logit_scale: Tensor,
+        row_offset: int,
+        tile: int,
+        combine: LseCombine | None,
+    ) -> Tensor:  # type: ignore[override]
         scale = logit_scale.detach().reshape(()).to(accumulation_dtype(image))
         row_lse, col_lse, positives = softmax_lse(image, text_all, scale, row_offset, tile)
         if combine is not None:
@@ -108,7 +122,7 @@ class _TiledSoftmax(torch.autograd.Function):
         ctx.save_for_backward(image, text_all, logit_scale, row_lse, col_lse)
         ctx.row_offset, ctx.tile = row_offset, tile
         # Rank's share: its image->text rows plus the text->image rows of its own texts.
-        own_cols = col_lse[row_offset:row_offset + b]
+        own_cols = col_lse[row_offset : row_offset + b]
         return 0.5 * (row_lse + own_cols - 2.0 * positives).sum() / b
 
     @staticmethod
@@ -125,18 +139,30 @@ class _TiledSoftmax(torch.autograd.Function):
             h.diagonal(offset + r0 - c0).sub_(2.0)  # positives: offset + r0 + i == c0 + j
             return h
 
-        h_y, h_x, hxy = backward_products(image, text_all, scale, ctx.tile, tile_grad,
-                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        h_y, h_x, hxy = backward_products(
+            image, text_all, scale, ctx.tile, tile_grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
         # dL/dS = 0.5/B * H; times W (the convention) gives 0.5/b. S = s X Y^T, so
         # dX = s H Y, dY = s H^T X, ds = sum H_ij x_i.y_j; scaled in place (no extra [B, D]).
         coef = grad_out.to(acc) * 0.5 / image.shape[0]
-        return (_to(h_y.mul_(coef * scale) if ctx.needs_input_grad[0] else None, image),
-                _to(h_x.mul_(coef * scale) if h_x is not None else None, text_all),
-                _to(coef * hxy, logit_scale), None, None, None)
+        return (
+            _to(h_y.mul_(coef * scale) if ctx.needs_input_grad[0] else None, image),
+            _to(h_x.mul_(coef * scale) if h_x is not None else None, text_all),
+            _to(coef * hxy, logit_scale),
+            None,
+            None,
+            None,
+        )
 
 
-def softmax_tiled(image: Tensor, text_all: Tensor, logit_scale: Tensor, row_offset: int,
-                  tile_size: int, combine: LseCombine | None = None) -> Tensor:
+def softmax_tiled(
+    image: Tensor,
+    text_all: Tensor,
+    logit_scale: Tensor,
+    row_offset: int,
+    tile_size: int,
+    combine: LseCombine | None = None,
+) -> Tensor:
     """Tiled ``naive.softmax_rows``: this rank's image rows against ``text_all`` columns.
 
     ``combine`` merges the column LSEs of all ranks (``logsumexp_across_ranks``) or is None
@@ -149,8 +175,15 @@ class _TiledSigmoid(torch.autograd.Function):
     """SigLIP share of one rank, -(1/b) sum over its rows and all columns; no LSE needed."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, image: Tensor, text_all: Tensor, logit_scale: Tensor, logit_bias: Tensor,
-                row_offset: int, tile: int) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx: FunctionCtx,
+        image: Tensor,
+        text_all: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor,
+        row_offset: int,
+        tile: int,
+    ) -> Tensor:  # type: ignore[override]
         acc = accumulation_dtype(image)
         scale = logit_scale.detach().reshape(()).to(acc)
         bias = logit_bias.detach().reshape(()).to(acc)
@@ -183,15 +216,22 @@ class _TiledSigmoid(torch.autograd.Function):
             h_sum += h.sum()  # d/d bias
             return h
 
-        h_y, h_x, hxy = backward_products(image, text_all, scale, ctx.tile, tile_grad,
-                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        h_y, h_x, hxy = backward_products(
+            image, text_all, scale, ctx.tile, tile_grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
         coef = grad_out.to(acc) / image.shape[0]  # 1/B per pair, times W (the convention)
-        return (_to(h_y.mul_(coef * scale) if ctx.needs_input_grad[0] else None, image),
-                _to(h_x.mul_(coef * scale) if h_x is not None else None, text_all),
-                _to(coef * hxy, logit_scale), _to(coef * h_sum, logit_bias), None, None)
+        return (
+            _to(h_y.mul_(coef * scale) if ctx.needs_input_grad[0] else None, image),
+            _to(h_x.mul_(coef * scale) if h_x is not None else None, text_all),
+            _to(coef * hxy, logit_scale),
+            _to(coef * h_sum, logit_bias),
+            None,
+            None,
+        )
 
 
-def sigmoid_tiled(image: Tensor, text_all: Tensor, logit_scale: Tensor, logit_bias: Tensor,
-                  row_offset: int, tile_size: int) -> Tensor:
+def sigmoid_tiled(
+    image: Tensor, text_all: Tensor, logit_scale: Tensor, logit_bias: Tensor, row_offset: int, tile_size: int
+) -> Tensor:
     """Tiled ``naive.sigmoid_rows`` (same value and gradients, O(tile^2) logits memory)."""
     return _TiledSigmoid.apply(image, text_all, logit_scale, logit_bias, row_offset, tile_size)

@@ -39,8 +39,15 @@ def build_architecture(config: dict) -> CLIPModel:
     # A 3T run exported without --alpha is a plain CLIP: no 3T heads (config "three_towers" null).
     mixed = cfg.parsed.three_towers and bool(config.get("three_towers"))
     third = image_tower_spec(cfg.third_tower or cfg.image_tower).width if mixed else 0
-    return CLIPModel(image_tower, text_tower, cfg.embed_dim, cfg.init_logit_scale, cfg.max_logit_scale,
-                     third_width=third, logit_bias=0.0 if config.get("logit_bias") else None)
+    return CLIPModel(
+        image_tower,
+        text_tower,
+        cfg.embed_dim,
+        cfg.init_logit_scale,
+        cfg.max_logit_scale,
+        third_width=third,
+        logit_bias=0.0 if config.get("logit_bias") else None,
+    )
 
 
 def build_third_tower_architecture(config: dict) -> LockedTower:

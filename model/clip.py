@@ -67,9 +67,7 @@ class CLIPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.full([1], float(init_logit_scale)))
         self.max_logit_scale = float(max_logit_scale)
         self.embed_dim = embed_dim
-        self.logit_bias = (
-            nn.Parameter(torch.full([1], float(logit_bias))) if logit_bias is not None else None
-        )
+        self.logit_bias = nn.Parameter(torch.full([1], float(logit_bias))) if logit_bias is not None else None
         self.three_towers = third_width > 0
         if self.three_towers:
             # f_h, g_h act on the embeddings f(x), g(t) (the paper's heads "on top of" the main
@@ -81,16 +79,15 @@ class CLIPModel(nn.Module):
             start = init_logit_scale if init_logit_scale_3t is None else init_logit_scale_3t
             self.logit_scale_3t = nn.Parameter(torch.full([2], float(start)))
 
-    def _image_embeddings(
-        self, images: torch.Tensor | None, embeddings: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _image_embeddings(self, images: torch.Tensor | None, embeddings: torch.Tensor | None) -> torch.Tensor:
         if (images is None) == (embeddings is None):
             raise ValueError("pass exactly one of images and image_embeddings")
         if embeddings is not None:
             return embeddings
         if self.image_tower is None:
-            raise ValueError("the image tower is held outside the model (locked): pass "
-                             "image_embeddings from its LockedTower")
+            raise ValueError(
+                "the image tower is held outside the model (locked): pass image_embeddings from its LockedTower"
+            )
         return self.image_tower(images)
 
     def _text_embeddings(
@@ -104,8 +101,9 @@ class CLIPModel(nn.Module):
         if embeddings is not None:
             return embeddings
         if self.text_tower is None:
-            raise ValueError("the text tower is held outside the model (locked): pass "
-                             "text_embeddings from its LockedTower")
+            raise ValueError(
+                "the text tower is held outside the model (locked): pass text_embeddings from its LockedTower"
+            )
         return self.text_tower(input_ids, attention_mask)
 
     def encode_image(
@@ -176,8 +174,7 @@ class CLIPModel(nn.Module):
         if self.three_towers:
             if third_embeddings is None:
                 raise ValueError("a 3T model needs third_embeddings (the third tower's output)")
-            out.update(self.three_towers_features(out["image_features"], out["text_features"],
-                                                  third_embeddings))
+            out.update(self.three_towers_features(out["image_features"], out["text_features"], third_embeddings))
             out["logit_scale_3t"] = self.logit_scale_3t.exp().clamp(max=self.max_logit_scale)
         elif third_embeddings is not None:
             raise ValueError("third_embeddings given to a model without a third tower")
@@ -267,8 +264,10 @@ def build_clip(
             text_tower = load_text_tower(cfg.text_tower, cfg.text_pretrained, cfg.text_pooling)
         rows = text_tower.vocab_rows
         if vocab_size is not None and vocab_size > rows:
-            raise ValueError(f"the tokenizer has {vocab_size} tokens but the pretrained text "
-                             f"tower {text_tower.source} has {rows} embedding rows")
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the pretrained text "
+                f"tower {text_tower.source} has {rows} embedding rows"
+            )
     else:
         text_tower = build_text_tower(cfg.text_tower, vocab_size, pooling=cfg.text_pooling)
     third_width = image_tower_spec(cfg.third_tower or cfg.image_tower).width

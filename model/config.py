@@ -65,7 +65,8 @@ def parse_setting(setting: str) -> TowerSetting:
     raise ValueError(
         f"model.setting={setting!r} is not a tower setting: use one of "
         f"{', '.join(SETTINGS)} (image letter first, then text; "
-        + "; ".join(f"{k} = {v}" for k, v in LETTERS.items()) + ")"
+        + "; ".join(f"{k} = {v}" for k, v in LETTERS.items())
+        + ")"
     )
 
 
@@ -180,8 +181,7 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
             )
         if blocks > spec.num_blocks:
             raise ValueError(
-                f"model.{role}_unlock_last_blocks={blocks} exceeds the {spec.num_blocks} "
-                f"blocks of {spec.name}"
+                f"model.{role}_unlock_last_blocks={blocks} exceeds the {spec.num_blocks} blocks of {spec.name}"
             )
         delay = getattr(cfg, f"{role}_unlock_after_steps")
         if delay < 0 or (delay and letter != "U"):
@@ -199,21 +199,29 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
                 f"{spec.width}"
             )
         towers[role] = TowerOptions(
-            role=role, letter=letter, name=spec.name, pretrained=(field or default) if letter in "LU" else "",
-            unlock_last_blocks=blocks, unlock_after_steps=delay, lr_mult=mult,
+            role=role,
+            letter=letter,
+            name=spec.name,
+            pretrained=(field or default) if letter in "LU" else "",
+            unlock_last_blocks=blocks,
+            unlock_after_steps=delay,
+            lr_mult=mult,
             grad_checkpointing=getattr(cfg, f"{role}_grad_checkpointing"),
         )
     third = None
     if setting.three_towers:
         if not cfg.third_pretrained:
-            raise ValueError("model.third_pretrained is required for setting '3T' (the frozen "
-                             "pretrained third tower); give a local checkpoint path")
+            raise ValueError(
+                "model.third_pretrained is required for setting '3T' (the frozen "
+                "pretrained third tower); give a local checkpoint path"
+            )
         name = cfg.third_tower or cfg.image_tower
         image_tower_spec(name)  # unknown name -> ValueError
         third = TowerOptions(role="third", letter="L", name=name, pretrained=cfg.third_pretrained)
     elif cfg.third_tower or cfg.third_pretrained or cfg.init_logit_scale_3t:
-        raise ValueError(f"model.third_tower/third_pretrained/init_logit_scale_3t apply to "
-                         f"setting '3T' only, not {cfg.setting!r}")
+        raise ValueError(
+            f"model.third_tower/third_pretrained/init_logit_scale_3t apply to setting '3T' only, not {cfg.setting!r}"
+        )
     return ParsedModel(setting, towers["image"], towers["text"], third)
 
 
@@ -301,10 +309,7 @@ class ModelConfig:
                 f"model.max_logit_scale={self.max_logit_scale}: the clamp would block its gradient"
             )
         if self.text_pooling not in ("",) + TEXT_POOLINGS:
-            raise ValueError(
-                f"model.text_pooling must be '' or one of {TEXT_POOLINGS}, "
-                f"got {self.text_pooling!r}"
-            )
+            raise ValueError(f"model.text_pooling must be '' or one of {TEXT_POOLINGS}, got {self.text_pooling!r}")
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size must be >= 0, got {self.vocab_size}")
         self.parsed  # noqa: B018 -- parses and validates the setting and per-tower fields

@@ -70,7 +70,8 @@ class LockedTower(nn.Module):
         device_type = inputs[0].device.type
         autocast = (
             torch.autocast(device_type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None else contextlib.nullcontext()
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
             features = self.tower(*inputs)

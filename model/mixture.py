@@ -50,8 +50,10 @@ def three_towers_model(model: nn.Module) -> nn.Module:
     for candidate in (model, getattr(model, "model", None), getattr(model, "module", None)):
         if candidate is not None and getattr(candidate, "three_towers", False):
             return candidate
-    raise ValueError("alpha mixing needs a 3T model (a CLIPModel built with setting '3T', or a "
-                     f"CLIPWithLocked around one); got {type(model).__name__}")
+    raise ValueError(
+        "alpha mixing needs a 3T model (a CLIPModel built with setting '3T', or a "
+        f"CLIPWithLocked around one); got {type(model).__name__}"
+    )
 
 
 class ThreeTowersMixture(nn.Module):
@@ -74,17 +76,14 @@ class ThreeTowersMixture(nn.Module):
 
     def _heads(self, **inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
         clip = three_towers_model(self.model)
-        return clip.three_towers_features(inputs.get("image"), inputs.get("text"),
-                                          inputs.get("third"))
+        return clip.three_towers_features(inputs.get("image"), inputs.get("text"), inputs.get("third"))
 
     def image_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x), h_g(h(x))), each unit-norm [N, embed_dim]."""
         third = getattr(self.third_tower, "encode", self.third_tower)(images)
         return self.model.encode_image(images), self._heads(third=third)["third_text_features"]
 
-    def text_parts(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_parts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(g(t), g_h(g(t))), each unit-norm [N, embed_dim]."""
         text = self.model.encode_text(input_ids, attention_mask)
         return text, self._heads(text=text)["text_features_3t"]

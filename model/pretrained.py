@@ -34,8 +34,16 @@ from .towers import ImageTower, TextTower, build_image_tower, unwrap_clip_text
 
 SHOWN = 5  # mismatching keys named per kind in an error
 # Keys a checkpoint may carry that a tower built for features never has.
-_DROPPED_TEXT = ("pooler.", "decoder.", "lm_head.", "embeddings.position_ids", "vision_model.",
-                 "visual_projection.", "text_projection.", "logit_scale")
+_DROPPED_TEXT = (
+    "pooler.",
+    "decoder.",
+    "lm_head.",
+    "embeddings.position_ids",
+    "vision_model.",
+    "visual_projection.",
+    "text_projection.",
+    "logit_scale",
+)
 
 
 def resolve_source(source: str) -> Path:
@@ -93,17 +101,14 @@ def _strip_image_prefixes(state: dict[str, torch.Tensor], path: Path) -> dict[st
                 f"{[k for k in keys if k.startswith('visual.')][:3]}); only open_clip models whose "
                 "visual tower is a timm trunk (TimmModel) are accepted"
             )
-        return {k.removeprefix("visual.trunk."): v for k, v in state.items()
-                if k.startswith("visual.trunk.")}
+        return {k.removeprefix("visual.trunk."): v for k, v in state.items() if k.startswith("visual.trunk.")}
     for prefix in ("image_tower.vit.", "image_tower.trunk."):  # a tritower CLIP
         if any(k.startswith(prefix) for k in state):
             return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
-def check_fits(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], path: str | Path, what: str
-) -> None:
+def check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
     """ValueError naming ``path``, ``what`` was expected and the first missing, unexpected and
     wrongly shaped keys, unless ``found`` has exactly the keys and shapes of ``expected``."""
     # BatchNorm's step counter is not a weight; timm's published files often leave it out.
@@ -111,13 +116,13 @@ def check_fits(
     unexpected = [k for k in found if k not in expected]
     shapes = [
         f"{k}: expected {list(expected[k].shape)}, found {list(found[k].shape)}"
-        for k in expected if k in found and found[k].shape != expected[k].shape
+        for k in expected
+        if k in found and found[k].shape != expected[k].shape
     ]
     if not (missing or unexpected or shapes):
         return
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatches", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
         if items:
             more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
             parts.append(f"{len(items)} {label}: {items[:SHOWN]}{more}")
@@ -133,10 +138,8 @@ def load_image_tower(name: str, path: str | Path) -> ImageTower:
     expected = tower.model.state_dict()
     state = _strip_image_prefixes(load_state_dict(path), path)
     # Classifier weights of the pretraining task: the tower is built headless.
-    state = {k: v for k, v in state.items()
-             if k in expected or not (k.startswith("head.") or k.startswith("fc."))}
-    what = (f"image tower {name!r} (timm {spec.timm_name}, width {spec.width}, "
-            f"image size {spec.image_size})")
+    state = {k: v for k, v in state.items() if k in expected or not (k.startswith("head.") or k.startswith("fc."))}
+    what = f"image tower {name!r} (timm {spec.timm_name}, width {spec.width}, image size {spec.image_size})"
     check_fits(expected, state, path, what)
     tower.model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent
     tower.source = str(path)
@@ -150,24 +153,25 @@ def _check_sidecar(path: Path, name: str) -> None:
     if path.suffix != ".json" and sidecar.is_file():
         trained_as = json.loads(sidecar.read_text()).get("tower", name)
         if trained_as != name:
-            raise ValueError(f"{path} was pretrained as image tower {trained_as!r} "
-                             f"({sidecar}), but the configured tower is {name!r}")
+            raise ValueError(
+                f"{path} was pretrained as image tower {trained_as!r} ({sidecar}), but the configured tower is {name!r}"
+            )
 
 
 def _weights_file(folder: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(
-        f"{folder}: no model.safetensors or pytorch_model.bin in the pretrained text folder"
-    )
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin in the pretrained text folder")
 
 
 def text_model_class(arch: str) -> type:
     import transformers
 
-    return getattr(transformers, {"bert": "BertModel", "t5": "T5EncoderModel",
-                                  "mt5": "MT5EncoderModel", "clip_text": "CLIPTextModel"}[arch])
+    return getattr(
+        transformers,
+        {"bert": "BertModel", "t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "clip_text": "CLIPTextModel"}[arch],
+    )
 
 
 def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
@@ -214,14 +218,14 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
             hf_logging.enable_progress_bar()
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(_DROPPED_TEXT)]
-    mismatched = [f"{k}: expected {list(e)}, found {list(f)}"
-                  for k, f, e in info.get("mismatched_keys", [])]
+    mismatched = [f"{k}: expected {list(e)}, found {list(f)}" for k, f, e in info.get("mismatched_keys", [])]
     if missing or unexpected or mismatched:
-        details = "; ".join(f"{len(v)} {label}: {v[:SHOWN]}" for label, v in
-                            (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatches", mismatched)) if v)
-        raise ValueError(f"{weights}: weights do not fit text tower {name!r} ({spec.arch}); "
-                         + details)
+        details = "; ".join(
+            f"{len(v)} {label}: {v[:SHOWN]}"
+            for label, v in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched))
+            if v
+        )
+        raise ValueError(f"{weights}: weights do not fit text tower {name!r} ({spec.arch}); " + details)
     rows = model.get_input_embeddings().num_embeddings
     if spec.arch == "clip_text":
         model = unwrap_clip_text(model)
@@ -230,9 +234,7 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
     return tower
 
 
-def _explain_text_mismatch(
-    folder: Path, weights: Path, model_class: type, kwargs: dict, what: str
-) -> None:
+def _explain_text_mismatch(folder: Path, weights: Path, model_class: type, kwargs: dict, what: str) -> None:
     """Raises check_fits' error (first keys and shapes) for a folder whose weights do not fit
     its own config.json; transformers 5 only prints that report to the log."""
     from transformers import AutoConfig
@@ -243,8 +245,9 @@ def _explain_text_mismatch(
     expected = model.state_dict()
     found = load_state_dict(weights)
     prefix = model.base_model_prefix + "."
-    found = {k.removeprefix(prefix): v for k, v in found.items()
-             if not k.removeprefix(prefix).startswith(_DROPPED_TEXT)}
+    found = {
+        k.removeprefix(prefix): v for k, v in found.items() if not k.removeprefix(prefix).startswith(_DROPPED_TEXT)
+    }
     expected = {k: v for k, v in expected.items() if not k.startswith(_DROPPED_TEXT)}
     check_fits(expected, found, weights, what)
 

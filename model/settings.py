@@ -117,9 +117,7 @@ def parameter_counts(
     return {group: (t, f) for group, (t, f) in counts.items() if t or f}
 
 
-def parameter_table(
-    model: nn.Module, trainable: dict[str, bool], locked: dict[str, nn.Module] | None = None
-) -> str:
+def parameter_table(model: nn.Module, trainable: dict[str, bool], locked: dict[str, nn.Module] | None = None) -> str:
     """A printable table of trainable / locked parameter counts per group (see
     ``parameter_counts``), with a total row."""
     counts = parameter_counts(model, trainable, locked)
@@ -153,14 +151,17 @@ def parameter_groups(
             continue
         tower = {"image_tower": "image", "text_tower": "text"}.get(name.split(".", 1)[0], "other")
         decay = parameter.ndim >= 2 and not name.startswith(("logit_scale", "logit_bias"))
-        group = groups.setdefault((tower, decay), {
-            "params": [],
-            "lr": base_lr * mults[tower],
-            "weight_decay": weight_decay if decay else 0.0,
-            "name": f"{tower}/{'decay' if decay else 'no_decay'}",
-            "tower": tower,
-            "lr_mult": mults[tower],
-        })
+        group = groups.setdefault(
+            (tower, decay),
+            {
+                "params": [],
+                "lr": base_lr * mults[tower],
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{tower}/{'decay' if decay else 'no_decay'}",
+                "tower": tower,
+                "lr_mult": mults[tower],
+            },
+        )
         group["params"].append(parameter)
     return list(groups.values())
 

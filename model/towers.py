@@ -39,13 +39,9 @@ class ImageTower(nn.Module):
         if spec.timm_class:
             module = _timm_class(spec.timm_class)(num_classes=0, **spec.timm_kwargs())
         else:
-            module = timm.create_model(
-                spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs()
-            )
+            module = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs())
         if module.num_features != spec.width:
-            raise ValueError(
-                f"{spec.name}: timm built {module.num_features} features, the spec says {spec.width}"
-            )
+            raise ValueError(f"{spec.name}: timm built {module.num_features} features, the spec says {spec.width}")
         setattr(self, "vit" if spec.arch == "timm_vit" else "trunk", module)
 
     @property
@@ -130,15 +126,11 @@ class TextTower(nn.Module):
         # and go away in v6, while setup.py still admits 4.x, which only has the old ones.
         if hasattr(model, "activation_checkpointing_enable"):
             if enable:
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.activation_checkpointing_disable()
         elif enable:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_disable()
 
@@ -173,9 +165,7 @@ def _encoder(spec: TextTowerSpec, vocab_size: int) -> nn.Module:
         # not used by either pooling here; leaving it out avoids parameters without gradient.
         return BertModel(config, add_pooling_layer=False)
     if spec.arch in ("t5", "mt5"):
-        config_class, model_class = (
-            (T5Config, T5EncoderModel) if spec.arch == "t5" else (MT5Config, MT5EncoderModel)
-        )
+        config_class, model_class = (T5Config, T5EncoderModel) if spec.arch == "t5" else (MT5Config, MT5EncoderModel)
         config = config_class(
             vocab_size=vocab_size,
             d_model=spec.width,

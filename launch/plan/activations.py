@@ -60,11 +60,29 @@ def tower_shape(name: str) -> TowerShape:
     if spec is not None:
         # A class token adds one token; the avg-pooled tiny towers have none.
         tokens = (spec.image_size // spec.patch_size) ** 2 + (spec.global_pool == "token")
-        return TowerShape(name, "image", tokens, spec.width, spec.depth, spec.num_heads,
-                          int(spec.width * spec.mlp_ratio), False, 3 * spec.image_size ** 2)
+        return TowerShape(
+            name,
+            "image",
+            tokens,
+            spec.width,
+            spec.depth,
+            spec.num_heads,
+            int(spec.width * spec.mlp_ratio),
+            False,
+            3 * spec.image_size**2,
+        )
     text = text_tower_spec(name)
-    return TowerShape(name, "text", text.context_length, text.width, text.depth, text.num_heads,
-                      text.intermediate_size, text.dropout > 0, text.context_length)
+    return TowerShape(
+        name,
+        "text",
+        text.context_length,
+        text.width,
+        text.depth,
+        text.num_heads,
+        text.intermediate_size,
+        text.dropout > 0,
+        text.context_length,
+    )
 
 
 def layer_saved_bytes(shape: TowerShape, elem: int, fused_attention: bool = True) -> float:
@@ -129,8 +147,9 @@ class TowerActivations:
         return self.stored + self.working
 
 
-def train_activations(shape: TowerShape, elem: int, checkpointing: bool,
-                      fused_attention: bool = True) -> TowerActivations:
+def train_activations(
+    shape: TowerShape, elem: int, checkpointing: bool, fused_attention: bool = True
+) -> TowerActivations:
     """Per-sample activations of a trained tower, with or without full activation checkpointing.
 
     Checkpointing keeps each layer's input (e*s*h, Korthikanti's 2sbh in 16-bit) and in backward
@@ -140,8 +159,7 @@ def train_activations(shape: TowerShape, elem: int, checkpointing: bool,
     edge = edge_saved_bytes(shape, elem)
     transient = backward_transient_bytes(shape, elem)
     if checkpointing:
-        return TowerActivations(shape.depth * elem * shape.tokens * shape.width + edge,
-                                layer + transient)
+        return TowerActivations(shape.depth * elem * shape.tokens * shape.width + edge, layer + transient)
     return TowerActivations(shape.depth * layer + edge, transient)
 
 

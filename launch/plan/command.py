@@ -34,18 +34,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--third", default="", help="3T third tower (default: the image tower)")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--tile", type=int, default=1024, help="tiled loss tile size")
-    parser.add_argument("--precomputed-locked", action="store_true",
-                        help="locked towers' embeddings are precomputed (not on the GPU)")
-    parser.add_argument("--unfused-attention", action="store_true",
-                        help="attention keeps its s x s probabilities (math kernel)")
+    parser.add_argument(
+        "--precomputed-locked", action="store_true", help="locked towers' embeddings are precomputed (not on the GPU)"
+    )
+    parser.add_argument(
+        "--unfused-attention", action="store_true", help="attention keeps its s x s probabilities (math kernel)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     options = parser.parse_args(argv)
     try:
         request = PlanRequest(
-            options.image, options.text, options.setting, options.global_batch, options.gpus,
-            options.gpu_memory, options.precision, options.gpus_per_node, options.margin,
-            options.embed_dim, options.third, options.vocab_size, options.tile,
-            options.precomputed_locked, not options.unfused_attention)
+            options.image,
+            options.text,
+            options.setting,
+            options.global_batch,
+            options.gpus,
+            options.gpu_memory,
+            options.precision,
+            options.gpus_per_node,
+            options.margin,
+            options.embed_dim,
+            options.third,
+            options.vocab_size,
+            options.tile,
+            options.precomputed_locked,
+            not options.unfused_attention,
+        )
         result = plan(request)
     except ValueError as error:
         print(f"tritower.plan: {error}", file=sys.stderr)

@@ -41,8 +41,9 @@ def _reset_peak() -> None:
         clear.write("5")  # 5 = reset the peak resident set (VmHWM) to the current one
 
 
-def predicted_step_bytes(image: str, text: str, batch: int, checkpointing: bool,
-                         embed_dim: int, elem: int = 4) -> dict[str, float]:
+def predicted_step_bytes(
+    image: str, text: str, batch: int, checkpointing: bool, embed_dim: int, elem: int = 4
+) -> dict[str, float]:
     """The planner's figures for one plain (no GradCache) fp32 step of both towers + naive loss."""
     from tritower.launch.plan.activations import naive_loss_bytes, tower_shape, train_activations
 
@@ -52,12 +53,12 @@ def predicted_step_bytes(image: str, text: str, batch: int, checkpointing: bool,
     loss = naive_loss_bytes(batch, batch, embed_dim)
     # The loss runs backward first, while every tower activation is still stored; its
     # buffers are gone before the towers' own backward starts.
-    return {"stored": stored, "working": working, "loss": loss,
-            "total": stored + max(working, loss)}
+    return {"stored": stored, "working": working, "loss": loss, "total": stored + max(working, loss)}
 
 
-def measure(image: str, text: str, batch: int, checkpointing: list[bool],
-            embed_dim: int, device: str = "cpu") -> list[dict]:
+def measure(
+    image: str, text: str, batch: int, checkpointing: list[bool], embed_dim: int, device: str = "cpu"
+) -> list[dict]:
     """One warm-up and one measured step per checkpointing mode, in this process.
 
     Measured steps repeat to within 0.1% here, so one is enough; the warm-up of each mode
@@ -72,8 +73,9 @@ def measure(image: str, text: str, batch: int, checkpointing: list[bool],
 
     torch.manual_seed(0)
     vocab = 1000
-    model = build_clip(ModelConfig(image_tower=image, text_tower=text, embed_dim=embed_dim),
-                       vocab_size=vocab).train()  # transformers checkpoints in train mode only
+    model = build_clip(
+        ModelConfig(image_tower=image, text_tower=text, embed_dim=embed_dim), vocab_size=vocab
+    ).train()  # transformers checkpoints in train mode only
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     model = model.to(device, dtype)
@@ -108,16 +110,24 @@ def measure(image: str, text: str, batch: int, checkpointing: list[bool],
             step()
             measured = _status_bytes("VmHWM") - before
         model.zero_grad(set_to_none=False)
-        predicted = predicted_step_bytes(image, text, batch, mode, embed_dim,
-                                         2 if cuda else 4)
-        results.append({"image": image, "text": text, "batch": batch, "checkpointing": mode,
-                        "measured": measured, "predicted": predicted["total"],
-                        "predicted_parts": predicted})
+        predicted = predicted_step_bytes(image, text, batch, mode, embed_dim, 2 if cuda else 4)
+        results.append(
+            {
+                "image": image,
+                "text": text,
+                "batch": batch,
+                "checkpointing": mode,
+                "measured": measured,
+                "predicted": predicted["total"],
+                "predicted_parts": predicted,
+            }
+        )
     return results
 
 
-def predicted_deepspeed_bytes(image: str, text: str, batch: int, stage: int, vocab: int,
-                              embed_dim: int, bucket: int) -> dict[str, float]:
+def predicted_deepspeed_bytes(
+    image: str, text: str, batch: int, stage: int, vocab: int, embed_dim: int, bucket: int
+) -> dict[str, float]:
     """The planner's total for a 1-rank fp32 DeepSpeed step: engine states + buckets,
     activations and loss, and the input batch."""
     from tritower.launch.plan.activations import input_bytes, tower_shape
@@ -129,19 +139,28 @@ def predicted_deepspeed_bytes(image: str, text: str, batch: int, stage: int, voc
     )
 
     shapes = [tower_shape(image), tower_shape(text)]
-    trained = (tower_parameters(image, "image") + tower_parameters(text, "text", vocab)
-               + sum(shape.width * embed_dim for shape in shapes) + 1)
+    trained = (
+        tower_parameters(image, "image")
+        + tower_parameters(text, "text", vocab)
+        + sum(shape.width * embed_dim for shape in shapes)
+        + 1
+    )
     largest = max(largest_layer_parameters(image), largest_layer_parameters(text, vocab))
     policy = next(p for p in POLICIES if p.stage == stage and not p.offload_optimizer)
     states = model_states(trained, 0, largest, 1, policy, "fp32", bucket)
     step = predicted_step_bytes(image, text, batch, False, embed_dim)
     inputs = batch * sum(input_bytes(shape, 4) for shape in shapes)
-    return {"states": states.total, "activations": step["total"], "inputs": inputs,
-            "total": states.total + step["total"] + inputs}
+    return {
+        "states": states.total,
+        "activations": step["total"],
+        "inputs": inputs,
+        "total": states.total + step["total"] + inputs,
+    }
 
 
-def measure_deepspeed(image: str, text: str, batch: int, stage: int, vocab: int,
-                      embed_dim: int, bucket: int = 500_000) -> dict:
+def measure_deepspeed(
+    image: str, text: str, batch: int, stage: int, vocab: int, embed_dim: int, bucket: int = 500_000
+) -> dict:
     """Peak memory of a whole fp32 training step through a 1-rank DeepSpeed engine (gloo, CPU),
     from before the model is built: parameters, gradients, AdamW states, buckets, activations.
     A large ``vocab`` makes the model states a real share of the total."""
@@ -152,8 +171,7 @@ def measure_deepspeed(image: str, text: str, batch: int, stage: int, vocab: int,
     with socket.socket() as probe:  # a free port: two launches on one port can collide
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
 
     from tritower.losses import clip_loss
@@ -162,17 +180,24 @@ def measure_deepspeed(image: str, text: str, batch: int, stage: int, vocab: int,
     torch.manual_seed(0)
     gc.collect()
     base = _status_bytes("VmRSS")
-    model = build_clip(ModelConfig(image_tower=image, text_tower=text, embed_dim=embed_dim),
-                       vocab_size=vocab).train()
-    zero = {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
-            "stage3_prefetch_bucket_size": bucket, "overlap_comm": True,
-            "contiguous_gradients": True}
-    config = {"zero_optimization": zero, "train_batch_size": batch,
-              "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-              "steps_per_print": 10 ** 9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=config)
+    model = build_clip(ModelConfig(image_tower=image, text_tower=text, embed_dim=embed_dim), vocab_size=vocab).train()
+    zero = {
+        "stage": stage,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "stage3_prefetch_bucket_size": bucket,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+    }
+    config = {
+        "zero_optimization": zero,
+        "train_batch_size": batch,
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
     side = image_tower_spec(image).image_size
     images = torch.randn(batch, 3, side, side)
     input_ids = torch.randint(0, vocab, (batch, text_tower_spec(text).context_length))
@@ -180,8 +205,7 @@ def measure_deepspeed(image: str, text: str, batch: int, stage: int, vocab: int,
 
     def step() -> None:
         out = engine(images, input_ids, attention_mask)
-        engine.backward(clip_loss(out["image_features"], out["text_features"],
-                                  out["logit_scale"]))
+        engine.backward(clip_loss(out["image_features"], out["text_features"], out["logit_scale"]))
         engine.step()
 
     step()  # optimizer states are created at the first step
@@ -190,22 +214,51 @@ def measure_deepspeed(image: str, text: str, batch: int, stage: int, vocab: int,
     step()
     measured = _status_bytes("VmHWM") - base
     predicted = predicted_deepspeed_bytes(image, text, batch, stage, vocab, embed_dim, bucket)
-    return {"image": image, "text": text, "batch": batch, "zero_stage": stage, "vocab": vocab,
-            "measured": measured, "predicted": predicted["total"], "predicted_parts": predicted}
+    return {
+        "image": image,
+        "text": text,
+        "batch": batch,
+        "zero_stage": stage,
+        "vocab": vocab,
+        "measured": measured,
+        "predicted": predicted["total"],
+        "predicted_parts": predicted,
+    }
 
 
-def start_measurement(image: str, text: str, batch: int, checkpointing: str = "off,on",
-                      deepspeed_stage: int = 0, vocab: int = 1000, embed_dim: int = 128,
-                      threads: int = 1) -> subprocess.Popen:
+def start_measurement(
+    image: str,
+    text: str,
+    batch: int,
+    checkpointing: str = "off,on",
+    deepspeed_stage: int = 0,
+    vocab: int = 1000,
+    embed_dim: int = 128,
+    threads: int = 1,
+) -> subprocess.Popen:
     """Start ``main`` in a fresh interpreter with the mmap threshold fixed (module docstring).
     Several can run side by side, one thread each; ``finish`` collects one."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "tritower.launch.plan.measure", "--image", image,
-               "--text", text, "--batch", str(batch), "--embed-dim", str(embed_dim),
-               "--checkpointing", checkpointing, "--deepspeed-stage", str(deepspeed_stage),
-               "--vocab", str(vocab)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tritower.launch.plan.measure",
+        "--image",
+        image,
+        "--text",
+        text,
+        "--batch",
+        str(batch),
+        "--embed-dim",
+        str(embed_dim),
+        "--checkpointing",
+        checkpointing,
+        "--deepspeed-stage",
+        str(deepspeed_stage),
+        "--vocab",
+        str(vocab),
+    ]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> list[dict]:
@@ -222,26 +275,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default="bert_scene_tiny")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--embed-dim", type=int, default=128)
-    parser.add_argument("--deepspeed-stage", type=int, default=0,
-                        help="measure a whole fp32 step through a 1-rank DeepSpeed engine with "
-                             "this ZeRO stage instead (1, 2 or 3)")
+    parser.add_argument(
+        "--deepspeed-stage",
+        type=int,
+        default=0,
+        help="measure a whole fp32 step through a 1-rank DeepSpeed engine with this ZeRO stage instead (1, 2 or 3)",
+    )
     parser.add_argument("--vocab", type=int, default=1000, help="token table rows")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="cuda: bf16 model, peak from torch.cuda.max_memory_allocated")
-    parser.add_argument("--checkpointing", default="off,on",
-                        help="comma-separated modes to measure, in order: off, on")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cuda: bf16 model, peak from torch.cuda.max_memory_allocated",
+    )
+    parser.add_argument("--checkpointing", default="off,on", help="comma-separated modes to measure, in order: off, on")
     options = parser.parse_args(argv)
     if options.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
-        print("warning: MALLOC_MMAP_THRESHOLD_ is not set; freed memory may stay resident and "
-              "the figure will be too high (use start_measurement)", file=sys.stderr)
+        print(
+            "warning: MALLOC_MMAP_THRESHOLD_ is not set; freed memory may stay resident and "
+            "the figure will be too high (use start_measurement)",
+            file=sys.stderr,
+        )
     if options.deepspeed_stage:
-        print(json.dumps(measure_deepspeed(options.image, options.text, options.batch,
-                                           options.deepspeed_stage, options.vocab,
-                                           options.embed_dim)))
+        print(
+            json.dumps(
+                measure_deepspeed(
+                    options.image,
+                    options.text,
+                    options.batch,
+                    options.deepspeed_stage,
+                    options.vocab,
+                    options.embed_dim,
+                )
+            )
+        )
         return 0
     modes = [mode.strip() == "on" for mode in options.checkpointing.split(",")]
-    for result in measure(options.image, options.text, options.batch, modes, options.embed_dim,
-                          options.device):
+    for result in measure(options.image, options.text, options.batch, modes, options.embed_dim, options.device):
         print(json.dumps(result))
     return 0
 

@@ -32,7 +32,7 @@ from tritower.launch.plan.states import (
 )
 
 SETTINGS = ("LU", "Lu", "UU", "Uu", "uu", "UL", "uL", "LL", "3T")
-GIB = 2.0 ** 30
+GIB = 2.0**30
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,7 @@ class PlanRequest:
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"--precision {self.precision!r}; expected bf16, fp16 or fp32")
         if self.global_batch % self.gpus:
-            raise ValueError(f"--global-batch {self.global_batch} is not divisible by "
-                             f"--gpus {self.gpus}")
+            raise ValueError(f"--global-batch {self.global_batch} is not divisible by --gpus {self.gpus}")
 
     @property
     def elem(self) -> int:
@@ -99,8 +98,15 @@ def build_towers(request: PlanRequest) -> list[Tower]:
     for role, name, trained in roles:
         shape = tower_shape(name)
         vocab = request.vocab_size if shape.kind == "text" else None
-        towers.append(Tower(role, shape, tower_parameters(name, shape.kind, vocab), trained,
-                            largest_layer_parameters(name, vocab) if trained else 0))
+        towers.append(
+            Tower(
+                role,
+                shape,
+                tower_parameters(name, shape.kind, vocab),
+                trained,
+                largest_layer_parameters(name, vocab) if trained else 0,
+            )
+        )
     return towers
 
 
@@ -142,14 +148,14 @@ class Candidate:
         return sum(self.parts.values())
 
 
-def activation_parts(request: PlanRequest, towers: list[Tower], micro: int,
-                     checkpointing: dict[str, bool], loss_impl: str) -> dict[str, float]:
+def activation_parts(
+    request: PlanRequest, towers: list[Tower], micro: int, checkpointing: dict[str, bool], loss_impl: str
+) -> dict[str, float]:
     """Batch-dependent memory of one step (bytes): the activation phase and the input batch."""
     elem, b, total = request.elem, request.per_rank, request.global_batch
     trained = [t for t in towers if t.trained]
     locked = [t for t in towers if not t.trained and not request.precomputed_locked]
-    acts = [train_activations(t.shape, elem, checkpointing[t.role], request.fused_attention)
-            for t in trained]
+    acts = [train_activations(t.shape, elem, checkpointing[t.role], request.fused_attention) for t in trained]
     stored = micro * sum(a.stored for a in acts)
     working = micro * max((a.working for a in acts), default=0.0)
     # A locked tower's forward keeps nothing, but may run while the trained activations wait.
@@ -173,22 +179,26 @@ def activation_parts(request: PlanRequest, towers: list[Tower], micro: int,
     return {"activations": peak, "cached_features": cached, "inputs": inputs}
 
 
-def evaluate(request: PlanRequest, towers: list[Tower], policy: ZeroPolicy, micro: int,
-             checkpointing: dict[str, bool], loss_impl: str) -> Candidate:
+def evaluate(
+    request: PlanRequest,
+    towers: list[Tower],
+    policy: ZeroPolicy,
+    micro: int,
+    checkpointing: dict[str, bool],
+    loss_impl: str,
+) -> Candidate:
     """Per-GPU memory of one configuration."""
     trained = sum(t.params for t in towers if t.trained) + head_parameters(request, towers)
     locked = 0 if request.precomputed_locked else sum(t.params for t in towers if not t.trained)
-    largest = max([t.largest_layer for t in towers] + [max(t.shape.width for t in towers)
-                                                        * request.embed_dim])
+    largest = max([t.largest_layer for t in towers] + [max(t.shape.width for t in towers) * request.embed_dim])
     states = model_states(trained, locked, largest, request.gpus, policy, request.precision)
-    parts = {"model_states": states.engine, "buckets": states.buckets,
-             "locked_params": states.locked}
+    parts = {"model_states": states.engine, "buckets": states.buckets, "locked_params": states.locked}
     parts.update(activation_parts(request, towers, micro, checkpointing, loss_impl))
     flops = {t.role: forward_flops(t.shape) for t in towers if t.trained}
-    extra = (micro < request.per_rank) + sum(
-        flops[role] for role, on in checkpointing.items() if on) / max(sum(flops.values()), 1.0)
-    return Candidate(policy, checkpointing, micro, request.per_rank // micro, loss_impl, parts,
-                     states, extra)
+    extra = (micro < request.per_rank) + sum(flops[role] for role, on in checkpointing.items() if on) / max(
+        sum(flops.values()), 1.0
+    )
+    return Candidate(policy, checkpointing, micro, request.per_rank // micro, loss_impl, parts, states, extra)
 
 
 def candidates(request: PlanRequest, towers: list[Tower], policy: ZeroPolicy) -> list[Candidate]:
@@ -199,16 +209,25 @@ def candidates(request: PlanRequest, towers: list[Tower], policy: ZeroPolicy) ->
         options = [dict(o, **{role: on}) for o in options for on in (False, True)]
     b = request.per_rank
     micros = [m for m in range(b, 0, -1) if b % m == 0]
-    return [evaluate(request, towers, policy, m, ckpt, impl)
-            for ckpt in options for m in micros for impl in ("naive", "tiled")]
+    return [
+        evaluate(request, towers, policy, m, ckpt, impl)
+        for ckpt in options
+        for m in micros
+        for impl in ("naive", "tiled")
+    ]
 
 
 def preference(candidate: Candidate) -> tuple:
     """Lower is better: no offload (host transfers are slow), least recomputation, lowest ZeRO
     stage (ZeRO-3 gathers parameters every forward and backward), the reference loss, then the
     largest micro-batch."""
-    return (candidate.policy.offload_optimizer, round(candidate.extra_forward, 3),
-            candidate.policy.stage, candidate.loss_impl == "tiled", -candidate.micro)
+    return (
+        candidate.policy.offload_optimizer,
+        round(candidate.extra_forward, 3),
+        candidate.policy.stage,
+        candidate.loss_impl == "tiled",
+        -candidate.micro,
+    )
 
 
 def plan(request: PlanRequest) -> dict:
@@ -222,21 +241,31 @@ def plan(request: PlanRequest) -> dict:
     shippable = [c for p, c in zip(POLICIES, per_policy.values()) if c and p.zero_file]
     best = min(shippable, key=preference) if shippable else None
     no_ckpt = {t.role: False for t in towers if t.trained}
-    full_batch = {p.label: evaluate(request, towers, p, request.per_rank, no_ckpt, "naive")
-                  for p in POLICIES}
+    full_batch = {p.label: evaluate(request, towers, p, request.per_rank, no_ckpt, "naive") for p in POLICIES}
     trained = sum(t.params for t in towers if t.trained) + head_parameters(request, towers)
     states = {p.label: full_batch[p.label].states for p in POLICIES}
-    return {"request": asdict(request), "towers": towers, "budget": budget, "states": states,
-            "trained_params": trained,
-            "heads": head_parameters(request, towers), "per_policy": per_policy,
-            "full_batch": full_batch, "best": best}
+    return {
+        "request": asdict(request),
+        "towers": towers,
+        "budget": budget,
+        "states": states,
+        "trained_params": trained,
+        "heads": head_parameters(request, towers),
+        "per_policy": per_policy,
+        "full_batch": full_batch,
+        "best": best,
+    }
 
 
 def flags(request: PlanRequest, best: Candidate) -> str:
     """The training command-line options that realise a candidate."""
-    parts = [f"--zero {best.policy.zero_file}", f"--data.batch_size={request.global_batch}",
-             f"--train.micro_batch_size={best.micro}", f"--loss.impl={best.loss_impl}",
-             f"--deepspeed.precision={request.precision}"]
+    parts = [
+        f"--zero {best.policy.zero_file}",
+        f"--data.batch_size={request.global_batch}",
+        f"--train.micro_batch_size={best.micro}",
+        f"--loss.impl={best.loss_impl}",
+        f"--deepspeed.precision={request.precision}",
+    ]
     for role, on in best.checkpointing.items():
         parts.append(f"--model.{role}_grad_checkpointing={'true' if on else 'false'}")
     if best.loss_impl == "tiled":
@@ -246,23 +275,34 @@ def flags(request: PlanRequest, best: Candidate) -> str:
 
 def to_json(result: dict) -> dict:
     """The plan as plain JSON-able values (bytes for memory)."""
+
     def candidate(c: Candidate | None) -> dict | None:
         if c is None:
             return None
-        return {"zero": c.policy.label, "zero_file": c.policy.zero_file,
-                "checkpointing": c.checkpointing, "micro_batch": c.micro,
-                "micro_batches": c.micro_batches, "loss_impl": c.loss_impl,
-                "extra_forward": c.extra_forward, "parts": c.parts, "total": c.total}
+        return {
+            "zero": c.policy.label,
+            "zero_file": c.policy.zero_file,
+            "checkpointing": c.checkpointing,
+            "micro_batch": c.micro,
+            "micro_batches": c.micro_batches,
+            "loss_impl": c.loss_impl,
+            "extra_forward": c.extra_forward,
+            "parts": c.parts,
+            "total": c.total,
+        }
 
     request = PlanRequest(**result["request"])
     towers = [dict(asdict(t), shape=asdict(t.shape)) for t in result["towers"]]
     best = result["best"]
-    return {"request": result["request"], "towers": towers, "head_params": result["heads"],
-            "trained_params": result["trained_params"], "budget": result["budget"],
-            "model_states": {k: dict(asdict(v), engine=v.engine, total=v.total)
-                             for k, v in result["states"].items()},
-            "full_batch_no_checkpointing": {k: candidate(v)
-                                            for k, v in result["full_batch"].items()},
-            "best_per_zero": {k: candidate(v) for k, v in result["per_policy"].items()},
-            "recommendation": candidate(best),
-            "flags": flags(request, best) if best else None}
+    return {
+        "request": result["request"],
+        "towers": towers,
+        "head_params": result["heads"],
+        "trained_params": result["trained_params"],
+        "budget": result["budget"],
+        "model_states": {k: dict(asdict(v), engine=v.engine, total=v.total) for k, v in result["states"].items()},
+        "full_batch_no_checkpointing": {k: candidate(v) for k, v in result["full_batch"].items()},
+        "best_per_zero": {k: candidate(v) for k, v in result["per_policy"].items()},
+        "recommendation": candidate(best),
+        "flags": flags(request, best) if best else None,
+    }

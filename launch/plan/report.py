@@ -11,7 +11,7 @@ from tritower.launch.plan.activations import (
 from tritower.launch.plan.planner import GIB, Candidate, PlanRequest, flags
 from tritower.launch.plan.states import POLICIES
 
-MIB = 2.0 ** 20
+MIB = 2.0**20
 STATE_ROWS = [
     ("params", "parameters (engine)"),
     ("grads", "gradients"),
@@ -42,8 +42,7 @@ def _setting_letter(request: PlanRequest, role: str, trained: bool) -> str:
 
 def _describe(c: Candidate) -> str:
     ckpt = ",".join(role for role, on in c.checkpointing.items() if on) or "none"
-    return (f"{c.policy.label:<12} ckpt={ckpt:<10} micro={c.micro:<5} M={c.micro_batches:<4} "
-            f"loss={c.loss_impl:<5}")
+    return f"{c.policy.label:<12} ckpt={ckpt:<10} micro={c.micro:<5} M={c.micro_batches:<4} loss={c.loss_impl:<5}"
 
 
 def format_plan(result: dict) -> str:
@@ -59,8 +58,9 @@ def format_plan(result: dict) -> str:
         "Towers                          params  role",
     ]
     for t in towers:
-        lines.append(f"  {t.role:<6} {t.shape.name:<22} {t.params / 1e6:8.1f}M  "
-                     f"{_setting_letter(request, t.role, t.trained)}")
+        lines.append(
+            f"  {t.role:<6} {t.shape.name:<22} {t.params / 1e6:8.1f}M  {_setting_letter(request, t.role, t.trained)}"
+        )
     lines.append(f"  heads  projections+temperature {result['heads'] / 1e6:8.1f}M  trained")
     trained = result["trained_params"] / 1e6
     lines.append(f"  trained parameters in the DeepSpeed engine: {trained:.1f}M")
@@ -71,8 +71,11 @@ def format_plan(result: dict) -> str:
         lines.append(f"  {label:<32}" + "".join(f"{v / GIB:13.2f}" for v in values))
 
     elem = request.elem
-    lines += ["", f"Activations per sample (MiB, {request.precision})   stored  +backward  "
-                  "= peak   | checkpointed: stored  +backward  = peak | no-grad fwd"]
+    lines += [
+        "",
+        f"Activations per sample (MiB, {request.precision})   stored  +backward  "
+        "= peak   | checkpointed: stored  +backward  = peak | no-grad fwd",
+    ]
     for t in towers:
         full = train_activations(t.shape, elem, False, request.fused_attention)
         ckpt = train_activations(t.shape, elem, True, request.fused_attention)
@@ -84,33 +87,41 @@ def format_plan(result: dict) -> str:
         lines.append(
             f"  {t.role:<6} trained s={t.shape.tokens:<4} {full.stored / MIB:12.2f} "
             f"{full.working / MIB:9.2f} {full.peak / MIB:9.2f}   | {ckpt.stored / MIB:18.2f} "
-            f"{ckpt.working / MIB:9.2f} {ckpt.peak / MIB:7.2f} | {no_grad}")
+            f"{ckpt.working / MIB:9.2f} {ckpt.peak / MIB:7.2f} | {no_grad}"
+        )
     b, total, dim = request.per_rank, request.global_batch, request.embed_dim
-    lines += ["", f"Loss buffers per GPU ({b} rows x {total} columns, dim {dim}): naive "
-                  f"{naive_loss_bytes(b, total, dim) / MIB:.1f} MiB (six fp32 {b}x{total} "
-                  f"matrices), tiled {tiled_loss_bytes(b, total, dim, request.tile) / MIB:.1f} "
-                  f"MiB (tile {request.tile})" + ("; x3 for 3T" if request.setting == "3T" else "")]
+    lines += [
+        "",
+        f"Loss buffers per GPU ({b} rows x {total} columns, dim {dim}): naive "
+        f"{naive_loss_bytes(b, total, dim) / MIB:.1f} MiB (six fp32 {b}x{total} "
+        f"matrices), tiled {tiled_loss_bytes(b, total, dim, request.tile) / MIB:.1f} "
+        f"MiB (tile {request.tile})" + ("; x3 for 3T" if request.setting == "3T" else ""),
+    ]
 
     lines += ["", f"Whole per-GPU batch ({b}), no checkpointing, naive loss (GiB):"]
     for label, c in result["full_batch"].items():
         verdict = "fits" if c.total <= result["budget"] else "does not fit"
-        lines.append(f"  {label:<12} activations {_gib(c.parts['activations'])}  total "
-                     f"{_gib(c.total)}  {verdict}")
+        lines.append(f"  {label:<12} activations {_gib(c.parts['activations'])}  total {_gib(c.total)}  {verdict}")
     lines += ["", "Best fit per ZeRO policy (least recomputation, then largest micro-batch):"]
     for label, c in result["per_policy"].items():
         if c is None:
             lines.append(f"  {label:<12} nothing fits")
             continue
         note = "" if c.policy.zero_file else "  (no policy file shipped)"
-        lines.append(f"  {_describe(c)} total {_gib(c.total)} GiB  "
-                     f"(activations {c.parts['activations'] / GIB:.2f}){note}")
+        lines.append(
+            f"  {_describe(c)} total {_gib(c.total)} GiB  (activations {c.parts['activations'] / GIB:.2f}){note}"
+        )
     best = result["best"]
     lines.append("")
     if best is None:
-        lines.append("Recommendation: nothing fits. Use more GPUs, a smaller global batch, or "
-                     "precompute the locked towers' embeddings (--precomputed-locked).")
+        lines.append(
+            "Recommendation: nothing fits. Use more GPUs, a smaller global batch, or "
+            "precompute the locked towers' embeddings (--precomputed-locked)."
+        )
     else:
-        lines.append(f"Recommendation: {_describe(best)} -> {best.total / GIB:.2f} GiB of "
-                     f"{result['budget'] / GIB:.1f} GiB budget")
+        lines.append(
+            f"Recommendation: {_describe(best)} -> {best.total / GIB:.2f} GiB of "
+            f"{result['budget'] / GIB:.1f} GiB budget"
+        )
         lines.append(f"  train with: {flags(request, best)}")
     return "\n".join(lines)

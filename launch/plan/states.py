@@ -71,8 +71,7 @@ def largest_layer_parameters(name: str, vocab_size: int | None = None) -> int:
             tower = build_image_tower(name)
         except ValueError:
             tower = build_text_tower(name, vocab_size=vocab_size)
-    return max(sum(p.numel() for p in module.parameters(recurse=False))
-               for module in tower.modules())
+    return max(sum(p.numel() for p in module.parameters(recurse=False)) for module in tower.modules())
 
 
 @dataclass(frozen=True)
@@ -107,9 +106,15 @@ class ModelStates:
         return self.engine + self.buckets + self.locked
 
 
-def model_states(trained: int, locked: int, largest_layer: int, gpus: int,
-                 policy: ZeroPolicy, precision: str = "bf16",
-                 bucket_elements: int = BUCKET_ELEMENTS) -> ModelStates:
+def model_states(
+    trained: int,
+    locked: int,
+    largest_layer: int,
+    gpus: int,
+    policy: ZeroPolicy,
+    precision: str = "bf16",
+    bucket_elements: int = BUCKET_ELEMENTS,
+) -> ModelStates:
     """Per-GPU model states for ``trained`` engine parameters and ``locked`` outside it."""
     n = gpus
     elem = 4 if precision == "fp32" else 2
@@ -137,12 +142,12 @@ def model_states(trained: int, locked: int, largest_layer: int, gpus: int,
     if policy.offload_params:
         cpu += params
         params = 0.0
-    return ModelStates(params, grads, grad_fp32, optimizer, gathered, buckets,
-                       elem * locked, cpu)
+    return ModelStates(params, grads, grad_fp32, optimizer, gathered, buckets, elem * locked, cpu)
 
 
-def deepspeed_estimate(trained: int, largest_layer: int, gpus: int, gpus_per_node: int,
-                       policy: ZeroPolicy) -> tuple[float, float]:
+def deepspeed_estimate(
+    trained: int, largest_layer: int, gpus: int, gpus_per_node: int, policy: ZeroPolicy
+) -> tuple[float, float]:
     """DeepSpeed's own (cpu, gpu) bytes for the same engine, from the functions its
     ``estimate_zero{2,3}_model_states_mem_needs_all_cold`` print (buffer factor 1: the 1.5
     default only pads the host figure). ZeRO-1 has no estimator; DeepSpeed's ZeRO-2 one is
@@ -154,17 +159,26 @@ def deepspeed_estimate(trained: int, largest_layer: int, gpus: int, gpus_per_nod
     per_node = min(gpus, gpus_per_node)
     if policy.stage < 3:
         return estimate_zero2_model_states_mem_needs(
-            trained, num_gpus_per_node=per_node, num_nodes=nodes,
-            cpu_offload=policy.offload_optimizer, additional_buffer_factor=1.0)
+            trained,
+            num_gpus_per_node=per_node,
+            num_nodes=nodes,
+            cpu_offload=policy.offload_optimizer,
+            additional_buffer_factor=1.0,
+        )
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-        trained, largest_layer, num_gpus_per_node=per_node, num_nodes=nodes,
-        cpu_offload=policy.offload_optimizer, cpu_offload_params=policy.offload_params,
-        zero_init=True, additional_buffer_factor=1.0)
+        trained,
+        largest_layer,
+        num_gpus_per_node=per_node,
+        num_nodes=nodes,
+        cpu_offload=policy.offload_optimizer,
+        cpu_offload_params=policy.offload_params,
+        zero_init=True,
+        additional_buffer_factor=1.0,
+    )
     return cpu, gpu
 
 
-def comparable_engine_bytes(states: ModelStates, trained: int, gpus: int,
-                            policy: ZeroPolicy) -> float:
+def comparable_engine_bytes(states: ModelStates, trained: int, gpus: int, policy: ZeroPolicy) -> float:
     """Our GPU engine figure counted as DeepSpeed's estimators count it.
 
     Two deliberate differences are taken out: DeepSpeed's ZeRO-3 figure without offload

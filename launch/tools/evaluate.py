@@ -52,25 +52,42 @@ def run_evaluation(
 ) -> dict[str, float]:
     """Zero-shot top-1/top-5 and retrieval R@1/5/10 of ``exported`` on ``shards``."""
     prep = exported.config["image_preprocessing"]
-    eval_set = load_eval_set(shards, exported.tokenizer, prep["image_size"], prep["mean"], prep["std"],
-                             exported.context_length, caption_key=caption_key, max_samples=max_samples)
+    eval_set = load_eval_set(
+        shards,
+        exported.tokenizer,
+        prep["image_size"],
+        prep["mean"],
+        prep["std"],
+        exported.context_length,
+        caption_key=caption_key,
+        max_samples=max_samples,
+    )
     count = len(eval_set.labels) if max_samples <= 0 else min(max_samples, len(eval_set.labels))
     if not eval_set.classnames or not eval_set.templates:
         # A retrieval-only set (no classnames.txt/templates.txt beside the shards).
         print("note: no classnames.txt/templates.txt next to the shards: zero-shot is skipped", file=sys.stderr)
         image_features = exported.encode_image(eval_set.images[:count], batch_size)
         with torch.no_grad():
-            text_features = torch.cat([
-                exported.model.encode_text(
-                    eval_set.input_ids[i : i + batch_size].to(exported.device),
-                    eval_set.attention_mask[i : i + batch_size].to(exported.device),
-                ).float().cpu()
-                for i in range(0, count, batch_size)])
+            text_features = torch.cat(
+                [
+                    exported.model.encode_text(
+                        eval_set.input_ids[i : i + batch_size].to(exported.device),
+                        eval_set.attention_mask[i : i + batch_size].to(exported.device),
+                    )
+                    .float()
+                    .cpu()
+                    for i in range(0, count, batch_size)
+                ]
+            )
         return recall_at_k(image_features, text_features) | {"eval_samples": count}
     return evaluate(
-        exported.model, eval_set,
+        exported.model,
+        eval_set,
         lambda prompts: tokenize(exported.tokenizer, prompts, exported.context_length),
-        device=exported.device, dtype=exported.dtype, batch_size=batch_size, max_samples=max_samples,
+        device=exported.device,
+        dtype=exported.dtype,
+        batch_size=batch_size,
+        max_samples=max_samples,
     ) | {"eval_samples": count}
 
 
@@ -93,11 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = options.batch_size or int(run_eval.get("batch_size", 256))
     max_samples = options.max_samples if options.max_samples is not None else int(run_eval.get("max_samples", 0))
     shards = eval_shards_for(exported, options.eval_shards, options.cache_dir)
-    metrics = run_evaluation(exported, shards, batch_size=batch_size, max_samples=max_samples,
-                             caption_key=options.caption_key)
+    metrics = run_evaluation(
+        exported, shards, batch_size=batch_size, max_samples=max_samples, caption_key=options.caption_key
+    )
     source = exported.config.get("source", {})
-    print(f"export {options.export} (step {source.get('step')}), {metrics['eval_samples']} held-out samples "
-          f"from {len(shards)} shards")
+    print(
+        f"export {options.export} (step {source.get('step')}), {metrics['eval_samples']} held-out samples "
+        f"from {len(shards)} shards"
+    )
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")

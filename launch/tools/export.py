@@ -122,8 +122,7 @@ def read_checkpoint(folder: Path, tag: str) -> CheckpointTensors:
         for name, tensor in module.items():
             if name not in master and name not in frozen and name not in trainable and name not in buffers:
                 frozen[name] = tensor
-    return CheckpointTensors(folder, tag, client_state, stage, int(states.get("dp_world_size", 1)),
-                             master, frozen)
+    return CheckpointTensors(folder, tag, client_state, stage, int(states.get("dp_world_size", 1)), master, frozen)
 
 
 def model_config_from(saved: dict) -> ModelConfig:
@@ -131,8 +130,10 @@ def model_config_from(saved: dict) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(saved) - known)
     if unknown:
-        raise ExportError(f"the checkpoint's model config has fields this tritower does not know: {unknown}; "
-                          "export with the tritower version that trained it")
+        raise ExportError(
+            f"the checkpoint's model config has fields this tritower does not know: {unknown}; "
+            "export with the tritower version that trained it"
+        )
     return ModelConfig(**saved)
 
 
@@ -179,13 +180,22 @@ def assemble_state(
     unexpected = sorted((set(checkpoint.master) | set(checkpoint.frozen)) - set(reference))
     problems = []
     for label, keys, hint in (
-        ("missing (not in the checkpoint and not part of a locked tower)", missing,
-         "the checkpoint does not hold them and no pretrained source provides them"),
-        ("unexpected (in the checkpoint, not in the model)", unexpected,
-         "the checkpoint was written by a different model config"),
+        (
+            "missing (not in the checkpoint and not part of a locked tower)",
+            missing,
+            "the checkpoint does not hold them and no pretrained source provides them",
+        ),
+        (
+            "unexpected (in the checkpoint, not in the model)",
+            unexpected,
+            "the checkpoint was written by a different model config",
+        ),
         ("with a different shape", shapes, "the model config does not match the checkpoint"),
-        ("locked tensors that differ from their pretrained source", disagree,
-         "the pretrained file changed since training: pass the original one"),
+        (
+            "locked tensors that differ from their pretrained source",
+            disagree,
+            "the pretrained file changed since training: pass the original one",
+        ),
     ):
         if keys:
             more = f" (+{len(keys) - SHOWN} more)" if len(keys) > SHOWN else ""
@@ -275,8 +285,7 @@ def export(
         raise ExportError(f"{folder / tag} carries no training config in its client state")
     cfg = model_config_from({**saved["model"], **(pretrained or {})})
     if alpha is not None and not cfg.parsed.three_towers:
-        raise ExportError(f"--alpha applies to Three Towers runs (model.setting=3T) only; this run is "
-                          f"{cfg.setting!r}")
+        raise ExportError(f"--alpha applies to Three Towers runs (model.setting=3T) only; this run is {cfg.setting!r}")
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise ExportError(f"--alpha {alpha}: the 3T mixing weight must be in [0, 1]")
     train_precision = saved.get("deepspeed", {}).get("precision", "fp32")
@@ -301,19 +310,34 @@ def export(
 
     extra = {
         "training": {k: saved.get(k) for k in ("experiment", "data", "eval", "train", "deepspeed")},
-        "source": {"checkpoint": str(folder), "tag": tag, "step": tensors.client_state.get("step"),
-                   "zero_stage": tensors.zero_stage, "world_size": tensors.world_size},
-        "tensors": {"total": len(reference), **origins,
-                    "locked_sources": sorted({sources[k] for k in reference if locked[k]}
-                                             | ({third_tower.source} if third_tower is not None else set()))},
+        "source": {
+            "checkpoint": str(folder),
+            "tag": tag,
+            "step": tensors.client_state.get("step"),
+            "zero_stage": tensors.zero_stage,
+            "world_size": tensors.world_size,
+        },
+        "tensors": {
+            "total": len(reference),
+            **origins,
+            "locked_sources": sorted(
+                {sources[k] for k in reference if locked[k]}
+                | ({third_tower.source} if third_tower is not None else set())
+            ),
+        },
     }
-    return write_export(model, cfg, out, vocab_source, dtype=dtype, extra=extra, third_tower=third_tower,
-                        alpha=alpha)
+    return write_export(model, cfg, out, vocab_source, dtype=dtype, extra=extra, third_tower=third_tower, alpha=alpha)
 
 
 def write_export(
-    model: torch.nn.Module, cfg: ModelConfig, out: str | Path, vocab_source: str, *,
-    dtype: str = "fp32", extra: dict | None = None, third_tower: torch.nn.Module | None = None,
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    out: str | Path,
+    vocab_source: str,
+    *,
+    dtype: str = "fp32",
+    extra: dict | None = None,
+    third_tower: torch.nn.Module | None = None,
     alpha: float | None = None,
 ) -> dict:
     """Write ``model`` (a CLIPModel built from ``cfg``) as an export folder; returns config.json.
@@ -337,14 +361,17 @@ def write_export(
             raise ExportError("an alpha-mixed export needs a 3T model and its third tower")
         tower = getattr(third_tower, "tower", third_tower)  # a LockedTower holds the ImageTower
         state.update({f"third_tower.{k}": v for k, v in tower.state_dict().items()})
-        three_towers = {"alpha": check_alpha(alpha), "third_tower": cfg.third_tower or cfg.image_tower,
-                        "third_width": tower.width, "third_source": getattr(third_tower, "source", "")}
+        three_towers = {
+            "alpha": check_alpha(alpha),
+            "third_tower": cfg.third_tower or cfg.image_tower,
+            "third_width": tower.width,
+            "third_source": getattr(third_tower, "source", ""),
+        }
     else:
         # At alpha = 1 (no mixing) inference uses f and g only: the export costs what CLIP costs.
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in THREE_TOWER_PARAMETERS}
     # clone(): safetensors refuses views that share storage.
-    weights = {k: (v.to(target_dtype) if v.is_floating_point() else v).contiguous().clone()
-               for k, v in state.items()}
+    weights = {k: (v.to(target_dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
     image_spec, text_spec = image_tower_spec(cfg.image_tower), text_tower_spec(cfg.text_tower)
     pretrained_text = cfg.parsed.text.is_pretrained
@@ -359,8 +386,12 @@ def write_export(
         "text_tower_spec": dataclasses.asdict(text_spec),
         # A pretrained text encoder's architecture is its own config.json, not the registry's.
         "text_encoder_config": model.text_tower.model.config.to_dict() if pretrained_text else None,
-        "image_preprocessing": {"image_size": image_spec.image_size, "mean": list(image_spec.mean),
-                                "std": list(image_spec.std), "resize": "shorter side, bicubic, centre crop"},
+        "image_preprocessing": {
+            "image_size": image_spec.image_size,
+            "mean": list(image_spec.mean),
+            "std": list(image_spec.std),
+            "resize": "shorter side, bicubic, centre crop",
+        },
         "context_length": text_spec.context_length,
         "tokenizer": copy_tokenizer(vocab_source, out),
         "logit_bias": getattr(model, "logit_bias", None) is not None,
@@ -390,22 +421,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", choices=EXPORT_PRECISIONS, default="fp32")
     parser.add_argument("--vocab", default=None, help="tokenizer source if the run's has moved")
-    parser.add_argument("--pretrained", action="append", default=[], metavar="TOWER=PATH",
-                        help="where a locked tower's pretrained file is now (image=..., text=...)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="3T runs only: export the alpha mixture of the main towers and the third tower, "
-                             "score = A <f, g> + (1-A) <h_g(h), g_h(g)> (default: plain CLIP, f and g)")
+    parser.add_argument(
+        "--pretrained",
+        action="append",
+        default=[],
+        metavar="TOWER=PATH",
+        help="where a locked tower's pretrained file is now (image=..., text=...)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="3T runs only: export the alpha mixture of the main towers and the third tower, "
+        "score = A <f, g> + (1-A) <h_g(h), g_h(g)> (default: plain CLIP, f and g)",
+    )
     options = parser.parse_args(argv)
     try:
-        config = export(options.checkpoint, options.out, tag=options.tag, dtype=options.dtype,
-                        vocab=options.vocab, pretrained=parse_pretrained(options.pretrained),
-                        alpha=options.alpha)
+        config = export(
+            options.checkpoint,
+            options.out,
+            tag=options.tag,
+            dtype=options.dtype,
+            vocab=options.vocab,
+            pretrained=parse_pretrained(options.pretrained),
+            alpha=options.alpha,
+        )
     except (ExportError, FileNotFoundError) as error:
         print(f"tritower export: {error}", file=sys.stderr)
         return 2
     source, tensors = config["source"], config["tensors"]
-    print(f"exported {source['checkpoint']}/{source['tag']} (step {source['step']}, ZeRO-{source['zero_stage']}, "
-          f"{source['world_size']} ranks) to {options.out} as {config['dtype']}")
+    print(
+        f"exported {source['checkpoint']}/{source['tag']} (step {source['step']}, ZeRO-{source['zero_stage']}, "
+        f"{source['world_size']} ranks) to {options.out} as {config['dtype']}"
+    )
     for origin, count in tensors.items():
         if origin not in ("total", "locked_sources"):
             print(f"  {count:6d} tensors from {origin}")

@@ -99,8 +99,9 @@ class ViewStream(torch.utils.data.IterableDataset):
     [n*views, 3, H, W] for the good records, "done", and on the last chunk "good"/"bad"}.
     Workers take whole shards (``shards[worker::workers]``), so each companion has one writer."""
 
-    def __init__(self, shards: list[tuple[int, str]], transform: TrainTransform, views: int,
-                 view_seed: int, chunk_samples: int) -> None:
+    def __init__(
+        self, shards: list[tuple[int, str]], transform: TrainTransform, views: int, view_seed: int, chunk_samples: int
+    ) -> None:
         super().__init__()
         self.shards, self.transform = shards, transform
         self.views, self.view_seed, self.chunk_samples = views, view_seed, chunk_samples
@@ -113,8 +114,7 @@ class ViewStream(torch.utils.data.IterableDataset):
         try:
             image = decode_image(sample[ext])
             key = sample["__key__"]
-            return torch.stack([self.transform(image, view_rng(self.view_seed, key, v))
-                                for v in range(self.views)])
+            return torch.stack([self.transform(image, view_rng(self.view_seed, key, v)) for v in range(self.views)])
         except Exception:  # noqa: BLE001 - PIL raises many types; a degenerate size too
             return "image"
 
@@ -132,12 +132,16 @@ class ViewStream(torch.utils.data.IterableDataset):
                 records.append((sample["__key__"], None))
                 pixels.append(crops)
             if len(pixels) == self.chunk_samples:
-                yield {"shard": index, "records": records, "pixels": torch.cat(pixels),
-                       "done": False}
+                yield {"shard": index, "records": records, "pixels": torch.cat(pixels), "done": False}
                 records, pixels = [], []
-        yield {"shard": index, "records": records, "done": True, "good": stats.good,
-               "bad": {kind: n for kind, n in stats.bad.items() if n},
-               "pixels": torch.cat(pixels) if pixels else None}
+        yield {
+            "shard": index,
+            "records": records,
+            "done": True,
+            "good": stats.good,
+            "bad": {kind: n for kind, n in stats.bad.items() if n},
+            "pixels": torch.cat(pixels) if pixels else None,
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -167,8 +171,7 @@ def prepare_out(out: Path, cfg: PrecomputeConfig, indices: list[int]) -> None:
     ours = [out / companion_name(i) for i in indices] + [out / META]
     if cfg.parts > 1:
         ours.append(out / part_meta_name(cfg.part, cfg.parts))
-        stale_parts = [p for p in out.glob("meta.part-*.json")
-                       if not p.name.endswith(f"-of-{cfg.parts:05d}.json")]
+        stale_parts = [p for p in out.glob("meta.part-*.json") if not p.name.endswith(f"-of-{cfg.parts:05d}.json")]
         clash = [p for p in ours if p.exists()] + stale_parts
     else:
         clash = sorted(out.iterdir()) if out.is_dir() else []
@@ -185,8 +188,11 @@ def prepare_out(out: Path, cfg: PrecomputeConfig, indices: list[int]) -> None:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s")
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else (f"{seconds // 60}m{seconds % 60:02d}s")
+    )
 
 
 def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
@@ -207,16 +213,18 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
     tower = load_image_tower(cfg.tower, cfg.checkpoint)
     locked = LockedTower(tower, cfg.tower, autocast_dtype=autocast_dtype(cfg.dtype)).to(cfg.device)
     transform = TrainTransform(spec.image_size, spec.mean, spec.std, crop_scale_min)
-    stream = ViewStream(mine, transform, cfg.views, cfg.view_seed,
-                        chunk_samples=max(1, cfg.batch_size // cfg.views))
+    stream = ViewStream(mine, transform, cfg.views, cfg.view_seed, chunk_samples=max(1, cfg.batch_size // cfg.views))
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.num_workers,
         pin_memory=cfg.device.startswith("cuda"),
     )  # fmt: skip
-    print(f"precompute: {cfg.tower} ({locked.source}) over {len(mine)} of {len(urls)} shards "
-          f"(part {cfg.part} of {cfg.parts}), {cfg.views} view(s) per sample at "
-          f"{spec.image_size} px, {cfg.dtype} forward on {cfg.device}, {cfg.store_dtype} store "
-          f"-> {out}", flush=True)
+    print(
+        f"precompute: {cfg.tower} ({locked.source}) over {len(mine)} of {len(urls)} shards "
+        f"(part {cfg.part} of {cfg.parts}), {cfg.views} view(s) per sample at "
+        f"{spec.image_size} px, {cfg.dtype} forward on {cfg.device}, {cfg.store_dtype} store "
+        f"-> {out}",
+        flush=True,
+    )
     sizes = load_shard_sizes([url for _, url in mine])
     total = sum(sizes.values()) if sizes else None
 
@@ -229,8 +237,9 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
         for chunk in loader:
             index = chunk["shard"]
             if index not in writers:
-                writers[index] = CompanionWriter(out / companion_name(index), cfg.views,
-                                                 spec.width, STORE_DTYPES[cfg.store_dtype])
+                writers[index] = CompanionWriter(
+                    out / companion_name(index), cfg.views, spec.width, STORE_DTYPES[cfg.store_dtype]
+                )
             rows = iter(())
             if chunk["pixels"] is not None:
                 features = locked.encode(chunk["pixels"].to(cfg.device, non_blocking=True))
@@ -255,8 +264,10 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
                 rate = seen / (now - started)
                 done = (seen / total) if total else len(entries) / max(1, len(mine))
                 eta = _duration((now - started) * (1 - done) / done) if done > 0 else "?"
-                print(f"precompute: {seen:,} samples, {len(entries)}/{len(mine)} shards, "
-                      f"{rate:.0f} samples/s, ETA {eta}", flush=True)
+                print(
+                    f"precompute: {seen:,} samples, {len(entries)}/{len(mine)} shards, {rate:.0f} samples/s, ETA {eta}",
+                    flush=True,
+                )
     finally:
         for writer in writers.values():  # an error: never leave a half-written companion
             writer.abort()
@@ -271,11 +282,15 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
         part=cfg.part if cfg.parts > 1 else None, parts=cfg.parts, folder=out,
     )  # fmt: skip
     if embedded == 0:
-        raise RuntimeError(f"precompute: no sample could be embedded ({dict(skipped)} skipped); "
-                           f"check --shards {cfg.shards!r}")
+        raise RuntimeError(
+            f"precompute: no sample could be embedded ({dict(skipped)} skipped); check --shards {cfg.shards!r}"
+        )
     elapsed = time.time() - started
-    print(f"precompute: {embedded:,} samples embedded, skipped {dict(skipped) or 'none'}, "
-          f"{_duration(elapsed)} ({seen / max(elapsed, 1e-9):.0f} samples/s)", flush=True)
+    print(
+        f"precompute: {embedded:,} samples embedded, skipped {dict(skipped) or 'none'}, "
+        f"{_duration(elapsed)} ({seen / max(elapsed, 1e-9):.0f} samples/s)",
+        flush=True,
+    )
     if cfg.parts == 1:
         write_meta(meta, out / META)
         print(f"precompute: wrote {out / META}", flush=True)
@@ -291,29 +306,29 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
 
 def parse_args(argv: list[str]) -> PrecomputeConfig:
     """The command line -> PrecomputeConfig (``--name value`` or ``--name=value``)."""
-    parser = argparse.ArgumentParser(prog="python -m tritower.launch.tools.precompute",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tritower.launch.tools.precompute", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--tower", required=True, help="image tower name from the registry")
     parser.add_argument("--checkpoint", required=True, help="its local weights file")
-    parser.add_argument("--shards", required=True,
-                        help="as data.train_shards (brace pattern, .txt list), or 'builtin'")
+    parser.add_argument("--shards", required=True, help="as data.train_shards (brace pattern, .txt list), or 'builtin'")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--views", type=int, default=1, help="fixed crops per sample")
     parser.add_argument("--view-seed", type=int, default=0, help="seed of the crop boxes")
-    parser.add_argument("--crop-scale-min", type=float, default=None,
-                        help="crop area fraction lower bound (default: the experiment's)")
+    parser.add_argument(
+        "--crop-scale-min", type=float, default=None, help="crop area fraction lower bound (default: the experiment's)"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward")
     parser.add_argument("--device", default=PrecomputeConfig.device, help="cpu or cuda[:i]")
-    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32",
-                        help="forward precision")
-    parser.add_argument("--store-dtype", choices=sorted(STORE_DTYPES), default="fp16",
-                        help="storage precision of the embeddings")
+    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32", help="forward precision")
+    parser.add_argument(
+        "--store-dtype", choices=sorted(STORE_DTYPES), default="fp16", help="storage precision of the embeddings"
+    )
     parser.add_argument("--num-workers", type=int, default=2, help="reading/cropping processes")
     parser.add_argument("--part", type=int, default=0, help="this machine's part (0-based)")
     parser.add_argument("--parts", type=int, default=1, help="machines sharing the shards")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier files")
-    parser.add_argument("--experiment", default="",
-                        help="with --shards builtin: whose data section to use")
+    parser.add_argument("--experiment", default="", help="with --shards builtin: whose data section to use")
     parser.add_argument("--log-every-s", type=float, default=10.0, help="seconds per progress line")
     known, rest = parser.parse_known_args(argv)
     overrides = []

@@ -80,16 +80,14 @@ def _data(cfg: PretrainImageConfig) -> tuple[list[str], list[str], str, int]:
 
     if cfg.data.train_shards in ("", "builtin"):
         builtin = ensure_builtin_data(cfg.data)
-        return (builtin.train_shards, builtin.eval_shards, str(builtin.vocab_path),
-                len(builtin.classnames))
+        return (builtin.train_shards, builtin.eval_shards, str(builtin.vocab_path), len(builtin.classnames))
     if not cfg.data.vocab:
         raise ValueError("data.vocab is required with user shards")
     eval_shards = expand_shards(cfg.data.eval_shards) if cfg.data.eval_shards else []
     classnames = Path(eval_shards[0]).parent / "classnames.txt" if eval_shards else None
     if classnames is None or not classnames.is_file():
         raise ValueError("user shards need eval shards with a classnames.txt beside them")
-    return (expand_shards(cfg.data.train_shards), eval_shards, cfg.data.vocab,
-            len(classnames.read_text().split("\n")))
+    return (expand_shards(cfg.data.train_shards), eval_shards, cfg.data.vocab, len(classnames.read_text().split("\n")))
 
 
 def pretrain(cfg: PretrainImageConfig) -> dict:
@@ -100,23 +98,28 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
     spec = image_tower_spec(cfg.tower)
     train_shards, eval_shards, vocab, num_classes = _data(cfg)
     tokenizer = build_tokenizer(vocab)
-    loader_args = dict(tokenizer=tokenizer, image_size=spec.image_size, mean=spec.mean,
-                       std=spec.std, context_length=8)
-    loader = build_train_loader(cfg.data, shards=train_shards, rank=0, world_size=1,
-                                per_rank_batch=cfg.batch_size, seed=cfg.seed, **loader_args)
+    loader_args = dict(tokenizer=tokenizer, image_size=spec.image_size, mean=spec.mean, std=spec.std, context_length=8)
+    loader = build_train_loader(
+        cfg.data, shards=train_shards, rank=0, world_size=1, per_rank_batch=cfg.batch_size, seed=cfg.seed, **loader_args
+    )
     tower = build_image_tower(cfg.tower)
     classifier = nn.Linear(spec.width, num_classes)
     model = nn.Sequential(tower, classifier).train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(cfg, s))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    print(f"pretrain_image: {cfg.tower} ({sum(p.numel() for p in tower.parameters()):,} "
-          f"parameters) + linear classifier over {num_classes} classes, {cfg.steps} steps of "
-          f"{cfg.batch_size}", flush=True)
+    print(
+        f"pretrain_image: {cfg.tower} ({sum(p.numel() for p in tower.parameters()):,} "
+        f"parameters) + linear classifier over {num_classes} classes, {cfg.steps} steps of "
+        f"{cfg.batch_size}",
+        flush=True,
+    )
 
     started, seen, correct, running, logged = time.time(), 0, 0, 0.0, 0
     batches = iter(loader)
@@ -135,9 +138,12 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
         correct += int((logits.argmax(-1) == labels).sum())
         seen += int(labels.numel())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            print(f"step {step + 1}/{cfg.steps}  loss {running / (step + 1 - logged):.3f}  "
-                  f"train acc {correct / max(1, seen):.3f}  "
-                  f"lr {scheduler.get_last_lr()[0]:.2e}  {time.time() - started:.0f}s", flush=True)
+            print(
+                f"step {step + 1}/{cfg.steps}  loss {running / (step + 1 - logged):.3f}  "
+                f"train acc {correct / max(1, seen):.3f}  "
+                f"lr {scheduler.get_last_lr()[0]:.2e}  {time.time() - started:.0f}s",
+                flush=True,
+            )
             running, correct, seen, logged = 0.0, 0, 0, step + 1
 
     accuracy = float("nan")
@@ -145,16 +151,16 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
         evalset = load_eval_set(eval_shards, max_samples=cfg.eval_samples, **loader_args)
         model.eval()
         with torch.no_grad():
-            predictions = torch.cat([model(chunk).argmax(-1)
-                                     for chunk in evalset.images.split(256)])
+            predictions = torch.cat([model(chunk).argmax(-1) for chunk in evalset.images.split(256)])
         accuracy = float((predictions == evalset.labels).float().mean())
-        print(f"held-out top-1 accuracy {accuracy:.3f} on {len(predictions)} images "
-              f"(chance {1 / num_classes:.3f})", flush=True)
+        print(
+            f"held-out top-1 accuracy {accuracy:.3f} on {len(predictions)} images (chance {1 / num_classes:.3f})",
+            flush=True,
+        )
     return _save(cfg, tower, classifier, num_classes, accuracy)
 
 
-def _save(cfg: PretrainImageConfig, tower: nn.Module, classifier: nn.Linear, num_classes: int,
-          accuracy: float) -> dict:
+def _save(cfg: PretrainImageConfig, tower: nn.Module, classifier: nn.Linear, num_classes: int, accuracy: float) -> dict:
     from safetensors.torch import save_file
 
     out = Path(cfg.out)
