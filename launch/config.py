@@ -59,6 +59,13 @@ class TrainLoopConfig:
     """Per-rank micro-batch for exact accumulation (GradCache): each rank's share of
     ``data.batch_size`` is encoded in pieces of this size, keeping every negative of the global
     batch at the activation memory of one piece. 0 = the whole per-rank batch at once."""
+    coalesce_grad_reduction: bool = False
+    """With GradCache micro-batches under ZeRO-2/3: keep each micro-batch's gradients on the rank
+    and reduce-scatter them once per optimizer step (DeepSpeed's ``engine.coalesce_grad_reduction``,
+    0.19.1+) instead of at every micro-batch's backward. M times fewer gradient bytes on the wire
+    for one unpartitioned gradient copy per rank, and the one reduction no longer overlaps the
+    backward; see docs/gpu.md for the measurement and the default. Ignored where it changes
+    nothing (ZeRO-0/1 reduce once per step already) or where DeepSpeed does not support it."""
     log_every: int = 10
     """Print a progress line (and log to wandb) every N steps."""
     output_dir: str = "runs"

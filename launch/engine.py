@@ -55,7 +55,7 @@ def build_engine(
     from deepspeed.accelerator import get_accelerator
 
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
-    ds_config = build_ds_config(cfg, world_size, device.type)
+    ds_config = _prefer_fused_adamw(build_ds_config(cfg, world_size, device.type), device)
     if cfg.deepspeed.precision == "fp16" and device.type != "cuda":
         raise ConfigError("deepspeed.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
     report = [use_fused_layer_norm(model, device, cfg.deepspeed.use_apex)]
@@ -65,11 +65,53 @@ def build_engine(
         config=ds_config,
     )
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    fused = getattr(getattr(optimizer, "optimizer", optimizer), "defaults", {}).get("fused")
+    engine.coalesce_micro_batches, coalescing = _coalescing(engine, cfg.train.coalesce_grad_reduction)
     report += [
-        describe_optimizer(optimizer),
+        describe_optimizer(optimizer) + (" with fused=True" if fused else ""),
         f"ZeRO stage {stage}, precision {cfg.deepspeed.precision}, device {engine.device}",
+        coalescing,
     ]
     return engine, report
+
+
+def _prefer_fused_adamw(ds_config: dict, device: torch.device) -> dict:
+    """On CUDA, torch's fused AdamW (``fused=True``: one kernel over all tensors, built into torch)
+    unless the policy file chooses ``optimizer.params.torch_adam`` itself.
+
+    DeepSpeed's own default there, ``FusedAdam``, is the same update but a C++/CUDA op that is
+    JIT-compiled on first use: it needs nvcc and a CUDA toolkit matching torch (a pip-installed
+    torch brings neither) and minutes of compilation on a fresh machine. Under ZeRO the update
+    runs over a few flat fp32 partitions, where both fused kernels do the same work.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    params = ds_config.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
+    if device.type == "cuda" and not offloaded and "torch_adam" not in params:
+        params.update(torch_adam=True, fused=True)
+    return ds_config
+
+
+def _coalescing(engine: deepspeed.DeepSpeedEngine, requested: bool) -> tuple[bool, str]:
+    """(whether GradCache reduces gradients once per step here, the line saying so).
+
+    ``engine.coalesce_grad_reduction()`` (DeepSpeed 0.19.1+) supports ZeRO-1/2/3 with DeepSpeed's
+    ZeRO optimizers only: not ZeRO-0 (which all-reduces once, at the accumulation boundary,
+    anyway) nor the BF16_Optimizer/FP16_Optimizer wrappers, which lack the flag it sets.
+    """
+    if not requested:
+        return False, "GradCache gradient reduction: at every micro-batch's backward (ZeRO-2/3)"
+    stage = engine.zero_optimization_stage()
+    reason = ""
+    if not hasattr(engine, "coalesce_grad_reduction"):
+        reason = f"DeepSpeed {deepspeed.__version__} has no engine.coalesce_grad_reduction (0.19.1+)"
+    elif stage == 0:
+        reason = "ZeRO-0 reduces once per step already"
+    elif not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
+        reason = f"not supported with optimizer wrapper {type(engine.optimizer).__name__}"
+    if reason:
+        return False, f"GradCache gradient reduction: train.coalesce_grad_reduction ignored ({reason})"
+    return True, "GradCache gradient reduction: once per optimizer step (engine.coalesce_grad_reduction)"
 
 
 def _default_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:

@@ -10,13 +10,18 @@ it. GradCache keeps them all at the activation memory of one micro-batch:
    masks, and back-propagate the cached feature gradients through the towers.
 
 The towers' gradients equal those of one big step. Through DeepSpeed, the engine runs with
-``gradient_accumulation_steps = M`` so it reduces gradients once per step, at the last
-micro-batch, and ``backward(..., scale_wrt_gas=False)`` because the cached gradients already are
-the full-batch gradients (no 1/M).
+``gradient_accumulation_steps = M`` and ``backward(..., scale_wrt_gas=False)`` because the cached
+gradients already are the full-batch gradients (no 1/M). ZeRO-0 and ZeRO-1 then reduce once per
+step, at the last micro-batch; ZeRO-2/3 reduce-scatter at every micro-batch's backward (M times
+the gradient bytes), unless ``train.coalesce_grad_reduction`` makes ``build_engine`` set
+``engine.coalesce_micro_batches``: then the backwards run inside DeepSpeed's
+``engine.coalesce_grad_reduction()``, gradients stay on the rank and are reduced once when it
+exits (docs/gpu.md has the measurement).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -68,9 +73,11 @@ def gradcache_backward(
     one value per step); ``objective`` maps that dict (features concatenated over micro-batches)
     to ``{"loss": ..., terms}`` (``tritower.losses.objectives``). Features the loss does not use get no gradient.
 
-    Every micro-batch but the last is closed with ``engine.step()`` (DeepSpeed only counts it);
-    the caller's own ``engine.step()`` after this call is the real update, at the accumulation
-    boundary. A non-finite loss returns before any backward: nothing is accumulated.
+    Every micro-batch but the last is closed with ``engine.step()`` (DeepSpeed only counts it;
+    with coalesced reduction, where a step inside the block is illegal, these counting steps
+    follow the block); the caller's own ``engine.step()`` after this call is the real update, at
+    the accumulation boundary. A non-finite loss returns before any backward: nothing is
+    accumulated.
     """
     count = len(micro_inputs)
     states, parts = [], []
@@ -99,17 +106,24 @@ def gradcache_backward(
         for key, leaf in leaves.items()
         if leaf.grad is not None
     }
-    for index, kwargs in enumerate(micro_inputs):
-        _set_rng_state(states[index], device)
-        out = engine(**kwargs)
-        # A surrogate whose gradient w.r.t. the towers is exactly the cached feature gradient.
-        # A temperature appears in every micro-batch's forward: each carries 1/M of its gradient.
-        surrogate = sum(
-            (out[key].float() * grad).sum() / count if _is_scale(key) else (out[key].float() * grad[index]).sum()
-            for key, grad in grads.items()
-        )
-        engine.backward(surrogate, scale_wrt_gas=False)
-        if index < count - 1:
+    coalesce = count > 1 and getattr(engine, "coalesce_micro_batches", False)
+    with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
+        for index, kwargs in enumerate(micro_inputs):
+            _set_rng_state(states[index], device)
+            out = engine(**kwargs)
+            # A surrogate whose gradient w.r.t. the towers is exactly the cached feature gradient.
+            # A temperature appears in every micro-batch's forward: each carries 1/M of its gradient.
+            surrogate = sum(
+                (out[key].float() * grad).sum() / count if _is_scale(key) else (out[key].float() * grad[index]).sum()
+                for key, grad in grads.items()
+            )
+            engine.backward(surrogate, scale_wrt_gas=False)
+            if index < count - 1 and not coalesce:
+                engine.step()
+    if coalesce:
+        # The block's exit reduced everything; these only advance DeepSpeed's micro-step count
+        # so that the caller's step lands on the accumulation boundary.
+        for _ in range(count - 1):
             engine.step()
     _set_rng_state(after_encoding, device)
     return detached, {key: value.detach() for key, value in leaves.items()}

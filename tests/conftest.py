@@ -3,10 +3,10 @@
 Helpers that tests import live in ``launching.py``; nothing imports from this file.
 
 Two speeds: a test that starts a process (a ``subprocess`` command, the ``deepspeed`` launcher, a
-``tests/scripts`` probe, ``torch.multiprocessing.spawn`` ranks: anything that starts a fresh
-interpreter) is marked ``@pytest.mark.launch``; ``pytest -m "not launch" tests`` is the quick
-loop. ``forbid_unmarked_launches`` enforces the marker. Forked workers (DataLoader workers, a
-fork ``Pool``) are not launches: they start no interpreter.
+``tests/scripts`` probe, ``torch.multiprocessing.spawn`` ranks, a ``pipe:`` shard's command:
+anything that execs a program) is marked ``@pytest.mark.launch``; ``pytest -m "not launch" tests``
+is the quick loop, ``pytest -m launch tests`` the rest. ``forbid_unmarked_launches`` enforces the
+marker. Forked workers (DataLoader workers, a fork ``Pool``) are not launches: they exec nothing.
 """
 
 from __future__ import annotations
@@ -97,8 +97,15 @@ def train(tmp_path: Path, data_cache: Path):
     console output, and what this launch wrote to ``tmp_path/runs/<run name>`` (log records, metrics)."""
 
     def run(*overrides: str, ranks: int = 2, zero: str = "zero_configs/z3.json", experiment: str = "clip_test") -> Run:
-        args = ["--zero", zero, "--experiment", experiment, f"--data.cache_dir={data_cache}",
-                f"--train.output_dir={tmp_path / 'runs'}", *overrides]
+        args = [
+            "--zero",
+            zero,
+            "--experiment",
+            experiment,
+            f"--data.cache_dir={data_cache}",
+            f"--train.output_dir={tmp_path / 'runs'}",
+            *overrides,
+        ]
         return launch_train(args, ranks=ranks)
 
     return run

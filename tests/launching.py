@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,14 +26,37 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def deepspeed_launch(script: Path, args: list[str], *, ranks: int, cwd: Path, timeout: int = 400,
-                     env: dict | None = None) -> subprocess.CompletedProcess:
+def deepspeed_launch(
+    script: Path, args: list[str], *, ranks: int, cwd: Path, timeout: int = 400, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run ``deepspeed --num_gpus ranks script args`` the way a user does, and return its output."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
     command = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
-    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), WANDB_SILENT="true",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    env = dict(
+        os.environ,
+        WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+        WANDB_SILENT="true",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        **(env or {}),
+    )
+    # Its own session: a launch that runs past its timeout (or a Ctrl-C of pytest) is killed whole,
+    # launcher and ranks, not left training on cores that other launches share.
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException as error:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        if isinstance(error, subprocess.TimeoutExpired):
+            raise AssertionError(
+                f"launch timed out after {timeout} s (killed): {' '.join(command)}\n{(stdout + stderr)[-6000:]}"
+            ) from None
+        raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if result.returncode != 0:
         tail = (result.stdout + result.stderr)[-6000:]
         raise AssertionError(f"launch failed ({result.returncode}): {' '.join(command)}\n{tail}")
@@ -126,7 +150,7 @@ class Run:
     @property
     def log(self) -> list[dict]:
         """The train_log.jsonl records this launch wrote: per-step records and events."""
-        return read_log(self.run_dir)[self.log_start:self.log_end]
+        return read_log(self.run_dir)[self.log_start : self.log_end]
 
     def steps(self) -> list[dict]:
         """This launch's per-step records (those with a ``loss``), in order."""
@@ -142,7 +166,8 @@ class Run:
     def metrics(self) -> dict:
         """The final metrics this launch wrote (``metrics.json``); an error if it wrote none."""
         assert self.written_metrics is not None, (
-            f"this launch wrote no {self.run_dir / 'metrics.json'}:\n{self.output[-3000:]}")
+            f"this launch wrote no {self.run_dir / 'metrics.json'}:\n{self.output[-3000:]}"
+        )
         return self.written_metrics
 
 

@@ -22,8 +22,7 @@ SETTINGS = ["Uu", "Lu", "Lu_precomputed", "3T", "3T_precomputed"]
 
 def _benchmark():
     # benchmarks/ is not a package: load the script by path, as `python benchmarks/...` would.
-    spec = importlib.util.spec_from_file_location(
-        "tower_settings_benchmark", REPO / "benchmarks" / "tower_settings.py")
+    spec = importlib.util.spec_from_file_location("tower_settings_benchmark", REPO / "benchmarks" / "tower_settings.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
     spec.loader.exec_module(module)
@@ -32,10 +31,26 @@ def _benchmark():
 
 def test_benchmark_writes_every_setting(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    returned = _benchmark().main([
-        "--image-tower", "vit_test", "--text-tower", "bert_test", "--batch", "4",
-        "--steps", "2", "--warmup", "0", "--threads", "1", "--vocab-size", "64",
-        "--out", str(out)])
+    returned = _benchmark().main(
+        [
+            "--image-tower",
+            "vit_test",
+            "--text-tower",
+            "bert_test",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--vocab-size",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())
     assert results == json.loads(json.dumps(returned))
     rows = {row["name"]: row for row in results["settings"]}
@@ -59,8 +74,7 @@ def test_benchmark_writes_every_setting(tmp_path: Path) -> None:
         assert math.isfinite(row["loss"])
         assert isinstance(row["pass"], bool)
         # The FLOP model: 3 forwards per trained tower, 1 per locked one, 0 per precomputed one.
-        model = (3 * sum(forward[t] for t in row["trained_towers"])
-                 + sum(forward[t] for t in row["locked_towers"]))
+        model = 3 * sum(forward[t] for t in row["trained_towers"]) + sum(forward[t] for t in row["locked_towers"])
         assert math.isclose(row["model_seconds"], model)
         assert math.isclose(row["model_ratio"], model / rows["Uu"]["model_seconds"])
         assert math.isclose(row["ratio"], row["step_seconds"] / rows["Uu"]["step_seconds"])

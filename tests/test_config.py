@@ -35,8 +35,17 @@ def test_every_experiment_parses_and_fills_every_policy(name: str) -> None:
 
 def test_overrides_both_forms_and_launcher_local_rank() -> None:
     cfg = load_config(
-        ["--local_rank=1", "--experiment", "clip_tiny", "--optim.lr=2e-4", "--data.batch_size", "128",
-         "--model.text_grad_checkpointing=True", "--zero", "zero_configs/z1.json"]
+        [
+            "--local_rank=1",
+            "--experiment",
+            "clip_tiny",
+            "--optim.lr=2e-4",
+            "--data.batch_size",
+            "128",
+            "--model.text_grad_checkpointing=True",
+            "--zero",
+            "zero_configs/z1.json",
+        ]
     )
     assert cfg.optim.lr == 2e-4 and cfg.data.batch_size == 128
     assert cfg.model.text_grad_checkpointing is True
@@ -85,13 +94,17 @@ def test_policy_value_that_disagrees_with_training_config_names_both(tmp_path: P
 
 
 def test_policy_value_that_agrees_is_accepted(tmp_path: Path) -> None:
-    cfg = load_config(["--zero", _policy(tmp_path, train_batch_size=256, gradient_clipping=1.0), "--data.batch_size=256"])
+    cfg = load_config(
+        ["--zero", _policy(tmp_path, train_batch_size=256, gradient_clipping=1.0), "--data.batch_size=256"]
+    )
     assert build_ds_config(cfg, world_size=1)["train_batch_size"] == 256
 
 
 def test_policy_errors_unknown_key_missing_file_bad_json_bad_stage(tmp_path: Path) -> None:
     cases = {
-        _policy(tmp_path, zero_optimisation={"stage": 3}): "unknown top-level key 'zero_optimisation' (did you mean 'zero_optimization'?)",
+        _policy(
+            tmp_path, zero_optimisation={"stage": 3}
+        ): "unknown top-level key 'zero_optimisation' (did you mean 'zero_optimization'?)",
         str(tmp_path / "nope.json"): "ZeRO config file not found",
         _policy(tmp_path, zero_optimization={"stage": 4}): "stage must be 0, 1, 2 or 3",
     }
@@ -115,7 +128,10 @@ def test_batch_not_divisible_by_world_size() -> None:
 def test_train_script_rejects_typo_before_starting() -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "launch" / "train.py"), "--zero", "zero_configs/z3.json", "--optim.lrr=1"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "did you mean 'optim.lr'" in result.stderr

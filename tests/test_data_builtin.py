@@ -102,9 +102,7 @@ def _digest(paths: list[str]) -> str:
 
 def test_generation_is_deterministic_from_the_seed(tmp_path: Path, builtin: BuiltinData) -> None:
     again = ensure_builtin_data(small_config(tmp_path / "a"))
-    assert _digest(again.train_shards + again.eval_shards) == _digest(
-        builtin.train_shards + builtin.eval_shards
-    )
+    assert _digest(again.train_shards + again.eval_shards) == _digest(builtin.train_shards + builtin.eval_shards)
     other = ensure_builtin_data(small_config(tmp_path / "b", builtin_seed=1))
     assert _digest(other.train_shards) != _digest(builtin.train_shards)
     # Held-out scenes are drawn with another seed than the training scenes.

@@ -43,17 +43,18 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
 
 def good_sample(key: str, index: int, fmt: str = "jpg") -> tuple[str, dict[str, bytes]]:
     pil_format = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
-    return key, {fmt: image_bytes(index, pil_format), "txt": f"sample {key}".encode(),
-                 "json": json.dumps({"caption": f"json {key}", "label": index % 3}).encode()}
+    return key, {
+        fmt: image_bytes(index, pil_format),
+        "txt": f"sample {key}".encode(),
+        "json": json.dumps({"caption": f"json {key}", "label": index % 3}).encode(),
+    }
 
 
 def write_dataset(folder: Path, prefix: str, shards: int, per_shard: int) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(shards):
-        samples = [
-            good_sample(f"{prefix}{s:02d}_{i:03d}", s * per_shard + i) for i in range(per_shard)
-        ]
+        samples = [good_sample(f"{prefix}{s:02d}_{i:03d}", s * per_shard + i) for i in range(per_shard)]
         paths.append(str(write_tar(folder / f"{prefix}-{s:02d}.tar", samples)))
     return paths
 
@@ -271,9 +272,7 @@ def test_shard_specs_brace_list_and_pipe(tmp_path, tokenizer) -> None:
     urls = expand_shards(str(listing))
     assert urls == shards[:3] + [f"pipe:cat {shards[3]}"]
     loader = make_loader(str(listing), tokenizer, resampled=False, batch=3)
-    assert sorted(keys_of(take(loader, 4))) == sorted(
-        f"d{s:02d}_{i:03d}" for s in range(4) for i in range(3)
-    )
+    assert sorted(keys_of(take(loader, 4))) == sorted(f"d{s:02d}_{i:03d}" for s in range(4) for i in range(3))
     assert loader.stats().total_bad == 0
 
 

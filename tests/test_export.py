@@ -34,8 +34,14 @@ from tritower.model import build_clip, build_image_tower, build_text_tower, reso
 
 STAGES = (1, 2, 3)
 CAPTIONS = ["a red circle.", "a small blue star at the top left.", "two shapes: a green cross and a purple square."]
-COMMON = ["--experiment", "clip_test", "--train.steps=3", "--optim.warmup_steps=1", "--optim.grad_clip=0",
-          "--wandb.mode=disabled"]
+COMMON = [
+    "--experiment",
+    "clip_test",
+    "--train.steps=3",
+    "--optim.warmup_steps=1",
+    "--optim.grad_clip=0",
+    "--wandb.mode=disabled",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +50,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[int
     root = tmp_path_factory.mktemp("export-runs")
     result = {}
     for stage in STAGES:
-        args = ["--zero", f"zero_configs/z{stage}.json", *COMMON, f"--data.cache_dir={data_cache}",
-                f"--train.output_dir={root}", f"--train.run_name=z{stage}", f"--eval.at_end={stage == 3}"]
+        args = [
+            "--zero",
+            f"zero_configs/z{stage}.json",
+            *COMMON,
+            f"--data.cache_dir={data_cache}",
+            f"--train.output_dir={root}",
+            f"--train.run_name=z{stage}",
+            f"--eval.at_end={stage == 3}",
+        ]
         launched = launch_train(args, ranks=2)
         exported = export(launched.run_dir / "checkpoints", root / f"z{stage}-export")
-        result[stage] = {"run": launched.run_dir, "export": root / f"z{stage}-export",
-                         "final": launched.metrics, "config": exported}
+        result[stage] = {
+            "run": launched.run_dir,
+            "export": root / f"z{stage}-export",
+            "final": launched.metrics,
+            "config": exported,
+        }
     return result
 
 
@@ -63,6 +80,7 @@ def test_zero_stages_export_identical_weights(runs: dict[int, dict]) -> None:
     assert set(weights[1]) == set(weights[2]) == set(weights[3]) == set(initial)
     changed = [k for k in initial if not torch.equal(initial[k], weights[3][k])]
     assert len(changed) > len(initial) // 2, "the steps should have moved most tensors"
+
     def gap(a: int, b: int) -> float:
         return max((weights[a][k] - weights[b][k]).abs().max().item() for k in weights[a])
 
@@ -114,8 +132,9 @@ def test_load_export_features_equal_training_model(runs: dict[int, dict]) -> Non
 
 
 @pytest.mark.launch
-def test_evaluate_reproduces_training_zero_shot(runs: dict[int, dict], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_reproduces_training_zero_shot(
+    runs: dict[int, dict], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from tritower.launch.tools.evaluate import main as evaluate_main
 
     run = runs[3]
@@ -199,8 +218,9 @@ def locked_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vocab = [f"[{t}]" for t in ("PAD", "UNK", "CLS", "SEP", "MASK")] + [f"w{i}" for i in range(59)]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (root / "script.py").write_text(textwrap.dedent(LOCKED_SCRIPT))
-    deepspeed_launch(root / "script.py", [str(root), str(root / "vit.safetensors"), str(root / "vocab.txt")],
-                     ranks=2, cwd=REPO)
+    deepspeed_launch(
+        root / "script.py", [str(root), str(root / "vit.safetensors"), str(root / "vocab.txt")], ranks=2, cwd=REPO
+    )
     return root
 
 
@@ -241,22 +261,30 @@ def test_locked_source_changed_is_refused(locked_runs: Path) -> None:
     save_file(build_image_tower("vit_test").vit.state_dict(), str(other))
     for variant, message in (("inside", "differ from their pretrained source"), ("outside", "sha256")):
         with pytest.raises(ExportError, match=message):
-            export(locked_runs / f"z1-{variant}", locked_runs / "refused",
-                   pretrained={"image_pretrained": str(other)})
+            export(locked_runs / f"z1-{variant}", locked_runs / "refused", pretrained={"image_pretrained": str(other)})
 
 
 def test_missing_and_unexpected_keys_are_named() -> None:
     """A tensor with no source, or one the model lacks, stops the export with its name."""
-    reference = {"text_proj.weight": torch.zeros(2, 2), "image_tower.vit.x": torch.ones(2),
-                 "logit_scale": torch.zeros(1)}
-    checkpoint = CheckpointTensors(Path("ckpt"), "step1", {}, 1, 2, master={"logit_scale": torch.ones(1),
-                                   "old_head.weight": torch.ones(3)})
+    reference = {
+        "text_proj.weight": torch.zeros(2, 2),
+        "image_tower.vit.x": torch.ones(2),
+        "logit_scale": torch.zeros(1),
+    }
+    checkpoint = CheckpointTensors(
+        Path("ckpt"), "step1", {}, 1, 2, master={"logit_scale": torch.ones(1), "old_head.weight": torch.ones(3)}
+    )
     with pytest.raises(ExportError) as error:
         assemble_state(reference, {"image_tower.vit.x": True}, checkpoint, torch.float32, {})
     assert "text_proj.weight" in str(error.value) and "old_head.weight" in str(error.value)
     assert "image_tower.vit.x" not in str(error.value)  # locked: its source provides it
-    state, origins = assemble_state({"logit_scale": torch.zeros(1)}, {}, CheckpointTensors(
-        Path("ckpt"), "step1", {}, 1, 2, master={"logit_scale": torch.ones(1)}), torch.float32, {})
+    state, origins = assemble_state(
+        {"logit_scale": torch.zeros(1)},
+        {},
+        CheckpointTensors(Path("ckpt"), "step1", {}, 1, 2, master={"logit_scale": torch.ones(1)}),
+        torch.float32,
+        {},
+    )
     assert torch.equal(state["logit_scale"], torch.ones(1)) and origins["checkpoint (fp32 master)"] == 1
 
 
@@ -277,8 +305,7 @@ def test_text_tower_built_from_registry_matches(runs: dict[int, dict]) -> None:
     defaults changing under it: vocab rows, pooling, specs, preprocessing."""
     config = runs[3]["config"]
     tower = build_text_tower(config["model"]["text_tower"], config["vocab_rows"], config["text_pooling"])
-    assert tower.vocab_rows == config["vocab_rows"] == len(
-        (runs[3]["export"] / "vocab.txt").read_text().splitlines())
+    assert tower.vocab_rows == config["vocab_rows"] == len((runs[3]["export"] / "vocab.txt").read_text().splitlines())
     assert config["image_preprocessing"]["image_size"] == 32 and config["context_length"] == 16
     assert config["text_encoder_config"] is None  # from scratch: the registry spec is the architecture
 

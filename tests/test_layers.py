@@ -63,9 +63,7 @@ def imports_of(path: Path, name: str, known: set[str]) -> list[tuple[str, int]]:
             # ``from pkg import mod`` imports the module ``pkg.mod``; ``from pkg import name``
             # imports ``pkg`` (its ``__init__``). Python runs a package's ``__init__`` before
             # any of its modules in both cases, but that is not an arrow of the code's own.
-            targets = [
-                f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in known else stem for alias in node.names
-            ]
+            targets = [f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in known else stem for alias in node.names]
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in {
             "import_module",
             "__import__",

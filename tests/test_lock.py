@@ -50,8 +50,9 @@ def _loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def test_locked_tower_builds_no_graph_and_stays_bitwise(vit_file: Path) -> None:
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16,
-                      setting="Lu", image_pretrained=str(vit_file))
+    cfg = ModelConfig(
+        image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="Lu", image_pretrained=str(vit_file)
+    )
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     model, locked = split_locked(model, cfg)
@@ -72,8 +73,7 @@ def test_locked_tower_builds_no_graph_and_stays_bitwise(vit_file: Path) -> None:
     optimizer = torch.optim.AdamW(groups)
     head_before = model.image_proj.weight.detach().clone()
     for _ in range(2):
-        out = model(image_embeddings=locked.image.encode(images), input_ids=ids,
-                    attention_mask=mask)
+        out = model(image_embeddings=locked.image.encode(images), input_ids=ids, attention_mask=mask)
         optimizer.zero_grad()
         _loss(out).backward()
         optimizer.step()
@@ -86,8 +86,9 @@ def test_locked_tower_builds_no_graph_and_stays_bitwise(vit_file: Path) -> None:
 
 
 def test_embeddings_path_equals_full_forward(vit_file: Path) -> None:
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16,
-                      setting="Lu", image_pretrained=str(vit_file))
+    cfg = ModelConfig(
+        image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="Lu", image_pretrained=str(vit_file)
+    )
     torch.manual_seed(0)
     model = build_clip(cfg, vocab_size=VOCAB).eval()
     images, ids, mask = _batch()
@@ -112,8 +113,7 @@ def test_embeddings_path_equals_full_forward(vit_file: Path) -> None:
 def test_bf16_autocast_locked_tower(vit_file: Path) -> None:
     from tritower.model import load_image_tower
 
-    tower = LockedTower(load_image_tower("vit_test", vit_file), "vit_test",
-                        autocast_dtype=torch.bfloat16)
+    tower = LockedTower(load_image_tower("vit_test", vit_file), "vit_test", autocast_dtype=torch.bfloat16)
     images = torch.randn(2, 3, 32, 32)
     out = tower.encode(images)
     with torch.no_grad():
@@ -124,20 +124,32 @@ def test_bf16_autocast_locked_tower(vit_file: Path) -> None:
 
 
 def test_partially_unlocked_tower_stays_inside(vit_file: Path) -> None:
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16,
-                      setting="Lu", image_pretrained=str(vit_file), image_unlock_last_blocks=1)
+    cfg = ModelConfig(
+        image_tower="vit_test",
+        text_tower="bert_test",
+        embed_dim=16,
+        setting="Lu",
+        image_pretrained=str(vit_file),
+        image_unlock_last_blocks=1,
+    )
     model, locked = split_locked(build_clip(cfg, vocab_size=VOCAB), cfg)
     assert model.image_tower is not None and locked.image is None
 
 
 def test_three_towers(vit_file: Path) -> None:
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16,
-                      setting="3T", third_pretrained=str(vit_file))
+    cfg = ModelConfig(
+        image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="3T", third_pretrained=str(vit_file)
+    )
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     assert all(trainable.values())  # both main towers from scratch; h is outside
-    assert {"image_proj_3t.weight", "text_proj_3t.weight", "third_proj_image.weight",
-            "third_proj_text.weight", "logit_scale_3t"} <= set(trainable)
+    assert {
+        "image_proj_3t.weight",
+        "text_proj_3t.weight",
+        "third_proj_image.weight",
+        "third_proj_text.weight",
+        "logit_scale_3t",
+    } <= set(trainable)
     model, locked = split_locked(model, cfg)
     assert locked.third is not None and locked.image is None
     images, ids, mask = _batch()

@@ -64,8 +64,7 @@ def test_mismatched_shapes_are_refused() -> None:
         clip_loss(image, text[:-1], scale)
 
 
-@pytest.mark.parametrize("field, value", [("kind", "hinge"), ("impl", "flash"), ("scope", "world"),
-                                          ("tile_size", 0)])
+@pytest.mark.parametrize("field, value", [("kind", "hinge"), ("impl", "flash"), ("scope", "world"), ("tile_size", 0)])
 def test_config_rejects_unknown_values(field: str, value) -> None:
     with pytest.raises(ValueError, match=field):
         LossConfig(**{field: value})

@@ -17,9 +17,7 @@ import torch.multiprocessing as mp
 from tritower.losses import LossConfig, build_objective, clip_loss, gather_with_grad, sigmoid_loss
 
 
-def reference_clip_loss(
-    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
+def reference_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """0.5 * (mean_i [lse_j S_ij - S_ii] + mean_j [lse_i S_ij - S_jj]), S = s * I T^T, float64."""
     logits = scale.double().reshape(()) * image.double() @ text.double().T
     image_to_text = (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()
@@ -54,8 +52,7 @@ def random_inputs(batch: int, dim: int, seed: int, dtype=torch.float32, scale: f
     image = normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
     # Make the text close to its image so positives dominate, as in a trained model.
     text = normalize(image + torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1)
-    return (image.to(dtype), text.to(dtype), torch.tensor([scale], dtype=dtype),
-            torch.tensor([-5.0], dtype=dtype))
+    return (image.to(dtype), text.to(dtype), torch.tensor([scale], dtype=dtype), torch.tensor([-5.0], dtype=dtype))
 
 
 def loss_with_grads(kind: str, impl: str, image, text, scale, bias=None, **kwargs):
@@ -71,7 +68,7 @@ def loss_with_grads(kind: str, impl: str, image, text, scale, bias=None, **kwarg
 
 def assert_close_all(got, want, rtol: float, atol: float) -> None:
     names = ["value", "d_image", "d_text", "d_scale", "d_bias"]
-    for name, g, w in zip(names[:len(want)], got, want, strict=True):
+    for name, g, w in zip(names[: len(want)], got, want, strict=True):
         torch.testing.assert_close(g.double().reshape(w.shape), w, rtol=rtol, atol=atol, msg=name)
 
 
@@ -112,20 +109,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def check_rank_against_reference(rank: int, world: int, kind: str, impl: str, scope: str,
-                                 batch: int, dim: int, tile_size: int) -> None:
+def check_rank_against_reference(
+    rank: int, world: int, kind: str, impl: str, scope: str, batch: int, dim: int, tile_size: int
+) -> None:
     """On one rank: value and the W-scaled gradient convention vs the float64 reference."""
     image, text, scale, bias = random_inputs(world * batch, dim, seed=world * 1000 + batch)
     rows = slice(rank * batch, (rank + 1) * batch)
-    got = loss_with_grads(kind, impl, image[rows], text[rows], scale, bias,
-                          scope=scope, tile_size=tile_size)
+    got = loss_with_grads(kind, impl, image[rows], text[rows], scale, bias, scope=scope, tile_size=tile_size)
     if scope == "global":
         value, d_image, d_text, *d_scalars = reference_with_grads(kind, image, text, scale, bias)
         want = [value, world * d_image[rows], world * d_text[rows], *d_scalars]
     else:  # value: mean of the ranks' local losses; gradients: this rank's local loss only
-        per_rank = [reference_with_grads(kind, image[r * batch:(r + 1) * batch],
-                                         text[r * batch:(r + 1) * batch], scale, bias)
-                    for r in range(world)]
+        per_rank = [
+            reference_with_grads(
+                kind, image[r * batch : (r + 1) * batch], text[r * batch : (r + 1) * batch], scale, bias
+            )
+            for r in range(world)
+        ]
         want = list(per_rank[rank])
         want[0] = torch.stack([p[0] for p in per_rank]).mean()
         # Mean over ranks of the replicated scalars' gradients is what the engine applies.
@@ -152,13 +152,21 @@ def check_shared_gathers(rank: int, world: int) -> None:
     scale_leaves = [s.clone().requires_grad_() for s in scales]
     gathered = [gather_with_grad(t) for t in local]
     pairs = [(0, 1, "naive"), (0, 2, "tiled"), (1, 2, "naive")]
-    loss = sum(clip_loss(local[a], local[c], scale_leaves[k], impl, tile_size=4,
-                         image_features_all=gathered[a], text_features_all=gathered[c])
-               for k, (a, c, impl) in enumerate(pairs))
+    loss = sum(
+        clip_loss(
+            local[a],
+            local[c],
+            scale_leaves[k],
+            impl,
+            tile_size=4,
+            image_features_all=gathered[a],
+            text_features_all=gathered[c],
+        )
+        for k, (a, c, impl) in enumerate(pairs)
+    )
     got = torch.autograd.grad(loss, local + scale_leaves)
     leaves = [t.double().requires_grad_() for t in towers + scales]
-    want_loss = sum(reference_clip_loss(leaves[a], leaves[c], leaves[3 + k])
-                    for k, (a, c, _) in enumerate(pairs))
+    want_loss = sum(reference_clip_loss(leaves[a], leaves[c], leaves[3 + k]) for k, (a, c, _) in enumerate(pairs))
     want = torch.autograd.grad(want_loss, leaves)
     torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-6)
     for g, w in zip(got[:3], want[:3], strict=True):
@@ -178,8 +186,7 @@ def check_nonfinite_raises_on_every_rank(rank: int, world: int) -> None:
 
 
 def distributed_worker(rank: int, world: int, port: int, cases: list[tuple]) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         for case in cases:
@@ -201,9 +208,15 @@ def test_gloo_ranks_match_global_reference(world: int) -> None:
     # (kind, impl, scope, local batch, dim, tile_size). Local batches 7, 9 and 20 with tile 16
     # (global 14..80): partial tiles, and diagonals that cross tile edges at every rank offset.
     # One spawn per world size: process start-up dominates the cost of these tests.
-    cases = [("softmax", "naive", "global", 7, 5, 16), ("softmax", "naive", "local", 7, 64, 16),
-             ("sigmoid", "naive", "global", 7, 5, 16), ("sigmoid", "naive", "local", 3, 64, 16),
-             ("softmax", "tiled", "global", 9, 5, 16), ("softmax", "tiled", "global", 20, 64, 16),
-             ("softmax", "tiled", "local", 9, 5, 16), ("sigmoid", "tiled", "global", 20, 5, 16),
-             ("sigmoid", "tiled", "local", 9, 64, 16)]
+    cases = [
+        ("softmax", "naive", "global", 7, 5, 16),
+        ("softmax", "naive", "local", 7, 64, 16),
+        ("sigmoid", "naive", "global", 7, 5, 16),
+        ("sigmoid", "naive", "local", 3, 64, 16),
+        ("softmax", "tiled", "global", 9, 5, 16),
+        ("softmax", "tiled", "global", 20, 64, 16),
+        ("softmax", "tiled", "local", 9, 5, 16),
+        ("sigmoid", "tiled", "global", 20, 5, 16),
+        ("sigmoid", "tiled", "local", 9, 64, 16),
+    ]
     run_ranks(world, cases)

@@ -33,8 +33,7 @@ def _load_reference():
 def test_triton_kernels_under_interpreter() -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert "all triton checks passed" in done.stdout
 
@@ -45,9 +44,13 @@ def test_triton_kernels_under_interpreter() -> None:
 def check_single_process(ref) -> None:
     # (batch, dim, tile, dtype, scale): 70 x 40 with tile 48 gives 2 x 2 uneven tiles whose
     # diagonal crosses tile edges; scale 100 is CLIP's clamp.
-    cases = [(70, 40, 48, torch.float32, 14.3), (70, 40, 48, torch.float64, 100.0),
-             (1, 5, 16, torch.float32, 14.3), (3, 5, 16, torch.float64, 14.3),
-             (33, 64, 16, torch.float32, 100.0)]
+    cases = [
+        (70, 40, 48, torch.float32, 14.3),
+        (70, 40, 48, torch.float64, 100.0),
+        (1, 5, 16, torch.float32, 14.3),
+        (3, 5, 16, torch.float64, 14.3),
+        (33, 64, 16, torch.float32, 100.0),
+    ]
     for batch, dim, tile, dtype, scale in cases:
         inputs = ref.random_inputs(batch, dim, seed=batch + dim, dtype=dtype, scale=scale)
         want = ref.reference_with_grads("softmax", *inputs)
@@ -65,13 +68,11 @@ def check_single_process(ref) -> None:
 
 def rank_worker(rank: int, world: int, port: int) -> None:
     ref = _load_reference()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         # (kind, impl, scope, local batch, dim, tile): global 70, tiles of 16.
-        for case in [("softmax", "triton", "global", 35, 40, 16),
-                     ("softmax", "triton", "local", 35, 40, 16)]:
+        for case in [("softmax", "triton", "global", 35, 40, 16), ("softmax", "triton", "local", 35, 40, 16)]:
             ref.check_rank_against_reference(rank, world, *case)
     finally:
         dist.destroy_process_group()

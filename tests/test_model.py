@@ -178,9 +178,7 @@ def test_clip_forward() -> None:
     assert out["logit_scale"].shape == (1,)
     torch.testing.assert_close(out["logit_scale"], torch.tensor([1 / 0.07]))
     unnormalised = model.encode_image(_clip_batch()[0], normalize=False)
-    torch.testing.assert_close(
-        torch.nn.functional.normalize(unnormalised, dim=-1), out["image_features"]
-    )
+    torch.testing.assert_close(torch.nn.functional.normalize(unnormalised, dim=-1), out["image_features"])
 
 
 def test_logit_scale_is_clamped() -> None:
@@ -255,7 +253,5 @@ def test_model_package_imports_no_deepspeed() -> None:
     import sys
 
     code = "import sys, tritower.model; print('deepspeed' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

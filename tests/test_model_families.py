@@ -26,13 +26,16 @@ from tritower.model import (
 )
 
 VOCAB = 100
-CAPTIONS = [f"a {size} {colour} {shape} on the {place}" for size in ("small", "large")
-            for colour in ("red", "green", "blue") for shape in ("circle", "square", "star")
-            for place in ("left", "right")]
+CAPTIONS = [
+    f"a {size} {colour} {shape} on the {place}"
+    for size in ("small", "large")
+    for colour in ("red", "green", "blue")
+    for shape in ("circle", "square", "star")
+    for place in ("left", "right")
+]
 
 
-@pytest.mark.parametrize("name, attr", [("resnet_test", "trunk"), ("mixer_test", "trunk"),
-                                        ("vit_test", "vit")])
+@pytest.mark.parametrize("name, attr", [("resnet_test", "trunk"), ("mixer_test", "trunk"), ("vit_test", "vit")])
 def test_image_families_forward(name: str, attr: str) -> None:
     spec = image_tower_spec(name)
     tower = build_image_tower(name)
@@ -49,13 +52,13 @@ def test_image_families_forward(name: str, attr: str) -> None:
 def test_published_timm_sizes_build_on_meta(name: str) -> None:
     # Sizes as published by timm: ResNet-50 23.5M, BiT-M R50x1 23.5M, Mixer-B/16 59.1M
     # (without classifier heads).
-    expected = {"resnet50": 23_508_032, "resnetv2_50x1_bit": 23_500_352,
-                "mixer_b16_224": 59_111_472}[name]
+    expected = {"resnet50": 23_508_032, "resnetv2_50x1_bit": 23_500_352, "mixer_b16_224": 59_111_472}[name]
     assert count_parameters(name) == expected
 
 
-@pytest.mark.parametrize("name, attr", [("t5_test", "t5"), ("mt5_test", "t5"),
-                                        ("clip_text_test", "clip"), ("bert_test", "bert")])
+@pytest.mark.parametrize(
+    "name, attr", [("t5_test", "t5"), ("mt5_test", "t5"), ("clip_text_test", "clip"), ("bert_test", "bert")]
+)
 def test_text_families_forward(name: str, attr: str) -> None:
     spec = text_tower_spec(name)
     tower = build_text_tower(name, vocab_size=VOCAB)
@@ -108,8 +111,16 @@ def test_t5_folder_with_only_spiece_model(tmp_path: Path) -> None:
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CAPTIONS * 4), model_writer=model, vocab_size=40, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(CAPTIONS * 4),
+        model_writer=model,
+        vocab_size=40,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     folder = tmp_path / "t5_tokenizer"
     folder.mkdir()
@@ -129,7 +140,6 @@ def test_t5_folder_with_only_spiece_model(tmp_path: Path) -> None:
 def test_clip_with_t5_text_tower_and_rules() -> None:
     cfg = ModelConfig(image_tower="resnet_test", text_tower="t5_test", embed_dim=16)
     model = build_clip(cfg, vocab_size=VOCAB)
-    out = model(torch.randn(2, 3, 32, 32), torch.randint(0, VOCAB, (2, 16)),
-                torch.ones(2, 16, dtype=torch.long))
+    out = model(torch.randn(2, 3, 32, 32), torch.randint(0, VOCAB, (2, 16)), torch.ones(2, 16, dtype=torch.long))
     assert out["image_features"].shape == out["text_features"].shape == (2, 16)
     assert all(resolve_trainable(model, trainable_rules(cfg)).values())

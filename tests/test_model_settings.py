@@ -97,8 +97,7 @@ def test_rules_lu_with_partial_unlocking(vit_file: str) -> None:
     trainable = resolve_trainable(model, trainable_rules(cfg))
     names = [name for name, _ in model.named_parameters()]
     expected = {
-        n for n in names
-        if n.startswith(("image_tower.vit.blocks.1.", "image_tower.vit.fc_norm.", "text_tower."))
+        n for n in names if n.startswith(("image_tower.vit.blocks.1.", "image_tower.vit.fc_norm.", "text_tower."))
     } | {"image_proj.weight", "text_proj.weight", "logit_scale"}
     assert _names(model, trainable) == expected
     assert any(n.startswith("image_tower.vit.blocks.0.") for n in names)  # stays locked
@@ -108,10 +107,14 @@ def test_rules_lu_with_partial_unlocking(vit_file: str) -> None:
 @pytest.mark.parametrize("setting", LIT_SETTINGS)
 def test_rules_every_setting(setting: str, vit_file: str) -> None:
     # Text towers of the rules test are built from scratch: the rules only read the setting.
-    cfg = _cfg(setting=setting, image_pretrained=vit_file if setting[0] in "LU" else "",
-               text_pretrained="unused" if setting[1] in "LU" else "")
-    model = build_clip(dataclasses.replace(cfg, setting="uu", image_pretrained="",
-                                           text_pretrained=""), vocab_size=VOCAB)
+    cfg = _cfg(
+        setting=setting,
+        image_pretrained=vit_file if setting[0] in "LU" else "",
+        text_pretrained="unused" if setting[1] in "LU" else "",
+    )
+    model = build_clip(
+        dataclasses.replace(cfg, setting="uu", image_pretrained="", text_pretrained=""), vocab_size=VOCAB
+    )
     trainable = resolve_trainable(model, trainable_rules(cfg))
     for name, flag in trainable.items():
         tower = name.split("_tower.")[0] if "_tower." in name else None
@@ -122,8 +125,14 @@ def test_rules_every_setting(setting: str, vit_file: str) -> None:
 
 
 def test_locked_head_frozen_as_identity(vit_file: str) -> None:
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=32,
-                      setting="Lu", image_pretrained=vit_file, locked_head_trainable=False)
+    cfg = ModelConfig(
+        image_tower="vit_test",
+        text_tower="bert_test",
+        embed_dim=32,
+        setting="Lu",
+        image_pretrained=vit_file,
+        locked_head_trainable=False,
+    )
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     assert not trainable["image_proj.weight"] and trainable["text_proj.weight"]
@@ -162,8 +171,14 @@ def test_parameter_groups_lr_and_decay(vit_file: str) -> None:
     trainable = resolve_trainable(model, trainable_rules(cfg))
     groups = parameter_groups(model, trainable, cfg, weight_decay=0.2, base_lr=1e-3)
     by_name = {group["name"]: group for group in groups}
-    assert set(by_name) == {"image/decay", "image/no_decay", "text/decay", "text/no_decay",
-                            "other/decay", "other/no_decay"}
+    assert set(by_name) == {
+        "image/decay",
+        "image/no_decay",
+        "text/decay",
+        "text/no_decay",
+        "other/decay",
+        "other/no_decay",
+    }
     assert by_name["image/decay"]["lr"] == pytest.approx(1e-4)
     assert by_name["text/no_decay"]["lr"] == pytest.approx(2e-3)
     assert by_name["other/decay"]["lr"] == pytest.approx(1e-3)
@@ -181,8 +196,7 @@ def test_parameter_groups_lr_and_decay(vit_file: str) -> None:
 
 
 def test_delayed_unlocking() -> None:
-    cfg = ModelConfig(image_tower="vit_test", text_tower="minilm_l6", setting="uU",
-                      text_unlock_after_steps=10)
+    cfg = ModelConfig(image_tower="vit_test", text_tower="minilm_l6", setting="uU", text_unlock_after_steps=10)
     assert trainable_towers_at(cfg, 0) == {"image": True, "text": False}
     assert trainable_towers_at(cfg, 9) == {"image": True, "text": False}
     assert trainable_towers_at(cfg, 10) == {"image": True, "text": True}
@@ -190,23 +204,31 @@ def test_delayed_unlocking() -> None:
     assert trainable_towers_at(locked, 100) == {"image": False, "text": True}
 
 
-@pytest.mark.parametrize("text_tower, last_block, final_norm", [
-    ("bert_test", "bert.encoder.layer.1.", None),
-    ("t5_test", "t5.encoder.block.1.", "t5.encoder.final_layer_norm."),
-    ("clip_text_test", "clip.encoder.layers.1.", "clip.final_layer_norm."),
-])
-def test_partial_unlocking_of_text_families(text_tower: str, last_block: str,
-                                            final_norm: str | None) -> None:
-    cfg = ModelConfig(image_tower="vit_test", text_tower=text_tower, embed_dim=16, setting="uL",
-                      text_pretrained="unused", text_unlock_last_blocks=1)
-    model = build_clip(dataclasses.replace(cfg, setting="uu", text_pretrained="",
-                                           text_unlock_last_blocks=0), vocab_size=VOCAB)
+@pytest.mark.parametrize(
+    "text_tower, last_block, final_norm",
+    [
+        ("bert_test", "bert.encoder.layer.1.", None),
+        ("t5_test", "t5.encoder.block.1.", "t5.encoder.final_layer_norm."),
+        ("clip_text_test", "clip.encoder.layers.1.", "clip.final_layer_norm."),
+    ],
+)
+def test_partial_unlocking_of_text_families(text_tower: str, last_block: str, final_norm: str | None) -> None:
+    cfg = ModelConfig(
+        image_tower="vit_test",
+        text_tower=text_tower,
+        embed_dim=16,
+        setting="uL",
+        text_pretrained="unused",
+        text_unlock_last_blocks=1,
+    )
+    model = build_clip(
+        dataclasses.replace(cfg, setting="uu", text_pretrained="", text_unlock_last_blocks=0), vocab_size=VOCAB
+    )
     trainable = resolve_trainable(model, trainable_rules(cfg))
-    unlocked = {n.removeprefix("text_tower.") for n, flag in trainable.items()
-                if flag and n.startswith("text_tower.")}
-    assert unlocked and all(n.startswith(last_block) or (final_norm and n.startswith(final_norm))
-                            for n in unlocked)
-    assert any(n.startswith(last_block.replace(".1.", ".0.")) for n in
-               (k.removeprefix("text_tower.") for k in trainable))  # block 0 exists, locked
+    unlocked = {n.removeprefix("text_tower.") for n, flag in trainable.items() if flag and n.startswith("text_tower.")}
+    assert unlocked and all(n.startswith(last_block) or (final_norm and n.startswith(final_norm)) for n in unlocked)
+    assert any(
+        n.startswith(last_block.replace(".1.", ".0.")) for n in (k.removeprefix("text_tower.") for k in trainable)
+    )  # block 0 exists, locked
     if final_norm:
         assert any(n.startswith(final_norm) for n in unlocked)

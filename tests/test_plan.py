@@ -3,9 +3,10 @@
     pytest -q tests/test_plan.py
 
 Two measurements run in fresh subprocesses, side by side (one thread each), started together
-and checked by the module's last two tests (marked ``launch``): a tiny CLIP's forward+backward in plain PyTorch with and without activation
-checkpointing, and a whole fp32 step through a 1-rank DeepSpeed ZeRO-2 engine. Peak resident
-memory is read from the kernel (see launch/plan/measure.py); a planner 2x off fails.
+and checked by the module's last two tests (marked ``launch``): a tiny CLIP's forward+backward
+in plain PyTorch with and without activation checkpointing, and a whole fp32 step through a
+1-rank DeepSpeed ZeRO-2 engine. Peak resident memory is read from the kernel (see
+launch/plan/measure.py); a planner 2x off fails.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def started() -> dict:
     processes = {
         "activations": start_measurement("vit_scene_tiny", "bert_scene_tiny", 256, "off,on"),
         # A 200k-row token table (26M parameters) makes the model states ~40% of the total.
-        "deepspeed": start_measurement("vit_scene_tiny", "bert_scene_tiny", 256, "off",
-                                       deepspeed_stage=2, vocab=200_000),
+        "deepspeed": start_measurement(
+            "vit_scene_tiny", "bert_scene_tiny", 256, "off", deepspeed_stage=2, vocab=200_000
+        ),
     }
     yield processes
     for process in processes.values():
@@ -67,8 +69,7 @@ def _engine(image: str, text: str) -> tuple[int, int]:
     return trained, largest
 
 
-@pytest.mark.parametrize("image,text", [("vit_base_patch16_224", "bert_base"),
-                                        ("vit_giant_patch14_224", "bert_large")])
+@pytest.mark.parametrize("image,text", [("vit_base_patch16_224", "bert_base"), ("vit_giant_patch14_224", "bert_large")])
 @pytest.mark.parametrize("gpus", [4, 64, 256])
 def test_model_states_match_deepspeed_estimators(image: str, text: str, gpus: int) -> None:
     trained, largest = _engine(image, text)
@@ -94,14 +95,13 @@ def test_printed_estimates_agree(capsys: pytest.CaptureFixture) -> None:
 
     trained, largest = _engine("vit_giant_patch14_224", "bert_large")
     estimate_zero2_model_states_mem_needs_all_cold(trained, num_gpus_per_node=8, num_nodes=4)
-    estimate_zero3_model_states_mem_needs_all_cold(trained, largest, num_gpus_per_node=8,
-                                                   num_nodes=4)
+    estimate_zero3_model_states_mem_needs_all_cold(trained, largest, num_gpus_per_node=8, num_nodes=4)
     printed = {}
     for line in capsys.readouterr().out.splitlines():
         match = re.match(r"\s*[\d.]+GB \|\s*([\d.]+)GB \| (.*)", line)
         if match:
             options = match.group(2).replace(" ", "").replace("OffloadDeviceEnum.", "")
-            printed[options] = float(match.group(1)) * 2 ** 30
+            printed[options] = float(match.group(1)) * 2**30
     policies = {p.label: p for p in POLICIES}
     expected = {
         "offload_optimizer=none": "ZeRO-2",
@@ -139,8 +139,7 @@ def test_layer_formula_counts_saved_tensors(image: str, text: str) -> None:
 
     model = build_clip(ModelConfig(image_tower=image, text_tower=text), vocab_size=100).train()
     batch = 16
-    for layer, name in [(model.image_tower.vit.blocks[0], image),
-                        (model.text_tower.bert.encoder.layer[0], text)]:
+    for layer, name in [(model.image_tower.vit.blocks[0], image), (model.text_tower.bert.encoder.layer[0], text)]:
         shape = tower_shape(name)
         x = torch.randn(batch, shape.tokens, shape.width, requires_grad=True)
         measured = _saved_activation_bytes(layer, x)
@@ -150,12 +149,25 @@ def test_layer_formula_counts_saved_tensors(image: str, text: str) -> None:
 
 
 def test_cli_plan_vitg_bert_large(capsys: pytest.CaptureFixture) -> None:
-    argv = ["--image", "vit_giant_patch14_224", "--text", "bert_large", "--setting", "Uu",
-            "--global-batch", "32768", "--gpus", "256", "--gpu-memory", "40", "--json"]
+    argv = [
+        "--image",
+        "vit_giant_patch14_224",
+        "--text",
+        "bert_large",
+        "--setting",
+        "Uu",
+        "--global-batch",
+        "32768",
+        "--gpus",
+        "256",
+        "--gpu-memory",
+        "40",
+        "--json",
+    ]
     assert planner.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     best = result["recommendation"]
-    assert best["total"] <= result["budget"] == pytest.approx(40 * 2 ** 30 * 0.9)
+    assert best["total"] <= result["budget"] == pytest.approx(40 * 2**30 * 0.9)
     assert 128 % best["micro_batch"] == 0
     # 128 ViT-g samples need ~57 GiB of activations: 40 GiB forces checkpointing or GradCache.
     assert best["micro_batches"] > 1 or any(best["checkpointing"].values())
@@ -179,8 +191,7 @@ def test_settings_lock_the_right_towers(setting: str) -> None:
 
 
 def test_precomputed_locked_and_fp32() -> None:
-    base = dict(image="vit_base_patch16_224", text="bert_base", global_batch=4096, gpus=32,
-                gpu_memory_gib=80)
+    base = dict(image="vit_base_patch16_224", text="bert_base", global_batch=4096, gpus=32, gpu_memory_gib=80)
     lit = planner.plan(planner.PlanRequest(setting="Lu", **base))
     pre = planner.plan(planner.PlanRequest(setting="Lu", precomputed_locked=True, **base))
     assert lit["states"]["ZeRO-1"].locked > 0 == pre["states"]["ZeRO-1"].locked

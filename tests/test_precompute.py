@@ -52,8 +52,7 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
 
 def sample(key: str, index: int) -> tuple[str, dict[str, bytes]]:
     image = jpeg(index)[:60] if key == BAD_KEY else jpeg(index)
-    return key, {"jpg": image, "txt": f"sample {key}".encode(),
-                 "json": json.dumps({"label": index % 3}).encode()}
+    return key, {"jpg": image, "txt": f"sample {key}".encode(), "json": json.dumps({"label": index % 3}).encode()}
 
 
 def write_source(folder: Path, shards: int = 3, per_shard: int = 6, prefix: str = "s") -> list[str]:
@@ -129,8 +128,7 @@ def keys_of(batches: list[dict]) -> list[str]:
     return [key for batch in batches for key in batch["key"]]
 
 
-def test_embeddings_equal_an_independent_recomputation(tmp_path, tokenizer, checkpoint,
-                                                       reference) -> None:
+def test_embeddings_equal_an_independent_recomputation(tmp_path, tokenizer, checkpoint, reference) -> None:
     shards = write_source(tmp_path / "src")  # 18 samples, one corrupt: 17 good
     out = tmp_path / "emb"
     precompute(shards, out, checkpoint, "--num-workers", "2")  # companions from 2 processes
@@ -145,7 +143,8 @@ def test_embeddings_equal_an_independent_recomputation(tmp_path, tokenizer, chec
     loader = make_loader(shards, tokenizer, batch=1, embeddings=str(out))
     batches = take(loader, 17)  # one epoch
     assert sorted(keys_of(batches)) == sorted(
-        f"s{s:02d}_{i:03d}" for s in range(3) for i in range(6) if (s, i) != (0, 2))
+        f"s{s:02d}_{i:03d}" for s in range(3) for i in range(6) if (s, i) != (0, 2)
+    )
     assert dict(loader.stats().bad) == {"image": 1}  # skipped in both passes, counted once here
     transform = TrainTransform(SPEC.image_size, SPEC.mean, SPEC.std, 0.8)
     for batch in batches:
@@ -161,8 +160,7 @@ def test_embeddings_equal_an_independent_recomputation(tmp_path, tokenizer, chec
         assert torch.equal(batch["image"][0], crop)
 
 
-def test_views_per_epoch_and_loader_without_images(tmp_path, tokenizer, checkpoint,
-                                                   reference) -> None:
+def test_views_per_epoch_and_loader_without_images(tmp_path, tokenizer, checkpoint, reference) -> None:
     shards = write_source(tmp_path / "src")
     out = tmp_path / "emb"
     precompute(shards, out, checkpoint, "--views", "3", "--view-seed", "7")
@@ -191,8 +189,7 @@ def test_views_per_epoch_and_loader_without_images(tmp_path, tokenizer, checkpoi
 
 
 @pytest.mark.parametrize("needs_images,workers", [(True, 0), (False, 2)])
-def test_resume_continues_with_the_same_embeddings(tmp_path, tokenizer, checkpoint,
-                                                   needs_images, workers) -> None:
+def test_resume_continues_with_the_same_embeddings(tmp_path, tokenizer, checkpoint, needs_images, workers) -> None:
     shards = write_source(tmp_path / "src", shards=4, per_shard=5)
     out = tmp_path / "emb"
     precompute(shards, out, checkpoint, "--views", "2")
@@ -224,8 +221,11 @@ def test_mismatches_are_clear_errors(tmp_path, tokenizer, checkpoint) -> None:
     # Another tower, another checkpoint file, another width, another input transform.
     with pytest.raises(ValueError, match=r"checkpoint sha256 .* expected 000000000000"):
         meta.check(TOWER, "0" * 64, 32)
-    with pytest.raises(ValueError, match=r"tower 'vit_test', expected 'vit_scene_tiny'.*"
-                                         r"width 32, expected 128"):
+    with pytest.raises(
+        ValueError,
+        match=r"tower 'vit_test', expected 'vit_scene_tiny'.*"
+        r"width 32, expected 128",
+    ):
         meta.check("vit_scene_tiny", sha, 128)
     with pytest.raises(ValueError, match="image_size 32, expected 64"):
         meta.check(TOWER, sha, 32, image_size=64)
@@ -252,12 +252,15 @@ def test_mismatches_are_clear_errors(tmp_path, tokenizer, checkpoint) -> None:
     items.insert(3, sample("s01_new", 99))
     write_tar(Path(shards[1]), items)
     loader = make_loader(shards, tokenizer, batch=1, embeddings=str(out), shuffle_buffer=1)
-    with pytest.raises(EmbeddingsError, match=r"sample 's01_new' of shard .*s-01.tar has no "
-                                              r"precomputed embedding.*re-run"):
+    with pytest.raises(
+        EmbeddingsError,
+        match=r"sample 's01_new' of shard .*s-01.tar has no "
+        r"precomputed embedding.*re-run",
+    ):
         take(loader, 18)
 
     # Companions of another width: the first one at start, the others when read.
-    for index, where in ((0, "start"), (2, "read")):
+    for index, _when in ((0, "start"), (2, "read")):
         companion = out / meta.shards[index]["companion"]
         with tarfile.open(companion) as tar:
             records = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
@@ -310,15 +313,23 @@ def test_meta_errors_guard_and_split_runs(tmp_path, tokenizer, checkpoint) -> No
 def test_builtin_scenes_from_the_training_cache(tmp_path, tokenizer, checkpoint) -> None:
     from tritower.data import ensure_builtin_data
 
-    data = ["--data.cache_dir=" + str(tmp_path / "cache"), "--data.builtin_train_samples=24",
-            "--data.builtin_eval_samples=4", "--data.builtin_shard_size=12"]
+    data = [
+        "--data.cache_dir=" + str(tmp_path / "cache"),
+        "--data.builtin_train_samples=24",
+        "--data.builtin_eval_samples=4",
+        "--data.builtin_shard_size=12",
+    ]
     precompute("builtin", tmp_path / "emb", checkpoint, "--experiment", "clip_test", *data)
-    config = DataConfig(cache_dir=str(tmp_path / "cache"), builtin_train_samples=24,
-                        builtin_eval_samples=4, builtin_shard_size=12, builtin_image_size=32)
+    config = DataConfig(
+        cache_dir=str(tmp_path / "cache"),
+        builtin_train_samples=24,
+        builtin_eval_samples=4,
+        builtin_shard_size=12,
+        builtin_image_size=32,
+    )
     builtin = ensure_builtin_data(config)  # the same generation, found in the cache
     meta = load_meta(tmp_path / "emb")
     assert [s["source"] for s in meta.shards] == builtin.train_shards and meta.samples == 24
     vocab = build_tokenizer(builtin.vocab_path)
-    loader = make_loader(builtin.train_shards, vocab, batch=8, needs_images=False,
-                         embeddings=str(tmp_path / "emb"))
+    loader = make_loader(builtin.train_shards, vocab, batch=8, needs_images=False, embeddings=str(tmp_path / "emb"))
     assert len(set(keys_of(take(loader, 3)))) == 24

@@ -34,8 +34,7 @@ def _classifier(name: str) -> torch.nn.Module:
     supervised pretraining run would save it."""
     spec = image_tower_spec(name)
     torch.manual_seed(0)
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=10,
-                             **spec.timm_kwargs()).eval()
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=10, **spec.timm_kwargs()).eval()
 
 
 def _features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -109,16 +108,20 @@ def test_missing_files_fail_naming_them(tmp_path: Path) -> None:
         load_image_tower("vit_test", tmp_path / "nothing.safetensors")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_text_tower("minilm_l6", str(tmp_path))
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", setting="Lu",
-                      image_pretrained=str(tmp_path / "absent.pth"))
+    cfg = ModelConfig(
+        image_tower="vit_test", text_tower="bert_test", setting="Lu", image_pretrained=str(tmp_path / "absent.pth")
+    )
     with pytest.raises(FileNotFoundError, match="absent.pth"):
         build_clip(cfg, vocab_size=100)
 
 
 def test_text_tower_of_wrong_size_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match=r"config.json: does not fit text tower 'bert_base'.*"
-                                         r"width expected 768, found 384"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.json: does not fit text tower 'bert_base'.*"
+        r"width expected 768, found 384",
+    ):
         load_text_tower("bert_base", MINILM)
 
 
@@ -152,20 +155,28 @@ def test_lu_clip_with_minilm_text_tower(tmp_path: Path, monkeypatch: pytest.Monk
         build_clip(cfg, vocab_size=40000)
 
 
-def test_text_weights_not_fitting_their_config_name_shapes(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_weights_not_fitting_their_config_name_shapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from transformers import BertConfig, BertModel
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # bert_test's sizes, but weights saved with a 64-wide feed-forward and config saying 128.
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(str(tmp_path))
     edited = json.loads((tmp_path / "config.json").read_text()) | {"intermediate_size": 128}
     (tmp_path / "config.json").write_text(json.dumps(edited))
-    with pytest.raises(ValueError, match=r"model.safetensors: weights do not fit text tower "
-                                         r"'bert_test'.*shape mismatches.*expected \[128, 32\], "
-                                         r"found \[64, 32\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.safetensors: weights do not fit text tower "
+        r"'bert_test'.*shape mismatches.*expected \[128, 32\], "
+        r"found \[64, 32\]",
+    ):
         load_text_tower("bert_test", str(tmp_path))

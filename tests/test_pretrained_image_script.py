@@ -24,13 +24,24 @@ from tritower.model import (
 
 
 def test_pretrain_then_load_as_locked_tower(tmp_path: Path) -> None:
-    cfg = parse_args([
-        "--tower=vit_test", "--steps=3", "--batch_size=16", "--warmup_steps=1",
-        "--log_every=1", f"--out={tmp_path / 'out'}", "--eval_samples=32",
-        f"--data.cache_dir={tmp_path / 'cache'}", "--data.builtin_train_samples=200",
-        "--data.builtin_eval_samples=40", "--data.builtin_image_size=32",
-        "--data.builtin_shard_size=100", "--data.shuffle_buffer=50", "--data.num_workers=0",
-    ])
+    cfg = parse_args(
+        [
+            "--tower=vit_test",
+            "--steps=3",
+            "--batch_size=16",
+            "--warmup_steps=1",
+            "--log_every=1",
+            f"--out={tmp_path / 'out'}",
+            "--eval_samples=32",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.builtin_train_samples=200",
+            "--data.builtin_eval_samples=40",
+            "--data.builtin_image_size=32",
+            "--data.builtin_shard_size=100",
+            "--data.shuffle_buffer=50",
+            "--data.num_workers=0",
+        ]
+    )
     sidecar = pretrain(cfg)
     weights = tmp_path / "out" / "image_tower.safetensors"
     assert sidecar["tower"] == "vit_test" and 0.0 <= sidecar["held_out_accuracy"] <= 1.0
@@ -38,8 +49,9 @@ def test_pretrain_then_load_as_locked_tower(tmp_path: Path) -> None:
     saved = load_file(str(weights))
     assert saved["head.weight"].shape == (30, 32)  # the classifier is in the file
 
-    model_cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16,
-                            setting="Lu", image_pretrained=str(weights))
+    model_cfg = ModelConfig(
+        image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="Lu", image_pretrained=str(weights)
+    )
     model = build_clip(model_cfg, vocab_size=100)
     trainable = resolve_trainable(model, trainable_rules(model_cfg))
     model, locked = split_locked(model, model_cfg)

@@ -20,18 +20,42 @@ from launching import REPO, TRAIN, free_port, losses_by_step
 
 pytestmark = pytest.mark.launch
 
-COMMON = ["--zero=zero_configs/z2.json", "--experiment=clip_test", "--train.log_every=1", "--eval.at_end=false",
-          "--wandb.mode=disabled", "--checkpoint.every_steps=3", "--checkpoint.keep_last=0"]
+COMMON = [
+    "--zero=zero_configs/z2.json",
+    "--experiment=clip_test",
+    "--train.log_every=1",
+    "--eval.at_end=false",
+    "--wandb.mode=disabled",
+    "--checkpoint.every_steps=3",
+    "--checkpoint.keep_last=0",
+]
 
 
 def _launch(args: list[str], cache: Path, out: Path, env_extra: dict | None = None) -> subprocess.Popen:
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    command = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), *COMMON,
-               f"--data.cache_dir={cache}", f"--train.output_dir={out}", *args]
-    env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    command = [
+        str(deepspeed),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(TRAIN),
+        *COMMON,
+        f"--data.cache_dir={cache}",
+        f"--train.output_dir={out}",
+        *args,
+    ]
+    env = dict(
+        os.environ,
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        **(env_extra or {}),
+    )
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _finish(process: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
@@ -46,9 +70,14 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def _rank_pids(launcher: subprocess.Popen) -> list[int]:
     """The two train.py processes under the launcher (the ranks)."""
-    out = subprocess.run(["pgrep", "-g", str(os.getpgid(launcher.pid)), "-f", "launch/train.py"],
-                         capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in out if int(pid) != launcher.pid and "deepspeed.launcher" not in Path(f"/proc/{pid}/cmdline").read_text()]
+    out = subprocess.run(
+        ["pgrep", "-g", str(os.getpgid(launcher.pid)), "-f", "launch/train.py"], capture_output=True, text=True
+    ).stdout.split()
+    return [
+        int(pid)
+        for pid in out
+        if int(pid) != launcher.pid and "deepspeed.launcher" not in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
 
 
 def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -123,8 +152,14 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(tmp_path: Path, data_ca
 
 def test_nonfinite_losses_are_skipped_counted_then_stop_with_checkpoint(tmp_path: Path, data_cache: Path) -> None:
     run = tmp_path / "runs" / "run"
-    args = ["--train.steps=30", "--train.run_name=run", "--optim.lr=1e30", "--optim.warmup_steps=0",
-            "--train.max_nonfinite_in_row=3", "--checkpoint.every_steps=0"]
+    args = [
+        "--train.steps=30",
+        "--train.run_name=run",
+        "--optim.lr=1e30",
+        "--optim.warmup_steps=0",
+        "--train.max_nonfinite_in_row=3",
+        "--checkpoint.every_steps=0",
+    ]
     code, output = _finish(_launch(args, data_cache, tmp_path / "runs"))
     assert code != 0
     assert "non-finite" in output and "3 in a row" in output

@@ -21,18 +21,39 @@ pytestmark = pytest.mark.launch
 FAKE = REPO / "tests" / "fake_slurm"
 
 
-def _job(script: str, tmp_path: Path, data_cache: Path, *overrides: str, job_id: int = 4242) -> tuple[subprocess.Popen, Path]:
+def _job(
+    script: str, tmp_path: Path, data_cache: Path, *overrides: str, job_id: int = 4242
+) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / "slurm.log"
     venv_bin = Path(os.sys.executable).parent
     env = dict(
-        os.environ, PATH=f"{FAKE}:{venv_bin}:{os.environ['PATH']}", FAKE_SLURM_LOG=str(log),
-        SLURM_JOB_ID=str(job_id), SLURM_JOB_NAME="tritower", SLURM_JOB_NODELIST="127.0.0.1",
-        SLURM_NNODES="1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_CPUS_PER_TASK="1",
-        SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=str(free_port()), RUN_NAME="slurmrun",
-        ZERO="zero_configs/z2.json", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+        os.environ,
+        PATH=f"{FAKE}:{venv_bin}:{os.environ['PATH']}",
+        FAKE_SLURM_LOG=str(log),
+        SLURM_JOB_ID=str(job_id),
+        SLURM_JOB_NAME="tritower",
+        SLURM_JOB_NODELIST="127.0.0.1",
+        SLURM_NNODES="1",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_CPUS_PER_TASK="1",
+        SLURM_SUBMIT_DIR=str(REPO),
+        MASTER_PORT=str(free_port()),
+        RUN_NAME="slurmrun",
+        ZERO="zero_configs/z2.json",
+        WANDB_MODE="disabled",
+        PYTHONUNBUFFERED="1",
     )
-    args = ["bash", str(REPO / "launch" / "slurm" / script), "--experiment=clip_test", f"--data.cache_dir={data_cache}",
-            f"--train.output_dir={tmp_path / 'runs'}", "--eval.at_end=false", "--train.log_every=1", *overrides]
+    args = [
+        "bash",
+        str(REPO / "launch" / "slurm" / script),
+        "--experiment=clip_test",
+        f"--data.cache_dir={data_cache}",
+        f"--train.output_dir={tmp_path / 'runs'}",
+        "--eval.at_end=false",
+        "--train.log_every=1",
+        *overrides,
+    ]
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, log
 

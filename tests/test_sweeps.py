@@ -34,9 +34,25 @@ from tritower.launch.ds_config import build_ds_config
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 COMMAND = ["deepspeed", "launch/train.py", "--zero", "zero_configs/z3.json", "${args}"]
-DISTRIBUTIONS = {"constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
-                 "log_uniform_values", "q_log_uniform", "q_log_uniform_values", "normal", "q_normal",
-                 "log_normal", "q_log_normal", "inv_log_uniform", "inv_log_uniform_values", "beta", "q_beta"}
+DISTRIBUTIONS = {
+    "constant",
+    "categorical",
+    "int_uniform",
+    "uniform",
+    "q_uniform",
+    "log_uniform",
+    "log_uniform_values",
+    "q_log_uniform",
+    "q_log_uniform_values",
+    "normal",
+    "q_normal",
+    "log_normal",
+    "q_log_normal",
+    "inv_log_uniform",
+    "inv_log_uniform_values",
+    "beta",
+    "q_beta",
+}
 SAMPLES_PER_SWEEP = 6
 
 
@@ -133,7 +149,7 @@ def parameter_sets(sweep: dict, rng: random.Random) -> list[dict]:
 
 def train_argv(command: list[str]) -> list[str]:
     """What ``launch/train.py`` receives: everything after the program."""
-    return command[command.index("launch/train.py") + 1:]
+    return command[command.index("launch/train.py") + 1 :]
 
 
 def test_sweep_files_exist() -> None:
@@ -144,7 +160,9 @@ def test_sweep_files_exist() -> None:
 def test_sweep_is_well_formed(path: Path) -> None:
     sweep = load_sweep(path)
     assert sweep["program"] == "launch/train.py" and (REPO / sweep["program"]).is_file()
-    assert sweep["command"] == COMMAND, "multi-process sweeps name deepspeed literally (the agent's ${interpreter} is always python)"
+    assert sweep["command"] == COMMAND, (
+        "multi-process sweeps name deepspeed literally (the agent's ${interpreter} is always python)"
+    )
     assert sweep["method"] in ("grid", "random", "bayes")
     assert sweep["metric"]["goal"] in ("minimize", "maximize") and sweep["metric"]["name"]
     assert (REPO / "zero_configs" / "z3.json").is_file()
@@ -169,10 +187,19 @@ def test_expansion_matches_wandb_agent(tmp_path: Path) -> None:
     """Our expansion of ``${args}`` etc. equals wandb's own, for floats, ints, strings, booleans."""
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-    params = {"optim.lr": 0.00031, "optim.warmup_steps": 30, "data.caption_key": "json:caption", "eval.at_end": True,
-              "checkpoint.save_at_end": False}
-    ours = expand(["${args}", "${args_no_hyphens}", "${args_no_boolean_flags}", "${args_json}"],
-                  "launch/train.py", params, tmp_path / "args.json")
+    params = {
+        "optim.lr": 0.00031,
+        "optim.warmup_steps": 30,
+        "data.caption_key": "json:caption",
+        "eval.at_end": True,
+        "checkpoint.save_at_end": False,
+    }
+    ours = expand(
+        ["${args}", "${args_no_hyphens}", "${args_no_boolean_flags}", "${args_json}"],
+        "launch/train.py",
+        params,
+        tmp_path / "args.json",
+    )
     theirs = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
     assert ours == theirs["args"] + theirs["args_no_hyphens"] + theirs["args_no_boolean_flags"] + theirs["args_json"]
     assert "--eval.at_end=True" in ours
@@ -204,14 +231,29 @@ def test_one_expanded_command_runs_with_agent_environment(tmp_path: Path, data_c
     params = {k: sample_value(v, random.Random(0)) for k, v in sweep["parameters"].items()}
     command = expand(sweep["command"], sweep["program"], params, tmp_path / "args.json")
     # Test-sized overrides after ${args} (later overrides win); warm-up must fit the 2 steps.
-    command += ["--experiment=clip_test", "--train.steps=2", "--optim.warmup_steps=1", "--eval.at_end=false",
-                "--checkpoint.save_at_end=false", "--wandb.mode=offline", f"--data.cache_dir={data_cache}",
-                f"--train.output_dir={tmp_path / 'runs'}", "--train.run_name=sweep-run"]
+    command += [
+        "--experiment=clip_test",
+        "--train.steps=2",
+        "--optim.warmup_steps=1",
+        "--eval.at_end=false",
+        "--checkpoint.save_at_end=false",
+        "--wandb.mode=offline",
+        f"--data.cache_dir={data_cache}",
+        f"--train.output_dir={tmp_path / 'runs'}",
+        "--train.run_name=sweep-run",
+    ]
     # On a CPU machine the launcher starts one rank unless told; on a GPU node it takes them all.
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     launched = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), *command[1:]]
-    env = dict(os.environ, WANDB_RUN_ID="sweeprun01", WANDB_SWEEP_ID="sweep0001", WANDB_SILENT="true",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        WANDB_RUN_ID="sweeprun01",
+        WANDB_SWEEP_ID="sweep0001",
+        WANDB_SILENT="true",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
     run = Run.before(tmp_path / "runs" / "sweep-run")
     result = subprocess.run(launched, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     output = result.stdout + result.stderr

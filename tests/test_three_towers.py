@@ -49,9 +49,11 @@ def reference_clip(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tor
 def reference_loss(inputs: dict[str, torch.Tensor], weights=WEIGHTS) -> tuple[torch.Tensor, list]:
     """(1/3) [w_fg L(f, g; s_fg) + w_fh L(f_h, h_f; s_fh) + w_gh L(g_h, h_g; s_gh)] and the terms."""
     s_3t = inputs["logit_scale_3t"]
-    terms = [reference_clip(inputs["image_features"], inputs["text_features"], inputs["logit_scale"]),
-             reference_clip(inputs["image_features_3t"], inputs["third_image_features"], s_3t[0]),
-             reference_clip(inputs["text_features_3t"], inputs["third_text_features"], s_3t[1])]
+    terms = [
+        reference_clip(inputs["image_features"], inputs["text_features"], inputs["logit_scale"]),
+        reference_clip(inputs["image_features_3t"], inputs["third_image_features"], s_3t[0]),
+        reference_clip(inputs["text_features_3t"], inputs["third_text_features"], s_3t[1]),
+    ]
     return sum(w * t for w, t in zip(weights, terms)) / 3, terms
 
 
@@ -62,8 +64,9 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 def random_inputs(batch: int, dim: int, seed: int, scales=(14.0, 30.0, 70.0)) -> dict[str, torch.Tensor]:
     """Unit-norm float64 features for the six feature keys and the three multipliers."""
     g = torch.Generator().manual_seed(seed)
-    inputs = {key: unit(torch.randn(batch, dim, generator=g, dtype=torch.float64))
-              for key in INPUT_KEYS if "scale" not in key}
+    inputs = {
+        key: unit(torch.randn(batch, dim, generator=g, dtype=torch.float64)) for key in INPUT_KEYS if "scale" not in key
+    }
     inputs["logit_scale"] = torch.tensor([scales[0]], dtype=torch.float64)
     inputs["logit_scale_3t"] = torch.tensor(scales[1:], dtype=torch.float64)
     return inputs
@@ -94,8 +97,9 @@ def assert_matches(got: tuple, want: tuple, rtol: float, atol: float, label: str
     for k, (g, w) in enumerate(zip(got[1], want[1], strict=True)):
         torch.testing.assert_close(g.double(), w.detach(), rtol=rtol, atol=atol, msg=f"{label} term {k}")
     for key in want[2]:
-        torch.testing.assert_close(got[2][key].double(), want[2][key], rtol=rtol, atol=atol,
-                                   msg=lambda m, key=key: f"{label} d/d{key}: {m}")
+        torch.testing.assert_close(
+            got[2][key].double(), want[2][key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{label} d/d{key}: {m}"
+        )
 
 
 # ---- the loss, one process --------------------------------------------------------------------
@@ -189,8 +193,12 @@ def check_rank(rank: int, world: int, impl: str, scope: str, calls: list[str]) -
         want_grads = {k: g if "scale" in k else world * g[rows] for k, g in grads.items()}
     else:
         assert len(calls) == before, calls[before:]
-        per_rank = [reference_with_grads({k: v[r * batch:(r + 1) * batch] if "scale" not in k else v
-                                          for k, v in inputs.items()}) for r in range(world)]
+        per_rank = [
+            reference_with_grads(
+                {k: v[r * batch : (r + 1) * batch] if "scale" not in k else v for k, v in inputs.items()}
+            )
+            for r in range(world)
+        ]
         value = torch.stack([p[0] for p in per_rank]).mean()
         terms = [torch.stack([p[1][t] for p in per_rank]).mean() for t in range(3)]
         want_grads = dict(per_rank[rank][2])

