@@ -137,8 +137,10 @@ def load_image_tower(name: str, path: str | Path) -> ImageTower:
     tower = build_image_tower(name)
     expected = tower.model.state_dict()
     state = _strip_image_prefixes(load_state_dict(path), path)
-    # Classifier weights of the pretraining task: the tower is built headless.
-    state = {k: v for k, v in state.items() if k in expected or not (k.startswith("head.") or k.startswith("fc."))}
+    # Classifier weights of the pretraining task: the tower is built headless. timm's pretrained
+    # config names each model's classifier (``head``, ``fc``, ``classifier``, ...).
+    heads = {"head.", "fc.", "classifier."} | {f"{getattr(tower.model, 'pretrained_cfg', {}).get('classifier', 'head')}."}
+    state = {k: v for k, v in state.items() if k in expected or not k.startswith(tuple(heads))}
     what = f"image tower {name!r} (timm {spec.timm_name}, width {spec.width}, image size {spec.image_size})"
     check_fits(expected, state, path, what)
     tower.model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent

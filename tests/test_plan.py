@@ -220,3 +220,26 @@ def test_total_matches_deepspeed_step(measurements: dict) -> None:
     ratio = result["predicted"] / result["measured"]
     assert abs(ratio - 1) < TOLERANCE_MEASURED, result
     assert result["predicted_parts"]["states"] > 0.3 * result["predicted"]
+
+
+def test_every_registered_image_tower_gets_states_and_honest_activations() -> None:
+    """Every image tower the trainer accepts plans without a crash; towers the activation model
+    does not describe (not ViTs) are reported as not modelled, never as a made-up number."""
+    import timm
+
+    from tritower.launch.plan.command import main as plan_main
+    from tritower.launch.plan.planner import PlanRequest, plan, to_json
+    from tritower.model import image_tower_spec, list_towers
+
+    for name in list_towers("image"):
+        spec = image_tower_spec(name)
+        result = to_json(plan(PlanRequest(name, "bert_test", "Uu", 256, 2, 80.0)))
+        image = result["towers"][0]
+        assert image["params"] > 0, name
+        assert (name in result["activations_not_modelled"]) == (spec.arch != "timm_vit"), name
+        if spec.arch == "timm" and not spec.timm_args and not spec.timm_class:
+            with torch.device("meta"):
+                reference = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+            assert image["params"] == sum(p.numel() for p in reference.parameters()), name
+    assert plan_main(["--image", "resnet50", "--text", "bert_base", "--setting", "Lu", "--global-batch", "1024",
+                      "--gpus", "8", "--gpu-memory", "80"]) == 0

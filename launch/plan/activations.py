@@ -49,6 +49,10 @@ class TowerShape:
     """Hidden dropout on (keeps a 1-byte mask per dropped element)."""
     input_elements: int
     """Elements of one sample's input: 3 x side^2 pixels, or context-length token ids."""
+    modelled: bool = True
+    """Whether the transformer formulas below describe the tower. False for image towers that
+    are not ViTs (ResNet, BiT, Mixer, EfficientNet, ...): their activations are reported as not
+    modelled (counted as 0, and said so), never as a made-up number."""
 
 
 def tower_shape(name: str) -> TowerShape:
@@ -57,6 +61,8 @@ def tower_shape(name: str) -> TowerShape:
         spec = image_tower_spec(name)
     except ValueError:
         spec = None
+    if spec is not None and spec.arch != "timm_vit":
+        return TowerShape(name, "image", 0, spec.width, 0, 0, 0, False, 3 * spec.image_size**2, modelled=False)
     if spec is not None:
         # A class token adds one token; the avg-pooled tiny towers have none.
         tokens = (spec.image_size // spec.patch_size) ** 2 + (spec.global_pool == "token")

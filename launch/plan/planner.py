@@ -305,4 +305,5 @@ def to_json(result: dict) -> dict:
         "best_per_zero": {k: candidate(v) for k, v in result["per_policy"].items()},
         "recommendation": candidate(best),
         "flags": flags(request, best) if best else None,
+        "activations_not_modelled": [t.shape.name for t in result["towers"] if not t.shape.modelled],
     }

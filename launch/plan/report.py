@@ -57,6 +57,13 @@ def format_plan(result: dict) -> str:
         "",
         "Towers                          params  role",
     ]
+    unmodelled = sorted({t.shape.name for t in towers if not t.shape.modelled})
+    if unmodelled:
+        lines.insert(
+            1,
+            f"NOTE: activations of {', '.join(unmodelled)} are not modelled (only ViT and transformers text "
+            "towers are); the totals below count their parameters and optimizer states but 0 activations.",
+        )
     for t in towers:
         lines.append(
             f"  {t.role:<6} {t.shape.name:<22} {t.params / 1e6:8.1f}M  {_setting_letter(request, t.role, t.trained)}"
@@ -80,6 +87,9 @@ def format_plan(result: dict) -> str:
         full = train_activations(t.shape, elem, False, request.fused_attention)
         ckpt = train_activations(t.shape, elem, True, request.fused_attention)
         no_grad = f"{inference_bytes(t.shape, elem) / MIB:8.2f}"
+        if not t.shape.modelled:
+            lines.append(f"  {t.role:<6} {t.shape.name}: activations not modelled (not a transformer tower)")
+            continue
         if not t.trained:
             note = "(no autograd: keeps nothing for backward)"
             lines.append(f"  {t.role:<6} locked  s={t.shape.tokens:<4} {note:<72} | {no_grad}")
