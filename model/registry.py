@@ -14,6 +14,7 @@ CLIP and timm, so a local checkpoint of the published model loads key-for-key.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import asdict, dataclass
 
 # Normalisation constants. CLIP's are used for the published sizes (their checkpoints expect
@@ -367,10 +368,75 @@ def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
 
 
 def image_tower_spec(name: str) -> ImageTowerSpec:
-    """The architecture of image tower ``name``; ValueError naming the closest valid name."""
+    """The architecture of image tower ``name``: a registry entry, or ``timm:<model name>`` for any
+    timm model (``timm_spec``); ValueError naming the closest valid name."""
+    if name.startswith(TIMM_PREFIX):
+        return timm_spec(name.removeprefix(TIMM_PREFIX))
     if name not in _IMAGE_TOWERS:
-        raise _unknown("image", name, sorted(_IMAGE_TOWERS))
+        raise _unknown("image", name, sorted(_IMAGE_TOWERS) + [f"{TIMM_PREFIX}<any timm model name>"])
     return _IMAGE_TOWERS[name]
+
+
+TIMM_PREFIX = "timm:"
+"""``model.image_tower=timm:<name>`` names any timm model (built with ``pretrained=False``)."""
+
+
+@functools.cache
+def timm_spec(timm_name: str) -> ImageTowerSpec:
+    """The spec of any timm model, read off the model itself (built on the meta device, so no
+    memory is allocated and nothing is downloaded): width = ``num_features``; image size, mean
+    and std from timm's pretrained config of that name (what its published weights expect);
+    the unlockable units and final norm from timm's own parameter-group matcher
+    (``group_matcher(coarse=True)``: ``blocks.N`` / ``stages.N`` / ``layerN`` and the modules
+    it groups after the last unit). The tower's module is ``.trunk``."""
+    import re
+
+    import timm
+    import torch
+
+    if not timm.is_model(timm_name):
+        close = difflib.get_close_matches(timm_name, timm.list_models(), n=5, cutoff=0.5)
+        hint = f" Closest timm models: {close}." if close else ""
+        raise ValueError(f"Unknown timm model {timm_name!r} (model.image_tower=timm:{timm_name}).{hint}")
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    config = model.pretrained_cfg
+    names = [name for name, _ in model.named_parameters()]
+    matcher = model.group_matcher(coarse=True) if hasattr(model, "group_matcher") else {}
+    blocks = matcher.get("blocks", [])
+    patterns = [blocks] if isinstance(blocks, str) else [p for p, order in blocks if order is None or order[0] < 99999]
+    tail = [p for p, order in ([] if isinstance(blocks, str) else blocks) if order and order[0] >= 99999]
+    prefix, units = "", 0
+    for pattern in patterns:
+        found = re.match(r"^\^?([A-Za-z_.]+?)(\\\.)?\(\\d\+\)", pattern)
+        if found:
+            prefix = found.group(1) + ("." if found.group(2) else "")
+            indices = {int(m.group(1)) for n in names if (m := re.match(re.escape(prefix) + r"(\d+)\.", n))}
+            start, units = (min(indices), len(indices)) if indices else (0, 0)
+            break
+    final = tuple(
+        f"trunk.{module}"
+        for pattern in tail
+        for module in pattern.removeprefix("^").split("|")
+        if re.fullmatch(r"[A-Za-z_.0-9]+", module) and any(n.startswith(f"{module}.") for n in names)
+    )
+    if not tail and "norm.weight" in names:
+        final = ("trunk.norm",)
+    mean, std = tuple(config.get("mean", HALF)), tuple(config.get("std", HALF))
+    return ImageTowerSpec(
+        f"{TIMM_PREFIX}{timm_name}",
+        "timm",
+        timm_name,
+        int(config.get("input_size", (3, 224, 224))[-1]),
+        int(model.num_features),
+        mean,
+        std,
+        patch_size=int(getattr(getattr(model, "patch_embed", None), "patch_size", (0,))[0]),
+        block_prefix=f"trunk.{prefix}" if units else "",
+        block_start=start if units else 0,
+        num_blocks=units,
+        final_norm=final,
+    )
 
 
 def text_tower_spec(name: str) -> TextTowerSpec:
