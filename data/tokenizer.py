@@ -114,9 +114,11 @@ def _package_model_folder(source: str) -> Path:
 
 def build_text_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer at ``source``: a WordPiece ``vocab.txt`` / BERT folder / ``package:<name>``
-    (``build_tokenizer``) or a local SentencePiece/tokenizers folder."""
+    (``build_tokenizer``) or a local SentencePiece/tokenizers folder (T5, RoBERTa's BPE, ...: any
+    folder transformers' ``AutoTokenizer`` reads offline)."""
     path = _package_model_folder(str(source))
-    has_sentencepiece = path.is_dir() and any((path / name).is_file() for name in ("spiece.model", "tokenizer.json"))
+    files = ("spiece.model", "tokenizer.json", "vocab.json", "sentencepiece.bpe.model")
+    has_sentencepiece = path.is_dir() and any((path / name).is_file() for name in files)
     if not has_sentencepiece or (path / "vocab.txt").is_file():
         return build_tokenizer(source)
     from transformers import AutoTokenizer

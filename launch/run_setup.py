@@ -1,14 +1,18 @@
-"""What a run is set up from before its loop starts: its data sources, its run folder, the check
-that precomputed embeddings fit the tower they replace, and the identities of its locked towers."""
+"""What a run is set up from before its loop starts: its data sources, its run folder (lock,
+ownership, the checkpoint to resume), the check that precomputed embeddings fit the tower they
+replace, and the identities of its locked towers."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from tritower.data import EvalSet, TrainLoader
+from tritower.data import TrainLoader
 from tritower.data.config import DataConfig
 from tritower.data.embeddings import EmbeddingsMeta
+from tritower.data.eval_formats import EvalSource
+from tritower.evaluation.config import EvalSetSpec
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.dist_env import DistEnv
 from tritower.model import LockedTowers, file_sha256, image_tower_spec, text_tower_spec
@@ -23,14 +27,15 @@ class DataSources:
     vocab: str
 
 
-def resolve_data(cfg: DataConfig) -> DataSources:
-    """Built-in scenes (generated once, then reused) or the user's shards."""
+def resolve_data(cfg: DataConfig, tokenizer_in_tower: bool = False) -> DataSources:
+    """Built-in scenes (generated once, then reused) or the user's shards. ``tokenizer_in_tower``:
+    the pretrained text tower's folder carries the tokenizer, so user shards need no ``data.vocab``."""
     from tritower.data import ensure_builtin_data, expand_shards
 
     if cfg.train_shards in ("", "builtin"):
         builtin = ensure_builtin_data(cfg)
         return DataSources(builtin.train_shards, builtin.eval_shards, cfg.vocab or str(builtin.vocab_path))
-    if not cfg.vocab:
+    if not cfg.vocab and not tokenizer_in_tower:
         raise ConfigError(
             "data.vocab must name a local vocab.txt (or a model folder holding one) when "
             "data.train_shards are your own shards"
@@ -49,6 +54,89 @@ def run_name(cfg: TrainConfig) -> str:
         return cfg.train.run_name
     sweep_run = os.environ.get("WANDB_RUN_ID")
     return f"{cfg.experiment}-{sweep_run}" if sweep_run else cfg.experiment
+
+
+@dataclass
+class RunFolder:
+    """What rank 0 found in the run folder, the same on every rank."""
+
+    resume: tuple[Path, str] | None = None
+    """(checkpoints folder, tag) to resume from, or None to start fresh."""
+    warnings: list[str] = field(default_factory=list)
+    """Things to say: a stale lock taken over, newer incomplete checkpoints skipped."""
+
+
+def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFolder:
+    """Rank 0 checks the run folder before anything is built, and every rank gets its answer (a
+    collective): the checkpoints folder is writable, no other live run holds the folder
+    (``RunLock``), it holds no earlier run's checkpoints unless ``--resume`` continues them, and
+    the checkpoint to resume from is complete (its manifest) and fits this run (world size, model
+    architecture). ConfigError with the same one-line message on every rank otherwise."""
+    import torch
+    import torch.distributed as dist
+
+    found: RunFolder | str | None = None
+    if env.is_main:
+        try:
+            found = _check_run_folder(cfg, run_dir, env.world_size)
+        except (ValueError, OSError, RuntimeError) as error:  # ConfigError and FileNotFoundError among them
+            found = str(error)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)  # NCCL's object broadcast uses the current device
+    box = [found]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise ConfigError(box[0])
+    return box[0]
+
+
+def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFolder:
+    from tritower.launch.checkpointer import check_manifest, complete_tags, pick_resume
+    from tritower.launch.run_io import RunLock, check_wandb_login
+
+    check_wandb_login(cfg.wandb.mode)
+    checkpoints = run_dir / "checkpoints"
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        probe = checkpoints / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write checkpoints to {checkpoints} ({error.strerror or error}): pass a writable --train.output_dir"
+        ) from None
+    folder = RunFolder()
+    taken = RunLock(run_dir).acquire()
+    if taken:
+        folder.warnings.append(taken)
+    tags = complete_tags(checkpoints)
+    if not cfg.checkpoint.resume and (tags or (checkpoints / "latest").exists()):
+        raise ConfigError(
+            f"run folder {run_dir} already holds checkpoints of an earlier run ({', '.join(tags[-3:]) or 'latest'}): "
+            "pass --resume auto to continue it, or a new --train.run_name to start another run"
+        )
+    folder.resume, manifest, notes = pick_resume(cfg.checkpoint.resume, checkpoints)
+    folder.warnings += notes
+    if folder.resume is not None and manifest:
+        where = str(folder.resume[0] / folder.resume[1])
+        check_manifest(manifest, where, world_size=world_size, model=cfg.to_dict()["model"])
+    return folder
+
+
+def check_zero_policy(ds_config: dict, path: str) -> None:
+    """DeepSpeed validates ``zero_optimization`` only inside ``deepspeed.initialize``, after the
+    towers are built, with a pydantic traceback per rank: validate it now, naming the key."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ConfigError(
+            f"{path}: zero_optimization is not valid for DeepSpeed ({problems}); fix the key (see DeepSpeed's "
+            "ZeRO config docs)"
+        ) from None
 
 
 def check_embeddings(cfg: TrainConfig, role: str) -> EmbeddingsMeta:
@@ -94,19 +182,14 @@ def build_loaders(
     env: DistEnv,
     per_rank_batch: int,
     needs_images: bool,
-) -> tuple[TrainLoader, EvalSet | None]:
-    """This rank's training loader and the eval set (None without eval shards), preprocessed for
-    the image tower and tokenised for the text tower."""
-    from tritower.data import build_train_loader, load_eval_set
+) -> tuple[TrainLoader, list[tuple[EvalSetSpec, EvalSource]]]:
+    """This rank's training loader, preprocessed for the image tower and tokenised for the text
+    tower, and the run's eval sets (``data.eval_shards`` under the name "", then ``eval.sets``),
+    found and checked but not read: evaluation streams them (``run_eval.py``)."""
+    from tritower.data import build_train_loader
+    from tritower.data.eval_formats import open_eval_source
 
     image_spec = image_tower_spec(cfg.model.image_tower)
-    common = dict(
-        tokenizer=tokenizer,
-        image_size=image_spec.image_size,
-        mean=image_spec.mean,
-        std=image_spec.std,
-        context_length=text_tower_spec(cfg.model.text_tower).context_length,
-    )
     loader = build_train_loader(
         cfg.data,
         shards=sources.train_shards,
@@ -115,11 +198,22 @@ def build_loaders(
         per_rank_batch=per_rank_batch,
         seed=cfg.train.seed,
         needs_images=needs_images,
-        **common,
+        tokenizer=tokenizer,
+        image_size=image_spec.image_size,
+        mean=image_spec.mean,
+        std=image_spec.std,
+        context_length=text_tower_spec(cfg.model.text_tower).context_length,
     )
-    if not sources.eval_shards:
-        return loader, None
-    eval_set = load_eval_set(
-        sources.eval_shards, caption_key=cfg.data.caption_key, label_key=cfg.data.label_key, **common
-    )
-    return loader, eval_set
+    specs = [EvalSetSpec("", "", cfg.eval.legacy_kinds())] if sources.eval_shards else []
+    specs += cfg.eval.set_specs()
+    eval_sets = []
+    for spec in specs:
+        keys = dict(caption_key=cfg.data.caption_key, label_key=cfg.data.label_key, split=cfg.eval.split)
+        try:
+            # The run's own held-out split arrives as a shard list; a named set as one path or pattern.
+            source = open_eval_source(spec.path or sources.eval_shards, **keys)
+        except (FileNotFoundError, ValueError) as error:
+            label = f"eval.sets {spec.name}" if spec.name else "data.eval_shards"
+            raise ConfigError(f"{label}: {error}") from None
+        eval_sets.append((spec, source))
+    return loader, eval_sets

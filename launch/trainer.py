@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from tritower.launch import dist_env
 from tritower.launch.checkpointer import Checkpointer, gather_per_rank, rng_state, set_rng_state
 from tritower.launch.config import ConfigError, TrainConfig
+from tritower.launch.config_file import write_config_file
 from tritower.launch.ds_config import micro_batches_per_step
 from tritower.launch.engine import build_engine, init_distributed
 from tritower.launch.gradcache import gradcache_backward, split_batch
@@ -30,11 +32,18 @@ from tritower.launch.model_setup import (
     text_tokenizer_source,
     unlock_factors,
 )
-from tritower.launch.preemption import Preempted, StopRequest
+from tritower.launch.preemption import Diverged, Preempted, StopRequest
 from tritower.launch.progress import agree_on_flags, data_quality, progress_line, step_record, wandb_values
-from tritower.launch.run_eval import RunEvaluator
+from tritower.launch.run_eval import COUNTS, RunEvaluator
 from tritower.launch.run_io import WandbLogger, write_json_atomic
-from tritower.launch.run_setup import build_loaders, check_embeddings, locked_identities, resolve_data, run_name
+from tritower.launch.run_setup import (
+    build_loaders,
+    check_embeddings,
+    locked_identities,
+    prepare_run_folder,
+    resolve_data,
+    run_name,
+)
 from tritower.losses import NonFiniteInputError, build_objective
 from tritower.model.precision import dtype_of
 
@@ -50,11 +59,17 @@ class Trainer:
         init_distributed()
         self.env = dist_env.from_environ()
         self.run_dir = Path(cfg.train.output_dir) / run_name(cfg)
+        # Every check that needs no engine, before the towers are built: the folder is writable
+        # and this run's alone, and what --resume names is complete and fits this run.
+        folder = prepare_run_folder(cfg, self.run_dir, self.env)
+        for warning in folder.warnings:
+            self.log(f"tritower: warning: {warning}")
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config_file(cfg, self.run_dir)  # runs/<run>/config.yaml: --config it to re-run
         self.log(f"tritower: experiment {cfg.experiment}, world size {self.env.world_size}, run folder {self.run_dir}")
 
-        sources = resolve_data(cfg.data)
+        sources = resolve_data(cfg.data, tokenizer_in_tower=self.parsed.text.is_pretrained)
         self.tokenizer = build_text_tokenizer(text_tokenizer_source(cfg, sources.vocab))
 
         # Same seed on every rank: the towers must start identical before ZeRO partitions them.
@@ -82,19 +97,23 @@ class Trainer:
                 f"exact accumulation (GradCache): {self.micro_batches} micro-batches of "
                 f"{self.per_rank_batch // self.micro_batches} per rank, global batch {cfg.data.batch_size}"
             )
-        self.train_loader, eval_set = build_loaders(
+        self.train_loader, eval_sets = build_loaders(
             cfg, sources, self.tokenizer, self.env, self.per_rank_batch, self.inputs.needs_images()
         )
         self.evaluator = None
-        if eval_set is not None:
+        if eval_sets:
             model = (self.towers, self.locked, self.engine.module)
-            self.evaluator = RunEvaluator(cfg, *model, eval_set, self.tokenizer, self.device, self.dtype)
+            self.evaluator = RunEvaluator(cfg, *model, eval_sets, self.tokenizer, self.device, self.dtype)
+            for line in self.evaluator.describe():
+                self.log(line)
 
         self.step = 0
         self.nonfinite_total = self.nonfinite_in_row = 0
+        # The newest checkpoint, and the newest whose weights then gave a finite loss (a tag holds the
+        # weights after its step's update: only the next step's loss shows whether they are good).
+        self.last_tag = self.verified_tag = None
         self.checkpointer = Checkpointer.from_config(self.run_dir / "checkpoints", self.engine, cfg.checkpoint)
-        target = self.checkpointer.resume_target(cfg.checkpoint.resume)
-        wandb_id = self.restore(*target) if target is not None else None
+        wandb_id = self.restore(*folder.resume) if folder.resume is not None else None
         self.wandb = WandbLogger(cfg, self.run_dir, enabled=self.env.is_main, run_id=wandb_id)
 
     def log(self, line: str) -> None:
@@ -112,7 +131,12 @@ class Trainer:
         return locked_identities(self.locked, self.embeddings_meta, self.towers.precomputed, self.cfg.data.embeddings)
 
     def save(self, reason: str) -> None:
-        """Checkpoint the engine and the trainer's state (a collective: all ranks call it)."""
+        """Checkpoint the engine and the trainer's state (a collective: all ranks call it). Never
+        inside a non-finite streak: nothing good is there to keep, and the save could prune the
+        last good checkpoint."""
+        if self.nonfinite_in_row:
+            self.log(f"no checkpoint ({reason}) at step {self.step}: inside a run of non-finite losses")
+            return
         per_rank = gather_per_rank({"data": self.train_loader.state_dict(), "rng": rng_state(self.device)})
         state = {
             "step": self.step,
@@ -125,8 +149,8 @@ class Trainer:
             "wandb_id": self.wandb.run_id,
             "locked": self.locked_identities(),
         }
-        written = self.checkpointer.save(self.step, state)
-        self.last_save = (self.step, time.time())
+        written = self.checkpointer.save(self.step, state, protect=(self.verified_tag,) if self.verified_tag else ())
+        self.last_tag, self.last_save = written.name, (self.step, time.time())
         self.log(f"checkpoint written ({reason}): {written}")
 
     def restore(self, folder: Path, tag: str) -> str | None:
@@ -141,6 +165,7 @@ class Trainer:
             self.train_loader.load_state_dict(state["data"])
         if "rng" in state:
             set_rng_state(state["rng"][self.env.rank], self.device)
+        self.last_tag = tag if folder == self.checkpointer.folder else None
         self.log(f"resumed from {folder / tag} at step {self.step}")
         return state.get("wandb_id")
 
@@ -196,36 +221,64 @@ class Trainer:
                 self.append_log({"step": self.step, "event": f"unlock_{tower}", "lr_factor": factor})
 
     def count_nonfinite(self, loss: float) -> None:
-        """Count a skipped step; too many in a row checkpoint and stop."""
+        """Count a skipped step; too many in a row stop the run (exit code 3), naming the newest
+        checkpoint whose weights gave a finite loss and how to resume from it. None is written
+        inside the streak, and one written just before it (its weights gave the first non-finite
+        loss) is marked suspect, so ``--resume auto`` skips it too."""
         self.nonfinite_total += 1
         self.nonfinite_in_row += 1
         self.log(
             f"step {self.step}: non-finite loss ({loss}), step skipped "
             f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)"
         )
-        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
-            self.save("non-finite losses")
-            raise FloatingPointError(
-                f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; a checkpoint "
-                f"is in {self.checkpointer.folder}. Lower --optim.lr, raise --optim.warmup_steps, or use bf16/fp32 "
-                "instead of fp16, then --resume it"
+        if self.nonfinite_in_row < self.cfg.train.max_nonfinite_in_row:
+            return
+        first = self.step - self.nonfinite_in_row + 1
+        good = self.checkpointer.folder / self.verified_tag if self.verified_tag else None
+        if self.env.is_main and self.last_tag and self.last_tag != self.verified_tag:
+            self.checkpointer.mark_suspect(self.last_tag, f"its weights gave the non-finite loss of step {first}", good)
+        lower = f"--optim.lr={self.cfg.optim.lr / 10:g}"
+        if good is not None:
+            advice = (
+                f"the newest checkpoint whose weights still gave a finite loss is {good}. Resume from it with a "
+                f"lower learning rate: --resume {good} {lower} (ten times lower; lower again if it diverges "
+                "again; or raise --optim.warmup_steps, or use bf16/fp32 instead of fp16)"
             )
+        else:
+            advice = (
+                "no checkpoint of this run was written before them: start again with a lower learning rate "
+                f"({lower} and a new --train.run_name, or raise --optim.warmup_steps)"
+            )
+        self.append_log({"step": self.step, "event": "diverged", "good_checkpoint": str(good) if good else None})
+        if self.env.is_main:
+            print(
+                f"tritower: stopped: {self.nonfinite_in_row} non-finite losses in a row (steps {first}-{self.step}); "
+                f"{advice}. Exit code 3.",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.wandb.finish({"diverged_at_step": self.step})
+        raise Diverged()
 
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
             return {}
         started = time.time()
         metrics = self.evaluator()
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        # Counts (eval_samples, eval_bad, zeroshot_unlabelled) print as integers, metrics as fractions.
+        shown = ", ".join(
+            f"{k} {v:.0f}" if k.rsplit("/", 1)[-1] in COUNTS else f"{k} {v:.3f}" for k, v in metrics.items()
+        )
         self.log(f"eval @ step {self.step}: {shown} ({time.time() - started:.1f}s)")
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
         return metrics
 
     def agreed_flags(self) -> tuple[bool, bool]:
-        """(stop requested on any rank, time-based save due by rank 0's clock), same on all ranks."""
+        """(stop requested on any rank, time-based save due by rank 0's clock), same on all ranks.
+        A stop is a signal or a launcher that went away (``StopRequest.poll``)."""
         minutes = self.cfg.checkpoint.every_minutes
         due = self.env.is_main and minutes > 0 and time.time() - self.last_save[1] >= 60 * minutes
-        return agree_on_flags(self.stop.requested, due)
+        return agree_on_flags(self.stop.poll(), due)
 
     def log_progress(
         self,
@@ -255,14 +308,16 @@ class Trainer:
         self.last_save = (self.step, started)
         window_steps, last_loss, scale, metrics = 0, math.nan, math.nan, {}
         batches = iter(self.train_loader)
+        self.stop.immediate = False  # from here on a stop signal checkpoints first
         while self.step < steps:
             self.log_unlocks()
+            judged = self.last_tag  # this step's loss is the first made with that checkpoint's weights
             result, scale = self.train_step(next(batches))
             loss, terms = result.pop("loss"), result
             self.step += 1
             window_steps += 1
             if math.isfinite(loss):
-                last_loss, self.nonfinite_in_row = loss, 0
+                last_loss, self.nonfinite_in_row, self.verified_tag = loss, 0, judged
             else:
                 self.count_nonfinite(loss)
             if self.step % cfg.train.log_every == 0 or self.step == steps:
@@ -278,17 +333,22 @@ class Trainer:
             if stop or due or (every and self.step % every == 0 and self.step < steps):
                 self.save("preemption signal" if stop else "periodic")
             if stop:
+                reason = self.stop.signal_name or "signal on another rank"
                 self.log(
-                    f"stopping for preemption ({self.stop.signal_name or 'signal on another rank'}) "
-                    f"at step {self.step}; exit code {Preempted().code} asks the scheduler to requeue"
+                    f"stopping for preemption ({reason}) at step {self.step}; exit code {Preempted().code} "
+                    "asks the scheduler to requeue"
+                )
+                self.append_log(
+                    {"step": self.step, "event": "stopped", "reason": reason, "exit_code": Preempted().code}
                 )
                 self.wandb.finish({"preempted_at_step": self.step})
                 raise Preempted()
         wall = time.time() - started
-        if cfg.eval.at_end:
-            metrics = self.evaluate()
+        # The last checkpoint comes before the last evaluation: an evaluation that fails cannot cost the run.
         if cfg.checkpoint.save_at_end and self.last_save[0] != self.step:
             self.save("end of training")
+        if cfg.eval.at_end:
+            metrics = self.evaluate()
         trained = self.step - start_step
         quality = data_quality(self.train_loader)
         final = {"experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale}

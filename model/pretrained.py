@@ -215,7 +215,13 @@ def text_model_class(arch: str) -> type:
 
     return getattr(
         transformers,
-        {"bert": "BertModel", "t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "clip_text": "CLIPTextModel"}[arch],
+        {
+            "bert": "BertModel",
+            "t5": "T5EncoderModel",
+            "mt5": "MT5EncoderModel",
+            "clip_text": "CLIPTextModel",
+            "hf": "AutoModel",
+        }[arch],
     )
 
 
@@ -230,9 +236,9 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
     config = json.loads((folder / "config.json").read_text())
     config = config.get("text_config", config)  # a full CLIP folder nests the text config
     found = {
-        "width": config.get("hidden_size", config.get("d_model")),
-        "depth": config.get("num_hidden_layers", config.get("num_layers")),
-        "num_heads": config.get("num_attention_heads", config.get("num_heads")),
+        "width": config.get("hidden_size", config.get("d_model", config.get("dim"))),
+        "depth": config.get("num_hidden_layers", config.get("num_layers", config.get("n_layers"))),
+        "num_heads": config.get("num_attention_heads", config.get("num_heads", config.get("n_heads"))),
     }
     wrong = {k: (getattr(spec, k), v) for k, v in found.items() if getattr(spec, k) != v}
     if wrong:
@@ -241,6 +247,8 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
             + ", ".join(f"{k} expected {e}, found {f}" for k, (e, f) in wrong.items())
         )
     kwargs = {"add_pooling_layer": False} if spec.arch == "bert" else {}
+    if spec.arch == "hf" and config.get("model_type") in ("roberta", "xlm-roberta"):
+        kwargs = {"add_pooling_layer": False}
     model_class = text_model_class(spec.arch)
     from transformers.utils import logging as hf_logging
 

@@ -440,10 +440,83 @@ def timm_spec(timm_name: str) -> ImageTowerSpec:
 
 
 def text_tower_spec(name: str) -> TextTowerSpec:
-    """The architecture of text tower ``name``; ValueError naming the closest valid name."""
+    """The architecture of text tower ``name``: a registry entry, or ``hf:<folder>`` for any local
+    transformers encoder folder (``hf_spec``); ValueError naming the closest valid name."""
+    if name.startswith(HF_PREFIX):
+        return hf_spec(name.removeprefix(HF_PREFIX))
     if name not in _TEXT_TOWERS:
-        raise _unknown("text", name, sorted(_TEXT_TOWERS))
+        raise _unknown("text", name, sorted(_TEXT_TOWERS) + [f"{HF_PREFIX}<local transformers folder>"])
     return _TEXT_TOWERS[name]
+
+
+HF_PREFIX = "hf:"
+"""``model.text_tower=hf:<folder>`` names a local transformers encoder folder (never a hub id)."""
+
+# model_type in config.json -> (arch, default pooling). BERT-like encoders without a family of
+# their own run through transformers' AutoModel (arch ``hf``, module ``.hf``).
+HF_FAMILIES = {
+    "bert": ("bert", "mean"),
+    "roberta": ("hf", "mean"),
+    "xlm-roberta": ("hf", "mean"),
+    "distilbert": ("hf", "mean"),
+    "mpnet": ("hf", "mean"),
+    "t5": ("t5", "mean"),
+    "mt5": ("mt5", "mean"),
+    "clip_text_model": ("clip_text", "eot"),
+    "clip": ("clip_text", "eot"),
+}
+
+
+@functools.cache
+def hf_spec(folder: str, context_length: int = 64) -> TextTowerSpec:
+    """The spec of a local transformers folder, read from its ``config.json``: family from
+    ``model_type`` (``HF_FAMILIES``), sizes from the config, the folder itself as the pretrained
+    source (its tokenizer too). Captions are cut to ``context_length`` tokens (at most the
+    model's positions; CLIP text: its 77)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text tower hf:{folder}: no config.json in {path} (a local transformers folder)")
+    config = json.loads((path / "config.json").read_text())
+    config = config.get("text_config", config) if config.get("model_type") == "clip" else config
+    model_type = config.get("model_type", "")
+    if model_type not in HF_FAMILIES:
+        raise ValueError(
+            f"text tower hf:{folder}: model_type {model_type!r} is not supported; supported: {sorted(HF_FAMILIES)}"
+        )
+    arch, pooling = HF_FAMILIES[model_type]
+    width = config.get("hidden_size", config.get("d_model", config.get("dim")))
+    depth = config.get("num_hidden_layers", config.get("num_layers", config.get("n_layers")))
+    heads = config.get("num_attention_heads", config.get("num_heads", config.get("n_heads")))
+    ffn = config.get("intermediate_size", config.get("d_ff", config.get("hidden_dim", 4 * width)))
+    positions = config.get("max_position_embeddings", 512)
+    # RoBERTa-style position ids start after the padding index: two rows are not usable.
+    usable = positions - 2 if model_type in ("roberta", "xlm-roberta") else positions
+    context = min(context_length, usable) if arch != "t5" and arch != "mt5" else context_length
+    layer_prefix = {
+        "bert": "bert.encoder.layer.",
+        "t5": "t5.encoder.block.",
+        "mt5": "t5.encoder.block.",
+        "clip_text": "clip.encoder.layers.",
+    }.get(arch, "hf.transformer.layer." if model_type == "distilbert" else "hf.encoder.layer.")
+    return TextTowerSpec(
+        f"{HF_PREFIX}{folder}",
+        arch,
+        int(width),
+        int(depth),
+        int(heads),
+        int(ffn),
+        int(context),
+        int(positions),
+        float(config.get("hidden_dropout_prob", config.get("dropout_rate", config.get("dropout", 0.1))) or 0.0),
+        int(config.get("vocab_size", BERT_UNCASED_VOCAB_SIZE)),
+        pooling=pooling,
+        ff_proj=config.get("feed_forward_proj", ""),
+        pretrained_dir=str(path),
+        block_prefix=layer_prefix,
+    )
 
 
 def list_towers(kind: str | None = None) -> list[str]:

@@ -18,7 +18,7 @@ from transformers import BertConfig, BertModel
 from .registry import TEXT_POOLINGS, ImageTowerSpec, TextTowerSpec, image_tower_spec, text_tower_spec, tower_spec
 
 IMAGE_ARCHS = ("timm_vit", "timm")
-TEXT_ARCHS = ("bert", "t5", "mt5", "clip_text")
+TEXT_ARCHS = ("bert", "t5", "mt5", "clip_text", "hf")
 
 
 class ImageTower(nn.Module):
@@ -57,6 +57,34 @@ class ImageTower(nn.Module):
         """Recompute each block's activations in backward (timm's own checkpointing)."""
         self.model.set_grad_checkpointing(enable)
 
+    def set_regularisation(self, patch_dropout: float = 0.0, drop_path: float = 0.0) -> None:
+        """FLIP's patch dropout and stochastic depth on a ViT tower (built or loaded), in training
+        mode only: evaluation sees every patch and every block.
+
+        ``patch_dropout``: the fraction of patch tokens dropped per image after the position
+        embedding (timm's ``PatchDropout``, open_clip's ``patch_dropout``; a class token is kept),
+        so the blocks run on ``(1 - p)`` of the tokens. ``drop_path``: timm's ``drop_path_rate``,
+        the rate of the last block, rising linearly from 0 at the first. Neither has parameters,
+        so checkpoints and pretrained weights are unchanged.
+        """
+        from timm.layers import DropPath, PatchDropout
+
+        if (patch_dropout or drop_path) and self.spec.arch != "timm_vit":
+            raise ValueError(f"patch dropout and drop-path apply to ViT towers, not {self.spec.name!r}")
+        if not (0.0 <= patch_dropout < 1.0 and 0.0 <= drop_path < 1.0):
+            raise ValueError(f"patch_dropout={patch_dropout} and drop_path={drop_path} must be in [0, 1)")
+        if self.spec.arch != "timm_vit":
+            return
+        vit = self.vit
+        vit.patch_drop = (
+            PatchDropout(patch_dropout, num_prefix_tokens=vit.num_prefix_tokens) if patch_dropout else nn.Identity()
+        )
+        depth = len(vit.blocks)
+        for index, block in enumerate(vit.blocks):
+            rate = drop_path * index / max(1, depth - 1)  # timm's linspace(0, drop_path_rate, depth)
+            block.drop_path1 = DropPath(rate) if rate else nn.Identity()
+            block.drop_path2 = DropPath(rate) if rate else nn.Identity()
+
 
 def _timm_class(path: str) -> type:
     # Only timm classes: a registry entry must not be able to import arbitrary code.
@@ -87,13 +115,13 @@ class TextTower(nn.Module):
         pooling = pooling or spec.pooling
         if pooling not in TEXT_POOLINGS:
             raise ValueError(f"pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
-        if pooling == "cls" and spec.arch != "bert":
+        if pooling == "cls" and spec.arch not in ("bert", "hf"):
             raise ValueError(f"{spec.name}: only BERT has a CLS token; use 'mean' or 'eot'")
         self.spec = spec
         self.width = spec.width
         self.pooling = pooling
         self.vocab_rows = vocab_size  # rows of the token table: the tokenizer must fit in it
-        self.attr = {"bert": "bert", "t5": "t5", "mt5": "t5", "clip_text": "clip"}[spec.arch]
+        self.attr = {"bert": "bert", "t5": "t5", "mt5": "t5", "clip_text": "clip", "hf": "hf"}[spec.arch]
         setattr(self, self.attr, encoder if encoder is not None else _encoder(spec, vocab_size))
 
     @property
@@ -164,6 +192,13 @@ def _encoder(spec: TextTowerSpec, vocab_size: int) -> nn.Module:
         # The pooler (a tanh Linear on the CLS token, trained for next-sentence prediction) is
         # not used by either pooling here; leaving it out avoids parameters without gradient.
         return BertModel(config, add_pooling_layer=False)
+    if spec.arch == "hf":
+        # An encoder family without a class of its own here (RoBERTa, XLM-R, DistilBERT, MPNet):
+        # transformers' own config of the folder, randomly initialised.
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(spec.pretrained_dir, local_files_only=True)
+        return AutoModel.from_config(config, **_no_pooler(config))
     if spec.arch in ("t5", "mt5"):
         config_class, model_class = (T5Config, T5EncoderModel) if spec.arch == "t5" else (MT5Config, MT5EncoderModel)
         config = config_class(
@@ -190,6 +225,11 @@ def _encoder(spec: TextTowerSpec, vocab_size: int) -> nn.Module:
         attn_implementation="sdpa",
     )
     return unwrap_clip_text(CLIPTextModel(config))
+
+
+def _no_pooler(config: object) -> dict:
+    """``add_pooling_layer=False`` for the families that have the (unused) CLS pooler."""
+    return {"add_pooling_layer": False} if getattr(config, "model_type", "") in ("roberta", "xlm-roberta") else {}
 
 
 def unwrap_clip_text(model: nn.Module) -> nn.Module:
