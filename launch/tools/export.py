@@ -4,12 +4,16 @@
     python -m tritower.launch.tools.export --checkpoint runs/lit/checkpoints --tag step00000400 \\
         --out exports/lit --dtype bf16
     python -m tritower.launch.tools.export --checkpoint runs/3t/checkpoints --out exports/3t_a05 --alpha 0.5
+    python -m tritower.launch.tools.export --checkpoint runs/clip_tiny/checkpoints --out exports/oc --format open_clip
 
 Writes ``OUT/model.safetensors`` (every tensor of the full CLIP model, locked towers included),
 ``OUT/config.json`` (model section, tower specs, image preprocessing, context length, where each
 tensor came from) and the tokenizer vocabulary (``OUT/vocab.txt``). ``tritower.model.load_export``
 reads it back without DeepSpeed. Works on ZeRO-0/1/2/3 checkpoints of any world size, in one
 process, without a process group (DeepSpeed's own ``zero_to_fp32`` does the merging).
+``--format open_clip`` writes the same weights as a folder ``open_clip.create_model_and_transforms(
+"local-dir:OUT")`` loads instead (``export_open_clip.py``; refused, naming why, where open_clip
+cannot express the model).
 
 Where each tensor comes from, in order of preference:
 
@@ -63,6 +67,7 @@ from tritower.model.settings import THREE_TOWER_PARAMETERS
 
 FORMAT_VERSION = 1
 EXPORT_PRECISIONS = ("fp32", "bf16")
+EXPORT_FORMATS = ("native", "open_clip")
 SHOWN = 8  # keys named per kind in an error
 
 
@@ -269,14 +274,21 @@ def export(
     vocab: str | None = None,
     pretrained: dict[str, str] | None = None,
     alpha: float | None = None,
+    format: str = "native",
 ) -> dict:
     """Export one checkpoint tag into ``out``; returns the written ``config.json`` as a dict.
 
     ``vocab`` overrides the run's tokenizer source; ``pretrained`` ({"image_pretrained": path,
     ...}) overrides where locked towers' pretrained files are now. ``alpha`` (3T runs only)
     exports the alpha mixture with the third tower instead of the plain CLIP (module docstring).
+    ``format="open_clip"`` writes an open_clip ``local-dir:`` folder (``export_open_clip``) and
+    returns its ``open_clip_config.json``, provenance under ``tritower``.
     """
     from tritower.data.tokenizer import build_text_tokenizer
+    from tritower.launch.tools import export_open_clip
+
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"--format {format!r}: one of {EXPORT_FORMATS}")
 
     folder, tag = locate(checkpoint, tag)
     tensors = read_checkpoint(folder, tag)
@@ -288,6 +300,11 @@ def export(
         raise ExportError(f"--alpha applies to Three Towers runs (model.setting=3T) only; this run is {cfg.setting!r}")
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise ExportError(f"--alpha {alpha}: the 3T mixing weight must be in [0, 1]")
+    if format == "open_clip":
+        try:  # refused before the model is built or anything written
+            export_open_clip.check_expressible(cfg, alpha)
+        except export_open_clip.OpenClipExportError as error:
+            raise ExportError(f"--format open_clip: {error}") from None
     train_precision = saved.get("deepspeed", {}).get("precision", "fp32")
     vocab_source = vocab or tokenizer_source(saved["data"])
     tokenizer = build_text_tokenizer(vocab_source)
@@ -326,6 +343,11 @@ def export(
             ),
         },
     }
+    if format == "open_clip":
+        try:
+            return export_open_clip.write_open_clip(model, cfg, out, vocab_source, dtype=dtype, extra=extra)
+        except export_open_clip.OpenClipExportError as error:
+            raise ExportError(f"--format open_clip: {error}") from None
     return write_export(model, cfg, out, vocab_source, dtype=dtype, extra=extra, third_tower=third_tower, alpha=alpha)
 
 
@@ -435,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
         help="3T runs only: export the alpha mixture of the main towers and the third tower, "
         "score = A <f, g> + (1-A) <h_g(h), g_h(g)> (default: plain CLIP, f and g)",
     )
+    parser.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="native",
+        help="native (tritower.inference.load_export) or open_clip (a folder for open_clip's "
+        "create_model_and_transforms('local-dir:OUT'))",
+    )
     options = parser.parse_args(argv)
     try:
         config = export(
@@ -445,14 +474,18 @@ def main(argv: list[str] | None = None) -> int:
             vocab=options.vocab,
             pretrained=parse_pretrained(options.pretrained),
             alpha=options.alpha,
+            format=options.format,
         )
     except (ExportError, FileNotFoundError) as error:
         print(f"tritower export: {error}", file=sys.stderr)
         return 2
+    if options.format == "open_clip":
+        config = {**config["tritower"], "three_towers": None}  # provenance sits under "tritower"
     source, tensors = config["source"], config["tensors"]
     print(
         f"exported {source['checkpoint']}/{source['tag']} (step {source['step']}, ZeRO-{source['zero_stage']}, "
         f"{source['world_size']} ranks) to {options.out} as {config['dtype']}"
+        + (f" in open_clip's format (checked against tritower: {config['verified']})" if "verified" in config else "")
     )
     for origin, count in tensors.items():
         if origin not in ("total", "locked_sources"):
