@@ -1,12 +1,14 @@
-"""The held-out set for zero-shot classification and retrieval, loaded whole into memory.
+"""Held-out sets for evaluation: streamed in batches (``iter_eval_batches``, what training and
+``launch/tools/evaluate.py`` use: a rank holds one batch of images at a time and decodes only its
+share), or loaded whole into memory (``load_eval_set``, for small sets and tools that want tensors).
 
-Held-out sets are small (thousands of pairs), so they are read once, in order, in the calling
-process: every rank gets the same tensors and evaluation needs no loader state.
+The formats (clip_benchmark webdataset, ImageFolder, the built-in shards) are in ``eval_formats.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .eval_formats import EvalSource, iter_eval_samples
 from .samples import BadDataStats, DataQualityError, decode_sample, read_shard
 from .shards import check_local_shards, resolve_sources
 from .tokenizer import tokenize
@@ -108,3 +111,83 @@ def load_eval_set(
         captions=captions,
         bad={kind: count for kind, count in stats.bad.items() if count},
     )
+
+
+@dataclass
+class EvalBatch:
+    """A batch of an eval set's samples, preprocessed and tokenised (``iter_eval_batches``)."""
+
+    indices: torch.Tensor
+    """int64 [B]: each sample's position in the set's reading order."""
+    images: torch.Tensor
+    """float32 [B, 3, H, W], normalised."""
+    labels: torch.Tensor
+    """int64 [B], -1 where a sample has none."""
+    input_ids: torch.Tensor
+    """int64 [T, L]: every caption of the batch (T = 0 for a classification set)."""
+    attention_mask: torch.Tensor
+    """int64 [T, L]."""
+    caption_owner: torch.Tensor
+    """int64 [T]: the position in the batch of each caption's image."""
+
+
+def _stacked(transform: EvalTransform, images: list) -> torch.Tensor:
+    """[B, 3, H, W] filled image by image: no second copy of the batch as a list of tensors."""
+    out = torch.empty(len(images), 3, transform.image_size, transform.image_size)
+    for row, image in enumerate(images):
+        out[row] = transform(image)
+        images[row] = None  # the decoded PIL image is no longer needed
+    return out
+
+
+def iter_eval_batches(
+    source: EvalSource,
+    tokenizer: PreTrainedTokenizerBase,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    context_length: int,
+    *,
+    batch_size: int,
+    stats: BadDataStats,
+    rank: int = 0,
+    world_size: int = 1,
+    max_samples: int = 0,
+) -> Iterator[EvalBatch]:
+    """This rank's share of ``source`` (see ``iter_eval_samples``) in batches of ``batch_size``:
+    at most one batch of images is held at a time."""
+    transform = EvalTransform(image_size, mean, std)
+    samples = iter_eval_samples(source, stats, rank=rank, world_size=world_size, max_samples=max_samples)
+    while True:
+        chunk = list(itertools.islice(samples, batch_size))
+        if not chunk:
+            return
+        captions = [caption for _, _, texts, _ in chunk for caption in texts]
+        owner = [row for row, (_, _, texts, _) in enumerate(chunk) for _ in texts]
+        if captions:
+            input_ids, attention_mask = tokenize(tokenizer, captions, context_length)
+        else:
+            input_ids = attention_mask = torch.zeros(0, context_length, dtype=torch.int64)
+        yield EvalBatch(
+            indices=torch.tensor([index for index, *_ in chunk], dtype=torch.int64),
+            images=_stacked(transform, [image for _, image, _, _ in chunk]),
+            labels=torch.tensor([label for *_, label in chunk], dtype=torch.int64),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            caption_owner=torch.tensor(owner, dtype=torch.int64),
+        )
+
+
+def in_memory_batches(eval_set: EvalSet, batch_size: int, max_samples: int = 0) -> Iterator[EvalBatch]:
+    """An ``EvalSet`` (or any object with its tensors) as batches, one caption per image."""
+    count = len(eval_set.labels) if max_samples <= 0 else min(max_samples, len(eval_set.labels))
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        yield EvalBatch(
+            indices=torch.arange(start, stop),
+            images=eval_set.images[start:stop],
+            labels=eval_set.labels[start:stop],
+            input_ids=eval_set.input_ids[start:stop],
+            attention_mask=eval_set.attention_mask[start:stop],
+            caption_owner=torch.arange(stop - start),
+        )

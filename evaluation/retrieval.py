@@ -1,21 +1,59 @@
-"""Image-text retrieval recall: image i and caption i are the only matching pair."""
+"""Image-text retrieval recall with one or several captions per image.
+
+Image->text: an image is a hit at k when any of its captions is among the k best captions.
+Text->image: each caption is a query; a hit when its image is among the k best images (the
+convention of CLIP-style papers and clip_benchmark). Ties are broken at random in expectation
+(``tritower.evaluation.ranking``): equal scores never count as a hit for free.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from tritower.evaluation.ranking import TIE_TOLERANCE, hit_probabilities
+
+QUERY_CHUNK = 1024
+"""Queries scored at once: the [chunk, N] score block bounds memory for sets of any size."""
+
+
+def retrieval_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    caption_to_image: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
+    *,
+    tolerance: float = TIE_TOLERANCE,
+    pessimistic: bool = False,
+) -> dict[str, float]:
+    """``image_to_text_R@k`` and ``text_to_image_R@k`` for N images and M captions.
+
+    ``image_features`` [N, D] and ``text_features`` [M, D] are normalised; ``caption_to_image``
+    [M] int64 is the index of each caption's image. Every image needs at least one caption.
+    """
+    images, texts = image_features.float(), text_features.float()
+    owner = caption_to_image.long()
+    count = images.shape[0]
+    if torch.bincount(owner, minlength=count).min() == 0:
+        raise ValueError("retrieval: an image without a caption has no positive to retrieve")
+    options = dict(tolerance=tolerance, pessimistic=pessimistic)
+    i2t, t2i = [], []
+    for start in range(0, count, QUERY_CHUNK):
+        scores = images[start : start + QUERY_CHUNK] @ texts.T  # [chunk images, M captions]
+        rows = torch.arange(start, start + scores.shape[0])
+        i2t.append(hit_probabilities(scores, owner[None, :] == rows[:, None], ks, **options))
+    for start in range(0, texts.shape[0], QUERY_CHUNK):
+        scores = texts[start : start + QUERY_CHUNK] @ images.T  # [chunk captions, N images]
+        targets = owner[start : start + scores.shape[0]]
+        t2i.append(hit_probabilities(scores, torch.arange(count)[None, :] == targets[:, None], ks, **options))
+    metrics = {}
+    for direction, hits in (("image_to_text", torch.cat(i2t)), ("text_to_image", torch.cat(t2i))):
+        for column, k in enumerate(ks):
+            metrics[f"{direction}_R@{k}"] = hits[:, column].mean().item()
+    return metrics
+
 
 def recall_at_k(
     image_features: torch.Tensor, text_features: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float]:
-    """R@k in both directions for N paired, normalised image and text features."""
-    similarity = image_features.float() @ text_features.float().T  # [N images, N captions]
-    targets = torch.arange(similarity.shape[0])
-    metrics = {}
-    for direction, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
-        # Rank of the true partner = number of candidates scoring strictly higher.
-        true_scores = scores[targets, targets]
-        rank = (scores > true_scores[:, None]).sum(dim=1)
-        for k in ks:
-            metrics[f"{direction}_R@{k}"] = (rank < k).float().mean().item()
-    return metrics
+    """R@k in both directions for N paired features: image i and caption i are the only match."""
+    return retrieval_metrics(image_features, text_features, torch.arange(image_features.shape[0]), ks)

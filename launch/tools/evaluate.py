@@ -1,18 +1,24 @@
-"""Evaluate an exported model on zero-shot classification and image-text retrieval.
+"""Evaluate an exported model on the run's eval sets or on named ones: zero-shot classification,
+image-text retrieval and linear probes, streamed in batches.
 
     python -m tritower.launch.tools.evaluate --export exports/clip_tiny
     python -m tritower.launch.tools.evaluate --export exports/clip_tiny \\
         --eval-shards '/data/eval/{000..003}.tar' --out metrics.json
+    python -m tritower.launch.tools.evaluate --export exports/clip_tiny --no-default \\
+        --set imagenet=/data/imagenet_wds:zeroshot+linear_probe --set coco=/data/coco_wds:retrieval \\
+        --out-dir results/
 
-Without ``--eval-shards`` it uses the held-out data the run was evaluated on: the built-in scenes'
-eval split (regenerated from the run's saved data config if not cached, with
-``ensure_builtin_data``) or the run's ``data.eval_shards``. Class names and prompt templates come
-from ``classnames.txt`` / ``templates.txt`` next to the shards. Prints a table and one JSON line
-(the same keys as the training run's final line), and writes ``--out`` if given.
+Without ``--eval-shards`` the default set is the held-out data the run was evaluated on: the
+built-in scenes' eval split (regenerated from the run's saved data config if not cached, with
+``ensure_builtin_data``) or the run's ``data.eval_shards``; the run's ``eval.sets`` are evaluated
+too unless ``--set`` names others. Formats, kinds and metric names are those of training
+(docs/evaluation.md): the default set's metrics keep their plain names, named sets' are
+``<set>/<metric>``. Prints a table and one JSON line, writes ``--out`` (all sets, one object) and
+``--out-dir/<set>.json`` (one per set; the default set is ``default.json``).
 
-Same code as the trainer's evaluation (``tritower.evaluation.evaluate``, same batch size and sample
-cap as the run's ``eval`` section by default), so an fp32 export reproduces the run's final
-``zeroshot_top1``.
+Same code as the trainer's evaluation (``tritower.evaluation.evaluate_batches``, the same batch size,
+sample cap and probe settings as the run's ``eval`` section by default), so an fp32 export
+reproduces the run's final metrics.
 """
 
 from __future__ import annotations
@@ -24,16 +30,20 @@ from pathlib import Path
 
 import torch
 
-from tritower.data import DataConfig, ensure_builtin_data, expand_shards, load_eval_set, tokenize
-from tritower.evaluation import evaluate, recall_at_k
+from tritower.data import DataConfig, ensure_builtin_data, expand_shards, tokenize
+from tritower.data.eval_formats import open_eval_source
+from tritower.data.eval_set import iter_eval_batches
+from tritower.data.samples import BadDataStats
+from tritower.evaluation import COUNTS, EvalSetError, ProbeOptions, evaluate_batches, plan_kinds
+from tritower.evaluation.config import EvalConfig, parse_kinds
 from tritower.inference import ExportedModel, load_export
 from tritower.launch.run_io import write_json_atomic
 
 
-def eval_shards_for(exported: ExportedModel, spec: str | None, cache_dir: str | None) -> list[str]:
-    """``spec`` expanded, or the run's own held-out shards (see the module docstring)."""
+def eval_shards_for(exported: ExportedModel, spec: str | None, cache_dir: str | None) -> list[str] | str:
+    """``spec`` (a shard pattern or a set folder), or the run's own held-out shards (see the module)."""
     if spec:
-        return expand_shards(spec)
+        return spec
     saved = dict((exported.config.get("training") or {}).get("data") or {})
     if not saved:
         raise SystemExit("the export records no training data config: pass --eval-shards")
@@ -48,47 +58,63 @@ def eval_shards_for(exported: ExportedModel, spec: str | None, cache_dir: str | 
 
 
 def run_evaluation(
-    exported: ExportedModel, shards: list[str], *, batch_size: int, max_samples: int, caption_key: str = "txt"
+    exported: ExportedModel,
+    shards: list[str] | str,
+    *,
+    batch_size: int,
+    max_samples: int,
+    caption_key: str = "txt",
+    label_key: str = "json:label",
+    kinds: tuple[str, ...] | None = None,
+    name: str = "",
+    split: str = "test",
+    probe: ProbeOptions | None = None,
 ) -> dict[str, float]:
-    """Zero-shot top-1/top-5 and retrieval R@1/5/10 of ``exported`` on ``shards``."""
+    """The metrics of ``kinds`` (None: auto) of ``exported`` on one set (shards or a set folder),
+    keyed as in training; a kind the set cannot give is skipped with a note on stderr (auto) or
+    fails naming the fix."""
     prep = exported.config["image_preprocessing"]
-    eval_set = load_eval_set(
-        shards,
+    source = open_eval_source(shards, caption_key=caption_key, label_key=label_key, split=split)
+    plan = plan_kinds(
+        name,
+        kinds,
+        has_captions=source.has_captions,
+        has_labels=source.has_labels,
+        classnames=source.classnames,
+        templates=source.templates,
+    )
+    for kind, reason in plan.skipped.items():
+        print(f"note: eval set {name or 'default'}: {kind} skipped: {reason}", file=sys.stderr)
+    stats = BadDataStats()
+    batches = iter_eval_batches(
+        source,
         exported.tokenizer,
         prep["image_size"],
         prep["mean"],
         prep["std"],
         exported.context_length,
-        caption_key=caption_key,
+        batch_size=batch_size,
+        stats=stats,
         max_samples=max_samples,
     )
-    count = len(eval_set.labels) if max_samples <= 0 else min(max_samples, len(eval_set.labels))
-    if not eval_set.classnames or not eval_set.templates:
-        # A retrieval-only set (no classnames.txt/templates.txt beside the shards).
-        print("note: no classnames.txt/templates.txt next to the shards: zero-shot is skipped", file=sys.stderr)
-        image_features = exported.encode_image(eval_set.images[:count], batch_size)
-        with torch.no_grad():
-            text_features = torch.cat(
-                [
-                    exported.model.encode_text(
-                        eval_set.input_ids[i : i + batch_size].to(exported.device),
-                        eval_set.attention_mask[i : i + batch_size].to(exported.device),
-                    )
-                    .float()
-                    .cpu()
-                    for i in range(0, count, batch_size)
-                ]
-            )
-        return recall_at_k(image_features, text_features) | {"eval_samples": count}
-    return evaluate(
+    metrics = evaluate_batches(
         exported.model,
-        eval_set,
+        batches,
         lambda prompts: tokenize(exported.tokenizer, prompts, exported.context_length),
+        kinds=plan.kinds,
+        classnames=source.classnames,
+        templates=source.templates,
+        image_shape=(3, prep["image_size"], prep["image_size"]),
+        context_length=exported.context_length,
         device=exported.device,
         dtype=exported.dtype,
-        batch_size=batch_size,
-        max_samples=max_samples,
-    ) | {"eval_samples": count}
+        stats=stats,
+        probe=probe,
+    )
+    if stats.total_bad:
+        print(f"note: eval set {name or 'default'}: unreadable samples by kind {dict(stats.bad)}", file=sys.stderr)
+    prefix = f"{name}/" if name else ""
+    return {prefix + key: value for key, value in metrics.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,35 +122,84 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tritower.launch.tools.evaluate", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--export", required=True, help="folder written by tritower.launch.tools.export")
-    parser.add_argument("--eval-shards", default=None, help="held-out shards (brace pattern or .txt list)")
+    parser.add_argument(
+        "--eval-shards", default=None, help="default set: shards (brace pattern, .txt list) or a set folder"
+    )
+    parser.add_argument("--kinds", default=None, help="default set's kinds: auto or e.g. zeroshot+retrieval")
+    parser.add_argument("--set", action="append", default=[], help="NAME=PATH[:KINDS], repeatable (as eval.sets)")
+    parser.add_argument("--no-default", action="store_true", help="evaluate only the --set sets")
+    parser.add_argument("--split", default=None, help="clip_benchmark split folder (default: the run's, else test)")
     parser.add_argument("--cache-dir", default=None, help="built-in data cache (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
     parser.add_argument("--max-samples", type=int, default=None, help="default: the run's eval.max_samples")
-    parser.add_argument("--caption-key", default="txt")
+    parser.add_argument("--caption-key", default=None, help="default: the run's data.caption_key, else txt")
+    parser.add_argument("--label-key", default=None, help="default: the run's data.label_key, else json:label")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="also write the metrics JSON here")
+    parser.add_argument("--out", default=None, help="also write all metrics as one JSON object here")
+    parser.add_argument("--out-dir", default=None, help="also write one JSON per set here (<set>.json)")
     options = parser.parse_args(argv)
 
     exported = load_export(options.export, device=options.device)
-    run_eval = (exported.config.get("training") or {}).get("eval") or {}
-    batch_size = options.batch_size or int(run_eval.get("batch_size", 256))
-    max_samples = options.max_samples if options.max_samples is not None else int(run_eval.get("max_samples", 0))
-    shards = eval_shards_for(exported, options.eval_shards, options.cache_dir)
-    metrics = run_evaluation(
-        exported, shards, batch_size=batch_size, max_samples=max_samples, caption_key=options.caption_key
+    training = exported.config.get("training") or {}
+    saved_eval = {k: v for k, v in (training.get("eval") or {}).items() if k in EvalConfig.__dataclass_fields__}
+    run_eval = EvalConfig(**saved_eval)
+    run_data = training.get("data") or {}
+    batch_size = options.batch_size or run_eval.batch_size
+    max_samples = options.max_samples if options.max_samples is not None else run_eval.max_samples
+    keys = dict(
+        caption_key=options.caption_key or run_data.get("caption_key", "txt"),
+        label_key=options.label_key if options.label_key is not None else run_data.get("label_key", "json:label"),
+        split=options.split or run_eval.split,
     )
+    probe = ProbeOptions(
+        shots=run_eval.shot_values(),
+        l2=run_eval.fewshot_l2,
+        C=run_eval.probe_C,
+        train_fraction=run_eval.probe_train_fraction,
+        seed=int((training.get("train") or {}).get("seed", 0)),
+    )
+    try:
+        named = EvalConfig(sets=";".join(options.set)).set_specs() if options.set else run_eval.set_specs()
+        sets: list[tuple[str, list[str] | str, tuple[str, ...] | None]] = []
+        if not options.no_default:
+            default_kinds = parse_kinds(options.kinds, "--kinds") if options.kinds else run_eval.legacy_kinds()
+            sets.append(("", eval_shards_for(exported, options.eval_shards, options.cache_dir), default_kinds))
+        sets += [(spec.name, spec.path, spec.kinds) for spec in named]
+        if not sets:
+            raise SystemExit("nothing to evaluate: --no-default without --set")
+        per_set = {
+            name: run_evaluation(
+                exported, path, batch_size=batch_size, max_samples=max_samples, kinds=kinds, name=name, probe=probe,
+                **keys,
+            )
+            for name, path, kinds in sets
+        }  # fmt: skip
+    except (EvalSetError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    metrics = {key: value for result in per_set.values() for key, value in result.items()}
     source = exported.config.get("source", {})
-    print(
-        f"export {options.export} (step {source.get('step')}), {metrics['eval_samples']} held-out samples "
-        f"from {len(shards)} shards"
-    )
+    print(f"export {options.export} (step {source.get('step')}), sets: {', '.join(n or 'default' for n in per_set)}")
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
-        print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
-    line = {"export": str(options.export), "step": source.get("step"), **metrics}
+        print(
+            f"  {key:<{width}}  {value:.4f}"
+            if key.rsplit("/", 1)[-1] not in COUNTS
+            else f"  {key:<{width}}  {value:.0f}"
+        )
+    head = {"export": str(options.export), "step": source.get("step")}
+    line = head | metrics
+    if "eval_samples" in line:
+        line["eval_samples"] = int(line["eval_samples"])
     print(json.dumps(line), flush=True)
     if options.out:
         write_json_atomic(Path(options.out), line)
+    if options.out_dir:
+        for name, result in per_set.items():
+            prefix = f"{name}/" if name else ""
+            plain = {key.removeprefix(prefix): value for key, value in result.items()}
+            write_json_atomic(
+                Path(options.out_dir) / f"{name or 'default'}.json", head | {"set": name or "default"} | plain
+            )
     return 0
 
 
