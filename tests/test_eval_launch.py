@@ -62,3 +62,11 @@ def test_named_sets_in_training_and_evaluate_tool_agree(tmp_path: Path, data_cac
             # One process against two ranks' gathered features: equal up to float noise; a metric
             # may move by one sample where a near tie resolves differently.
             assert abs(value - in_loop) * samples <= 1 + 1e-6, (name, key, value, in_loop)
+    # Straight from the checkpoint (exported to a temporary folder by the tool itself): the same numbers.
+    direct = tmp_path / "direct"
+    assert evaluate_main(["--checkpoint", str(run.run_dir / "checkpoints"), "--out-dir", str(direct)]) == 0
+    for name in ("default", "cls", "ret"):
+        again = json.loads((direct / f"{name}.json").read_text())
+        assert {k: v for k, v in again.items() if k != "export"} == {
+            k: v for k, v in per_set[name].items() if k != "export"
+        }, name

@@ -2,6 +2,7 @@
 image-text retrieval and linear probes, streamed in batches.
 
     python -m tritower.launch.tools.evaluate --export exports/clip_tiny
+    python -m tritower.launch.tools.evaluate --checkpoint runs/clip_tiny/checkpoints   # any run, directly
     python -m tritower.launch.tools.evaluate --export exports/clip_tiny \\
         --eval-shards '/data/eval/{000..003}.tar' --out metrics.json
     python -m tritower.launch.tools.evaluate --export exports/clip_tiny --no-default \\
@@ -117,11 +118,44 @@ def run_evaluation(
     return {prefix + key: value for key, value in metrics.items()}
 
 
+def _evaluate_checkpoint(options: argparse.Namespace, argv: list[str]) -> int:
+    """``--checkpoint``: the same consolidation as ``export`` into a temporary folder, then the
+    same evaluation as ``--export`` on it (so the numbers are those of the exported weights)."""
+    import tempfile
+
+    from tritower.launch.tools.export import ExportError, export
+
+    with tempfile.TemporaryDirectory(prefix="tritower-eval-") as folder:
+        try:
+            export(options.checkpoint, folder, tag=options.tag)
+        except (ExportError, FileNotFoundError, ValueError) as error:
+            print(f"tritower.evaluate: {error}", file=sys.stderr)
+            return 2
+        rest, skip = [], False
+        for index, item in enumerate(argv):
+            if skip:
+                skip = False
+                continue
+            if item in ("--checkpoint", "--tag"):
+                skip = index + 1 < len(argv)
+                continue
+            if item.startswith(("--checkpoint=", "--tag=")):
+                continue
+            rest.append(item)
+        return main(["--export", folder, *rest])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tritower.launch.tools.evaluate", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--export", required=True, help="folder written by tritower.launch.tools.export")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--export", help="folder written by tritower.launch.tools.export")
+    source.add_argument(
+        "--checkpoint",
+        help="a run's checkpoints folder or one tag folder: exported (fp32) into a temporary folder first",
+    )
+    parser.add_argument("--tag", default=None, help="with --checkpoint: the tag (default: the folder's 'latest')")
     parser.add_argument(
         "--eval-shards", default=None, help="default set: shards (brace pattern, .txt list) or a set folder"
     )
@@ -138,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write all metrics as one JSON object here")
     parser.add_argument("--out-dir", default=None, help="also write one JSON per set here (<set>.json)")
     options = parser.parse_args(argv)
+    if options.checkpoint:
+        return _evaluate_checkpoint(options, argv or sys.argv[1:])
 
     exported = load_export(options.export, device=options.device)
     training = exported.config.get("training") or {}
