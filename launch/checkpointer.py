@@ -6,16 +6,23 @@ Layout of ``<run>/checkpoints/``::
 
     step00000400/        one DeepSpeed tag (every rank's shards + the trainer's client state)
     step00000400/keep    marker: never pruned
+    step00000400/manifest.json   every file of the tag and its size, written last
+    step00000400/suspect marker: its weights gave a non-finite loss; ``--resume auto`` skips it
     latest               names the newest complete tag
 
 A save writes a temporary tag (``step00000600.partial``) on every rank, waits until every rank
-has finished, renames it (one atomic rename by rank 0) and only then rewrites ``latest``
-atomically. A process killed at any moment therefore leaves ``latest`` pointing at a complete
-checkpoint. Old tags beyond the last ``keep_last`` are removed, except those marked ``keep``.
+has finished, lists the tag's files and sizes in its manifest (written last), renames it (one
+atomic rename by rank 0) and only then rewrites ``latest`` atomically. A process killed at any
+moment therefore leaves ``latest`` pointing at a complete checkpoint, and a tag whose files
+were lost or cut later fails its manifest: ``--resume auto`` then falls back to the newest tag
+that passes (``pick_resume``). Old tags beyond the last ``keep_last`` are removed, except those
+marked ``keep``, the one ``latest`` names, the one just written and any the caller protects
+(the trainer protects the newest checkpoint from before a non-finite streak).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -36,6 +43,10 @@ if TYPE_CHECKING:
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"
+MANIFEST = "manifest.json"
+SUSPECT = "suspect"
+ARCHITECTURE_FIELDS = ("setting", "image_tower", "text_tower", "third_tower", "embed_dim", "vocab_size", "text_pooling")
+"""``model.*`` fields that shape the engine's parameters: a resume must not change them."""
 
 
 def tag_for(step: int) -> str:
@@ -72,10 +83,48 @@ def complete_tags(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
 
 
+def write_manifest(tag_folder: Path, extra: dict) -> None:
+    """List every file of a finished tag with its size, plus ``extra`` (step, world size, model
+    architecture); written last, atomically, so a tag with a valid manifest was complete."""
+    files = {
+        str(path.relative_to(tag_folder)): path.stat().st_size
+        for path in sorted(tag_folder.rglob("*"))
+        if path.is_file() and path.name not in (MANIFEST, "keep", SUSPECT)
+    }
+    write_text_atomic(tag_folder / MANIFEST, json.dumps({**extra, "files": files}, indent=1))
+
+
+def read_manifest(tag_folder: Path) -> dict:
+    """The tag's manifest after checking every file it lists is there at its size; ValueError
+    naming what is missing, cut short or unreadable."""
+    try:
+        manifest = json.loads((tag_folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{tag_folder.name} has no {MANIFEST} (its save never finished)") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{tag_folder.name}/{MANIFEST} is unreadable ({error})") from None
+    for name, size in manifest.get("files", {}).items():
+        path = tag_folder / name
+        if not path.is_file():
+            raise ValueError(f"{tag_folder.name} lost {name}")
+        if path.stat().st_size != size:
+            raise ValueError(f"{tag_folder.name}/{name} has {path.stat().st_size} bytes, its manifest says {size}")
+    return manifest
+
+
 def save(
-    engine: DeepSpeedEngine, folder: Path, step: int, client_state: dict, *, keep_last: int, keep: bool = False
+    engine: DeepSpeedEngine,
+    folder: Path,
+    step: int,
+    client_state: dict,
+    *,
+    keep_last: int,
+    keep: bool = False,
+    manifest: dict | None = None,
+    protect: tuple[str, ...] = (),
 ) -> str:
-    """Write tag ``step`` from every rank; returns the tag once ``latest`` points at it."""
+    """Write tag ``step`` from every rank; returns the tag once ``latest`` points at it.
+    ``manifest``: what the manifest records besides the files; ``protect``: tags never pruned."""
     tag = tag_for(step)
     partial = tag + PARTIAL_SUFFIX
     is_main = dist.get_rank() == 0
@@ -89,25 +138,29 @@ def save(
         os.kill(os.getpid(), 9)
     dist.barrier()  # every rank's shards are on disk before the tag becomes visible
     if is_main:
+        write_manifest(folder / partial, {"tag": tag, "step": step, **(manifest or {})})
         if (folder / tag).exists():  # saving the same step twice (e.g. end right after a periodic save)
             shutil.rmtree(folder / tag)
         os.replace(folder / partial, folder / tag)
         if keep:
             (folder / tag / "keep").touch()
         write_text_atomic(folder / "latest", tag)
-        prune(folder, keep_last)
+        prune(folder, keep_last, protect=(tag, *protect))
     dist.barrier()
     return tag
 
 
-def prune(folder: Path, keep_last: int) -> list[str]:
-    """Remove complete tags older than the newest ``keep_last``, sparing those marked ``keep``."""
+def prune(folder: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[str]:
+    """Remove complete tags older than the newest ``keep_last``, sparing those marked ``keep``,
+    the one ``latest`` names and ``protect``."""
     if keep_last <= 0:
         return []
+    latest = folder / "latest"
+    spared = set(protect) | ({latest.read_text().strip()} if latest.is_file() else set())
     tags = complete_tags(folder)
     removed = []
     for tag in tags[:-keep_last]:
-        if not (folder / tag / "keep").exists():
+        if tag not in spared and not (folder / tag / "keep").exists():
             shutil.rmtree(folder / tag, ignore_errors=True)
             removed.append(tag)
     return removed
@@ -144,6 +197,58 @@ def resolve_resume(resume: str, checkpoints: Path) -> tuple[Path, str] | None:
     if resume == "auto" and not (checkpoints / "latest").is_file():
         return None
     return locate(checkpoints if resume == "auto" else resume)
+
+
+def pick_resume(resume: str, checkpoints: Path) -> tuple[tuple[Path, str] | None, dict, list[str]]:
+    """(target or None, its manifest, warnings): what ``--resume`` names, checked against the
+    tags' manifests, without touching an engine. ``auto`` takes the newest tag whose manifest
+    holds (every file there at its size), skipping newer ones with a warning naming each; an
+    explicit path must hold (ValueError naming what is wrong), except a tag written before
+    manifests existed, which is loaded with a warning."""
+    if not resume:
+        return None, {}, []
+    if resume != "auto":
+        folder, tag = locate(resume)
+        if not (folder / tag / MANIFEST).exists():
+            return (folder, tag), {}, [f"{folder / tag} has no {MANIFEST}: loading it unchecked"]
+        return (folder, tag), read_manifest(folder / tag), []
+    skipped = []
+    for tag in reversed(complete_tags(checkpoints)):
+        if (checkpoints / tag / SUSPECT).is_file():
+            reason = (checkpoints / tag / SUSPECT).read_text().strip()
+            skipped.append(f"skipping checkpoint {checkpoints / tag}: marked suspect ({reason})")
+            continue
+        try:
+            manifest = read_manifest(checkpoints / tag)
+        except ValueError as error:
+            skipped.append(f"skipping checkpoint {checkpoints / tag}: {error}")
+            continue
+        if skipped:
+            skipped.append(f"resuming from the newest complete checkpoint, {checkpoints / tag}")
+        return (checkpoints, tag), manifest, skipped
+    if skipped:
+        raise ValueError(f"no complete checkpoint in {checkpoints}: " + "; ".join(skipped))
+    return None, {}, []
+
+
+def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict) -> None:
+    """What a resume can check before any engine exists: the same world size and the same model
+    architecture (``ARCHITECTURE_FIELDS``). ValueError naming the mismatch and the fix."""
+    saved_world = manifest.get("world_size", world_size)
+    if saved_world != world_size:
+        raise ValueError(
+            f"{where} was written by {saved_world} ranks, this run has {world_size}: "
+            "resume with the same world size (the data position and RNG streams are per rank), or "
+            "export its weights and start a new run from them (docs/export.md)"
+        )
+    saved_model = manifest.get("model", {})
+    changed = [f"model.{key}={saved_model[key]!r} there, {model.get(key)!r} here"
+               for key in ARCHITECTURE_FIELDS if key in saved_model and saved_model[key] != model.get(key)]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{where} was trained with another model ({'; '.join(changed)}): pass its model "
+            "settings to resume it, or start a new run (a new --train.run_name, without --resume)"
+        )
 
 
 def check_locked(recorded: dict[str, dict[str, str]], current: dict[str, dict[str, str]], where: str) -> None:
@@ -188,11 +293,26 @@ class Checkpointer:
         """What ``--resume`` names (``auto``: this run's latest), or None to start fresh."""
         return resolve_resume(resume, self.folder)
 
-    def save(self, step: int, client_state: dict) -> Path:
-        """Write tag ``step`` (kept for good if ``keep_every_steps`` divides it); returns its folder."""
+    def save(self, step: int, client_state: dict, protect: tuple[str, ...] = ()) -> Path:
+        """Write tag ``step`` (kept for good if ``keep_every_steps`` divides it); returns its
+        folder. Its manifest records the world size and the model architecture; ``protect``:
+        tags pruning must spare."""
         keep = bool(self.keep_every_steps and step % self.keep_every_steps == 0)
-        tag = save(self.engine, self.folder, step, client_state, keep_last=self.keep_last, keep=keep)
+        model = client_state.get("config", {}).get("model", {})
+        manifest = {"world_size": client_state.get("world_size")}
+        manifest["model"] = {key: model.get(key) for key in ARCHITECTURE_FIELDS}
+        tag = save(
+            self.engine, self.folder, step, client_state, keep_last=self.keep_last, keep=keep, manifest=manifest,
+            protect=protect,
+        )  # fmt: skip
         return self.folder / tag
+
+    def mark_suspect(self, tag: str, reason: str, good: Path | None) -> None:
+        """Mark ``tag`` as holding bad weights (a ``suspect`` file saying why: ``--resume auto``
+        skips it) and point ``latest`` at ``good`` (rank 0 only; no collective)."""
+        write_text_atomic(self.folder / tag / SUSPECT, reason + "\n")
+        if good is not None:
+            write_text_atomic(self.folder / "latest", good.name)
 
     def load(self, folder: Path, tag: str, *, world_size: int, locked: dict[str, dict[str, str]]) -> dict:
         """Load tag ``folder/tag`` into the engine after checking it fits this run: the same world

@@ -3,26 +3,33 @@
 Every command that takes config overrides (``launch/train.py``, ``launch/tools/pretrain_image.py``,
 ``launch/tools/precompute.py``) parses them here. Accepts ``--key=value`` and ``--key value`` (the
 forms wandb sweep agents pass); every key is checked against the dataclasses before anything is
-built, and an unknown section or key fails at once, naming the closest valid one.
+built, and an unknown section or key fails at once, naming the closest valid one. ``--config FILE``
+(YAML, ``launch/config_file.py``) sets fields before the overrides, and ``--help`` / ``-h`` prints
+every section and field with its type, value and docstring (read from the dataclasses' source),
+so the help is the config itself. ``--help SECTION`` prints one section.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import difflib
+import functools
+import inspect
+import sys
+import textwrap
 import types
 import typing
+from pathlib import Path
 
-from tritower.launch.config import ConfigError, TrainConfig, validate
-from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
+from tritower.launch.config import ConfigError, TrainConfig, closest, validate
+from tritower.launch.config_file import apply_file, read_config_file
+from tritower.launch.experiments import DEFAULT_EXPERIMENT, EXPERIMENTS, get_experiment
 
 # Top-level flags that are shorthands for a section field.
 ALIASES = {"zero": "deepspeed.zero", "resume": "checkpoint.resume"}
-
-
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+HELP_FLAGS = ("--help", "-h")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_closest = closest
 
 
 def _field_types(section: object) -> dict[str, typing.Any]:
@@ -123,21 +130,125 @@ def parse_cli(argv: list[str]) -> tuple[str, list[tuple[str, str]]]:
 
 
 def load_config(argv: list[str]) -> TrainConfig:
-    """Build the run's config from the command line: experiment, then overrides, then checks."""
+    """Build the run's config from the command line: experiment, then ``--config`` files, then
+    overrides, then checks. ``--help``/``-h`` prints the config's help and exits 0."""
+    argv, help_section = _split_help(argv)
     name, overrides = parse_cli(argv)
-    cfg = get_experiment(name or DEFAULT_EXPERIMENT)
+    files = [value for key, value in overrides if key == "config"]
+    overrides = [(key, value) for key, value in overrides if key != "config"]
+    contents = [(path, read_config_file(path)) for path in files]
+    from_file = next((str(values["experiment"]) for _, values in reversed(contents) if "experiment" in values), "")
+    cfg = get_experiment(name or from_file or DEFAULT_EXPERIMENT)
+    for path, values in contents:
+        apply_file(cfg, values, path, _convert)
+    cfg.experiment = name or from_file or cfg.experiment
     for key, value in overrides:
         apply_override(cfg, key, value)
+    if help_section is not None:
+        _print_help(cfg, help_section, TRAIN_USAGE, ALIASES)
     validate(cfg)
     return cfg
 
 
 def parse_overrides(cfg: object, argv: list[str], aliases: dict[str, str] | None = None) -> object:
     """Apply ``--field=value`` / ``--section.field=value`` overrides in ``argv`` to a tool's own
-    config dataclass ``cfg`` (no ``--experiment``); returns ``cfg``."""
+    config dataclass ``cfg`` (no ``--experiment``); returns ``cfg``. ``--help`` prints its help."""
+    argv, help_section = _split_help(argv)
     experiment, overrides = parse_cli(argv)
     if experiment:
         raise ConfigError("--experiment applies to launch/train.py only")
     for key, value in overrides:
         apply_override(cfg, key, value, aliases={} if aliases is None else aliases)
+    if help_section is not None:
+        source = Path(inspect.getfile(type(cfg))).resolve()
+        command = source.relative_to(PACKAGE_ROOT) if source.is_relative_to(PACKAGE_ROOT) else source.name
+        about = inspect.cleandoc(sys.modules[type(cfg).__module__].__doc__ or "").split("\n\n")[0]
+        usage = f"usage: python {command} [--field=VALUE | --section.field=VALUE ...]\n\n{about}"
+        _print_help(cfg, help_section, usage.rstrip(), aliases or {})
     return cfg
+
+
+# ---- help, from the dataclasses themselves ----------------------------------------------------
+
+TRAIN_USAGE = (
+    "usage: deepspeed [--num_gpus N] launch/train.py [--experiment NAME] [--config FILE.yaml]\n"
+    "                 [--zero POLICY.json] [--resume auto|PATH] [--section.field=VALUE ...]\n\n"
+    "Overrides apply in order: the experiment, then --config files, then --section.field=VALUE\n"
+    "(or --section.field VALUE, the forms wandb sweep agents pass). --help SECTION shows one section."
+)
+
+
+def _split_help(argv: list[str]) -> tuple[list[str], str | None]:
+    """(argv without ``--help``/``-h`` [SECTION], the section asked for: "" = all, None = no help)."""
+    for i, token in enumerate(argv):
+        if token in HELP_FLAGS:
+            rest = argv[i + 1 :]
+            section = rest[0] if rest and not rest[0].startswith("-") else ""
+            return argv[:i] + rest[1 if section else 0 :], section
+    return argv, None
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} of a dataclass, read from the string literal below each field in its source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        literal = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and literal:
+            docs[node.target.id] = inspect.cleandoc(str(after.value.value))
+    return docs
+
+
+def _describe(section: object, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Help lines of one dataclass: ``--prefix.field: type = value`` and its docstring."""
+    docs = field_docs(type(section))
+    lines = []
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if dataclasses.is_dataclass(value) or item.name in skip:
+            continue
+        kind = item.type if isinstance(item.type, str) else getattr(item.type, "__name__", str(item.type))
+        lines.append(f"  --{prefix}{item.name}: {kind} = {value!r}")
+        doc = docs.get(item.name, "")
+        lines += [f"        {line}" for line in textwrap.wrap(" ".join(doc.split()), 92)] if doc else []
+    return lines
+
+
+def help_text(cfg: object, section: str = "", usage: str = "", aliases: dict[str, str] | None = None) -> str:
+    """The help of a sectioned config: usage, experiments, shorthands, then every section's fields."""
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    if section and section not in sections:
+        raise ConfigError(
+            f"--help {section}: unknown section{closest(section, sections)}; sections: {', '.join(sections)}"
+        )
+    lines = [usage] if usage else []
+    doc = inspect.cleandoc(type(cfg).__doc__ or "")
+    if isinstance(cfg, TrainConfig):
+        lines += ["", f"Experiments (--experiment NAME, default {DEFAULT_EXPERIMENT}):"]
+        lines += [f"  {name}: {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in EXPERIMENTS.items()]
+        lines += ["", f"Values shown are those of experiment {cfg.experiment} with the options given."]
+    elif doc:
+        lines += ["", doc]
+    if aliases:
+        lines += ["Shorthands: " + ", ".join(f"--{short} = --{full}" for short, full in aliases.items())]
+    if not section:
+        top = _describe(cfg, "", skip=("experiment",))
+        lines += ["", "[options]", *top] if top else []
+    for name in sections:
+        if section and name != section:
+            continue
+        value = getattr(cfg, name)
+        title = inspect.cleandoc(type(value).__doc__ or "").split("\n\n")[0]
+        lines += ["", f"[{name}] " + " ".join(title.split()), *_describe(value, f"{name}.")]
+    return "\n".join(lines) + "\n"
+
+
+def _print_help(cfg: object, section: str, usage: str, aliases: dict[str, str]) -> typing.NoReturn:
+    sys.stdout.write(help_text(cfg, section, usage, aliases))
+    sys.stdout.flush()
+    raise SystemExit(0)

@@ -8,6 +8,7 @@ pass. ``validate`` runs every check before anything is built.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 from tritower.data.config import DataConfig
@@ -20,20 +21,42 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the problem and the fix."""
 
 
+def closest(name: str, options: list[str]) -> str:
+    """`` (did you mean 'X'?)`` for the option closest to a misspelt ``name``; "" for none."""
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (linear warm-up, then cosine decay)."""
+    """The optimizer (AdamW, LAMB or Adafactor) and its learning-rate schedule (linear warm-up,
+    then cosine, linear, constant or rsqrt, then an optional cooldown); see launch/optimizers.py."""
 
+    name: str = "adamw"
+    """``adamw`` (CLIP), ``lamb`` (EVA-CLIP; DeepSpeed's FusedLamb on CUDA, timm's Lamb elsewhere)
+    or ``adafactor`` (LiT, big_vision: transformers' Adafactor with momentum ``beta1``)."""
+    schedule: str = "cosine"
+    """After warm-up: ``cosine`` or ``linear`` decay to ``lr * min_lr_ratio``, ``constant``, or
+    ``rsqrt`` (``1/sqrt(1 + t/rsqrt_timescale)``). AdamW + cosine without cooldown is DeepSpeed's
+    WarmupCosineLR; every other combination a torch LambdaLR passed to the engine."""
+    cooldown_steps: int = 0
+    """Linear cooldown of the learning rate to 0 over the last N steps (0: none)."""
+    rsqrt_timescale: int = 0
+    """``schedule=rsqrt``: steps after warm-up at which the rate is 1/sqrt(2) of the peak; 0 =
+    ``warmup_steps``."""
+    adafactor_clip_threshold: float = 1.0
+    """``name=adafactor``: update clipping (RMS of an update capped at this; 0 disables)."""
     lr: float = 5e-4
     """Peak learning rate, reached at the end of warm-up."""
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices; biases, norms and the temperature get none."""
     beta1: float = 0.9
-    """AdamW beta1."""
+    """AdamW/LAMB beta1; Adafactor's momentum (0: none)."""
     beta2: float = 0.98
-    """AdamW beta2 (0.98 as in CLIP, for stability at large batch)."""
+    """AdamW/LAMB beta2 (0.98 as in CLIP, for stability at large batch); Adafactor ignores it
+    (its second-moment decay is 1 - t^-0.8)."""
     eps: float = 1e-6
-    """AdamW epsilon."""
+    """AdamW/LAMB epsilon."""
     warmup_steps: int = 30
     """Steps of linear warm-up from 0 to ``lr``."""
     min_lr_ratio: float = 0.0
@@ -72,6 +95,10 @@ class TrainLoopConfig:
     """Parent folder of run folders."""
     run_name: str = ""
     """Run folder name under ``output_dir`` ("" = experiment name)."""
+    compile: str = ""
+    """``torch.compile`` the towers in the engine (``nn.Module.compile``: parameter names and
+    checkpoints unchanged) with this backend: ``inductor`` (kernels; minutes of compilation on a
+    CPU), ``aot_eager`` or ``eager`` (graph capture only, for checking); "" = off."""
 
 
 @dataclass
@@ -120,6 +147,17 @@ class WandbConfig:
 
 
 @dataclass
+class LogConfig:
+    """Local logs beside wandb, through DeepSpeed's own monitors (global rank 0 writes them)."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files to ``<run folder>/tensorboard/`` (``tensorboard --logdir runs``):
+    the ``train/`` values of every logged step, and DeepSpeed's ``Train/Samples/lr`` every step."""
+    csv: bool = False
+    """Write the same values as CSV files, one per value, to ``<run folder>/csv/``."""
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs, one section per concern."""
 
@@ -134,6 +172,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,6 +180,9 @@ class TrainConfig:
 
 # Closed sets of the launch-owned sections; model/data/loss/eval validate themselves.
 CHOICES = {
+    "optim.name": ("adamw", "lamb", "adafactor"),
+    "optim.schedule": ("cosine", "linear", "constant", "rsqrt"),
+    "train.compile": ("", "inductor", "aot_eager", "eager"),
     "deepspeed.precision": ("fp32", "bf16", "fp16"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
@@ -179,6 +221,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.micro_batch_size must be >= 0, got {cfg.train.micro_batch_size}")
     if cfg.optim.warmup_steps < 0 or cfg.eval.every_steps < 0:
         raise ConfigError("optim.warmup_steps and eval.every_steps must be >= 0")
+    if cfg.optim.cooldown_steps < 0 or cfg.optim.rsqrt_timescale < 0:
+        raise ConfigError("optim.cooldown_steps and optim.rsqrt_timescale must be >= 0")
+    if cfg.optim.warmup_steps + cfg.optim.cooldown_steps > cfg.train.steps:
+        raise ConfigError(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} + optim.cooldown_steps={cfg.optim.cooldown_steps} "
+            f"exceed train.steps={cfg.train.steps}"
+        )
     _validate_three_towers(cfg)
 
 

@@ -42,3 +42,28 @@ def ensure_single_process_defaults() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def check_master_port() -> None:
+    """Rank 0 binds ``MASTER_PORT`` when it starts the process group; a port another process holds
+    would fail only after the rendezvous timeout, with a traceback per rank. Probe it first.
+    Skipped where a launcher's agent already holds the port (torchrun's store). OSError naming
+    the port and the fix (a ``ConfigError``)."""
+    port = os.environ.get("MASTER_PORT")
+    if os.environ.get("RANK", "0") != "0" or not port or os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    import errno
+    import socket
+
+    from tritower.launch.config import ConfigError
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", int(port)))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                return
+            raise ConfigError(
+                f"master port {port} is already in use on this host (another run?): pass another --master_port "
+                "to deepspeed (or set MASTER_PORT)"
+            ) from None

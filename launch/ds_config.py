@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tritower.launch.config import ConfigError, TrainConfig
+from tritower.launch.config import ConfigError, OptimConfig, TrainConfig
+from tritower.launch.optimizers import client_optimizer_needed, deepspeed_schedule
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,9 @@ ALLOWED_KEYS = {
     "comms_logger",
     "data_types",
     "seq_parallel_communication_data_type",
+    # DeepSpeed's own monitors, beside wandb: TensorBoard event files and CSV files (rank 0).
+    "tensorboard",
+    "csv_monitor",
 }
 
 
@@ -155,10 +159,38 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
     for dotted, value, source in fills:
         _fill(policy, dotted, value, source, origin)
     offloaded = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if opt.name != "adamw" or not deepspeed_schedule(opt):
+        return _other_optimizer_or_schedule(policy, opt, device_type, offloaded, origin)
     if device_type != "cuda" and not offloaded:
         # Off CUDA, DeepSpeed's FusedAdam is a C++ op JIT-compiled on first use (60-90 s on 2 cores,
         # serialised across processes by a file lock); torch's AdamW is the same update, ready now.
         policy["optimizer"].setdefault("params", {})["torch_adam"] = True
     # The optimizer's weight decay applies to the "decay" parameter group only; biases, norms and
     # the temperature sit in a group whose weight_decay is 0 (see trainer parameter groups).
+    return policy
+
+
+def _other_optimizer_or_schedule(
+    policy: dict[str, Any], opt: OptimConfig, device_type: str, offloaded: bool, origin: Path
+) -> dict[str, Any]:
+    """The policy for anything but the default AdamW + WarmupCosineLR (``launch/optimizers.py``):
+    DeepSpeed's Lamb on CUDA; a client optimizer (Adafactor; Lamb elsewhere) and a client
+    LambdaLR schedule are passed to ``deepspeed.initialize`` by ``launch/engine.py``."""
+    if offloaded and opt.name != "adamw":
+        raise ConfigError(
+            f"{origin} offloads the optimizer to the CPU, which runs DeepSpeed's CPU Adam only; "
+            f"optim.name={opt.name!r} needs a policy without offload_optimizer (z1/z2/z3.json)"
+        )
+    if not deepspeed_schedule(opt):
+        policy.pop("scheduler", None)
+    if opt.name == "lamb" and not client_optimizer_needed(opt, device_type):
+        params = policy["optimizer"].setdefault("params", {})
+        params.pop("torch_adam", None)
+        policy["optimizer"]["type"] = "Lamb"
+        policy["zero_allow_untested_optimizer"] = True
+    elif client_optimizer_needed(opt, device_type):
+        policy.pop("optimizer", None)
+        policy["zero_allow_untested_optimizer"] = True
+    elif device_type != "cuda" and not offloaded:
+        policy["optimizer"].setdefault("params", {})["torch_adam"] = True
     return policy

@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import glob
 import os
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -19,6 +20,13 @@ from tritower.launch import dist_env
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.ds_config import build_ds_config
 from tritower.launch.fused import describe_optimizer, use_fused_layer_norm
+from tritower.launch.optimizers import (
+    build_client_optimizer,
+    client_optimizer_needed,
+    client_scheduler,
+    deepspeed_schedule,
+)
+from tritower.launch.optimizers import describe as describe_schedule
 
 
 def init_distributed() -> None:
@@ -56,12 +64,18 @@ def build_engine(
 
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
     ds_config = _prefer_fused_adamw(build_ds_config(cfg, world_size, device.type), device)
+    add_monitors(ds_config, cfg)
     if cfg.deepspeed.precision == "fp16" and device.type != "cuda":
         raise ConfigError("deepspeed.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
     report = [use_fused_layer_norm(model, device, cfg.deepspeed.use_apex)]
+    groups = groups if groups is not None else _default_groups(model, cfg)
+    # Adafactor, and LAMB off CUDA, are built here; any schedule but the default a LambdaLR.
+    client = build_client_optimizer(groups, cfg.optim) if client_optimizer_needed(cfg.optim, device.type) else None
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=groups if groups is not None else _default_groups(model, cfg),
+        model_parameters=groups,
+        optimizer=client,
+        lr_scheduler=None if deepspeed_schedule(cfg.optim) else client_scheduler(cfg.optim, cfg.train.steps),
         config=ds_config,
     )
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -69,10 +83,33 @@ def build_engine(
     engine.coalesce_micro_batches, coalescing = _coalescing(engine, cfg.train.coalesce_grad_reduction)
     report += [
         describe_optimizer(optimizer) + (" with fused=True" if fused else ""),
+        describe_schedule(cfg.optim, device.type),
         f"ZeRO stage {stage}, precision {cfg.deepspeed.precision}, device {engine.device}",
         coalescing,
     ]
     return engine, report
+
+
+def add_monitors(ds_config: dict, cfg: TrainConfig) -> dict:
+    """DeepSpeed's TensorBoard and CSV monitors (``log.tensorboard``, ``log.csv``) writing into the run
+    folder; a policy file may also hold its own ``tensorboard``/``csv_monitor`` sections."""
+    from tritower.launch.run_setup import run_name
+
+    run_dir = str(Path(cfg.train.output_dir) / run_name(cfg))
+    for enabled, key, folder in (
+        (cfg.log.tensorboard, "tensorboard", "tensorboard"),
+        (cfg.log.csv, "csv_monitor", "csv"),
+    ):
+        if enabled:
+            ds_config[key] = {"enabled": True, "output_path": run_dir, "job_name": folder}
+    return ds_config
+
+
+def write_monitor_events(engine: deepspeed.DeepSpeedEngine, values: dict[str, float], step: int) -> None:
+    """The trainer's logged values into DeepSpeed's monitors (TensorBoard, CSV), x-axis = step."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None and monitor.enabled and dist_env.from_environ().is_main:
+        monitor.write_events([(name, float(value), step) for name, value in values.items()])
 
 
 def _prefer_fused_adamw(ds_config: dict, device: torch.device) -> dict:
@@ -86,7 +123,9 @@ def _prefer_fused_adamw(ds_config: dict, device: torch.device) -> dict:
     """
     zero = ds_config.get("zero_optimization", {})
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
-    params = ds_config.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
+    if ds_config.get("optimizer", {}).get("type") not in ("AdamW", "Adam"):
+        return ds_config  # LAMB, or a client optimizer (Adafactor): launch/optimizers.py
+    params = ds_config["optimizer"].setdefault("params", {})
     if device.type == "cuda" and not offloaded and "torch_adam" not in params:
         params.update(torch_adam=True, fused=True)
     return ds_config

@@ -82,7 +82,11 @@ def clip_vit_b16_bert_base() -> TrainConfig:
 
 
 def clip_vitg14_bert_large() -> TrainConfig:
-    """The cluster-scale target: ViT-g/14 + BERT-large, 32k global batch, bf16, ZeRO-3."""
+    """The cluster-scale target: ViT-g/14 + BERT-large, 32k global batch, bf16, ZeRO-3.
+
+        sbatch --nodes=32 launch/slurm/train_multinode.sbatch --experiment clip_vitg14_bert_large \\
+            --data.train_shards='/data/{00000..41407}.tar' --data.vocab=/models/bert
+    """
     cfg = clip_vit_b16_bert_base()
     cfg.experiment = "clip_vitg14_bert_large"
     cfg.model.image_tower = "vit_giant_patch14_224"
@@ -96,8 +100,102 @@ def clip_vitg14_bert_large() -> TrainConfig:
     return cfg
 
 
+# Where ``launch/tools/pretrain_image.py`` writes its image tower by default.
+PRETRAINED_IMAGE = "runs/pretrain_image/image_tower.safetensors"
+
+
+def lit_tiny() -> TrainConfig:
+    """LiT ("Lu"): the default run with a locked pretrained image tower and a text tower from scratch.
+
+    Pretrain the image tower first (or pass any local checkpoint of ``vit_scene_tiny``)::
+
+        python launch/tools/pretrain_image.py                     # writes runs/pretrain_image/
+        deepspeed launch/train.py --zero zero_configs/z3.json --experiment lit_tiny \\
+            [--model.image_pretrained=PATH]
+
+    The locked tower runs outside the engine under ``torch.inference_mode()`` (docs/towers.md), so a
+    step costs about a third of clip_tiny's. Not tuned here: clip_tiny's optimizer and schedule.
+    """
+    cfg = clip_tiny()
+    cfg.experiment = "lit_tiny"
+    cfg.model.setting = "Lu"
+    cfg.model.image_pretrained = PRETRAINED_IMAGE
+    return cfg
+
+
+def three_towers_tiny() -> TrainConfig:
+    """Three Towers (3T): both main towers from scratch, plus the pretrained image tower as the
+    frozen third tower h, on the built-in scenes::
+
+        python launch/tools/pretrain_image.py                     # writes runs/pretrain_image/
+        deepspeed launch/train.py --zero zero_configs/z3.json --experiment three_towers_tiny \\
+            [--model.third_pretrained=PATH]
+    """
+    cfg = clip_tiny()
+    cfg.experiment = "three_towers_tiny"
+    cfg.model.setting = "3T"
+    cfg.model.third_pretrained = PRETRAINED_IMAGE
+    return cfg
+
+
+def siglip_tiny() -> TrainConfig:
+    """SigLIP: clip_tiny with the pairwise sigmoid loss, its learnable bias starting at -10 and
+    temperature at 10 (the paper's initialisation)::
+
+        deepspeed launch/train.py --zero zero_configs/z3.json --experiment siglip_tiny
+    """
+    cfg = clip_tiny()
+    cfg.experiment = "siglip_tiny"
+    cfg.loss.kind = "sigmoid"
+    cfg.model.init_logit_scale = math.log(10.0)
+    return cfg
+
+
+def lit_vitg14_bert_large() -> TrainConfig:
+    """LiT at the paper's largest scale: a locked ViT-g/14 and BERT-large from scratch ("Lu"),
+    32k global batch, Adafactor with momentum as big_vision trains LiT (``lit_coco.py``: lr 1e-3,
+    cosine after a warm-up of 3% of the steps, gradient clipping 1.0, temperature 10, no image head:
+    the text head projects to the image tower's width)::
+
+        sbatch --nodes=32 launch/slurm/train_multinode.sbatch --experiment lit_vitg14_bert_large \\
+            --model.image_pretrained=/models/vit_giant_patch14_224.safetensors \\
+            --data.train_shards='/data/{00000..41407}.tar' --data.vocab=/models/bert
+
+    The locked tower takes no optimizer state, so its embeddings can also come precomputed
+    (``launch/tools/precompute.py``, ``--data.embeddings``). Under ZeRO-2/3 Adafactor keeps an
+    unfactored second moment of each flat partition (launch/optimizers.py): ZeRO-0/1 memory if
+    the factored form matters. The paper's longest runs saw 18B image-text pairs; 60k steps of
+    32k (2B pairs) is the starting point here.
+    """
+    cfg = clip_vitg14_bert_large()
+    cfg.experiment = "lit_vitg14_bert_large"
+    cfg.model.setting = "Lu"
+    cfg.model.image_pretrained = "/models/vit_giant_patch14_224.safetensors"
+    cfg.model.locked_head_trainable = False
+    cfg.model.embed_dim = 1408  # ViT-g/14's width: the locked image features are the embedding
+    cfg.model.init_logit_scale = math.log(10.0)
+    cfg.optim.name = "adafactor"
+    cfg.optim.lr = 1e-3
+    cfg.optim.beta1 = 0.9
+    cfg.optim.weight_decay = 1e-4
+    cfg.optim.schedule = "cosine"
+    cfg.optim.warmup_steps = 1800  # 3% of 60k
+    cfg.optim.grad_clip = 1.0
+    return cfg
+
+
 EXPERIMENTS: dict[str, Callable[[], TrainConfig]] = {
-    fn.__name__: fn for fn in (clip_tiny, clip_test, clip_vit_b16_bert_base, clip_vitg14_bert_large)
+    fn.__name__: fn
+    for fn in (
+        clip_tiny,
+        clip_test,
+        clip_vit_b16_bert_base,
+        clip_vitg14_bert_large,
+        lit_tiny,
+        three_towers_tiny,
+        siglip_tiny,
+        lit_vitg14_bert_large,
+    )
 }
 
 

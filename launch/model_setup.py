@@ -92,6 +92,10 @@ def build_towers(cfg: TrainConfig, vocab_size: int) -> Towers:
     trainable = resolve_trainable(model, trainable_rules(model_cfg))
     autocast = autocast_dtype(cfg.deepspeed.precision)
     model, locked = split_locked(model, model_cfg, autocast_dtype=autocast, build_third=precomputed != "third")
+    if model.image_tower is not None:
+        parsed = model_cfg.parsed.image
+        model.image_tower.set_regularisation(parsed.patch_dropout, parsed.drop_path)
+    compile_towers(model, cfg.train.compile)
     apply_trainable(model, trainable)
     # Names of parameters still in the model are unchanged by split_locked.
     trainable = {name: trainable[name] for name, _ in model.named_parameters()}
@@ -102,6 +106,16 @@ def build_towers(cfg: TrainConfig, vocab_size: int) -> Towers:
     if precomputed:
         table += f"\n({precomputed} tower: precomputed embeddings from {cfg.data.embeddings}, not built)"
     return Towers(model, locked, groups, table, precomputed)
+
+
+def compile_towers(model: CLIPModel, backend: str) -> None:
+    """``torch.compile`` each tower in the engine, in place (``nn.Module.compile`` keeps the
+    parameter names, so trainable rules, ZeRO partitions and checkpoints are unchanged)."""
+    if not backend:
+        return
+    for tower in (model.image_tower, model.text_tower):
+        if tower is not None:
+            tower.compile(backend=backend)
 
 
 def build_eval_tower(cfg: TrainConfig, role: str) -> LockedTower:

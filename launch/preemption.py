@@ -1,28 +1,93 @@
-"""Preemption: SIGUSR1 / SIGTERM ask the run to checkpoint and exit so that SLURM requeues it.
+"""How a run stops early: stop signals, a launcher that went away, and the exit codes.
 
-The handler only sets a flag. The trainer checks it after every step, agrees across ranks (one
-rank may get the signal first, or alone), writes a checkpoint on every rank and exits with
-``REQUEUE_EXIT_CODE``; ``launch/slurm/*.sbatch`` requeue the job on that code and the requeued
-job resumes by itself (``--resume auto``).
+SIGUSR1, SIGTERM and SIGINT (Ctrl-C) only set a flag. The trainer checks it after every step,
+agrees across ranks (one rank may get the signal first, or alone), writes a checkpoint on every
+rank and exits with ``REQUEUE_EXIT_CODE``; ``launch/slurm/*.sbatch`` requeue the job on that code
+and the requeued job resumes by itself (``--resume auto``). A second Ctrl-C interrupts at once.
+
+Signals sent to the ``deepspeed`` command or to its per-node launcher do not all reach the ranks:
+the command (``deepspeed.launcher.runner``) installs no handler on one node, so SIGTERM or SIGUSR1
+ends it at once, and the launcher (``deepspeed.launcher.launch``) dies of SIGUSR1 and answers
+SIGTERM/SIGINT by sending SIGTERM to the ranks, SIGKILL 30 s later, then exits 1. So every rank
+also watches its ancestors (``LauncherWatch``): when its launcher, or the ``deepspeed`` command
+above it, is gone, the rank stops exactly as for a signal.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+CONFIG_EXIT_CODE = 2  # a configuration, input-file, run-folder or resume problem: fix and re-run
+DIVERGED_EXIT_CODE = 3  # too many non-finite losses in a row: resume the named checkpoint, lower lr
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` from /proc (Linux), or None where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1])
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class LauncherWatch:
+    """Notices that this rank's launcher went away: its parent pid changed (the launcher died and
+    the rank was re-parented) or, under ``deepspeed``, the launcher's own parent (the ``deepspeed``
+    command) changed. Two /proc reads a step; where /proc is missing only ``os.getppid`` is used."""
+
+    def __init__(self) -> None:
+        self.parent = os.getppid()
+        self.grandparent = None
+        if "deepspeed.launcher.launch" in _command_line(self.parent):
+            self.grandparent = _parent_of(self.parent)
+
+    def gone(self) -> str:
+        """ "" while the launcher is there, else what went away."""
+        if os.getppid() != self.parent:
+            return f"launcher (pid {self.parent}) gone"
+        if self.grandparent is not None and _parent_of(self.parent) not in (self.grandparent, None):
+            return f"deepspeed command (pid {self.grandparent}) gone"
+        return ""
 
 
 class StopRequest:
-    """Remembers whether a stop signal arrived; installs itself for SIGUSR1 and SIGTERM."""
+    """Remembers whether a stop signal arrived (or the launcher went away); installs itself for
+    SIGUSR1, SIGTERM and SIGINT."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         self.signal_name = ""
+        self.immediate = True
+        """Until the loop starts (the trainer clears it) a stop signal exits at once with
+        REQUEUE_EXIT_CODE: nothing new to save yet, and a rank the launcher terminates because
+        another rank failed leaves quietly instead of waiting on that rank in a collective."""
+        self.watch = LauncherWatch()
         for number in signals:
             signal.signal(number, self._handle)
 
     def _handle(self, number: int, frame: object) -> None:
+        if self.immediate:
+            raise Preempted()
+        if number == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.signal_name = signal.Signals(number).name
+
+    def poll(self) -> bool:
+        """Whether to stop: a signal arrived, or the launcher is gone (checked now)."""
+        if not self.signal_name:
+            self.signal_name = self.watch.gone()
+        return bool(self.signal_name)
 
     @property
     def requested(self) -> bool:
@@ -34,3 +99,10 @@ class Preempted(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(REQUEUE_EXIT_CODE)
+
+
+class Diverged(SystemExit):
+    """Raised (after its message is printed) when too many losses in a row were non-finite."""
+
+    def __init__(self) -> None:
+        super().__init__(DIVERGED_EXIT_CODE)

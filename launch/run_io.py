@@ -1,10 +1,14 @@
-"""What a run writes besides checkpoints: the metrics file and the wandb run (rank 0 only)."""
+"""What a run writes besides checkpoints: the metrics file, the wandb run and the run folder's lock
+(rank 0 only)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +34,28 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2))
+
+
+def check_wandb_login(mode: str) -> None:
+    """``wandb.mode=online`` needs an API key (``WANDB_API_KEY``, or ``wandb login``'s netrc
+    entry); without one wandb would stop the run after the towers were built, or wait for input.
+    RuntimeError naming the fix."""
+    if mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise RuntimeError(
+        f"wandb.mode=online needs a W&B API key and none is set (no WANDB_API_KEY, no {host} entry in {path}): "
+        "run `wandb login` or set WANDB_API_KEY, or pass --wandb.mode=offline (sync later with `wandb sync`)"
+    )
 
 
 class WandbLogger:
@@ -68,3 +94,84 @@ class WandbLogger:
             for key, value in summary.items():
                 self.run.summary[key] = value
             self.run.finish()
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time (clock ticks since boot, from /proc): with the pid, it names one
+    process even after the pid is reused; "" where /proc is missing."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not start or _start_time(pid) in ("", start)
+
+
+class RunLock:
+    """``<run>/lock``: one run at a time in a run folder. Rank 0 holds it (pid, host, start time,
+    SLURM job id) for the life of its process and removes it at exit. A lock whose holder is
+    gone is taken over: a dead pid on this host, or the same SLURM job (a requeued job may run
+    on another node after its first run was killed)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "lock"
+        self.holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "start": _start_time(os.getpid()),
+            "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+    def acquire(self) -> str:
+        """Take the lock; returns a warning when a stale lock was taken over ("" otherwise).
+        RuntimeError naming the holder when another live run holds it."""
+        taken = ""
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self._read()
+                if not self._stale(other):
+                    raise RuntimeError(
+                        f"run folder {self.path.parent} is in use by another run (pid {other.get('pid')} on host "
+                        f"{other.get('host')}, since {other.get('since')}): wait for it to end, or pass another "
+                        f"--train.run_name; if that run is gone, delete {self.path}"
+                    ) from None
+                self.path.unlink(missing_ok=True)
+                taken = f"took over the stale lock of pid {other.get('pid')} on {other.get('host')} ({self.path})"
+                continue
+            with os.fdopen(handle, "w") as out:
+                json.dump(self.holder, out)
+            atexit.register(self.release)
+            return taken
+        raise RuntimeError(f"could not take {self.path}: another run started at the same moment")
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # half-written or unreadable: its writer died at once
+
+    def _stale(self, other: dict) -> bool:
+        if not other:
+            return True
+        if other.get("slurm_job") and other["slurm_job"] == self.holder["slurm_job"]:
+            return True
+        if other.get("host") != self.holder["host"]:
+            return False
+        pid = int(other.get("pid", 0))
+        return pid <= 0 or not _alive(pid, str(other.get("start", "")))
+
+    def release(self) -> None:
+        other = self._read()
+        if (other.get("pid"), other.get("host")) == (self.holder["pid"], self.holder["host"]):
+            self.path.unlink(missing_ok=True)

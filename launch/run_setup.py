@@ -68,10 +68,11 @@ class RunFolder:
 
 def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFolder:
     """Rank 0 checks the run folder before anything is built, and every rank gets its answer (a
-    collective): the checkpoints folder is writable, no other live run holds the folder
-    (``RunLock``), it holds no earlier run's checkpoints unless ``--resume`` continues them, and
-    the checkpoint to resume from is complete (its manifest) and fits this run (world size, model
-    architecture). ConfigError with the same one-line message on every rank otherwise."""
+    collective): ``wandb.mode=online`` has a key, the checkpoints folder is writable, no other
+    live run holds the folder (``RunLock``), it holds no earlier run's checkpoints unless
+    ``--resume`` continues them, and the checkpoint to resume from is complete (its manifest)
+    and fits this run (world size, model architecture). ConfigError with the same one-line
+    message on every rank otherwise."""
     import torch
     import torch.distributed as dist
 

@@ -15,25 +15,39 @@ from tritower.data.embeddings import EmbeddingsError
 from tritower.data.samples import DataQualityError
 from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
-from tritower.launch.dist_env import from_environ
+from tritower.launch.dist_env import check_master_port, from_environ
 from tritower.launch.ds_config import build_ds_config
+from tritower.launch.preemption import CONFIG_EXIT_CODE
 
 
 def main(argv: list[str]) -> int:
+    """Exit codes: 0 done, 2 configuration/input/run-folder/resume problem (one line says which
+    and the fix), 3 diverged (non-finite losses; the message names the checkpoint to resume),
+    75 stopped by a signal or a lost launcher after writing a checkpoint (requeue)."""
+    # Every rank meets the same checks and fails the same way: rank 0 alone prints the line.
+    main_rank = from_environ().is_main
     try:
         cfg = load_config(argv)
+        from tritower.launch.console import setup_console  # library noise off; say what the start costs
+
+        setup_console(cfg)
         # Fill the ZeRO policy now, so a wrong JSON fails before data or towers are built.
-        build_ds_config(cfg, from_environ().world_size)
+        from tritower.launch.run_setup import check_zero_policy
+
+        check_zero_policy(build_ds_config(cfg, from_environ().world_size), cfg.deepspeed.zero)
+        check_master_port()
         from tritower.launch.trainer import run
 
         run(cfg)
     except ConfigError as error:
-        print(f"tritower: config error: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, EmbeddingsError, DataQualityError) as error:
+        if main_rank:
+            print(f"tritower: config error: {error}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
+    except (FileNotFoundError, PermissionError, EmbeddingsError, DataQualityError) as error:
         # Bad or missing input files: the message names the file and the fix; no traceback needed.
-        print(f"tritower: error: {error}", file=sys.stderr)
-        return 2
+        if main_rank:
+            print(f"tritower: error: {error}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
     return 0
 
 

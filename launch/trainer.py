@@ -23,7 +23,7 @@ from tritower.launch.checkpointer import Checkpointer, gather_per_rank, rng_stat
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.config_file import write_config_file
 from tritower.launch.ds_config import micro_batches_per_step
-from tritower.launch.engine import build_engine, init_distributed
+from tritower.launch.engine import build_engine, init_distributed, write_monitor_events
 from tritower.launch.gradcache import gradcache_backward, split_batch
 from tritower.launch.model_setup import (
     TowerInputs,
@@ -298,6 +298,7 @@ class Trainer:
         self.append_log(step_record(self.step, loss, lr, scale, rate, terms))
         values = wandb_values(last_loss, lr, scale, rate, terms, self.nonfinite_total, quality["bad"])
         self.wandb.log(values, self.step)
+        write_monitor_events(self.engine, values, self.step)  # log.tensorboard / log.csv
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:

@@ -1,0 +1,215 @@
+"""Faults that must never lose a good checkpoint or leave a run half-alive (issue 13): divergence,
+re-used and locked run folders, incomplete checkpoints, early one-line errors, signals to the
+``deepspeed`` command and its launcher.
+
+Every run is a real ``deepspeed`` launch on CPU ranks (gloo); runs that fail early cost only the
+start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launching import REPO, TRAIN, free_port, read_log
+
+pytestmark = pytest.mark.launch
+
+COMMON = [
+    "--zero=zero_configs/z2.json",
+    "--experiment=clip_test",
+    "--train.log_every=1",
+    "--eval.at_end=false",
+    "--wandb.mode=disabled",
+    "--train.run_name=run",
+]
+
+
+def _start(args: list[str], cache: Path, out: Path, ranks: int = 2, env: dict | None = None) -> subprocess.Popen:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    command = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN)]
+    command += [*COMMON, f"--data.cache_dir={cache}", f"--train.output_dir={out}", *args]
+    environment = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    environment |= {"OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _finish(process: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return process.returncode, output
+
+
+def _run(args: list[str], cache: Path, out: Path, **kwargs) -> tuple[int, str]:
+    return _finish(_start(args, cache, out, **kwargs))
+
+
+def _one_message(output: str, marker: str) -> str:
+    """The one line holding ``marker``; no traceback anywhere."""
+    assert "Traceback" not in output, output[-4000:]
+    lines = [line for line in output.splitlines() if marker in line]
+    assert len(lines) == 1, (lines, output[-3000:])
+    return lines[0]
+
+
+def _tags(checkpoints: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step")) for p in checkpoints.glob("step????????") if p.is_dir())
+
+
+# ---- 1. divergence ---------------------------------------------------------------------------
+
+
+def test_divergence_keeps_the_good_checkpoint_and_its_advice_works(tmp_path: Path, data_cache: Path) -> None:
+    run = tmp_path / "runs" / "run"
+    args = ["--train.steps=16", "--checkpoint.every_steps=2", "--checkpoint.keep_last=2"]
+    code, output = _run([*args, "--optim.lr=1e3", "--train.max_nonfinite_in_row=3"], data_cache, tmp_path / "runs")
+    assert code == 3, output[-3000:]
+    message = _one_message(output, "tritower: stopped:")
+    losses = {r["step"]: r["loss"] for r in read_log(run) if "loss" in r}
+    first_bad = min(step for step, loss in losses.items() if not math.isfinite(loss))
+    checkpoints = run / "checkpoints"
+    tags = _tags(checkpoints)
+    assert tags and max(tags) < first_bad, (tags, first_bad)  # nothing saved inside the streak
+    # A tag holds the weights after its step's update: the tag of step first_bad - 1 made the first
+    # non-finite loss. The newest one before it is the good one; pruning (keep_last=2) spared it.
+    good_step = (first_bad - 2) // 2 * 2
+    good = checkpoints / f"step{good_step:08d}"
+    assert good_step in tags and (good / "manifest.json").is_file(), (tags, first_bad)
+    assert str(good) in message and (checkpoints / "latest").read_text().strip() == good.name
+    if (first_bad - 1) % 2 == 0:
+        assert (checkpoints / f"step{first_bad - 1:08d}" / "suspect").is_file()
+
+    # Follow the advice as printed: resume from the named checkpoint with a lower learning rate.
+    advice = re.search(r"--resume (\S+) --optim\.lr=", message)
+    assert advice and advice.group(1) == str(good), message
+    code, output = _run([*args, "--resume", advice.group(1), "--optim.lr=1e-4"], data_cache, tmp_path / "runs")
+    assert code == 0, output[-3000:]
+    assert f"resumed from {good} at step {good_step}" in output
+    resumed = [r["loss"] for r in read_log(run) if "loss" in r][len(losses) :]
+    assert len(resumed) == 16 - good_step and all(math.isfinite(loss) for loss in resumed), resumed
+
+
+# ---- 2 and 3. one run per folder; the last checkpoint before the last evaluation --------------
+
+
+def test_a_reused_folder_is_refused_and_a_held_one_names_its_holder(tmp_path: Path, data_cache: Path) -> None:
+    out, run = tmp_path / "runs", tmp_path / "runs" / "run"
+    code, output = _run(["--train.steps=4", "--eval.at_end=true"], data_cache, out)
+    assert code == 0, output[-3000:]
+    # The end-of-training checkpoint is on disk before the final evaluation starts.
+    assert output.index("checkpoint written (end of training)") < output.index("eval @ step 4")
+    assert not (run / "lock").exists()  # released at exit
+
+    code, output = _run(["--train.steps=6"], data_cache, out)  # the same folder, no --resume
+    assert code == 2, output[-3000:]
+    line = _one_message(output, "already holds checkpoints")
+    assert "--resume auto" in line and "--train.run_name" in line
+    assert "parameters per tower" not in output  # refused before any tower was built
+
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "start": "", "since": "now"}
+    (run / "lock").write_text(json.dumps(live))  # this test process plays a live run
+    code, output = _run(["--train.steps=6", "--resume=auto"], data_cache, out)
+    assert code == 2, output[-3000:]
+    line = _one_message(output, "is in use by another run")
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in line
+
+    dead = max(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()) + 100000
+    (run / "lock").write_text(json.dumps({**live, "pid": dead}))  # a run killed with -9
+    code, output = _run(["--train.steps=5", "--resume=auto"], data_cache, out)
+    assert code == 0, output[-3000:]
+    assert f"took over the stale lock of pid {dead}" in output and "resumed from" in output
+
+
+# ---- 6 and 7. resume falls back; mismatches fail early, once --------------------------------
+
+
+def test_resume_falls_back_past_an_incomplete_tag_and_mismatches_fail_early(tmp_path: Path, data_cache: Path) -> None:
+    out, checkpoints = tmp_path / "runs", tmp_path / "runs" / "run" / "checkpoints"
+    saving = ["--checkpoint.every_steps=2", "--checkpoint.keep_last=0"]
+    code, output = _run(["--train.steps=4", *saving], data_cache, out)
+    assert code == 0, output[-3000:]
+    newest = checkpoints / "step00000004"
+    next(newest.glob("*optim_states.pt")).unlink()  # one rank's optimizer file lost
+
+    code, output = _run(["--train.steps=5", *saving, "--resume=auto"], data_cache, out)
+    assert code == 0, output[-3000:]
+    assert f"skipping checkpoint {newest}: step00000004 lost" in output
+    assert f"resumed from {checkpoints / 'step00000002'} at step 2" in output
+
+    early = {
+        "written by 2 ranks, this run has 1": dict(ranks=1, args=[]),
+        "model.embed_dim=32 there, 64 here": dict(ranks=2, args=["--model.embed_dim=64"]),
+    }
+    for marker, case in early.items():
+        code, output = _run(["--train.steps=8", "--resume=auto", *case["args"]], data_cache, out, ranks=case["ranks"])
+        assert code == 2, output[-3000:]
+        _one_message(output, marker)
+        assert "parameters per tower" not in output  # found before the towers were built
+
+    policy = json.loads((REPO / "zero_configs" / "z2.json").read_text())
+    policy["zero_optimization"]["overlap_comn"] = True  # a typo
+    (tmp_path / "z2_typo.json").write_text(json.dumps(policy))
+    code, output = _run(["--train.steps=8", "--resume=auto", f"--zero={tmp_path / 'z2_typo.json'}"], data_cache, out)
+    assert code == 2, output[-3000:]
+    assert "overlap_comn" in _one_message(output, "zero_optimization is not valid")
+
+
+# ---- 5. signals to the deepspeed command, its launcher, a rank --------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
+
+
+@pytest.mark.parametrize(
+    "target, sig",
+    [
+        ("command", signal.SIGTERM),
+        ("command", signal.SIGUSR1),
+        ("command", signal.SIGINT),
+        ("launcher", signal.SIGTERM),
+        ("launcher", signal.SIGUSR1),
+        ("launcher", signal.SIGINT),
+        ("rank", signal.SIGINT),
+    ],
+)
+def test_a_signal_to_any_process_of_the_run_checkpoints_and_stops_every_rank(
+    target: str, sig: signal.Signals, tmp_path: Path, data_cache: Path
+) -> None:
+    run = tmp_path / "runs" / "run"
+    process = _start(["--train.steps=400"], data_cache, tmp_path / "runs")
+    deadline = time.time() + 300
+    while not [r for r in read_log(run) if r.get("step", 0) >= 2]:
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    (launcher,) = _children(process.pid)
+    ranks = _children(launcher)
+    assert len(ranks) == 2
+    os.kill({"command": process.pid, "launcher": launcher, "rank": ranks[0]}[target], sig)
+    code, output = _finish(process, timeout=300)  # returns once every process holding the pipe is gone
+    for pid in ranks:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    (stopped,) = [r for r in read_log(run) if r.get("event") == "stopped"]
+    assert stopped["exit_code"] == 75, output[-3000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert int(latest.removeprefix("step")) == stopped["step"] < 400
+    # No rank's traceback (the deepspeed command's own KeyboardInterrupt after Ctrl-C is DeepSpeed's).
+    assert not re.search(r"\[rank\d\]: Traceback", output), output[-3000:]
+    if target == "rank":
+        assert code == 75  # the launcher passes a rank's code on; its own after a signal is DeepSpeed's

@@ -1,0 +1,122 @@
+"""Run folders and checkpoint folders without launching anything (issue 13, items 2 and 6):
+pruning spares the tag just written and the one ``latest`` names, manifests make ``--resume auto``
+fall back past an incomplete tag, the run-folder lock names its holder and a stale one is taken
+over, and ``wandb.mode=online`` without a key fails before anything is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tritower.launch.checkpointer import check_manifest, pick_resume, prune, write_manifest
+from tritower.launch.run_io import RunLock, check_wandb_login
+
+
+def _tag(folder: Path, step: int, *, manifest: bool = True, world_size: int = 2) -> Path:
+    tag = folder / f"step{step:08d}"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"o" * 50)
+    if manifest:
+        write_manifest(tag, {"step": step, "world_size": world_size, "model": {"embed_dim": 32}})
+    return tag
+
+
+def test_prune_spares_the_tag_just_written_and_latest(tmp_path: Path) -> None:
+    # Another run's steps 160/180/200 and this run's first save, step 4 (issue 13, item 2).
+    for step in (160, 180, 200, 4):
+        _tag(tmp_path, step)
+    (tmp_path / "latest").write_text("step00000004")
+    removed = prune(tmp_path, keep_last=3, protect=("step00000004",))
+    assert (tmp_path / "step00000004").is_dir() and removed == []
+    prune(tmp_path, keep_last=1)  # even unprotected: latest's tag survives
+    assert (tmp_path / "step00000004").is_dir()
+
+
+def test_resume_auto_falls_back_past_an_incomplete_newest_tag(tmp_path: Path) -> None:
+    for step in (2, 4, 6, 8):
+        _tag(tmp_path, step)
+    (tmp_path / "latest").write_text("step00000008")
+    (tmp_path / "step00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()  # one rank's file lost
+    with open(tmp_path / "step00000006" / "mp_rank_00_model_states.pt", "r+b") as cut:
+        cut.truncate(10)  # cut short
+    _tag(tmp_path, 10, manifest=False)  # a save that never finished its manifest
+    target, manifest, warnings = pick_resume("auto", tmp_path)
+    assert target == (tmp_path, "step00000004") and manifest["step"] == 4
+    assert [w.split(":")[0] for w in warnings[:3]] == [f"skipping checkpoint {tmp_path / t}" for t in
+                                                       ("step00000010", "step00000008", "step00000006")]  # fmt: skip
+    assert "lost zero_pp_rank_1" in warnings[1] and "has 10 bytes" in warnings[2]
+    with pytest.raises(ValueError, match="lost zero_pp_rank_1"):  # named explicitly: refused, not skipped
+        pick_resume(str(tmp_path / "step00000008"), tmp_path)
+
+
+def test_resume_mismatches_are_found_from_the_manifest(tmp_path: Path) -> None:
+    manifest = json.loads((_tag(tmp_path, 2) / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):
+        check_manifest(manifest, "x", world_size=1, model={"embed_dim": 32})
+    with pytest.raises(ValueError, match="model.embed_dim=32 there, 64 here"):
+        check_manifest(manifest, "x", world_size=2, model={"embed_dim": 64})
+
+
+def test_lock_names_a_live_holder_and_takes_over_a_stale_one(tmp_path: Path) -> None:
+    holder = RunLock(tmp_path)
+    assert holder.acquire() == ""
+    with pytest.raises(RuntimeError, match=f"pid {os.getpid()} on host {socket.gethostname()}"):
+        RunLock(tmp_path).acquire()
+    holder.release()
+    assert not (tmp_path / "lock").exists()
+    # A holder that died without cleaning up (kill -9): a pid that is no process on this host.
+    pid = max(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()) + 100000
+    (tmp_path / "lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "start": "1"}))
+    taken = RunLock(tmp_path)
+    assert "took over the stale lock of pid" in taken.acquire()
+    assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+    taken.release()
+    # Another host's lock cannot be judged from here: refused, naming it.
+    (tmp_path / "lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(RuntimeError, match="pid 1 on host elsewhere"):
+        RunLock(tmp_path).acquire()
+
+
+def test_wandb_online_without_a_key_fails_naming_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(RuntimeError, match="wandb login"):
+        check_wandb_login("online")
+    check_wandb_login("offline")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    check_wandb_login("online")
+
+
+def test_a_busy_master_port_fails_at_once_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tritower.launch.config import ConfigError
+    from tritower.launch.dist_env import check_master_port
+
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        with pytest.raises(ConfigError, match=f"master port {port} is already in use"):
+            check_master_port()
+    check_master_port()  # free again
+
+
+def test_an_unwritable_checkpoint_folder_and_a_reused_folder_fail_naming_the_fix(tmp_path: Path) -> None:
+    from tritower.launch.config import ConfigError
+    from tritower.launch.experiments import clip_test
+    from tritower.launch.run_setup import _check_run_folder
+
+    cfg = clip_test()
+    (tmp_path / "file").write_text("")  # runs as root here: a path under a file is what cannot be written
+    with pytest.raises(ConfigError, match="cannot write checkpoints to .* pass a writable --train.output_dir"):
+        _check_run_folder(cfg, tmp_path / "file" / "run", world_size=2)
+    _tag(tmp_path / "run" / "checkpoints", 200)
+    with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run .*--resume auto"):
+        _check_run_folder(cfg, tmp_path / "run", world_size=2)

@@ -1,0 +1,155 @@
+"""The papers' optimizers (AdamW, LAMB, Adafactor) and schedules (warm-up, then cosine, linear,
+constant or rsqrt, then cooldown) through the DeepSpeed engine under ZeRO-2 and ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tritower.launch.cli import load_config
+from tritower.launch.config import ConfigError, OptimConfig
+from tritower.launch.ds_config import build_ds_config
+from tritower.launch.optimizers import deepspeed_schedule, lr_factor
+
+
+def _opt(**fields) -> OptimConfig:
+    return OptimConfig(**{"warmup_steps": 10, "min_lr_ratio": 0.0, **fields})
+
+
+def test_warmup_then_each_schedule_by_hand() -> None:
+    total = 110
+    for schedule in ("cosine", "linear", "constant", "rsqrt"):
+        opt = _opt(schedule=schedule)
+        assert [lr_factor(s, opt, total) for s in range(3)] == [0.1, 0.2, 0.3]
+        assert lr_factor(9, opt, total) == 1.0 and lr_factor(10, opt, total) == 1.0
+    # 100 steps of decay after the 10 of warm-up: halfway is step 60.
+    assert lr_factor(60, _opt(schedule="cosine"), total) == pytest.approx(0.5)
+    assert lr_factor(60, _opt(schedule="linear"), total) == pytest.approx(0.5)
+    assert lr_factor(110, _opt(schedule="cosine", min_lr_ratio=0.1), total) == pytest.approx(0.1)
+    assert lr_factor(60, _opt(schedule="constant"), total) == 1.0
+    # rsqrt: 1/sqrt(1 + t/timescale), timescale = warm-up steps unless given.
+    assert lr_factor(20, _opt(schedule="rsqrt"), total) == pytest.approx(1 / math.sqrt(2))
+    assert lr_factor(50, _opt(schedule="rsqrt", rsqrt_timescale=40), total) == pytest.approx(1 / math.sqrt(2))
+
+
+def test_cooldown_ramps_the_last_steps_to_zero() -> None:
+    opt = _opt(schedule="constant", cooldown_steps=20)
+    assert lr_factor(89, opt, 110) == 1.0
+    assert lr_factor(90, opt, 110) == 1.0  # the first cooldown step: 20/20
+    assert lr_factor(100, opt, 110) == pytest.approx(0.5)
+    assert lr_factor(109, opt, 110) == pytest.approx(1 / 20)
+    rsqrt = _opt(schedule="rsqrt", cooldown_steps=20)
+    assert lr_factor(100, rsqrt, 110) == pytest.approx(0.5 / math.sqrt(1 + 90 / 10))
+
+
+def test_default_stays_deepspeeds_warmup_cosine_byte_for_byte() -> None:
+    cfg = load_config(["--experiment", "clip_tiny"])
+    assert deepspeed_schedule(cfg.optim)
+    ds = build_ds_config(cfg, world_size=2, device_type="cpu")
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True},
+    }
+    assert ds["scheduler"] == {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": 450,
+            "warmup_num_steps": 50,
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": 0.0,
+            "warmup_type": "linear",
+        },
+    }
+    assert "zero_allow_untested_optimizer" not in ds
+
+
+@pytest.mark.parametrize(
+    "overrides, device, optimizer_type, scheduler",
+    [
+        (["--optim.name=adafactor"], "cpu", None, False),
+        (["--optim.name=adafactor"], "cuda", None, False),
+        (["--optim.name=lamb"], "cpu", None, False),  # timm's Lamb: DeepSpeed's FusedLamb is CUDA only
+        (["--optim.name=lamb"], "cuda", "Lamb", False),
+        (["--optim.schedule=rsqrt", "--optim.cooldown_steps=50"], "cpu", "AdamW", False),
+        (["--optim.schedule=cosine", "--optim.cooldown_steps=50"], "cuda", "AdamW", False),
+    ],
+)
+def test_policy_for_client_optimizers_and_schedules(
+    overrides: list[str], device: str, optimizer_type: str | None, scheduler: bool
+) -> None:
+    ds = build_ds_config(load_config(overrides), world_size=2, device_type=device)
+    assert ds.get("optimizer", {}).get("type") == optimizer_type
+    assert ("scheduler" in ds) == scheduler
+    if optimizer_type != "AdamW":
+        assert ds["zero_allow_untested_optimizer"] is True
+    assert "auto" not in json.dumps(ds)
+
+
+def test_cuda_fused_adamw_preference_leaves_lamb_and_client_optimizers_alone() -> None:
+    import torch
+
+    from tritower.launch.engine import _prefer_fused_adamw
+
+    cuda = torch.device("cuda")
+    lamb = _prefer_fused_adamw(build_ds_config(load_config(["--optim.name=lamb"]), 2, "cuda"), cuda)
+    assert lamb["optimizer"] == {
+        "type": "Lamb",
+        "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.1},
+    }
+    adafactor = _prefer_fused_adamw(build_ds_config(load_config(["--optim.name=adafactor"]), 2, "cuda"), cuda)
+    assert "optimizer" not in adafactor
+    adamw = _prefer_fused_adamw(build_ds_config(load_config([]), 2, "cuda"), cuda)
+    assert adamw["optimizer"]["params"]["fused"] is True
+
+
+def test_bad_optimizer_and_schedule_fail_naming_the_choices() -> None:
+    with pytest.raises(ConfigError, match="optim.name='sgd' is not one of adamw, lamb, adafactor"):
+        load_config(["--optim.name=sgd"])
+    with pytest.raises(ConfigError, match="optim.schedule='step' is not one of"):
+        load_config(["--optim.schedule=step"])
+    with pytest.raises(ConfigError, match="exceed train.steps"):
+        load_config(["--optim.cooldown_steps=1000"])
+    cfg = load_config(["--optim.name=adafactor", "--zero=zero_configs/z3_offload.json"])
+    with pytest.raises(ConfigError, match="offloads the optimizer"):
+        build_ds_config(cfg, world_size=2, device_type="cpu")
+
+
+STEPS, RESUME_AT = 10, 5
+
+
+@pytest.mark.launch
+@pytest.mark.parametrize(
+    "name, zero, schedule",
+    [
+        ("lamb", "z2", ["--optim.schedule=linear"]),
+        ("lamb", "z3", ["--optim.schedule=cosine", "--optim.cooldown_steps=3"]),
+        ("adafactor", "z2", ["--optim.schedule=constant", "--optim.cooldown_steps=3"]),
+        ("adafactor", "z3", ["--optim.schedule=rsqrt"]),
+        ("adamw", "z2", ["--optim.schedule=rsqrt", "--optim.cooldown_steps=3"]),
+    ],
+)
+def test_optimizer_trains_and_resumes_exactly_on_two_ranks(train, name: str, zero: str, schedule: list[str]) -> None:
+    common = [
+        f"--optim.name={name}",
+        *schedule,
+        f"--train.steps={STEPS}",
+        "--train.log_every=1",
+        f"--checkpoint.every_steps={RESUME_AT}",
+        "--checkpoint.keep_last=0",
+        "--eval.at_end=False",
+    ]
+    whole = train(*common, "--train.run_name=whole", zero=f"zero_configs/{zero}.json")
+    losses = whole.losses()
+    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses  # the loss falls
+    # The learning rate follows the schedule (the record's lr is the next step's: index = step).
+    cfg = load_config(["--experiment", "clip_test", *common])
+    for record in whole.steps()[:-1]:
+        assert record["lr"] == pytest.approx(cfg.optim.lr * lr_factor(record["step"], cfg.optim, STEPS), rel=1e-6)
+    checkpoint = whole.run_dir / "checkpoints" / f"step{RESUME_AT:08d}"
+    resumed = train(*common, "--train.run_name=resumed", f"--resume={checkpoint}", zero=f"zero_configs/{zero}.json")
+    assert f"resumed from {checkpoint} at step {RESUME_AT}" in resumed.output
+    assert resumed.losses() == losses[RESUME_AT:]  # optimizer and schedule state restored exactly
+    assert resumed.metrics["loss"] == whole.metrics["loss"]
