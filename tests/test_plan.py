@@ -241,5 +241,22 @@ def test_every_registered_image_tower_gets_states_and_honest_activations() -> No
             with torch.device("meta"):
                 reference = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
             assert image["params"] == sum(p.numel() for p in reference.parameters()), name
-    assert plan_main(["--image", "resnet50", "--text", "bert_base", "--setting", "Lu", "--global-batch", "1024",
-                      "--gpus", "8", "--gpu-memory", "80"]) == 0
+    assert (
+        plan_main(
+            [
+                "--image",
+                "resnet50",
+                "--text",
+                "bert_base",
+                "--setting",
+                "Lu",
+                "--global-batch",
+                "1024",
+                "--gpus",
+                "8",
+                "--gpu-memory",
+                "80",
+            ]
+        )
+        == 0
+    )
