@@ -209,3 +209,18 @@ def apply_unlock_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, st
         factor = factors.get(group.get("tower", ""))
         if factor is not None:
             group["lr"] *= factor
+
+
+def unlock_events(cfg: TrainConfig, step: int) -> list[tuple[str, dict]]:
+    """(progress line, ``train_log.jsonl`` record) for each tower whose delayed unlock happens at
+    ``step`` (the step about to run)."""
+    events = []
+    for tower, factor in unlock_factors(cfg, step).items():
+        if step == cfg.model.parsed.tower(tower).unlock_after_steps:
+            warmup = cfg.optim.unlock_warmup_steps or cfg.optim.warmup_steps
+            line = (
+                f"step {step}: {tower} tower unlocked (it was locked for steps 0-{step - 1}); "
+                f"its learning rate warms up over {warmup} steps"
+            )
+            events.append((line, {"step": step, "event": f"unlock_{tower}", "lr_factor": factor}))
+    return events

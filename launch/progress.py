@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from tritower.launch.checkpointer import gather_per_rank
+from tritower.launch.run_eval import COUNTS
 from tritower.launch.run_io import format_duration
 
 
@@ -66,3 +67,10 @@ def agree_on_flags(*flags: bool) -> tuple[bool, ...]:
     values = torch.tensor([float(flag) for flag in flags])
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return tuple(bool(value) for value in values)
+
+
+def eval_line(step: int, metrics: dict[str, float], seconds: float) -> str:
+    """``eval @ step N: metric value, ...``: counts (eval_samples, eval_bad, zeroshot_unlabelled)
+    as integers, metrics as fractions."""
+    shown = ", ".join(f"{k} {v:.0f}" if k.rsplit("/", 1)[-1] in COUNTS else f"{k} {v:.3f}" for k, v in metrics.items())
+    return f"eval @ step {step}: {shown} ({seconds:.1f}s)"

@@ -22,6 +22,7 @@ from tritower.launch import dist_env
 from tritower.launch.checkpointer import Checkpointer, gather_per_rank, rng_state, set_rng_state
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.config_file import write_config_file
+from tritower.launch.divergence import DivergenceGuard
 from tritower.launch.ds_config import micro_batches_per_step
 from tritower.launch.engine import build_engine, init_distributed, write_monitor_events
 from tritower.launch.gradcache import gradcache_backward, split_batch
@@ -30,11 +31,18 @@ from tritower.launch.model_setup import (
     apply_unlock_schedule,
     build_towers,
     text_tokenizer_source,
-    unlock_factors,
+    unlock_events,
 )
 from tritower.launch.preemption import Diverged, Preempted, StopRequest
-from tritower.launch.progress import agree_on_flags, data_quality, progress_line, step_record, wandb_values
-from tritower.launch.run_eval import COUNTS, RunEvaluator
+from tritower.launch.progress import (
+    agree_on_flags,
+    data_quality,
+    eval_line,
+    progress_line,
+    step_record,
+    wandb_values,
+)
+from tritower.launch.run_eval import RunEvaluator
 from tritower.launch.run_io import WandbLogger, write_json_atomic
 from tritower.launch.run_setup import (
     build_loaders,
@@ -108,10 +116,7 @@ class Trainer:
                 self.log(line)
 
         self.step = 0
-        self.nonfinite_total = self.nonfinite_in_row = 0
-        # The newest checkpoint, and the newest whose weights then gave a finite loss (a tag holds the
-        # weights after its step's update: only the next step's loss shows whether they are good).
-        self.last_tag = self.verified_tag = None
+        self.guard = DivergenceGuard(cfg.train.max_nonfinite_in_row)
         self.checkpointer = Checkpointer.from_config(self.run_dir / "checkpoints", self.engine, cfg.checkpoint)
         wandb_id = self.restore(*folder.resume) if folder.resume is not None else None
         self.wandb = WandbLogger(cfg, self.run_dir, enabled=self.env.is_main, run_id=wandb_id)
@@ -134,23 +139,16 @@ class Trainer:
         """Checkpoint the engine and the trainer's state (a collective: all ranks call it). Never
         inside a non-finite streak: nothing good is there to keep, and the save could prune the
         last good checkpoint."""
-        if self.nonfinite_in_row:
+        if self.guard.inside_streak:
             self.log(f"no checkpoint ({reason}) at step {self.step}: inside a run of non-finite losses")
             return
         per_rank = gather_per_rank({"data": self.train_loader.state_dict(), "rng": rng_state(self.device)})
-        state = {
-            "step": self.step,
-            "samples_seen": self.step * self.cfg.data.batch_size,
-            "config": self.cfg.to_dict(),
-            "world_size": self.env.world_size,
-            "data": [rank["data"] for rank in per_rank],
-            "rng": [rank["rng"] for rank in per_rank],
-            "nonfinite_total": self.nonfinite_total,
-            "wandb_id": self.wandb.run_id,
-            "locked": self.locked_identities(),
-        }
-        written = self.checkpointer.save(self.step, state, protect=(self.verified_tag,) if self.verified_tag else ())
-        self.last_tag, self.last_save = written.name, (self.step, time.time())
+        state = {"step": self.step, "samples_seen": self.step * self.cfg.data.batch_size, "config": self.cfg.to_dict()}
+        state |= {"world_size": self.env.world_size, "nonfinite_total": self.guard.total}
+        state |= {"data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank]}
+        state |= {"wandb_id": self.wandb.run_id, "locked": self.locked_identities()}
+        written = self.checkpointer.save(self.step, state, protect=self.guard.protected)
+        self.guard.last_tag, self.last_save = written.name, (self.step, time.time())
         self.log(f"checkpoint written ({reason}): {written}")
 
     def restore(self, folder: Path, tag: str) -> str | None:
@@ -160,12 +158,12 @@ class Trainer:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self.step = int(state.get("step", 0))
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.guard.total = int(state.get("nonfinite_total", 0))
         if "data" in state:
             self.train_loader.load_state_dict(state["data"])
         if "rng" in state:
             set_rng_state(state["rng"][self.env.rank], self.device)
-        self.last_tag = tag if folder == self.checkpointer.folder else None
+        self.guard.last_tag = tag if folder == self.checkpointer.folder else None
         self.log(f"resumed from {folder / tag} at step {self.step}")
         return state.get("wandb_id")
 
@@ -211,52 +209,20 @@ class Trainer:
 
     def log_unlocks(self) -> None:
         """Announce a delayed unlock at the step it happens (the step about to run is ``self.step``)."""
-        for tower, factor in unlock_factors(self.cfg, self.step).items():
-            if self.step == self.parsed.tower(tower).unlock_after_steps:
-                warmup = self.cfg.optim.unlock_warmup_steps or self.cfg.optim.warmup_steps
-                self.log(
-                    f"step {self.step}: {tower} tower unlocked (it was locked for steps 0-{self.step - 1}); "
-                    f"its learning rate warms up over {warmup} steps"
-                )
-                self.append_log({"step": self.step, "event": f"unlock_{tower}", "lr_factor": factor})
+        for line, record in unlock_events(self.cfg, self.step):
+            self.log(line)
+            self.append_log(record)
 
     def count_nonfinite(self, loss: float) -> None:
         """Count a skipped step; too many in a row stop the run (exit code 3), naming the newest
-        checkpoint whose weights gave a finite loss and how to resume from it. None is written
-        inside the streak, and one written just before it (its weights gave the first non-finite
-        loss) is marked suspect, so ``--resume auto`` skips it too."""
-        self.nonfinite_total += 1
-        self.nonfinite_in_row += 1
-        self.log(
-            f"step {self.step}: non-finite loss ({loss}), step skipped "
-            f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)"
-        )
-        if self.nonfinite_in_row < self.cfg.train.max_nonfinite_in_row:
+        checkpoint whose weights gave a finite loss and how to resume from it (``divergence.py``)."""
+        self.log(self.guard.nonfinite(self.step, loss))
+        if not self.guard.must_stop:
             return
-        first = self.step - self.nonfinite_in_row + 1
-        good = self.checkpointer.folder / self.verified_tag if self.verified_tag else None
-        if self.env.is_main and self.last_tag and self.last_tag != self.verified_tag:
-            self.checkpointer.mark_suspect(self.last_tag, f"its weights gave the non-finite loss of step {first}", good)
-        lower = f"--optim.lr={self.cfg.optim.lr / 10:g}"
-        if good is not None:
-            advice = (
-                f"the newest checkpoint whose weights still gave a finite loss is {good}. Resume from it with a "
-                f"lower learning rate: --resume {good} {lower} (ten times lower; lower again if it diverges "
-                "again; or raise --optim.warmup_steps, or use bf16/fp32 instead of fp16)"
-            )
-        else:
-            advice = (
-                "no checkpoint of this run was written before them: start again with a lower learning rate "
-                f"({lower} and a new --train.run_name, or raise --optim.warmup_steps)"
-            )
-        self.append_log({"step": self.step, "event": "diverged", "good_checkpoint": str(good) if good else None})
+        record, message = self.guard.stop(self.step, self.checkpointer, self.env.is_main, self.cfg.optim.lr)
+        self.append_log(record)
         if self.env.is_main:
-            print(
-                f"tritower: stopped: {self.nonfinite_in_row} non-finite losses in a row (steps {first}-{self.step}); "
-                f"{advice}. Exit code 3.",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(message, file=sys.stderr, flush=True)
         self.wandb.finish({"diverged_at_step": self.step})
         raise Diverged()
 
@@ -265,11 +231,7 @@ class Trainer:
             return {}
         started = time.time()
         metrics = self.evaluator()
-        # Counts (eval_samples, eval_bad, zeroshot_unlabelled) print as integers, metrics as fractions.
-        shown = ", ".join(
-            f"{k} {v:.0f}" if k.rsplit("/", 1)[-1] in COUNTS else f"{k} {v:.3f}" for k, v in metrics.items()
-        )
-        self.log(f"eval @ step {self.step}: {shown} ({time.time() - started:.1f}s)")
+        self.log(eval_line(self.step, metrics, time.time() - started))
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
         return metrics
 
@@ -280,23 +242,15 @@ class Trainer:
         due = self.env.is_main and minutes > 0 and time.time() - self.last_save[1] >= 60 * minutes
         return agree_on_flags(self.stop.poll(), due)
 
-    def log_progress(
-        self,
-        loss: float,
-        last_loss: float,
-        terms: dict[str, float],
-        scale: float,
-        rate: float,
-        elapsed: float,
-        eta: float,
-    ) -> None:
+    def log_progress(self, loss: float, last: float, terms: dict, scale: float, timing: tuple) -> None:
         """The progress line, the ``train_log.jsonl`` record and the wandb values of one logged step."""
         lr = self.engine.get_lr()[0]
         quality = data_quality(self.train_loader)
         steps = self.cfg.train.steps
-        self.log(progress_line(self.step, steps, rate, last_loss, lr, scale, elapsed, eta, quality["bad"]))
+        rate, took, eta = timing
+        self.log(progress_line(self.step, steps, rate, last, lr, scale, took, eta, quality["bad"]))
         self.append_log(step_record(self.step, loss, lr, scale, rate, terms))
-        values = wandb_values(last_loss, lr, scale, rate, terms, self.nonfinite_total, quality["bad"])
+        values = wandb_values(last, lr, scale, rate, terms, self.guard.total, quality["bad"])
         self.wandb.log(values, self.step)
         write_monitor_events(self.engine, values, self.step)  # log.tensorboard / log.csv
 
@@ -312,20 +266,21 @@ class Trainer:
         self.stop.immediate = False  # from here on a stop signal checkpoints first
         while self.step < steps:
             self.log_unlocks()
-            judged = self.last_tag  # this step's loss is the first made with that checkpoint's weights
+            judged = self.guard.last_tag  # this step's loss is the first made with that checkpoint's weights
             result, scale = self.train_step(next(batches))
             loss, terms = result.pop("loss"), result
             self.step += 1
             window_steps += 1
             if math.isfinite(loss):
-                last_loss, self.nonfinite_in_row, self.verified_tag = loss, 0, judged
+                last_loss = loss
+                self.guard.finite(judged)
             else:
                 self.count_nonfinite(loss)
             if self.step % cfg.train.log_every == 0 or self.step == steps:
                 now = time.time()
                 rate = window_steps * batch / max(now - window_start, 1e-9)
                 eta = (now - started) / (self.step - start_step) * (steps - self.step)
-                self.log_progress(loss, last_loss, terms, scale, rate, now - started, eta)
+                self.log_progress(loss, last_loss, terms, scale, (rate, now - started, eta))
                 window_start, window_steps = now, 0
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < steps:
                 metrics = self.evaluate()
@@ -355,7 +310,7 @@ class Trainer:
         final = {"experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale}
         final |= {"world_size": self.env.world_size, "global_batch": batch, "train_wall_s": round(wall, 2)}
         final |= {"samples_per_s": round(trained * batch / wall, 1) if trained else 0.0}
-        final |= {"nonfinite_steps": self.nonfinite_total, "data_samples": quality["good"], "data_bad": quality["bad"]}
+        final |= {"nonfinite_steps": self.guard.total, "data_samples": quality["good"], "data_bad": quality["bad"]}
         final |= metrics
         if self.env.is_main:
             print(json.dumps(final), flush=True)
