@@ -11,7 +11,8 @@ Parts (docs/gpu.md: what each measures, and the targets):
   activation checkpointing, through the trainer's path: samples/s, model TFLOP/s (3 x the forward
   FLOPs counted), MFU and peak memory at per-GPU batch 64, 128, 256, then one probe at the batch
   the measured memory predicts to fill the GPU (``uu_fit`` retries at 85% of it, last, in a fresh
-  process, if it did not fit); a torch.profiler summary of two steps.
+  process, if it did not fit; the dry run probes a fixed batch); a torch.profiler summary of two
+  steps.
 * ``lu``: Lu (the locked ViT-g/14 outside the engine, bf16 under inference mode) and Lu with
   precomputed image embeddings, at batch 256, next to the FLOP model's prediction.
 * ``loss`` (``loss_triton_gpu.part_loss``): ``clip_loss(impl="triton")`` forward+backward at
@@ -112,7 +113,7 @@ DRY = Plan(
     loss_tile=32,
     accum_experiment="clip_test",
     accum_towers=("vit_test", "bert_test"),
-    accum_global=16,
+    accum_global=8,
     accum_micro=4,
     accum_loss="naive",
     budgets={"uu": 120, "lu": 90, "loss": 90, "accum": 90, "uu_fit": 90},
@@ -390,10 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = parts.get("uu", {}).get("rows", [])
     if rows and rows[-1].get("probe") and "error" in rows[-1]:  # last: the lowest priority
         options.fit_batch = int(0.85 * rows[-1]["batch"]) // plan.search_round * plan.search_round
-    elif options.dry_run and rows:  # the retry's code path, exercised
-        options.fit_batch = plan.search_cap
-    if options.fit_batch > max(plan.batches):
-        parts["uu_fit"] = run_part("uu_fit", plan, options, deadline)
+        if options.fit_batch > max(plan.batches):
+            parts["uu_fit"] = run_part("uu_fit", plan, options, deadline)
     compared = comparisons(parts)
     meta = {"dry_run": options.dry_run, "plan": asdict(plan), "zero": options.zero, "wall_s": time.time() - started}
     meta |= {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
