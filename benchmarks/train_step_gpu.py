@@ -34,9 +34,17 @@ from tritower.launch.gradcache import gradcache_backward, split_batch
 from tritower.model import build_image_tower, image_tower_spec, text_tower_spec
 from tritower.model.precision import dtype_of
 
-# Dense (no sparsity) bf16 tensor-core peaks from the datasheets, TFLOP/s. The H200 is the H100's
-# chip with more and faster memory: the same 989.4.
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+# Dense (no sparsity) bf16 tensor-core peaks from the datasheets, TFLOP/s, first match of the device
+# name wins. The H200 (SXM) is the H100's chip with more and faster memory: the same 989.4; the
+# NVL and PCIe boards run it at a lower clock and power.
+PEAK_BF16_TFLOPS = {
+    "H100 NVL": 835.5,
+    "H100 PCIe": 756.5,
+    "H200 NVL": 835.5,
+    "H100": 989.4,
+    "H200": 989.4,
+    "A100": 312.0,
+}
 # What the workplace measured its lent H200 to sustain (dense bf16 matmuls); MFU uses the datasheet.
 MEASURED_H200_TFLOPS = 790.0
 PRECOMPUTED_SOURCE = "benchmark: fixed random tensor"  # build_towers only needs data.embeddings non-empty
