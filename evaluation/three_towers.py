@@ -1,16 +1,6 @@
-"""Three Towers at inference: the alpha mixture of the main towers and the third tower.
-
-For alpha in [0, 1] the 3T paper's convex combination scores an image x against a text t as
-
-    score_alpha(x, t) = alpha * <f(x), g(t)> + (1 - alpha) * <h_g(h(x)), g_h(g(t))>
-
-(unit-norm embeddings; alpha = 1 is the plain 3T model, which costs what CLIP costs; alpha = 0
-reads the frozen third tower through its text-side head, LiT-like). It is one pair of towers
-whose dot product is exactly that score: the image side is [sqrt(alpha) f(x), sqrt(1-alpha)
-h_g(h(x))] and the text side [sqrt(alpha) g(t), sqrt(1-alpha) g_h(g(t))], both unit-norm
-(2 * embed_dim wide). ``ThreeTowersMixture`` is that pair behind the usual ``encode_image`` /
-``encode_text``, so ``evaluate`` and the export's inference model use it unchanged;
-``evaluate_alphas`` encodes the pieces once and reports every metric for several alphas.
+"""Three Towers evaluated over several mixing weights: ``evaluate_alphas`` encodes the pieces of
+the alpha mixture (``tritower.model.mixture``: score_alpha(x, t) = alpha <f(x), g(t)> + (1 - alpha)
+<h_g(h(x)), g_h(g(t))>) once and reports every metric for each alpha.
 
 Zero-shot class embeddings are formed from the concatenated text embeddings as for any model
 (normalised mean over the prompts), so the numbers are those of the exported mixed model.
