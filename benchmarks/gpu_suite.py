@@ -209,6 +209,12 @@ def run_part(name: str, plan: Plan, options: argparse.Namespace, deadline: float
     env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     if options.dry_run:
         env["TRITON_INTERPRET"] = "1"  # read when triton is imported: the part's process is fresh
+        # DeepSpeed's CPU communication op is JIT-compiled into torch's extension cache, which is
+        # keyed by Python and CUDA version only: a checkout with another venv path sharing it
+        # rebuilds it (a minute) whenever the two alternate. The suite keeps its own, per Python
+        # (torch adds no version to a directory it is given, and its lock files differ by version).
+        python = f"py{sys.version_info.major}{sys.version_info.minor}"
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".gpu" / "torch_extensions" / python))
     started = time.time()
     with open(log, "w") as sink:
         # Its own session: at the budget the part and anything it started are killed together.
@@ -396,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = parts.get("uu", {}).get("rows", [])
     if rows and rows[-1].get("probe") and "error" in rows[-1]:  # last: the lowest priority
         options.fit_batch = int(0.85 * rows[-1]["batch"]) // plan.search_round * plan.search_round
-        if options.fit_batch > max(plan.batches):
+        if options.fit_batch > max(plan.batches) and deadline - time.time() > 60:  # time to build again
             parts["uu_fit"] = run_part("uu_fit", plan, options, deadline)
     compared = comparisons(parts)
     meta = {"dry_run": options.dry_run, "plan": asdict(plan), "zero": options.zero, "wall_s": time.time() - started}

@@ -289,6 +289,7 @@ def profile_summary(step: Callable[[], float], device: torch.device, steps: int 
         "steps": steps,
         "total_ms": total / 1e3,
         "communication_share": share(COMM_WORDS),
+        "compute_share": 1 - share(COMM_WORDS),
         "matmul_share": share(MATMUL_WORDS),
         "top": [
             {"name": e.key[:140], "calls": e.count, "self_ms": t / 1e3, "share": t / total} for t, e in timed[:top]
