@@ -30,6 +30,7 @@ setup(
         "tqdm>=4.60",
         "sentencepiece>=0.2",  # T5/mT5 tokenizer folders that hold only spiece.model
         "pyyaml>=6",  # --config FILE.yaml and runs/<run>/config.yaml (launch/config_file.py)
+        "matplotlib>=3.7",  # run curves and the study's figures (PNG, Agg backend)
     ],
     extras_require={
         "test": [
