@@ -24,6 +24,8 @@ from pathlib import Path
 from tritower.launch.config import ConfigError, TrainConfig, closest, validate
 from tritower.launch.config_file import apply_file, read_config_file
 from tritower.launch.experiments import DEFAULT_EXPERIMENT, EXPERIMENTS, get_experiment
+from tritower.model.config import ModelConfig
+from tritower.model.sections import NOT_FOR, TOWER_FIELDS, TOWER_ROLES, tower_aliases, tower_field
 
 # Top-level flags that are shorthands for a section field.
 ALIASES = {"zero": "deepspeed.zero", "resume": "checkpoint.resume"}
@@ -92,6 +94,11 @@ def apply_override(cfg: object, key: str, text: str, aliases: dict[str, str] | N
         raise ConfigError(f"unknown config section '{section_name}'{_closest(section_name, sections)} in --{key}")
     section = getattr(cfg, section_name)
     types_by_field = _field_types(section)
+    if "." in field_name and isinstance(section, ModelConfig):  # a per-tower option, --model.image.tower
+        try:
+            field_name = tower_field(*field_name.split(".", 1))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from None  # it names model.<tower>.<option>
     if field_name not in types_by_field:
         raise ConfigError(f"unknown config key '{key}'{_closest(key, valid_keys)}")
     value = _convert(text, types_by_field[field_name], key)
@@ -222,6 +229,11 @@ def _describe(section: object, prefix: str, skip: tuple[str, ...] = ()) -> list[
 def help_text(cfg: object, section: str = "", usage: str = "", aliases: dict[str, str] | None = None) -> str:
     """The help of a sectioned config: usage, experiments, shorthands, then every section's fields."""
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    if section.startswith("model.") and isinstance(getattr(cfg, "model", None), ModelConfig):
+        role = section.removeprefix("model.")
+        if role not in TOWER_ROLES:
+            raise ConfigError(f"--help {section}: unknown tower section{closest(role, list(TOWER_ROLES))}")
+        return "\n".join([usage, *_tower_help(cfg.model, role)]) + "\n"
     if section and section not in sections:
         raise ConfigError(
             f"--help {section}: unknown section{closest(section, sections)}; sections: {', '.join(sections)}"
@@ -244,8 +256,29 @@ def help_text(cfg: object, section: str = "", usage: str = "", aliases: dict[str
             continue
         value = getattr(cfg, name)
         title = inspect.cleandoc(type(value).__doc__ or "").split("\n\n")[0]
+        if isinstance(value, ModelConfig):
+            lines += ["", f"[{name}] " + " ".join(title.split())]
+            lines += _describe(value, f"{name}.", skip=tuple(tower_aliases()))
+            lines += ["  Per tower: [model.image], [model.text], [model.third] below (--help model.image for one)."]
+            for role in TOWER_ROLES:
+                lines += _tower_help(value, role)
+            continue
         lines += ["", f"[{name}] " + " ".join(title.split()), *_describe(value, f"{name}.")]
     return "\n".join(lines) + "\n"
+
+
+def _tower_help(model: ModelConfig, role: str) -> list[str]:
+    """``[model.<role>]``: the options that apply to the tower, with values and docstrings, then
+    the ones that do not and why (every tower has the same section shape)."""
+    view = model.section(role)
+    others = tuple(f.name for f in dataclasses.fields(view) if f.name not in TOWER_FIELDS[role])
+    alias = next(iter(TOWER_FIELDS[role].values()))
+    lines = ["", f"[model.{role}] The {role} tower (flat aliases, e.g. --model.{alias} = --model.{role}.tower)."]
+    lines += _describe(view, f"model.{role}.", skip=others)
+    if others:
+        refused = f"Not for the {role} tower (refused): {', '.join(others)}: {NOT_FOR[role]}."
+        lines += [f"  {line}" for line in textwrap.wrap(refused, 96)]
+    return lines
 
 
 def _print_help(cfg: object, section: str, usage: str, aliases: dict[str, str]) -> typing.NoReturn:

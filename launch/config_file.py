@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from tritower.launch.config import ConfigError, TrainConfig, closest
+from tritower.model.config import ModelConfig
+from tritower.model.sections import TOWER_ROLES, tower_field
 
 FILE_NAME = "config.yaml"
 
@@ -80,11 +82,31 @@ def apply_file(cfg: TrainConfig, values: dict[str, Any], path: str, convert_text
         section = getattr(cfg, section_name)
         hints = typing.get_type_hints(type(section))
         names = [f.name for f in dataclasses.fields(section)]
-        for name, value in fields.items():
+        for name, value in _tower_options(section, fields, path).items():
             key = f"{section_name}.{name}"
             if name not in names:
                 raise ConfigError(f"{path}: unknown config key '{key}'{closest(name, names)}")
             setattr(section, name, _coerce(value, hints[name], key, convert_text))
+
+
+def _tower_options(section: object, fields: dict[str, Any], path: str) -> dict[str, Any]:
+    """The model section's per-tower mappings (``image: {tower: ...}``) as the flat fields that
+    store them; other sections, and flat keys (saved configs), pass through."""
+    if not isinstance(section, ModelConfig):
+        return fields
+    flat = {}
+    for name, value in fields.items():
+        if name not in TOWER_ROLES:
+            flat[name] = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: model.{name} must be a mapping of options (tower: ..., pretrained: ...)")
+        for option, item in value.items():
+            try:
+                flat[tower_field(name, str(option))] = item
+            except ValueError as error:
+                raise ConfigError(f"{path}: {error}") from None
+    return flat
 
 
 def _plain(value: Any) -> Any:
@@ -102,7 +124,8 @@ def config_yaml(cfg: TrainConfig) -> str:
         f"# tritower: the fully resolved config of a run of experiment {cfg.experiment}.\n"
         "# Re-run it: deepspeed launch/train.py --config THIS_FILE --train.run_name=NEW_NAME\n"
     )
-    return header + yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False, default_flow_style=False)
+    values = cfg.to_dict() | {"model": cfg.model.to_sections()}  # per-tower sections, as users write them
+    return header + yaml.safe_dump(_plain(values), sort_keys=False, default_flow_style=False)
 
 
 def write_config_file(cfg: TrainConfig, run_dir: Path) -> Path:

@@ -1,9 +1,13 @@
 """Configuration of the model (the ``model`` section of the training config) and its parsed form.
 
-The command line keeps flat ``--model.<tower>_<option>=...`` keys (the form sweep agents pass);
-``ModelConfig.parsed`` turns them, once, into a ``ParsedModel``: the setting's letters and one
-``TowerOptions`` per tower. Everything downstream reads those objects; this module is the only
-place that reads per-tower fields by composed name or compares setting strings.
+Users write one section per tower, the same shape for the image, text and third tower
+(``--model.image.tower=... --model.image.pretrained=PATH``, ``model: {image: {tower: ...}}`` in a
+YAML file; ``TowerSection`` documents the options, ``TOWER_FIELDS`` says where each is stored).
+The dataclass stores them as flat fields (``model.image_tower``): the Python attribute names, the
+keys of configs saved in checkpoints, and accepted command-line aliases. ``ModelConfig.parsed``
+turns them, once, into a ``ParsedModel``: the setting's letters and one ``TowerOptions`` per
+tower. Everything downstream reads those objects; this module is the only place that reads
+per-tower fields by composed name or compares setting strings.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from .registry import TEXT_POOLINGS, ImageTowerSpec, image_tower_spec, text_tower_spec
+from .sections import TOWER_FIELDS, TowerSection, tower_field
 
 # The paper's eight settings, plus uU (from-scratch image, pretrained text tower), which the
 # paper does not run but which the letters describe just as well.
@@ -95,6 +100,13 @@ class TowerOptions:
     """Image towers: fraction of patch tokens dropped in training (FLIP); evaluation sees all."""
     drop_path: float = 0.0
     """Image towers: stochastic-depth rate of the last block (timm's ``drop_path_rate``)."""
+    image_size: int = 0
+    """Image towers: input side in pixels the data pipeline and exports use (the override, else
+    the weights' pretrained config); 0 for text towers."""
+    mean: tuple[float, ...] = ()
+    """Image towers: per-channel normalisation mean (the override, else the pretrained config's)."""
+    std: tuple[float, ...] = ()
+    """Image towers: per-channel normalisation std (the override, else the pretrained config's)."""
 
     @property
     def locked(self) -> bool:
@@ -139,6 +151,9 @@ class ParsedModel:
     text: TowerOptions
     third: TowerOptions | None = None
     """3T's third tower; None for the LiT settings."""
+    warnings: tuple[str, ...] = ()
+    """Overrides that differ from the pretrained weights' own config, each naming both values;
+    the trainer prints them once at start (global rank 0)."""
 
     @property
     def three_towers(self) -> bool:
@@ -161,7 +176,7 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
     """Parses and checks the setting-related fields of ``cfg`` together; ValueError naming the
     field and the fix."""
     setting = parse_setting(cfg.setting)
-    towers = {}
+    towers, warnings = {}, []
     for role in MAIN_TOWERS:
         letter = setting.letter(role)
         spec = image_tower_spec(cfg.image_tower) if role == "image" else text_tower_spec(cfg.text_tower)
@@ -169,33 +184,33 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
         default = getattr(spec, "pretrained_dir", "")
         if letter in "LU" and not (field or default):
             raise ValueError(
-                f"model.{role}_pretrained is required: setting {cfg.setting!r} makes the "
+                f"model.{role}.pretrained is required: setting {cfg.setting!r} makes the "
                 f"{role} tower {letter} ({LETTERS[letter]}); give a local checkpoint path"
             )
         if letter == "u" and field:
             raise ValueError(
-                f"model.{role}_pretrained={field!r} is set but setting {cfg.setting!r} trains "
+                f"model.{role}.pretrained={field!r} is set but setting {cfg.setting!r} trains "
                 f"the {role} tower from scratch (u); clear it or use L/U"
             )
         blocks = getattr(cfg, f"{role}_unlock_last_blocks")
         if blocks < 0 or (blocks and letter != "L"):
             raise ValueError(
-                f"model.{role}_unlock_last_blocks={blocks} applies to a locked (L) {role} "
+                f"model.{role}.unlock_last_blocks={blocks} applies to a locked (L) {role} "
                 f"tower only and must be >= 0 (setting {cfg.setting!r})"
             )
         if blocks > spec.num_blocks:
             raise ValueError(
-                f"model.{role}_unlock_last_blocks={blocks} exceeds the {spec.num_blocks} blocks of {spec.name}"
+                f"model.{role}.unlock_last_blocks={blocks} exceeds the {spec.num_blocks} blocks of {spec.name}"
             )
         delay = getattr(cfg, f"{role}_unlock_after_steps")
         if delay < 0 or (delay and letter != "U"):
             raise ValueError(
-                f"model.{role}_unlock_after_steps={delay} applies to an unlocked pretrained (U) "
+                f"model.{role}.unlock_after_steps={delay} applies to an unlocked pretrained (U) "
                 f"{role} tower only and must be >= 0 (setting {cfg.setting!r})"
             )
         mult = getattr(cfg, f"{role}_lr_mult")
         if not (mult > 0 and math.isfinite(mult)):
-            raise ValueError(f"model.{role}_lr_mult must be positive, got {mult}")
+            raise ValueError(f"model.{role}.lr_mult must be positive, got {mult}")
         if letter == "L" and not cfg.locked_head_trainable and spec.width != cfg.embed_dim:
             raise ValueError(
                 f"model.locked_head_trainable=False freezes the {role} head as the identity, "
@@ -205,6 +220,8 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
         regularisation = {}
         if role == "image":
             regularisation = _image_regularisation(cfg, spec, setting)
+            preprocess, warnings = _image_preprocess(cfg, spec, letter)
+            regularisation.update(preprocess)
         towers[role] = TowerOptions(
             role=role,
             letter=letter,
@@ -220,7 +237,7 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
     if setting.three_towers:
         if not cfg.third_pretrained:
             raise ValueError(
-                "model.third_pretrained is required for setting '3T' (the frozen "
+                "model.third.pretrained is required for setting '3T' (the frozen "
                 "pretrained third tower); give a local checkpoint path"
             )
         name = cfg.third_tower or cfg.image_tower
@@ -228,13 +245,53 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
         third = TowerOptions(role="third", letter="L", name=name, pretrained=cfg.third_pretrained)
     elif cfg.third_tower or cfg.third_pretrained or cfg.init_logit_scale_3t:
         raise ValueError(
-            f"model.third_tower/third_pretrained/init_logit_scale_3t apply to setting '3T' only, not {cfg.setting!r}"
+            f"model.third.tower/third.pretrained/init_logit_scale_3t apply to setting '3T' only, not {cfg.setting!r}"
         )
-    return ParsedModel(setting, towers["image"], towers["text"], third)
+    return ParsedModel(setting, towers["image"], towers["text"], third, tuple(warnings))
+
+
+def _image_preprocess(cfg: ModelConfig, spec: ImageTowerSpec, letter: str) -> tuple[dict, list[str]]:
+    """The image tower's input size, mean and std: ``model.image.image_size/mean/std`` where set,
+    else the spec's (a ``timm:`` tower's are its pretrained config's); and a warning per override
+    that differs from what pretrained (L/U) weights were trained with."""
+    values = {"image_size": cfg.image_size or spec.image_size}
+    values["mean"] = tuple(float(v) for v in cfg.image_mean) or tuple(spec.mean)
+    values["std"] = tuple(float(v) for v in cfg.image_std) or tuple(spec.std)
+    for name in ("mean", "std"):
+        given = getattr(cfg, f"image_{name}")
+        if given and len(given) != 3:
+            raise ValueError(f"model.image.{name} needs 3 values (R,G,B), got {len(given)}: {tuple(given)}")
+    if any(not (v > 0 and math.isfinite(v)) for v in values["std"]):
+        raise ValueError(f"model.image.std must be positive, got {values['std']}")
+    if cfg.image_size < 0:
+        raise ValueError(f"model.image.image_size must be >= 0 (0 = the tower's own), got {cfg.image_size}")
+    if values["image_size"] != spec.image_size and (spec.arch == "timm_vit" or spec.patch_size):
+        # A patch model's position table is sized for its image; a resampling build is not wired in.
+        raise ValueError(
+            f"model.image.image_size={cfg.image_size}: {spec.name} is a patch model built for "
+            f"{spec.image_size} px (its position table fixes it); name a tower built at that size "
+            f"(e.g. a timm:<name> of that resolution) or leave image_size at 0"
+        )
+    warnings = []
+    if letter in "LU":
+        defaults = {"image_size": spec.image_size, "mean": tuple(spec.mean), "std": tuple(spec.std)}
+        for name, default in defaults.items():
+            if values[name] != default:
+                warnings.append(
+                    f"model.image.{name}={_plain(values[name])} differs from the pretrained config of "
+                    f"{spec.name} ({name} {_plain(default)}), which its weights were trained with; "
+                    "using the override"
+                )
+    return values, warnings
+
+
+def _plain(value: object) -> str:
+    """A value as the user writes it on the command line (``0.5,0.5,0.5``)."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
 
 
 def _image_regularisation(cfg: ModelConfig, spec: ImageTowerSpec, setting: TowerSetting) -> dict[str, float]:
-    """``model.image_patch_dropout`` and ``model.image_drop_path``, checked: ViT towers that train."""
+    """``model.image.patch_dropout`` and ``model.image.drop_path``, checked: ViT towers that train."""
     values = {"patch_dropout": cfg.image_patch_dropout, "drop_path": cfg.image_drop_path}
     for name, value in values.items():
         if not 0.0 <= value < 1.0:
@@ -242,11 +299,11 @@ def _image_regularisation(cfg: ModelConfig, spec: ImageTowerSpec, setting: Tower
     if any(values.values()):
         if spec.arch != "timm_vit":
             raise ValueError(
-                f"model.image_patch_dropout/image_drop_path apply to ViT image towers, not {spec.name!r} ({spec.arch})"
+                f"model.image.patch_dropout/drop_path apply to ViT image towers, not {spec.name!r} ({spec.arch})"
             )
         if setting.image == "L" and not cfg.image_unlock_last_blocks:
             raise ValueError(
-                f"model.image_patch_dropout/image_drop_path: the image tower of setting {cfg.setting!r} is "
+                f"model.image.patch_dropout/drop_path: the image tower of setting {cfg.setting!r} is "
                 "locked (it runs in evaluation mode, outside training); they would change nothing"
             )
     return values
@@ -323,6 +380,13 @@ class ModelConfig:
     image_drop_path: float = 0.0
     """Stochastic depth of a ViT image tower that trains (timm's ``drop_path_rate``): the drop
     rate of the last block, rising linearly from 0 at the first; 0 = off."""
+    image_size: int = 0
+    """Input side of the image tower in pixels; 0 = the tower's own (a ``timm:`` tower's
+    pretrained config). Patch models (ViT, Mixer) accept only their own size."""
+    image_mean: tuple[float, ...] = ()
+    """Per-channel normalisation mean of the image tower's inputs; () = the tower's own."""
+    image_std: tuple[float, ...] = ()
+    """Per-channel normalisation std of the image tower's inputs; () = the tower's own."""
 
     def __post_init__(self) -> None:
         # Unknown names raise ValueError naming the closest valid tower.
@@ -347,6 +411,24 @@ class ModelConfig:
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size must be >= 0, got {self.vocab_size}")
         self.parsed  # noqa: B018 -- parses and validates the setting and per-tower fields
+
+    def section(self, role: str) -> TowerSection:
+        """The per-tower section of ``image``, ``text`` or ``third`` with this config's values
+        (options that do not apply to the tower keep their defaults)."""
+        values = {option: getattr(self, field) for option, field in TOWER_FIELDS[role].items()}
+        return TowerSection(**values)
+
+    def set_tower_option(self, role: str, option: str, value: object) -> None:
+        """``model.<role>.<option> = value``; ValueError naming why where it does not apply."""
+        setattr(self, tower_field(role, option), value)
+
+    def to_sections(self) -> dict:
+        """The config as users write it: shared fields, then one mapping per tower holding the
+        options that apply to it (what ``runs/<run>/config.yaml`` stores; it reads back)."""
+        flat = dataclasses.asdict(self)
+        stored = {field for fields in TOWER_FIELDS.values() for field in fields.values()}
+        shared = {key: value for key, value in flat.items() if key not in stored}
+        return shared | {role: {o: flat[f] for o, f in fields.items()} for role, fields in TOWER_FIELDS.items()}
 
     @property
     def parsed(self) -> ParsedModel:

@@ -62,23 +62,23 @@ def test_parse_three_towers_and_bad_strings() -> None:
 
 
 def test_validation_names_the_field() -> None:
-    with pytest.raises(ValueError, match="model.image_pretrained is required"):
+    with pytest.raises(ValueError, match="model.image.pretrained is required"):
         _cfg(setting="Lu")
-    with pytest.raises(ValueError, match="model.text_pretrained is required"):
+    with pytest.raises(ValueError, match="model.text.pretrained is required"):
         _cfg(setting="uL")
-    with pytest.raises(ValueError, match="model.image_pretrained=.*from scratch"):
+    with pytest.raises(ValueError, match="model.image.pretrained=.*from scratch"):
         _cfg(setting="uu", image_pretrained="x.safetensors")
-    with pytest.raises(ValueError, match="image_unlock_last_blocks"):
+    with pytest.raises(ValueError, match="image.unlock_last_blocks"):
         _cfg(setting="Uu", image_pretrained="x.pth", image_unlock_last_blocks=1)
     with pytest.raises(ValueError, match="exceeds the 2 blocks"):
         _cfg(setting="Lu", image_pretrained="x.pth", image_unlock_last_blocks=3)
-    with pytest.raises(ValueError, match="text_unlock_after_steps"):
+    with pytest.raises(ValueError, match="text.unlock_after_steps"):
         _cfg(setting="uu", text_unlock_after_steps=5)
-    with pytest.raises(ValueError, match="image_lr_mult"):
+    with pytest.raises(ValueError, match="image.lr_mult"):
         _cfg(image_lr_mult=0.0)
     with pytest.raises(ValueError, match="embed_dim=16 to equal vit_test's width 32"):
         _cfg(setting="Lu", image_pretrained="x.pth", locked_head_trainable=False)
-    with pytest.raises(ValueError, match="third_pretrained is required"):
+    with pytest.raises(ValueError, match="third.pretrained is required"):
         _cfg(setting="3T")
     with pytest.raises(ValueError, match="apply to setting '3T' only"):
         _cfg(third_pretrained="x.pth")
