@@ -155,6 +155,10 @@ class LogConfig:
     the ``train/`` values of every logged step, and DeepSpeed's ``Train/Samples/lr`` every step."""
     csv: bool = False
     """Write the same values as CSV files, one per value, to ``<run folder>/csv/``."""
+    curves: bool = True
+    """At the end of a run, draw its curves (loss, learning rate, logit scale, each eval metric
+    against step) from ``train_log.jsonl`` to ``<run folder>/curves.png`` (``launch/tools/report.py``;
+    global rank 0; a failure to draw is a warning, never a failed run)."""
 
 
 @dataclass

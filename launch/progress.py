@@ -1,5 +1,6 @@
 """What a run reports while it trains: bad-data counts summed over ranks, the progress line, the
-``train_log.jsonl`` record and the wandb values of a logged step."""
+``train_log.jsonl`` records of a logged step and of an evaluation, and the wandb values of a
+logged step."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def step_record(step: int, loss: float, lr: float, scale: float, rate: float, te
     """One ``train_log.jsonl`` record: the step's loss at full precision (NaN where skipped)."""
     record = {"step": step, "loss": loss, "lr": lr, "logit_scale": scale, "samples_per_s": rate}
     return record | {f"loss_{k}": v for k, v in terms.items()}
+
+
+def eval_record(step: int, metrics: dict[str, float]) -> dict:
+    """The ``train_log.jsonl`` record of one evaluation (``launch/tools/report.py`` draws it); the
+    metrics nested, so that no metric name can pass for a step record's field."""
+    return {"step": step, "event": "eval", "metrics": metrics}
 
 
 def wandb_values(

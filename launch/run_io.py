@@ -1,5 +1,5 @@
-"""What a run writes besides checkpoints: the metrics file, the wandb run and the run folder's lock
-(rank 0 only)."""
+"""What a run writes besides checkpoints: the metrics file, the curves figure, the wandb run and the
+run folder's lock (rank 0 only)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import atexit
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,21 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2))
+
+
+def write_curves(run_dir: Path, enabled: bool) -> None:
+    """``log.curves``: draw the run's curves from its ``train_log.jsonl`` to ``<run>/curves.png``
+    (global rank 0, at the end). A figure is a convenience: any failure to draw it is one warning
+    line, never a failed run after the training and its checkpoint are done."""
+    if not enabled:
+        return
+    try:
+        from tritower.launch.tools.report import draw_curves
+
+        print(f"curves: {draw_curves([run_dir], run_dir / 'curves.png')}", flush=True)
+    except Exception as error:  # anything at all: the run itself has succeeded
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        print(f"warning: could not draw {run_dir / 'curves.png'} ({message}); the run is fine", file=sys.stderr)
 
 
 def check_wandb_login(mode: str) -> None:

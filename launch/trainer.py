@@ -38,12 +38,13 @@ from tritower.launch.progress import (
     agree_on_flags,
     data_quality,
     eval_line,
+    eval_record,
     progress_line,
     step_record,
     wandb_values,
 )
 from tritower.launch.run_eval import RunEvaluator
-from tritower.launch.run_io import WandbLogger, write_json_atomic
+from tritower.launch.run_io import WandbLogger, write_curves, write_json_atomic
 from tritower.launch.run_setup import (
     build_loaders,
     check_embeddings,
@@ -232,6 +233,7 @@ class Trainer:
         started = time.time()
         metrics = self.evaluator()
         self.log(eval_line(self.step, metrics, time.time() - started))
+        self.append_log(eval_record(self.step, metrics))
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
         return metrics
 
@@ -315,6 +317,7 @@ class Trainer:
         if self.env.is_main:
             print(json.dumps(final), flush=True)
             write_json_atomic(self.run_dir / "metrics.json", final)
+            write_curves(self.run_dir, cfg.log.curves)
         self.wandb.finish(final)
         return final
 
