@@ -94,6 +94,15 @@ class StopRequest:
         return bool(self.signal_name)
 
 
+def ignore_stop_signals() -> None:
+    """Once a rank stops with its checkpoint written, further stop signals are ignored: when the
+    first rank exits 75, ``srun --kill-on-bad-exit`` and DeepSpeed's launcher send SIGTERM to the
+    others, and one arriving while the interpreter shuts down (Python handlers gone) would turn
+    their 75 into 143, which srun reports as the step's status and no script requeues on."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint is written; exits with REQUEUE_EXIT_CODE."""
 

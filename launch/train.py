@@ -17,7 +17,7 @@ from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
 from tritower.launch.dist_env import check_master_port, from_environ
 from tritower.launch.ds_config import build_ds_config
-from tritower.launch.preemption import CONFIG_EXIT_CODE
+from tritower.launch.preemption import CONFIG_EXIT_CODE, Preempted, ignore_stop_signals
 
 
 def main(argv: list[str]) -> int:
@@ -39,6 +39,9 @@ def main(argv: list[str]) -> int:
         from tritower.launch.trainer import run
 
         run(cfg)
+    except Preempted:
+        ignore_stop_signals()  # exit 75 stays 75 whatever the scheduler sends the ranks now
+        raise
     except ConfigError as error:
         if main_rank:
             print(f"tritower: config error: {error}", file=sys.stderr)

@@ -1,8 +1,14 @@
-"""The sbatch scripts' launch logic, run locally under a fake SLURM environment on 2 CPU ranks.
+"""The sbatch scripts' launch logic, run locally under a fake SLURM allocation on 2 CPU ranks.
 
-SLURM cannot run here, so ``tests/fake_slurm`` stands in for ``srun`` (start SLURM_NTASKS tasks
-with their task variables) and ``scontrol`` (host list, requeue). Everything they start is real:
-the scripts, ``launch/slurm/task.sh``, the trainer, DeepSpeed on gloo.
+SLURM cannot run here, so ``tests/fake_slurm`` stands in for ``srun`` (places the step's tasks on
+the allocation's nodes with the variables srun sets, forwards signals, ``--kill-on-bad-exit``)
+and ``scontrol`` (hostlist expansion, requeue). The simulated nodes are named ``127.0.0.[1-2]``:
+loopback addresses of this host, so the master address the script derives from the first node
+name resolves as on a cluster. Everything they start is real: the scripts, ``launch/slurm/task.sh``,
+the trainer, DeepSpeed on gloo.
+
+Three launches in all: the one-node script to the end (the reference), the multi-node script
+preempted on one node, and its requeued job.
 """
 
 from __future__ import annotations
@@ -14,32 +20,37 @@ import time
 from pathlib import Path
 
 import pytest
-from launching import REPO, Run, free_port
+from launching import REPO, Run, free_port, losses_by_step, read_log
 
 pytestmark = pytest.mark.launch
 
 FAKE = REPO / "tests" / "fake_slurm"
+STEPS = 12
+JOB_ID = 4242
 
 
 def _job(
-    script: str, tmp_path: Path, data_cache: Path, *overrides: str, job_id: int = 4242
+    script: str, out: Path, data_cache: Path, *, nodes: int, tasks_per_node: int, run_name: str
 ) -> tuple[subprocess.Popen, Path]:
-    log = tmp_path / "slurm.log"
+    """Run an sbatch script with bash as SLURM would inside an allocation of ``nodes`` nodes."""
+    log = out / "slurm.log"
     venv_bin = Path(os.sys.executable).parent
     env = dict(
         os.environ,
         PATH=f"{FAKE}:{venv_bin}:{os.environ['PATH']}",
         FAKE_SLURM_LOG=str(log),
-        SLURM_JOB_ID=str(job_id),
+        SLURM_JOB_ID=str(JOB_ID),  # a requeued job keeps its id
         SLURM_JOB_NAME="tritower",
-        SLURM_JOB_NODELIST="127.0.0.1",
-        SLURM_NNODES="1",
-        SLURM_NTASKS="2",
-        SLURM_NTASKS_PER_NODE="2",
+        SLURM_JOB_NODELIST="127.0.0.[1-2]" if nodes == 2 else "127.0.0.1",
+        SLURM_NNODES=str(nodes),
+        SLURM_JOB_NUM_NODES=str(nodes),
+        SLURM_NTASKS=str(nodes * tasks_per_node),
+        SLURM_NTASKS_PER_NODE=str(tasks_per_node),
+        SLURM_TASKS_PER_NODE=f"{tasks_per_node}(x{nodes})",
         SLURM_CPUS_PER_TASK="1",
         SLURM_SUBMIT_DIR=str(REPO),
         MASTER_PORT=str(free_port()),
-        RUN_NAME="slurmrun",
+        RUN_NAME=run_name,
         ZERO="zero_configs/z2.json",
         WANDB_MODE="disabled",
         PYTHONUNBUFFERED="1",
@@ -49,49 +60,80 @@ def _job(
         str(REPO / "launch" / "slurm" / script),
         "--experiment=clip_test",
         f"--data.cache_dir={data_cache}",
-        f"--train.output_dir={tmp_path / 'runs'}",
+        f"--train.output_dir={out / 'runs'}",
+        f"--train.steps={STEPS}",
         "--eval.at_end=false",
         "--train.log_every=1",
-        *overrides,
     ]
-    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     return process, log
 
 
-def test_one_node_script_trains_to_the_end(tmp_path: Path, data_cache: Path) -> None:
-    run = Run.before(tmp_path / "runs" / "slurmrun")
-    process, log = _job("train_1node.sbatch", tmp_path, data_cache, "--train.steps=4")
-    output, _ = process.communicate(timeout=400)
-    assert process.returncode == 0, output[-3000:]
-    assert "2 ranks, master 127.0.0.1" in output
-    metrics = run.finished(output).metrics
-    assert metrics["world_size"] == 2 and metrics["step"] == 4
+def _finish(process: subprocess.Popen, timeout: int = 400) -> str:
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> tuple[Run, int, Path]:
+    """The one-node script (1 node x 2 tasks) trained to the end, uninterrupted."""
+    out = tmp_path_factory.mktemp("one-node")
+    run = Run.before(out / "runs" / "reference")
+    process, log = _job("train_1node.sbatch", out, data_cache, nodes=1, tasks_per_node=2, run_name="reference")
+    output = _finish(process)
+    return run.finished(output), process.returncode, log
+
+
+def test_one_node_script_trains_to_the_end(reference: tuple[Run, int, Path]) -> None:
+    run, code, log = reference
+    assert code == 0, run.output[-3000:]
+    assert "1 node(s), 2 ranks, master 127.0.0.1" in run.output
+    assert run.metrics["world_size"] == 2 and run.metrics["step"] == STEPS
     assert "requeue" not in log.read_text()
 
 
-@pytest.mark.parametrize("script", ["train_multinode.sbatch"])
-def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(script: str, tmp_path: Path, data_cache: Path) -> None:
-    process, log = _job(script, tmp_path, data_cache, "--train.steps=300")
-    train_log = tmp_path / "runs" / "slurmrun" / "train_log.jsonl"
+def test_preemption_on_one_node_checkpoints_every_rank_requeues_and_resumes_exactly(
+    reference: tuple[Run, int, Path], tmp_path: Path, data_cache: Path
+) -> None:
+    assert reference[1] == 0, reference[0].output[-3000:]
+    run_dir = tmp_path / "runs" / "slurmrun"
+    job = dict(nodes=2, tasks_per_node=1, run_name="slurmrun")
+    process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
     deadline = time.time() + 300
-    while not (train_log.exists() and train_log.read_text().count("\n") >= 2):
-        assert process.poll() is None and time.time() < deadline, process.communicate()[0][-3000:]
-        time.sleep(0.2)
-    tasks = [int(pid) for pid in log.read_text().split("tasks ")[1].split()]
-    for pid in tasks:  # what --signal=USR1@T does: every task of the step gets the signal
-        os.kill(pid, signal.SIGUSR1)
-    output, _ = process.communicate(timeout=300)
+    while not [record for record in read_log(run_dir) if record.get("step", 0) >= 2]:
+        assert process.poll() is None and time.time() < deadline, _finish(process)[-3000:]
+        time.sleep(0.1)
+    tasks = [line.split() for line in log.read_text().splitlines() if line.startswith("task ")]
+    # task PID node NODEID NODENAME rank PROCID: one task on each simulated node.
+    assert [(t[3], t[4], t[6]) for t in tasks] == [("0", "127.0.0.1", "0"), ("1", "127.0.0.2", "1")], tasks
+    for task in tasks:
+        if task[3] == "1":  # preemption warning on the second node only (not the master's)
+            os.kill(int(task[1]), signal.SIGUSR1)
+    output = _finish(process)
     assert process.returncode == 0, output[-3000:]
-    assert "requeue 4242" in log.read_text()
-    latest = (tmp_path / "runs" / "slurmrun" / "checkpoints" / "latest").read_text().strip()
-    stopped = int(latest.removeprefix("step"))
+    assert "2 node(s), 2 ranks, master 127.0.0.1" in output
+    assert f"requeue {JOB_ID}" in log.read_text(), output[-3000:]
+    (stopped,) = [record for record in read_log(run_dir) if record.get("event") == "stopped"]
+    assert stopped["exit_code"] == 75 and stopped["reason"] == "signal on another rank"  # rank 0 had none
+    tag = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert int(tag.name.removeprefix("step")) == stopped["step"] < STEPS
+    for rank in (0, 1):  # both ranks wrote their part (ZeRO-2 optimizer partitions)
+        assert (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file(), sorted(tag.iterdir())
 
-    # The requeued job runs the same script again and resumes by itself (--resume=auto).
-    requeued = Run.before(tmp_path / "runs" / "slurmrun")
-    process, log = _job(script, tmp_path, data_cache, f"--train.steps={stopped + 2}")
-    output, _ = process.communicate(timeout=400)
+    # The requeued job: the same script, job id and run name, resuming by itself (--resume=auto).
+    requeued = Run.before(run_dir)
+    process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
+    output = _finish(process)
     assert process.returncode == 0, output[-3000:]
-    assert f"at step {stopped}" in output
     requeued.finished(output)
-    assert [record["step"] for record in requeued.steps()] == [stopped + 1, stopped + 2]
-    assert requeued.metrics["step"] == stopped + 2
+    assert f"resumed from {tag} at step {stopped['step']}" in output
+    assert [record["step"] for record in requeued.steps()] == list(range(stopped["step"] + 1, STEPS + 1))
+    assert log.read_text().count("requeue") == 1
+    # Preempted and requeued on 2 nodes x 1 task = uninterrupted on 1 node x 2 tasks, bit for bit.
+    expected = {record["step"]: record["loss"] for record in reference[0].steps()}
+    assert losses_by_step(run_dir) == expected
