@@ -47,6 +47,33 @@ MANIFEST = "manifest.json"
 SUSPECT = "suspect"
 ARCHITECTURE_FIELDS = ("setting", "image_tower", "text_tower", "third_tower", "embed_dim", "vocab_size", "text_pooling")
 """``model.*`` fields that shape the engine's parameters: a resume must not change them."""
+STREAM_FIELDS = ("data.train_shards", "data.train_weights", "data.resampled", "data.num_workers", "data.views",
+                 "data.view_seed", "data.embeddings", "train.seed")  # fmt: skip
+"""Settings a saved data position is only valid for (the loader's own check, made before any
+loader exists): the shards, how they are drawn and split over workers, and their seed."""
+BUILTIN_FIELDS = (
+    "data.builtin_train_samples",
+    "data.builtin_seed",
+    "data.builtin_shard_size",
+    "data.builtin_image_size",
+)
+"""With built-in data: what the generated training shards are made from."""
+
+
+def data_identity(config: dict) -> dict:
+    """The settings of ``config`` (``TrainConfig.to_dict()``) that a data position depends on,
+    by their command-line names (``STREAM_FIELDS``, plus ``BUILTIN_FIELDS`` for built-in data)."""
+    builtin = config["data"].get("train_shards") in ("", "builtin")
+    fields = STREAM_FIELDS + (BUILTIN_FIELDS if builtin else ())
+    return {name: config[name.split(".")[0]].get(name.split(".")[1]) for name in fields}
+
+
+def _same_stream_value(name: str, saved: object, now: object) -> bool:
+    if name == "data.train_shards":  # "" and "builtin" both name the built-in scenes
+        return (saved or "builtin") == (now or "builtin")
+    if name == "data.num_workers":  # 0 workers reads inline as one logical worker: the same stream as 1
+        return max(1, int(saved or 0)) == max(1, int(now or 0))
+    return saved == now
 
 
 def tag_for(step: int) -> str:
@@ -231,9 +258,10 @@ def pick_resume(resume: str, checkpoints: Path) -> tuple[tuple[Path, str] | None
     return None, {}, []
 
 
-def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict) -> None:
-    """What a resume can check before any engine exists: the same world size and the same model
-    architecture (``ARCHITECTURE_FIELDS``). ValueError naming the mismatch and the fix."""
+def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict, data: dict | None = None) -> None:
+    """What a resume can check before any engine exists: the same world size, the same model
+    architecture (``ARCHITECTURE_FIELDS``) and, given ``data`` (``data_identity`` of this run), the
+    same training data stream. ValueError naming the mismatch and the fix."""
     saved_world = manifest.get("world_size", world_size)
     if saved_world != world_size:
         raise ValueError(
@@ -248,6 +276,15 @@ def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict) 
         raise ValueError(
             f"{where} was trained with another model ({'; '.join(changed)}): pass its model "
             "settings to resume it, or start a new run (a new --train.run_name, without --resume)"
+        )
+    saved_data = manifest.get("data", {})
+    changed = [f"{name}={saved_data[name]!r} there, {now!r} here" for name, now in (data or {}).items()
+               if name in saved_data and not _same_stream_value(name, saved_data[name], now)]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{where} was trained on another data stream ({'; '.join(changed)}): its saved data position "
+            "is only valid for those settings; pass them to resume it, or start a new run (a new "
+            "--train.run_name, without --resume)"
         )
 
 
@@ -301,6 +338,8 @@ class Checkpointer:
         model = client_state.get("config", {}).get("model", {})
         manifest = {"world_size": client_state.get("world_size")}
         manifest["model"] = {key: model.get(key) for key in ARCHITECTURE_FIELDS}
+        if "config" in client_state:
+            manifest["data"] = data_identity(client_state["config"])
         tag = save(
             self.engine, self.folder, step, client_state, keep_last=self.keep_last, keep=keep, manifest=manifest,
             protect=protect,
@@ -327,3 +366,20 @@ class Checkpointer:
             )
         check_locked(state.get("locked", {}), locked, str(folder / tag))
         return state
+
+    def restore_data_position(self, loader: object, state: dict, where: Path) -> None:
+        """Put ``loader`` (``TrainLoader``) on the saved data position (no collective). The
+        manifest check caught changed settings before the engine was built; what only the loader
+        can see (a pattern that now matches other shards, a changed ``sizes.json``) is refused
+        here: ValueError naming the checkpoint and the fix."""
+        if "data" not in state:
+            return
+        try:
+            loader.load_state_dict(state["data"])
+        except ValueError as error:
+            detail = str(error).split("; ")[0]
+            raise ValueError(
+                f"{where} cannot continue this run's data exactly: the training shards or their "
+                f"settings changed ({detail}); resume with the shards it was trained on, or start a "
+                "new run (a new --train.run_name, without --resume)"
+            ) from None

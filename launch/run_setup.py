@@ -92,7 +92,7 @@ def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFold
 
 
 def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFolder:
-    from tritower.launch.checkpointer import check_manifest, complete_tags, pick_resume
+    from tritower.launch.checkpointer import check_manifest, complete_tags, data_identity, pick_resume
     from tritower.launch.run_io import RunLock, check_wandb_login
 
     check_wandb_login(cfg.wandb.mode)
@@ -120,7 +120,8 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
     folder.warnings += notes
     if folder.resume is not None and manifest:
         where = str(folder.resume[0] / folder.resume[1])
-        check_manifest(manifest, where, world_size=world_size, model=cfg.to_dict()["model"])
+        config = cfg.to_dict()
+        check_manifest(manifest, where, world_size=world_size, model=config["model"], data=data_identity(config))
     return folder
 
 
@@ -146,15 +147,15 @@ def check_embeddings(cfg: TrainConfig, role: str) -> EmbeddingsMeta:
 
     tower = cfg.model.parsed.tower(role)
     meta = load_meta(cfg.data.embeddings)
-    spec = image_tower_spec(tower.name)
+    spec, inputs = image_tower_spec(tower.name), cfg.model.parsed.image_spec  # the third tower sees the image inputs
     try:
         meta.check(
             tower=tower.name,
             sha256=file_sha256(tower.pretrained),
             width=spec.width,
-            image_size=spec.image_size,
-            mean=spec.mean,
-            std=spec.std,
+            image_size=inputs.image_size,
+            mean=inputs.mean,
+            std=inputs.std,
         )
     except ValueError as error:
         raise ConfigError(
@@ -190,7 +191,7 @@ def build_loaders(
     from tritower.data import build_train_loader
     from tritower.data.eval_formats import open_eval_source
 
-    image_spec = image_tower_spec(cfg.model.image_tower)
+    image_spec = cfg.model.parsed.image_spec  # input size, mean, std: overrides included
     loader = build_train_loader(
         cfg.data,
         shards=sources.train_shards,

@@ -156,12 +156,11 @@ class Trainer:
         """Load a checkpoint into the engine and the trainer; returns its wandb run id."""
         try:
             state = self.checkpointer.load(folder, tag, world_size=self.env.world_size, locked=self.locked_identities())
+            self.checkpointer.restore_data_position(self.train_loader, state, folder / tag)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self.step = int(state.get("step", 0))
         self.guard.total = int(state.get("nonfinite_total", 0))
-        if "data" in state:
-            self.train_loader.load_state_dict(state["data"])
         if "rng" in state:
             set_rng_state(state["rng"][self.env.rank], self.device)
         self.guard.last_tag = tag if folder == self.checkpointer.folder else None

@@ -5,6 +5,7 @@ over, and ``wandb.mode=online`` without a key fails before anything is built."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tritower.launch.checkpointer import check_manifest, pick_resume, prune, write_manifest
+from tritower.launch.checkpointer import check_manifest, data_identity, pick_resume, prune, write_manifest
+from tritower.launch.experiments import get_experiment
 from tritower.launch.run_io import RunLock, check_wandb_login
 
 
@@ -60,6 +62,29 @@ def test_resume_mismatches_are_found_from_the_manifest(tmp_path: Path) -> None:
         check_manifest(manifest, "x", world_size=1, model={"embed_dim": 32})
     with pytest.raises(ValueError, match="model.embed_dim=32 there, 64 here"):
         check_manifest(manifest, "x", world_size=2, model={"embed_dim": 64})
+
+
+def test_resume_with_another_data_stream_is_found_from_the_manifest(tmp_path: Path) -> None:
+    config = get_experiment("clip_test").to_dict()
+    tag = _tag(tmp_path, 2)
+    write_manifest(tag, {"step": 2, "world_size": 2, "data": data_identity(config)})
+    manifest = json.loads((tag / "manifest.json").read_text())
+
+    def check(section: str, **changes: object) -> None:
+        changed = copy.deepcopy(config)
+        changed[section].update(changes)
+        check_manifest(manifest, "x", world_size=2, model={}, data=data_identity(changed))
+
+    check("data", num_workers=1, train_shards="builtin")  # 0 workers is one inline worker; "" is builtin
+    check("data", builtin_eval_samples=9, batch_size=64)  # not part of the training stream's position
+    with pytest.raises(ValueError, match=r"data.train_shards='' there, '/data/\{0..9\}.tar' here"):
+        check("data", train_shards="/data/{0..9}.tar")
+    with pytest.raises(ValueError, match="data.num_workers=0 there, 2 here"):
+        check("data", num_workers=2)
+    with pytest.raises(ValueError, match="train.seed=0 there, 7 here.*pass them to resume it"):
+        check("train", seed=7)
+    with pytest.raises(ValueError, match="data.builtin_seed=0 there, 1 here"):
+        check("data", builtin_seed=1)
 
 
 def test_lock_names_a_live_holder_and_takes_over_a_stale_one(tmp_path: Path) -> None:
