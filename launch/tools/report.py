@@ -188,7 +188,8 @@ def curves_figure(
     colours = [f"C{i % 10}" for i in range(len(runs))]
     last_step = max(max(steps[-1] for steps, _ in [*c.train.values(), *c.eval.values()]) for c in curves)
     for index, quantity in enumerate(quantities):
-        axes = figure.add_subplot(rows, columns, index + 1)
+        # The panel's label is its quantity: code that reads the figure finds a panel by name.
+        axes = figure.add_subplot(rows, columns, index + 1, label=quantity)
         evaluated = False
         for run_curves, label, colour in zip(curves, labels, colours):
             series = _series(run_curves, quantity)
