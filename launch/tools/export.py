@@ -55,7 +55,6 @@ from tritower.model import (
     ModelConfig,
     build_clip,
     build_third_tower,
-    image_tower_spec,
     parse_setting,
     resolve_trainable,
     text_tower_spec,
@@ -395,7 +394,8 @@ def write_export(
     # clone(): safetensors refuses views that share storage.
     weights = {k: (v.to(target_dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
-    image_spec, text_spec = image_tower_spec(cfg.image_tower), text_tower_spec(cfg.text_tower)
+    # The run's image inputs: model.image.image_size/mean/std overrides included.
+    image_spec, text_spec = cfg.parsed.image_spec, text_tower_spec(cfg.text_tower)
     pretrained_text = cfg.parsed.text.is_pretrained
     config = {
         "format": FORMAT,

@@ -317,13 +317,14 @@ def write_open_clip(
     from safetensors.torch import save_file
 
     from tritower.data.tokenizer import build_text_tokenizer
-    from tritower.model import image_tower_spec, text_tower_spec
+    from tritower.model import text_tower_spec
     from tritower.model.precision import dtype_of
 
     check_expressible(cfg, alpha, model.text_tower.pooling)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    image_spec, text_spec = image_tower_spec(cfg.image_tower), text_tower_spec(cfg.text_tower)
+    # The run's image inputs: model.image.image_size/mean/std overrides included.
+    image_spec, text_spec = cfg.parsed.image_spec, text_tower_spec(cfg.text_tower)
     context_length = text_spec.context_length
     tokenizer = build_text_tokenizer(vocab_source)
     vision_cfg = _image_cfg(model, image_spec, out)
