@@ -7,6 +7,7 @@ import logging
 import warnings
 
 import pytest
+from PIL import Image
 
 from tritower.launch.cli import load_config
 from tritower.launch.console import matmul_gflops, quiet_libraries, speed_line
@@ -73,3 +74,5 @@ def test_tensorboard_event_file_is_written_and_read_by_tensorboard(train) -> Non
     assert "reduce_scatter_tensor" not in run.output and "all_gather_into_tensor" not in run.output
     assert "Attempting to get learning rate" not in run.output
     assert "GFLOP/s" in run.output
+    with Image.open(run.run_dir / "curves.png") as curves:  # log.curves: the run's own figure at the end
+        assert curves.format == "PNG" and curves.width > 300 and curves.height > 200, run.output[-2000:]
