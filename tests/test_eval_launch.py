@@ -46,6 +46,8 @@ def test_named_sets_in_training_and_evaluate_tool_agree(tmp_path: Path, data_cac
     assert not any(key.startswith("plain/") for key in final) and "cls/image_to_text_R@1" not in final
     assert "eval set plain: zeroshot skipped: no class names" in run.output
     assert "eval set ret: zeroshot skipped" in run.output
+    (logged,) = [record["metrics"] for record in run.events() if record["event"] == "eval"]  # report draws it
+    assert "cls/zeroshot_top1" in logged and all(final[key] == value for key, value in logged.items())
 
     exported = export(run.run_dir / "checkpoints", tmp_path / "export")
     assert exported
