@@ -285,3 +285,150 @@ def _print_help(cfg: object, section: str, usage: str, aliases: dict[str, str]) 
     sys.stdout.write(help_text(cfg, section, usage, aliases))
     sys.stdout.flush()
     raise SystemExit(0)
+
+
+# ---- tool commands: one flat options dataclass each ----------------------------------------------
+
+OptionsT = typing.TypeVar("OptionsT")
+BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
+def parse_options(
+    cls: type[OptionsT],
+    argv: list[str] | None = None,
+    *,
+    command: str,
+    example: str = "",
+    positional: str = "",
+    sections: dict[str, str] | None = None,
+) -> OptionsT:
+    """Build a tool's options dataclass ``cls`` from its command line, in the style of train.py.
+
+    ``--name=value`` and ``--name value``; ``--long-name`` is ``--long_name`` (the commands' older
+    dashed flags keep working); a ``bool`` field given alone (``--json``) is True; a ``list`` field
+    is repeatable (each ``--set X`` adds one item); a field without a default is required (missing:
+    one line naming it and ``example``); ``field(metadata={"choices": (...)})`` limits the values.
+    ``positional`` names the field a bare argument fills; ``sections`` maps a prefix to the list
+    field that collects ``--prefix.key=value`` pairs for the command to check (precompute's
+    ``--data.*``). ``--help``/``-h`` prints the fields with their docstrings and exits 0; any
+    mistake is a ConfigError naming the option (and the closest valid one)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sections = sections or {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in sections.values()}
+    values: dict[str, typing.Any] = {target: [] for target in sections.values()}
+    wants_help, i = False, 0
+    while i < len(argv):
+        token, i = argv[i], i + 1
+        if token in HELP_FLAGS:
+            wants_help = True
+            continue
+        if not token.startswith("--"):
+            if not positional or positional in values:
+                raise ConfigError(f"unexpected argument {token!r}: options are --name=VALUE (see --help)")
+            _set_option(values, positional, token, hints[positional], fields[positional], positional)
+            continue
+        raw, has_value, text = token[2:].partition("=")
+        name = raw.replace("-", "_")
+        if "." in name and name.split(".", 1)[0] in sections:
+            if not has_value:
+                text, i = _option_text(argv, i, token)
+            values[sections[name.split(".", 1)[0]]].append((name, text))
+            continue
+        if name not in fields:
+            names = [n.replace("_", "-") if "-" in raw else n for n in fields]
+            raise ConfigError(f"unknown option --{raw}{closest(raw, names)}; see --help")
+        if not has_value and hints[name] is bool:
+            # A bare flag means True; an explicit word after it (sweep agents' form) still counts.
+            has_next = i < len(argv) and argv[i].lower() in BOOL_WORDS
+            text, i = (argv[i], i + 1) if has_next else ("true", i)
+        elif not has_value:
+            text, i = _option_text(argv, i, token)
+        _set_option(values, name, text, hints[name], fields[name], raw)
+    if wants_help:
+        sys.stdout.write(
+            options_help(cls, values, command=command, example=example, positional=positional, sections=sections)
+        )
+        sys.stdout.flush()
+        raise SystemExit(0)
+    missing = [
+        f"{name.upper()} (or --{name})" if name == positional else f"--{name}"
+        for name, item in fields.items()
+        if name not in values and _required(item)
+    ]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: e.g. {command} {example}".rstrip())
+    return cls(**values)
+
+
+def _option_text(argv: list[str], i: int, token: str) -> tuple[str, int]:
+    """(the value after ``token`` at ``argv[i]``, the next index); ConfigError if there is none."""
+    if i < len(argv) and not argv[i].startswith("--"):
+        return argv[i], i + 1
+    raise ConfigError(f"{token} needs a value: write {token}=VALUE")
+
+
+def _required(item: dataclasses.Field) -> bool:
+    return item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+
+
+def _set_option(
+    values: dict[str, typing.Any], name: str, text: str, kind: typing.Any, item: dataclasses.Field, raw: str
+) -> None:
+    """Convert ``text`` to the field's type and store it (appended, for a repeatable list field)."""
+    if typing.get_origin(kind) is list:
+        (inner,) = typing.get_args(kind) or (str,)
+        values.setdefault(name, []).append(_convert(text, inner, raw))
+        return
+    value = _convert(text, kind, raw)
+    choices = item.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(
+            f"--{raw}={text!r}: one of {', '.join(map(str, choices))}{closest(str(value), list(map(str, choices)))}"
+        )
+    values[name] = value
+
+
+def options_help(
+    cls: type,
+    values: dict[str, typing.Any],
+    *,
+    command: str,
+    example: str = "",
+    positional: str = "",
+    sections: dict[str, str] | None = None,
+) -> str:
+    """A tool's help, in the format of train.py's: usage, what it does, then ``--field: type =
+    value`` (the defaults with the options given) and each field's docstring."""
+    sections = sections or {}
+    docs = field_docs(cls)
+    about = inspect.cleandoc(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0]
+    lines = [f"usage: {command}{' ' + positional.upper() if positional else ''} [--field=VALUE | --field VALUE ...]"]
+    lines += [f"  e.g. {command} {example}"] if example else []
+    lines += ["", " ".join(about.split())]
+    lines += [
+        "Dashes or underscores alike (--out-dir = --out_dir); a bool option alone means true; "
+        "a list option is repeated (--set A --set B).",
+        "",
+        "[options]",
+    ]
+    for item in dataclasses.fields(cls):
+        doc = " ".join(docs.get(item.name, "").split())
+        if item.name in sections.values():
+            prefix = next(p for p, target in sections.items() if target == item.name)
+            lines.append(f"  --{prefix}.FIELD=VALUE: repeatable")
+        else:
+            kind = item.type if isinstance(item.type, str) else getattr(item.type, "__name__", str(item.type))
+            if item.name in values:
+                shown = f" = {values[item.name]!r}"
+            elif _required(item):
+                shown = " (required)"
+            else:
+                default = item.default if item.default_factory is dataclasses.MISSING else item.default_factory()
+                shown = f" = {default!r}"
+            choices = item.metadata.get("choices")
+            shown += f", one of {', '.join(map(str, choices))}" if choices else ""
+            shown += ", repeatable" if typing.get_origin(typing.get_type_hints(cls)[item.name]) is list else ""
+            lines.append(f"  --{item.name}: {kind}{shown}")
+        lines += [f"        {line}" for line in textwrap.wrap(doc, 92)]
+    return "\n".join(lines) + "\n"

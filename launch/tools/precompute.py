@@ -22,7 +22,6 @@ VALUE`` overrides, as given to ``launch/train.py``) would train on, from the sam
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from tritower.data.config import DataConfig
 from tritower.data.embeddings import (
     META,
     CompanionWriter,
@@ -45,6 +45,8 @@ from tritower.data.embeddings import (
 from tritower.data.samples import BadDataStats, decode_image, image_field, read_shard
 from tritower.data.shards import expand_shards, load_shard_sizes
 from tritower.data.transforms import TrainTransform, view_rng
+from tritower.launch.cli import apply_override, parse_options
+from tritower.launch.config import ConfigError
 from tritower.model.precision import PRECISIONS, autocast_dtype
 
 STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
@@ -73,9 +75,9 @@ class PrecomputeConfig:
     """Images (sample views) per forward pass."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Where the tower runs."""
-    dtype: str = "fp32"
+    dtype: str = field(default="fp32", metadata={"choices": sorted(PRECISIONS)})
     """Precision of the forward pass: fp32, or bf16 / fp16 autocast."""
-    store_dtype: str = "fp16"
+    store_dtype: str = field(default="fp16", metadata={"choices": sorted(STORE_DTYPES)})
     """Storage of the embeddings: fp16 (half the bytes) or fp32 (exact)."""
     num_workers: int = 2
     """Processes reading, decoding and cropping; 0 reads in the main process."""
@@ -153,16 +155,25 @@ class ViewStream(torch.utils.data.IterableDataset):
 def resolve_shards(cfg: PrecomputeConfig) -> tuple[list[str], float]:
     """(every source shard URL in order, the default crop_scale_min) for ``cfg.shards``."""
     from tritower.data import ensure_builtin_data
-    from tritower.launch.cli import apply_override
+
+    data = experiment_data(cfg)
+    if cfg.shards in ("", "builtin"):
+        return ensure_builtin_data(data).train_shards, data.crop_scale_min
+    return expand_shards(cfg.shards), data.crop_scale_min
+
+
+def experiment_data(cfg: PrecomputeConfig) -> DataConfig:
+    """``cfg.experiment``'s data section with the ``--data.FIELD=VALUE`` overrides, checked."""
     from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
 
     train = get_experiment(cfg.experiment or DEFAULT_EXPERIMENT)
     for key, value in cfg.data_overrides:
         apply_override(train, key, value)
-    train.data.__post_init__()
-    if cfg.shards in ("", "builtin"):
-        return ensure_builtin_data(train.data).train_shards, train.data.crop_scale_min
-    return expand_shards(cfg.shards), train.data.crop_scale_min
+    try:
+        train.data.__post_init__()
+    except ValueError as error:
+        raise ConfigError(f"data: {error}") from None
+    return train.data
 
 
 def prepare_out(out: Path, cfg: PrecomputeConfig, indices: list[int]) -> None:
@@ -304,45 +315,29 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
     return meta
 
 
-def parse_args(argv: list[str]) -> PrecomputeConfig:
-    """The command line -> PrecomputeConfig (``--name value`` or ``--name=value``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tritower.launch.tools.precompute", description=__doc__.split("\n\n")[0]
+def parse_args(argv: list[str] | None) -> PrecomputeConfig:
+    """The command line -> PrecomputeConfig (``launch/cli.py``: ``--name value`` or ``--name=value``,
+    ``--data.FIELD=VALUE`` checked against the experiment's data section at once)."""
+    cfg = parse_options(
+        PrecomputeConfig,
+        argv,
+        command="python -m tritower.launch.tools.precompute",
+        example="--tower vit_scene_tiny --checkpoint runs/pretrain_image/image_tower.safetensors "
+        "--shards builtin --out runs/emb",
+        sections={"data": "data_overrides"},
     )
-    parser.add_argument("--tower", required=True, help="image tower name from the registry")
-    parser.add_argument("--checkpoint", required=True, help="its local weights file")
-    parser.add_argument("--shards", required=True, help="as data.train_shards (brace pattern, .txt list), or 'builtin'")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--views", type=int, default=1, help="fixed crops per sample")
-    parser.add_argument("--view-seed", type=int, default=0, help="seed of the crop boxes")
-    parser.add_argument(
-        "--crop-scale-min", type=float, default=None, help="crop area fraction lower bound (default: the experiment's)"
-    )
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward")
-    parser.add_argument("--device", default=PrecomputeConfig.device, help="cpu or cuda[:i]")
-    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32", help="forward precision")
-    parser.add_argument(
-        "--store-dtype", choices=sorted(STORE_DTYPES), default="fp16", help="storage precision of the embeddings"
-    )
-    parser.add_argument("--num-workers", type=int, default=2, help="reading/cropping processes")
-    parser.add_argument("--part", type=int, default=0, help="this machine's part (0-based)")
-    parser.add_argument("--parts", type=int, default=1, help="machines sharing the shards")
-    parser.add_argument("--overwrite", action="store_true", help="replace earlier files")
-    parser.add_argument("--experiment", default="", help="with --shards builtin: whose data section to use")
-    parser.add_argument("--log-every-s", type=float, default=10.0, help="seconds per progress line")
-    known, rest = parser.parse_known_args(argv)
-    overrides = []
-    for token in rest:
-        if token.startswith("--data.") and "=" in token:
-            key, value = token[2:].split("=", 1)
-            overrides.append((key, value))
-        else:
-            parser.error(f"unrecognized argument {token!r} (only --data.FIELD=VALUE is passed on)")
-    return PrecomputeConfig(**vars(known), data_overrides=overrides)
+    experiment_data(cfg)  # an unknown experiment or data key fails before any tower is built
+    return cfg
 
 
-def main(argv: list[str]) -> int:
-    precompute(parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a usage or config error (one line naming the option)."""
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as error:
+        print(f"tritower precompute: error: {error}", file=sys.stderr)
+        return 2
+    precompute(cfg)
     return 0
 
 
