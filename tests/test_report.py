@@ -106,6 +106,7 @@ def test_records_made_by_the_trainers_functions_three_towers_terms_and_named_set
             out.write(json.dumps(step_record(step, 9.0 / step, 1e-4 * step, 10.0 + step, 100.0, scaled)) + "\n")
             if step % 10 == 0 or step == 15:
                 metrics = {"zeroshot_top1": step / 100, "coco/image_to_text_R@5": step / 50, "coco/eval_samples": 5.0}
+                metrics |= {f"zeroshot_top1@alpha={alpha:g}": step / 100 + alpha for alpha in (0, 0.5, 1)}
                 out.write(json.dumps(eval_record(step, metrics)) + "\n")
     logged = expected(run)
     drawn = panels(curves_figure([run]))
@@ -117,6 +118,10 @@ def test_records_made_by_the_trainers_functions_three_towers_terms_and_named_set
         (line,) = axes.get_lines()
         assert_line_is(line, logged[name])
     assert drawn["coco/image_to_text_R@5"].get_title() == "eval: coco/image_to_text_R@5"
+    # The alpha sweep only when asked for: a copy of every metric per alpha would bury the rest.
+    swept = panels(curves_figure([run], metrics=["*@alpha=*"]))
+    assert list(swept) == ["zeroshot_top1@alpha=0", "zeroshot_top1@alpha=0.5", "zeroshot_top1@alpha=1"]
+    assert_line_is(swept["zeroshot_top1@alpha=0.5"].get_lines()[0], logged["zeroshot_top1@alpha=0.5"])
 
 
 def test_two_runs_overlaid_two_lines_per_panel_with_their_labels(tmp_path: Path) -> None:

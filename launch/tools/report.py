@@ -38,6 +38,8 @@ OPTIONAL_KEYS = ("samples_per_s",)
 """Step-record quantities drawn only when ``--metrics`` names them."""
 COUNTS = ("eval_samples", "eval_bad", "zeroshot_unlabelled")
 """Eval values that are sample counts, not metrics (as ``evaluation.COUNTS``): drawn only when named."""
+ALPHA = "@alpha="
+"""What names a metric of 3T's alpha sweep (``zeroshot_top1@alpha=0.5``, ``eval.alphas``)."""
 TITLES = {
     "loss": "training loss",
     "lr": "learning rate",
@@ -66,8 +68,9 @@ class ReportConfig:
     """Comma-separated quantities to draw, one panel each, in this order; shell-style patterns
     match several (``*R@10``, ``imagenet/*``). Names: ``loss``, ``lr``, ``logit_scale``,
     ``samples_per_s``, ``loss_<term>`` (3T), and the eval metrics (``zeroshot_top1``,
-    ``image_to_text_R@5``, ``<set>/<metric>``). Default: loss, learning rate, logit scale, the
-    3T terms and every eval metric logged (sample counts left out)."""
+    ``image_to_text_R@5``, ``<set>/<metric>``, ``zeroshot_top1@alpha=0.5``). Default: loss, learning
+    rate, logit scale, the 3T terms and every eval metric logged, not the sample counts nor 3T's
+    alpha sweep."""
     title: str = ""
     """Title above the panels (default: none)."""
     dpi: int = 120
@@ -138,11 +141,12 @@ def read_curves(run: Path) -> Curves:
 
 
 def default_quantities(curves: list[Curves]) -> list[str]:
-    """Loss, learning rate, logit scale, the 3T terms, then every eval metric (not the sample
-    counts), each once, in the order the runs logged them."""
+    """Loss, learning rate, logit scale, the 3T terms, then every eval metric, each once, in the
+    order the runs logged them; not the sample counts, and not 3T's alpha sweep (a copy of every
+    metric per alpha: ``--metrics='zeroshot_top1@alpha=*'`` draws them)."""
     names = [key for key in TRAIN_KEYS if any(key in c.train for c in curves)]
     names += list(dict.fromkeys(k for c in curves for k in c.train if k.startswith("loss_")))
-    metrics = dict.fromkeys(k for c in curves for k in c.eval)
+    metrics = dict.fromkeys(k for c in curves for k in c.eval if ALPHA not in k)
     return names + [k for k in metrics if k.rsplit("/", 1)[-1] not in COUNTS]
 
 
