@@ -3,6 +3,11 @@
 Pick one with ``--experiment NAME`` and adjust it with ``--section.field=value``::
 
     deepspeed launch/train.py --zero zero_configs/z3.json --experiment clip_tiny --optim.lr=5e-4
+
+In Python the model's per-tower options are the dataclass's flat attributes
+(``cfg.model.image_tower``, ``cfg.model.image_pretrained``); on the command line and in config
+files they are the per-tower sections (``--model.image.tower``, ``--model.image.pretrained``;
+``model/sections.py`` maps one onto the other).
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ def lit_tiny() -> TrainConfig:
 
         python launch/tools/pretrain_image.py                     # writes runs/pretrain_image/
         deepspeed launch/train.py --zero zero_configs/z3.json --experiment lit_tiny \\
-            [--model.image_pretrained=PATH]
+            [--model.image.pretrained=PATH]
 
     The locked tower runs outside the engine under ``torch.inference_mode()`` (docs/towers.md), so a
     step costs about a third of clip_tiny's. Not tuned here: clip_tiny's optimizer and schedule.
@@ -129,7 +134,7 @@ def three_towers_tiny() -> TrainConfig:
 
         python launch/tools/pretrain_image.py                     # writes runs/pretrain_image/
         deepspeed launch/train.py --zero zero_configs/z3.json --experiment three_towers_tiny \\
-            [--model.third_pretrained=PATH]
+            [--model.third.pretrained=PATH]
     """
     cfg = clip_tiny()
     cfg.experiment = "three_towers_tiny"
@@ -158,7 +163,7 @@ def lit_vitg14_bert_large() -> TrainConfig:
     the text head projects to the image tower's width)::
 
         sbatch --nodes=32 launch/slurm/train_multinode.sbatch --experiment lit_vitg14_bert_large \\
-            --model.image_pretrained=/models/vit_giant_patch14_224.safetensors \\
+            --model.image.pretrained=/models/vit_giant_patch14_224.safetensors \\
             --data.train_shards='/data/{00000..41407}.tar' --data.vocab=/models/bert
 
     The locked tower takes no optimizer state, so its embeddings can also come precomputed

@@ -31,6 +31,7 @@ from launching import REPO, Run, free_port
 from tritower.launch.cli import ALIASES, load_config
 from tritower.launch.config import TrainConfig
 from tritower.launch.ds_config import build_ds_config
+from tritower.model.sections import TOWER_FIELDS
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 COMMAND = ["deepspeed", "launch/train.py", "--zero", "zero_configs/z3.json", "${args}"]
@@ -134,6 +135,8 @@ def config_keys() -> set[str]:
         value = getattr(cfg, section.name)
         if dataclasses.is_dataclass(value):
             keys |= {f"{section.name}.{f.name}" for f in dataclasses.fields(value)}
+    # The model's per-tower sections (``model.image.pretrained``), the form the sweeps use.
+    keys |= {f"model.{role}.{option}" for role, options in TOWER_FIELDS.items() for option in options}
     return keys
 
 
@@ -180,7 +183,7 @@ def test_sweep_is_well_formed(path: Path) -> None:
                 assert low > 0, key
         if "values" in spec:
             assert isinstance(spec["values"], list) and spec["values"], key
-        assert re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)?", key), f"{key}: expected section.field"
+        assert re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+){0,2}", key), f"{key}: expected section.field or model.tower.option"
 
 
 def test_expansion_matches_wandb_agent(tmp_path: Path) -> None:
@@ -218,9 +221,13 @@ def test_every_expanded_command_is_accepted(path: Path, tmp_path: Path) -> None:
         # The ZeRO policy filling (batch split, warm-up vs steps) is the launch's next check.
         build_ds_config(cfg, world_size=2)
         for key, value in params.items():
-            if key.count(".") == 1:
-                section, name = key.split(".")
-                got = getattr(getattr(cfg, section), name)
+            if key.count(".") in (1, 2):
+                section, name = key.split(".", 1)
+                owner = getattr(cfg, section)
+                if "." in name:  # model.<tower>.<option>
+                    role, name = name.split(".")
+                    owner = cfg.model.section(role)
+                got = getattr(owner, name)
                 assert got == value or math.isclose(got, value, rel_tol=1e-12), (key, got, value)
 
 
