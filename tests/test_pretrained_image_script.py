@@ -74,3 +74,22 @@ def test_bad_option_is_rejected() -> None:
         parse_args(["--stpes=3"])
     with pytest.raises(ConfigError, match="did you mean .data.builtin_image_size."):
         parse_args(["--data.builtin_image_sise=32"])
+
+
+def test_label_sets_of_the_builtin_scenes() -> None:
+    from tritower.data.scenes import CLASSNAMES, COLOURS, SHAPES
+    from tritower.launch.config import ConfigError
+    from tritower.launch.tools.pretrain_image import num_labels, relabel
+
+    # "green triangle" is class 7 (colour-major, 5 shapes per colour): shape 2, colour 1.
+    assert CLASSNAMES[7] == "green triangle"
+    labels = torch.tensor([7, 0, 29, -1])
+    assert relabel(labels, "shape").tolist() == [SHAPES.index("triangle"), 0, 4, -1]
+    assert relabel(labels, "colour").tolist() == [list(COLOURS).index("green"), 0, 5, -1]
+    assert relabel(labels, "colour_shape").tolist() == [7, 0, 29, -1]
+    assert (num_labels("shape", 30), num_labels("colour", 30), num_labels("colour_shape", 30)) == (5, 6, 30)
+    assert parse_args(["--labels=shape"]).labels == "shape"
+    with pytest.raises(ConfigError, match="labels='size' is not a label set; use one of colour_shape, shape, colour"):
+        parse_args(["--labels=size"])
+    with pytest.raises(ConfigError, match="needs the built-in scenes"):
+        parse_args(["--labels=shape", "--data.train_shards=/x/{0..1}.tar", "--data.vocab=/x/vocab.txt"])

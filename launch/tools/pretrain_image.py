@@ -4,6 +4,7 @@ labels). The result is an image tower checkpoint that LiT/3T runs load as L or U
 
     python launch/tools/pretrain_image.py                                  # vit_scene_tiny, ~1-2 min
     python launch/tools/pretrain_image.py --tower=vit_test --steps=20 --out=runs/pretrain_vit_test
+    python launch/tools/pretrain_image.py --labels=shape --out=runs/pretrain_shape  # no colour: a deficient tower
 
 Writes ``<out>/image_tower.safetensors`` (the timm module's weights plus ``head.*``, the
 classifier, which the loader drops) and ``<out>/image_tower.json`` naming the registry tower;
@@ -61,6 +62,11 @@ class PretrainImageConfig:
     """Print a progress line every N steps."""
     eval_samples: int = 0
     """Held-out images to score at the end (0 = all of the eval shards)."""
+    labels: str = "colour_shape"
+    """Built-in scenes only: which labels supervise the tower. ``colour_shape`` = the 30 classes the
+    captions describe; ``shape`` (5 classes) or ``colour`` (6) leave out what the captions also
+    need, which makes a deficient tower (the mismatched towers of the Three Towers paper).
+    User shards take their labels as they are (``colour_shape``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Shards and loader settings; empty ``train_shards`` = the built-in scenes. User shards
     need an integer class label under ``data.label_key`` (default the json's ``label``) and ``data.vocab`` (the loader
@@ -72,6 +78,27 @@ def _schedule(cfg: PretrainImageConfig, step: int) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+LABEL_SETS = ("colour_shape", "shape", "colour")
+
+
+def relabel(labels: torch.Tensor, label_set: str) -> torch.Tensor:
+    """Maps built-in colour x shape labels (colour-major: ``colour * 5 + shape``, see
+    ``data/scenes.py: CLASSNAMES``) to the chosen label set; -1 (no label) stays -1."""
+    from tritower.data.scenes import SHAPES
+
+    if label_set == "colour_shape":
+        return labels
+    mapped = labels % len(SHAPES) if label_set == "shape" else labels // len(SHAPES)
+    return torch.where(labels >= 0, mapped, labels)
+
+
+def num_labels(label_set: str, num_classes: int) -> int:
+    """Classes of the chosen label set (``num_classes`` = colour x shape classes of the data)."""
+    from tritower.data.scenes import COLOURS, SHAPES
+
+    return {"colour_shape": num_classes, "shape": len(SHAPES), "colour": len(COLOURS)}[label_set]
 
 
 def _data(cfg: PretrainImageConfig) -> tuple[list[str], list[str], str, int]:
@@ -97,6 +124,7 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
     torch.manual_seed(cfg.seed)
     spec = image_tower_spec(cfg.tower)
     train_shards, eval_shards, vocab, num_classes = _data(cfg)
+    num_classes = num_labels(cfg.labels, num_classes)
     tokenizer = build_tokenizer(vocab)
     loader_args = dict(tokenizer=tokenizer, image_size=spec.image_size, mean=spec.mean, std=spec.std, context_length=8)
     loader = build_train_loader(
@@ -116,7 +144,7 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     print(
         f"pretrain_image: {cfg.tower} ({sum(p.numel() for p in tower.parameters()):,} "
-        f"parameters) + linear classifier over {num_classes} classes, {cfg.steps} steps of "
+        f"parameters) + linear classifier over {num_classes} {cfg.labels} classes, {cfg.steps} steps of "
         f"{cfg.batch_size}",
         flush=True,
     )
@@ -126,7 +154,7 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
     for step in range(cfg.steps):
         batch = next(batches)
         keep = batch["label"] >= 0  # samples without a label cannot supervise
-        images, labels = batch["image"][keep], batch["label"][keep]
+        images, labels = batch["image"][keep], relabel(batch["label"][keep], cfg.labels)
         logits = model(images)
         loss = loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -152,7 +180,7 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
         model.eval()
         with torch.no_grad():
             predictions = torch.cat([model(chunk).argmax(-1) for chunk in evalset.images.split(256)])
-        accuracy = float((predictions == evalset.labels).float().mean())
+        accuracy = float((predictions == relabel(evalset.labels, cfg.labels)).float().mean())
         print(
             f"held-out top-1 accuracy {accuracy:.3f} on {len(predictions)} images (chance {1 / num_classes:.3f})",
             flush=True,
@@ -175,6 +203,7 @@ def _save(cfg: PretrainImageConfig, tower: nn.Module, classifier: nn.Linear, num
         "weights": CHECKPOINT,
         "sha256": file_sha256(out / CHECKPOINT),
         "num_classes": num_classes,
+        "labels": cfg.labels,
         "steps": cfg.steps,
         "held_out_accuracy": accuracy,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "data"},
@@ -191,6 +220,12 @@ def parse_args(argv: list[str]) -> PretrainImageConfig:
         cfg.data.__post_init__()  # re-validate after overrides
     except ValueError as error:
         raise ConfigError(f"data: {error}") from None
+    if cfg.labels not in LABEL_SETS:
+        raise ConfigError(f"labels={cfg.labels!r} is not a label set; use one of {', '.join(LABEL_SETS)}")
+    if cfg.labels != "colour_shape" and cfg.data.train_shards not in ("", "builtin"):
+        raise ConfigError(
+            f"labels={cfg.labels} needs the built-in scenes; user shards use their own labels (colour_shape)"
+        )
     return cfg
 
 

@@ -1,0 +1,370 @@
+"""The LiT / Three Towers study at toy scale (issue 15): every tower setting at one fixed budget,
+over seeds, through the real trainer, against three kinds of pretrained image tower.
+
+    nice -n 5 python benchmarks/study.py --out runs/study                  # full: 3 seeds (docs/study.md)
+    nice -n 5 python benchmarks/study.py --quick --out runs/study_quick    # 1 seed, fewer settings
+    python benchmarks/study.py --out runs/study --seeds 0,1 --towers matched,mismatched --settings uu,Lu,3T
+
+Image towers (made once per study, cached in ``<out>/towers/``, reused by every setting and seed):
+``matched`` = ``launch/tools/pretrain_image.py`` on the 30 colour x shape labels the captions
+describe; ``mismatched`` = the same on the 5 shape labels (no colour: the deficient tower of the
+3T paper); ``real`` = the ImageNet-trained EfficientNet-Lite0 (``convert_efficientnet``). The
+pretrained text tower of ``LU``/``UU``/``UL``/``uL``/``LL`` is MiniLM-L6 (``minilm_l6``).
+``uu`` and ``uL`` use no pretrained image tower: they run once per seed and stand in every
+tower's column. ``3T`` is one run per tower and seed; its alpha sweep comes from that run's
+evaluation (``eval.alphas``), alpha = 1 being 3T's own main towers and 0 the LiT-like end.
+
+Each run is the real trainer (``launch/train.py: main`` with its DeepSpeed engine, one CPU rank,
+in this process: no launcher start-up per run) writing ``<out>/runs/<key>/``; its result is
+``<out>/results/<key>.json``. The study is resumable: a run whose result exists is skipped.
+The aggregate (mean and spread over seeds, step time, the towers' own accuracies, the papers'
+expectations checked) is printed as a table and written to ``<out>/study.json`` with the bar
+chart ``<out>/study_bars.png`` (``--json``/``--figure`` put them elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tritower.benchmarks.study_report import (
+    ALPHAS,
+    SHARED_SETTINGS,
+    aggregate,
+    check_expectations,
+    draw_bars,
+    format_expectations,
+    format_table,
+)
+
+SETTINGS = ("uu", "Lu", "Uu", "LU", "UU", "UL", "uL", "LL", "3T")
+TOWERS = ("matched", "mismatched", "real")
+QUICK_SETTINGS = ("uu", "Lu", "Uu", "LU", "UL", "3T")
+# Unlocked EfficientNet-Lite0 runs at 224 px: about 10x a scene tower's step, beyond the budget.
+REAL_UNLOCKED = ("Uu", "UU", "UL")
+TOWER_LABELS = {"matched": "colour_shape", "mismatched": "shape"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The fixed budget of every run and of the tower pretraining."""
+
+    steps: int = 150
+    """Optimizer steps of every study run."""
+    batch: int = 64
+    """Global batch of every study run."""
+    warmup: int = 15
+    """Warm-up steps of every study run."""
+    lr: float = 5e-4
+    """Peak AdamW learning rate of every study run (clip_tiny's)."""
+    image_tower: str = "vit_scene_tiny"
+    """Scene image tower: from scratch (u), and the architecture of the pretrained matched and mismatched towers."""
+    text_tower: str = "bert_scene_tiny"
+    """Text tower from scratch (u)."""
+    embed_dim: int = 128
+    """Joint embedding width."""
+    pretrain_steps: int = 500
+    """Steps of ``pretrain_image`` for the matched and mismatched towers."""
+    pretrain_batch: int = 128
+    """Batch of ``pretrain_image``."""
+    eval_samples: int = 0
+    """Held-out images of each run's evaluation (0 = all 1,500)."""
+    data: dict[str, str] = field(default_factory=dict)
+    """``--data.*`` overrides shared by the pretraining and every run (the toy size sets them)."""
+
+
+FULL = Budget()
+# The test's size: the quick code path, seconds per run, not for its numbers.
+TOY = Budget(
+    steps=3,
+    batch=8,
+    warmup=1,
+    image_tower="vit_test",
+    text_tower="bert_test",
+    embed_dim=32,
+    pretrain_steps=3,
+    pretrain_batch=16,
+    eval_samples=24,
+    data={
+        "builtin_train_samples": "200",
+        "builtin_eval_samples": "40",
+        "builtin_image_size": "32",
+        "builtin_shard_size": "100",
+        "shuffle_buffer": "50",
+        "num_workers": "0",
+    },
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study."""
+
+    setting: str
+    tower: str
+    """``matched`` / ``mismatched`` / ``real``, or ``none`` for the settings without a pretrained image tower."""
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.setting}-{self.tower}-s{self.seed}"
+
+
+def plan(settings: list[str], towers: list[str], seeds: list[int], real_unlocked: bool = False) -> list[Run]:
+    """The runs of the study, settings without a pretrained image tower once per seed."""
+    runs = []
+    for seed in seeds:
+        for setting in settings:
+            if setting in SHARED_SETTINGS:
+                runs.append(Run(setting, "none", seed))
+                continue
+            for tower in towers:
+                if tower == "real" and setting in REAL_UNLOCKED and not real_unlocked:
+                    continue
+                runs.append(Run(setting, tower, seed))
+    return runs
+
+
+def _data_args(budget: Budget, cache: Path) -> list[str]:
+    return [f"--data.cache_dir={cache}", *(f"--data.{k}={v}" for k, v in budget.data.items())]
+
+
+def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
+    """Makes (once) and describes one pretrained image tower: its weights, architecture, its
+    held-out accuracy on its own labels and a linear probe on the captions' 30 colour x shape labels."""
+    folder = out / "towers" / kind
+    info_path = folder / "tower.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if kind == "real":
+        from tritower.launch.tools.convert_efficientnet import main as convert
+
+        weights = folder / "efficientnet_lite0.safetensors"
+        if convert(["--out", str(weights)]) != 0:
+            raise RuntimeError("convert_efficientnet failed (see its message above)")
+        info = {"arch": "efficientnet_lite0", "labels": "ImageNet-1k", "own_accuracy": None}
+    else:
+        from tritower.launch.tools.pretrain_image import parse_args, pretrain
+
+        argv = [
+            f"--tower={budget.image_tower}",
+            f"--labels={TOWER_LABELS[kind]}",
+            f"--steps={budget.pretrain_steps}",
+            f"--batch_size={budget.pretrain_batch}",
+            f"--warmup_steps={max(1, budget.pretrain_steps // 10)}",
+            f"--out={folder}",
+            *_data_args(budget, cache),
+        ]
+        sidecar = pretrain(parse_args(argv))
+        weights = folder / "image_tower.safetensors"
+        info = {"arch": budget.image_tower, "labels": TOWER_LABELS[kind], "own_accuracy": sidecar["held_out_accuracy"]}
+        info["command"] = "python launch/tools/pretrain_image.py " + " ".join(argv)
+    info |= {"weights": str(weights), "probe_top1": probe_accuracy(info["arch"], weights, budget, cache)}
+    info["prepare_s"] = round(time.time() - started, 1)
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def probe_accuracy(arch: str, weights: Path, budget: Budget, cache: Path) -> float:
+    """Logistic-regression probe on the tower's features of the held-out scenes (half fit, half
+    scored) over the 30 colour x shape classes: how much of what the captions say the tower sees."""
+    import torch
+
+    from tritower.data import build_tokenizer, ensure_builtin_data, load_eval_set
+    from tritower.data.config import DataConfig
+    from tritower.evaluation.linear_probe import logistic_probe_metrics
+    from tritower.model import image_tower_spec, load_image_tower
+
+    data = DataConfig(cache_dir=str(cache), **{k: type(getattr(DataConfig(), k))(v) for k, v in budget.data.items()})
+    builtin = ensure_builtin_data(data)
+    spec = image_tower_spec(arch)
+    evalset = load_eval_set(
+        builtin.eval_shards, build_tokenizer(str(builtin.vocab_path)), spec.image_size, spec.mean, spec.std, 8
+    )
+    tower = load_image_tower(arch, weights).eval()
+    with torch.no_grad():
+        features = torch.cat([tower(chunk) for chunk in evalset.images.split(128)])
+    return logistic_probe_metrics(features, evalset.labels, C=10.0)["linear_probe_top1"]
+
+
+def train_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache: Path) -> list[str]:
+    """The trainer's command line of one run (what ``deepspeed launch/train.py`` would take)."""
+    image, text = run.setting[0], run.setting[1]
+    argv = ["--experiment", "clip_tiny", "--zero", str(REPO / "zero_configs" / "z1.json")]
+    argv += [
+        f"--model.setting={run.setting}",
+        f"--model.embed_dim={budget.embed_dim}",
+        f"--model.text_tower={'minilm_l6' if text in 'LU' else budget.text_tower}",
+        f"--model.image_tower={budget.image_tower}",
+        f"--train.seed={run.seed}",
+        f"--train.steps={budget.steps}",
+        "--train.log_every=10",
+        f"--train.output_dir={out / 'runs'}",
+        f"--train.run_name={run.key}",
+        f"--data.batch_size={budget.batch}",
+        f"--optim.warmup_steps={budget.warmup}",
+        f"--optim.lr={budget.lr}",
+        "--eval.every_steps=0",
+        f"--eval.max_samples={budget.eval_samples}",
+        "--checkpoint.save_at_end=false",
+        "--wandb.mode=disabled",
+        *_data_args(budget, cache),
+    ]
+    if run.setting == "3T":
+        tower = towers[run.tower]
+        argv += [f"--model.third_tower={tower['arch']}", f"--model.third_pretrained={tower['weights']}"]
+        argv += ["--eval.alphas=" + ",".join(f"{a:g}" for a in ALPHAS)]
+    elif image in "LU":
+        tower = towers[run.tower]
+        argv += [f"--model.image_tower={tower['arch']}", f"--model.image_pretrained={tower['weights']}"]
+    return argv
+
+
+def _step_seconds(run_dir: Path, batch: int) -> float:
+    """Median step time over the logged windows after the first (which holds start-up costs)."""
+    rates = []
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "samples_per_s" in record and "event" not in record:
+            rates.append(record["samples_per_s"])
+    rates = rates[1:] or rates
+    return batch / statistics.median(rates) if rates else float("nan")
+
+
+def train_in_process(argv: list[str]) -> dict:
+    """``launch/train.py: main`` for one rank in this process, without its master-port probe: the
+    process group of the study's first run lives on (DeepSpeed keeps its groups for the
+    process's life) and holds that port. Returns the trainer's final metrics."""
+    from tritower.launch.cli import load_config
+    from tritower.launch.console import setup_console
+    from tritower.launch.dist_env import from_environ
+    from tritower.launch.ds_config import build_ds_config
+    from tritower.launch.run_setup import check_zero_policy
+    from tritower.launch.trainer import run
+
+    cfg = load_config(argv)
+    setup_console(cfg)
+    check_zero_policy(build_ds_config(cfg, from_environ().world_size), cfg.deepspeed.zero)
+    return run(cfg)
+
+
+def run_one(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache: Path) -> dict:
+    """Trains one run through the real trainer and writes its result JSON."""
+    run_dir = out / "runs" / run.key
+    if run_dir.exists():  # an interrupted run: its folder is this study's own, start it afresh
+        shutil.rmtree(run_dir)
+    argv = train_argv(run, towers, budget, out, cache)
+    started = time.time()
+    train_in_process(argv)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = asdict(run) | {
+        "key": run.key,
+        "metrics": metrics,
+        "step_s": _step_seconds(run_dir, budget.batch),
+        "run_s": round(time.time() - started, 1),
+        "argv": argv,
+    }
+    path = out / "results" / f"{run.key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"study: unknown {what} {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/study", help="study folder (towers, runs, results)")
+    parser.add_argument("--quick", action="store_true", help=f"1 seed, settings {','.join(QUICK_SETTINGS)}")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    parser.add_argument("--settings", default="", help=f"comma-separated subset of {','.join(SETTINGS)}")
+    parser.add_argument("--towers", default="", help=f"comma-separated subset of {','.join(TOWERS)}")
+    parser.add_argument("--real-unlocked", action="store_true", help="also train EfficientNet-Lite0 unlocked")
+    parser.add_argument("--toy", action="store_true", help="tiny towers and data: the code path, for tests")
+    parser.add_argument("--steps", type=int, default=0, help="override the per-run steps")
+    parser.add_argument("--pretrain-steps", type=int, default=0, help="override the towers' pretraining steps")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, the cores)")
+    parser.add_argument("--json", default="", help="aggregate JSON (default <out>/study.json)")
+    parser.add_argument("--figure", default="", help="bar chart PNG (default <out>/study_bars.png)")
+    options = parser.parse_args(argv)
+
+    budget = TOY if options.toy else FULL
+    if options.steps:
+        budget = replace(budget, steps=options.steps, warmup=max(1, options.steps // 10))
+    if options.pretrain_steps:
+        budget = replace(budget, pretrain_steps=options.pretrain_steps)
+    if options.threads:
+        # On a machine shared with other jobs, one thread per process avoids stalls at every
+        # parallel region's barrier while a sibling thread waits for a core (~3x here, loaded).
+        import torch
+
+        torch.set_num_threads(options.threads)
+    seeds = [int(s) for s in options.seeds.split(",")] if options.seeds else ([0] if options.quick else [0, 1, 2])
+    settings = _names(options.settings, SETTINGS, "setting") or list(QUICK_SETTINGS if options.quick else SETTINGS)
+    towers = _names(options.towers, TOWERS, "tower") or list(TOWERS)
+    out = Path(options.out).resolve()
+    cache = out / "cache" if options.toy else Path("~/.cache/tritower").expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+
+    from tritower.launch.console import matmul_gflops
+
+    gflops_start = matmul_gflops(repeats=5)
+    print(f"study: {len(seeds)} seed(s), settings {','.join(settings)}, towers {','.join(towers)}; "
+          f"machine {gflops_start:.0f} GFLOP/s (1024x1024 float32 matmul)", flush=True)  # fmt: skip
+    started = time.time()
+    tower_info = {kind: prepare_tower(kind, out, budget, cache) for kind in towers}
+    runs = plan(settings, towers, seeds, options.real_unlocked)
+    for index, run in enumerate(runs):
+        if (out / "results" / f"{run.key}.json").exists():
+            continue
+        print(f"study: run {index + 1}/{len(runs)} {run.key} ({time.time() - started:.0f} s so far)", flush=True)
+        run_one(run, tower_info, budget, out, cache)
+
+    results = [json.loads((out / "results" / f"{r.key}.json").read_text()) for r in runs]
+    rows = aggregate(results, towers)
+    expectations = check_expectations(rows)
+    gflops_end = matmul_gflops(repeats=5)
+    report = {
+        "meta": {
+            "command": "python benchmarks/study.py " + " ".join(argv),
+            "budget": asdict(budget),
+            "seeds": seeds,
+            "settings": settings,
+            "towers": towers,
+            "runs": len(runs),
+            "wall_s": round(time.time() - started, 1),
+            "gflops_start": round(gflops_start, 1),
+            "gflops_end": round(gflops_end, 1),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "towers": tower_info,
+        "rows": rows,
+        "expectations": expectations,
+    }
+    print(format_table(rows, tower_info))
+    print(format_expectations(expectations))
+    json_path = Path(options.json) if options.json else out / "study.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    figure = Path(options.figure) if options.figure else out / "study_bars.png"
+    draw_bars(rows, towers, figure)
+    print(f"study: wrote {json_path} and {figure}; machine {gflops_start:.0f} -> {gflops_end:.0f} GFLOP/s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
