@@ -85,7 +85,7 @@ def test_each_panel_plots_exactly_the_logged_values(tmp_path: Path) -> None:
     assert drawn["loss"].get_title() == "training loss" and drawn["zeroshot_top1"].get_title() == "eval: zeroshot_top1"
     assert drawn["loss"].get_xlabel() == "step"
     # Metrics logged at one eval only are single points; a step's eval lines up with the loss under it.
-    assert drawn["loss"].get_xlim() == drawn["image_to_text_R@1"].get_xlim() == (0.0, 10.0)
+    assert drawn["loss"].get_xlim() == drawn["image_to_text_R@1"].get_xlim() == pytest.approx((0.0, 10.2))
     (legend,) = figure.legends
     assert [text.get_text() for text in legend.get_texts()] == ["real"]
 
@@ -118,6 +118,7 @@ def test_records_made_by_the_trainers_functions_three_towers_terms_and_named_set
         (line,) = axes.get_lines()
         assert_line_is(line, logged[name])
     assert drawn["coco/image_to_text_R@5"].get_title() == "eval: coco/image_to_text_R@5"
+    assert drawn["loss_image_third"].get_title() == "3T loss term: image_third"
     # The alpha sweep only when asked for: a copy of every metric per alpha would bury the rest.
     swept = panels(curves_figure([run], metrics=["*@alpha=*"]))
     assert list(swept) == ["zeroshot_top1@alpha=0", "zeroshot_top1@alpha=0.5", "zeroshot_top1@alpha=1"]

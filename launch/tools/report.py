@@ -174,6 +174,14 @@ def _series(curves: Curves, quantity: str) -> tuple[list[int], list[float], bool
     return None
 
 
+def _title(quantity: str, evaluated: bool) -> str:
+    if evaluated:
+        return f"eval: {quantity}"
+    if quantity.startswith("loss_"):
+        return f"3T loss term: {quantity.removeprefix('loss_')}"
+    return TITLES.get(quantity, quantity)
+
+
 def curves_figure(
     runs: list[Path], labels: list[str] | None = None, metrics: list[str] | None = None, title: str = ""
 ) -> Figure:
@@ -202,13 +210,14 @@ def curves_figure(
             steps, values, evaluated = series
             # Eval points are few (every eval.every_steps): markers show where they were taken.
             axes.plot(steps, values, color=colour, label=label, marker="o" if evaluated else None, markersize=3)
-        axes.set_title(f"eval: {quantity}" if evaluated else TITLES.get(quantity, quantity), fontsize=10)
+        axes.set_title(_title(quantity, evaluated), fontsize=10)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
         if quantity == "lr":
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        # One step axis for all panels: an eval every N steps lines up with the loss under it.
-        axes.set_xlim(0, last_step)
+        # One step axis for all panels: an eval every N steps lines up with the loss under it;
+        # 2% beyond the last step, so that its marker is drawn whole.
+        axes.set_xlim(0, last_step * 1.02)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles = [Line2D([], [], color=colour, label=label) for colour, label in zip(colours, labels)]
     # Below the panels: above them it would collide with the title under constrained layout.
