@@ -1,12 +1,13 @@
 """Command-line parsing, in one place: ``--section.field=value`` overrides of a typed config.
 
-Every command that takes config overrides (``launch/train.py``, ``launch/tools/pretrain_image.py``,
-``launch/tools/precompute.py``) parses them here. Accepts ``--key=value`` and ``--key value`` (the
-forms wandb sweep agents pass); every key is checked against the dataclasses before anything is
-built, and an unknown section or key fails at once, naming the closest valid one. ``--config FILE``
-(YAML, ``launch/config_file.py``) sets fields before the overrides, and ``--help`` / ``-h`` prints
-every section and field with its type, value and docstring (read from the dataclasses' source),
-so the help is the config itself. ``--help SECTION`` prints one section.
+Every command that takes config overrides (``launch/train.py``, ``launch/tools/pretrain_image.py``)
+parses them here; every other command (export, evaluate, precompute, the planner...) parses its
+typed options dataclass with ``parse_options`` in the same style. Accepts ``--key=value`` and
+``--key value`` (the forms wandb sweep agents pass); every key is checked against the dataclasses
+before anything is built, and an unknown section or key fails at once, naming the closest valid
+one. ``--config FILE`` (YAML, ``launch/config_file.py``) sets fields before the overrides, and
+``--help`` / ``-h`` prints every section and field with its type, value and docstring (read from
+the dataclasses' source), so the help is the config itself. ``--help SECTION`` prints one section.
 """
 
 from __future__ import annotations
