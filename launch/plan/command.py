@@ -34,7 +34,7 @@ class PlanOptions:
     setting: str = field(default="uu", metadata={"choices": SETTINGS})
     """LiT setting (image letter, text letter: L locked, U pretrained-unlocked, u from scratch) or 3T."""
     gpus_per_node: int = 8
-    """GPUs per node: the node count of DeepSpeed's own estimate, printed beside the plan's."""
+    """GPUs per node: the nodes of DeepSpeed's own estimate (its host-memory figures)."""
     precision: str = field(default="bf16", metadata={"choices": ("bf16", "fp16", "fp32")})
     """Training precision."""
     margin: float = 0.10
