@@ -174,7 +174,8 @@ def test_command_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         (["--runs={tmp}/corrupt"], "{tmp}/corrupt/train_log.jsonl:2 is not a JSON record"),
         (["--runs={tmp}/good", "--labels=a,b"], "2 label(s) for 1 run(s): give one label per run"),
         (["--runs={tmp}/good", "--metrics=loss,top1"], "'top1' matches nothing these runs logged; they logged: loss,"),
-        ([], "no run given: pass --runs="),
+        (["--runs="], "no run given: pass --runs="),
+        ([], "missing --runs: e.g. python -m tritower.launch.tools.report --runs=runs/a,runs/b"),
         (["--run={tmp}/good"], "unknown option --run (did you mean 'runs'?)"),
     ],
 )  # fmt: skip
@@ -185,7 +186,7 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
     write_log(tmp_path / "good", REAL_LOG)
     assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("report: error: ") and error.count("\n") == 1
+    assert error.startswith("tritower report: error: ") and error.count("\n") == 1
     assert message.format(tmp=tmp_path) in error
 
 
@@ -200,8 +201,8 @@ def test_help_prints_the_field_docstrings(capsys: pytest.CaptureFixture) -> None
         main(["--help"])
     assert leaving.value.code == 0
     text = capsys.readouterr().out
-    assert "usage: python launch/tools/report.py" in text
-    assert "--metrics: str = ''" in text and "shell-style patterns" in text
+    assert "usage: python -m tritower.launch.tools.report" in text
+    assert "--runs: str (required)" in text and "--metrics: str = ''" in text and "shell-style patterns" in text
 
 
 def test_end_of_run_curves_never_fail_the_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from tritower.launch.cli import parse_overrides
+from tritower.launch.cli import parse_options
 from tritower.launch.config import ConfigError
 
 LOG = "train_log.jsonl"
@@ -54,10 +54,10 @@ class ReportError(ValueError):
 
 
 @dataclass
-class ReportConfig:
-    """Options of the run-curves command (``--field=value`` on the command line)."""
+class ReportOptions:
+    """Options of the run-curves command (``--field=value`` or ``--field value``)."""
 
-    runs: str = ""
+    runs: str
     """Comma-separated run folders, each holding the ``train_log.jsonl`` a training run wrote
     (``<train.output_dir>/<train.run_name>``, e.g. ``runs/clip_tiny``); several are overlaid."""
     out: str = "curves.png"
@@ -247,13 +247,20 @@ def _items(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 drawn, 2 a usage error or runs that cannot be drawn (one line on stderr)."""
     try:
-        cfg = parse_overrides(ReportConfig(), argv)
-        runs = [Path(run) for run in _items(cfg.runs)]
-        out = draw_curves(runs, Path(cfg.out), _items(cfg.labels), _items(cfg.metrics), cfg.title, cfg.dpi)
+        options = parse_options(
+            ReportOptions,
+            argv,
+            command="python -m tritower.launch.tools.report",
+            example="--runs=runs/a,runs/b --labels=a,b --out=curves.png",
+        )
+        runs = [Path(run) for run in _items(options.runs)]
+        labels, metrics = _items(options.labels), _items(options.metrics)
+        out = draw_curves(runs, Path(options.out), labels, metrics, options.title, options.dpi)
     except (ConfigError, ReportError) as error:
-        print(f"report: error: {error}", file=sys.stderr)
+        print(f"tritower report: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}", flush=True)
     return 0
