@@ -28,16 +28,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from tritower.evaluation import COUNTS
 from tritower.launch.cli import parse_options
 from tritower.launch.config import ConfigError
 
 LOG = "train_log.jsonl"
 TRAIN_KEYS = ("loss", "lr", "logit_scale")
-"""Step-record quantities drawn by default, in this order; then the 3T terms (``loss_<term>``)."""
-OPTIONAL_KEYS = ("samples_per_s",)
-"""Step-record quantities drawn only when ``--metrics`` names them."""
-COUNTS = ("eval_samples", "eval_bad", "zeroshot_unlabelled")
-"""Eval values that are sample counts, not metrics (as ``evaluation.COUNTS``): drawn only when named."""
+"""Step-record quantities drawn by default, in this order; then the 3T terms (``loss_<term>``).
+The others (``samples_per_s``) and the eval sample counts (``COUNTS``) only when ``--metrics``
+names them."""
 ALPHA = "@alpha="
 """What names a metric of 3T's alpha sweep (``zeroshot_top1@alpha=0.5``, ``eval.alphas``)."""
 TITLES = {
