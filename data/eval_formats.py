@@ -33,7 +33,7 @@ from PIL import Image
 
 from .samples import IMAGE_EXTENSIONS, BadDataStats, decode_image, decode_sample, image_field, read_shard
 from .samples import _label as sample_label
-from .shards import check_local_shards, resolve_sources
+from .shards import check_local_shards, load_shard_sizes, resolve_sources
 
 RESOURCES = Path(__file__).parent / "resources"
 WNID = re.compile(r"^n\d{8}$")
@@ -188,6 +188,20 @@ def open_eval_source(
     if source.classnames and not source.templates:
         source.templates = clip_templates()
     return source
+
+
+def expected_samples(source: EvalSource, max_samples: int = 0) -> int | None:
+    """Samples ``iter_eval_samples`` will walk (bad ones included), when known without reading the
+    set: an ImageFolder's file count, or tar shards covered by ``sizes.json``; else None (a
+    ``max_samples`` cap alone is only an upper bound: the set may be smaller)."""
+    if source.format == "imagefolder":
+        count = len(source.urls)
+    else:
+        sizes = load_shard_sizes(source.urls)
+        if sizes is None:
+            return None
+        count = sum(sizes.values())
+    return min(count, max_samples) if max_samples > 0 else count
 
 
 def iter_eval_samples(

@@ -68,6 +68,9 @@ class EvalConfig:
     probe_train_fraction: float = 0.5
     """linear_probe: fraction of the labelled samples the logistic probe trains on (seeded); the
     rest is its test set (``linear_probe_top1``)."""
+    progress_every_s: float = 10.0
+    """Seconds between rank 0's progress lines while a set is encoded (images over all ranks,
+    rate, time left when the set's size is known); 0: after every batch."""
 
     def __post_init__(self) -> None:
         self.alpha_values()  # validates
@@ -78,6 +81,8 @@ class EvalConfig:
             raise ValueError(f"eval.probe_train_fraction={self.probe_train_fraction} must be in (0, 1)")
         if self.batch_size <= 0:
             raise ValueError(f"eval.batch_size={self.batch_size} must be positive")
+        if self.progress_every_s < 0:
+            raise ValueError(f"eval.progress_every_s={self.progress_every_s} must be >= 0 (0: every batch)")
 
     def alpha_values(self) -> list[float]:
         """``alphas`` parsed: a list of floats in [0, 1] (empty for "")."""

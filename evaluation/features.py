@@ -6,10 +6,16 @@ ZeRO-3 every forward all-gathers parameters and a rank that stopped early would 
 a rank whose share ran out encodes a one-sample placeholder and drops it. At the end the feature
 rows (never images) are gathered to every rank and put in the set's reading order, so the
 metrics are the same on any number of ranks.
+
+Progress: the per-step collective that tells the ranks whether any has a batch left also sums
+the images encoded so far, so a ``ProgressReporter`` (passed on the rank that prints) sees the
+whole set's count at no extra collective and reports every ``every_s`` seconds: a large set is
+not minutes of silence. The reporter takes a callback (the launch layer prints its line).
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +28,99 @@ from tritower.data.samples import BadDataStats
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
 EncodeTexts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+PROGRESS_EVERY_S = 10.0
+"""Seconds between progress lines of a set's encoding (sets shorter than this print none)."""
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+@dataclass(frozen=True)
+class EncodeProgress:
+    """Where the encoding of one eval set stands (images counted over all ranks)."""
+
+    name: str
+    """The set's name as the console shows it."""
+    encoded: int
+    """Images encoded so far, summed over ranks (unreadable samples are not encoded)."""
+    total: int | None
+    """Samples the set will read, when known without reading it (``expected_samples``); else None."""
+    elapsed_s: float
+    """Seconds since the encoding started."""
+    done: bool = False
+    """True for the last report, after every rank's share is encoded."""
+
+    @property
+    def rate(self) -> float:
+        """Images per second so far (0 before the first second's worth)."""
+        return self.encoded / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def remaining_s(self) -> float | None:
+        """Time left at the rate so far, when the set size is known and a rate exists."""
+        if self.total is None or self.rate <= 0 or self.done:
+            return None
+        return max(self.total - self.encoded, 0) / self.rate
+
+    def line(self) -> str:
+        """``eval set NAME: 12,288 of 50,000 images encoded (25%), 121 images/s, about 5 min 43 s left``."""
+        if self.done:
+            return (
+                f"eval set {self.name}: {self.encoded:,} images encoded in {_duration(self.elapsed_s)} "
+                f"({self.rate:.0f} images/s)"
+            )
+        count = f"{self.encoded:,}"
+        if self.total:
+            count += f" of {self.total:,}"
+        line = f"eval set {self.name}: {count} images encoded"
+        if self.total:
+            line += f" ({100 * self.encoded / self.total:.0f}%)"
+        line += f", {self.rate:.0f} images/s"
+        left = self.remaining_s
+        return line + (f", about {_duration(left)} left" if left is not None else "")
+
+
+class ProgressReporter:
+    """Calls ``report`` with an ``EncodeProgress`` at most every ``every_s`` seconds while a set is
+    encoded, and once at the end if it reported before (a set done within ``every_s`` stays quiet).
+
+    ``every_s`` 0 reports after every step (tests); ``clock`` is the time source (seconds).
+    """
+
+    def __init__(
+        self,
+        report: Callable[[EncodeProgress], None],
+        *,
+        name: str,
+        total: int | None = None,
+        every_s: float = PROGRESS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.report, self.name, self.total, self.every_s, self.clock = report, name, total, every_s, clock
+        self.started = self.last = clock()
+        self.reported = 0
+
+    def _emit(self, encoded: int, now: float, done: bool) -> None:
+        self.report(EncodeProgress(self.name, encoded, self.total, now - self.started, done))
+        self.last, self.reported = now, self.reported + 1
+
+    def update(self, encoded: int) -> None:
+        """``encoded`` images (all ranks) are done: report when ``every_s`` has passed since the last."""
+        now = self.clock()
+        if encoded and now - self.last >= self.every_s:
+            self._emit(encoded, now, done=False)
+
+    def finish(self, encoded: int) -> None:
+        """Every rank's share is encoded: a closing report when there were reports before."""
+        if self.reported:
+            self._emit(encoded, self.clock(), done=True)
 
 
 @dataclass
@@ -45,13 +144,15 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _any_rank(flag: bool, device: torch.device, distributed: bool) -> bool:
+def _any_rank(flag: bool, encoded: int, device: torch.device, distributed: bool) -> tuple[bool, int]:
+    """(any rank has a batch left, images encoded so far summed over ranks): one collective."""
     if not distributed:
-        return flag
-    # NCCL reduces only CUDA tensors; gloo takes CPU ones: the engine's device fits both.
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+        return flag, encoded
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones: the engine's device fits both. float64
+    # counts exactly up to 2^53 images; the flag is a sum too (> 0: some rank has a batch).
+    value = torch.tensor([1.0 if flag else 0.0, float(encoded)], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return bool(value[0].item() > 0), int(value[1].item())
 
 
 def _gather(obj: object, distributed: bool) -> list[object]:
@@ -74,6 +175,7 @@ def encode_set(
     dtype: torch.dtype = torch.float32,
     stats: BadDataStats | None = None,
     collective: bool = True,
+    progress: ProgressReporter | None = None,
 ) -> SetFeatures:
     """Encodes this rank's ``batches`` and gathers every rank's features (see the module).
 
@@ -81,18 +183,26 @@ def encode_set(
     ``context_length`` shape the placeholder of a rank with nothing left. ``stats``: the bad-data
     counters the batches were read with (summed over ranks into ``SetFeatures.bad``).
     ``collective=False``: this process alone, whatever the distributed state (an in-memory set).
+    ``progress``: told the images encoded over all ranks after every step (see the module).
     """
     distributed = collective and _distributed()
     iterator = iter(batches)
     indices, images, labels, texts, owners = [], [], [], [], []
+    encoded = 0  # this rank's real images so far
     while True:
         batch = next(iterator, None)
-        if not _any_rank(batch is not None, device, distributed):
+        more, everyone = _any_rank(batch is not None, encoded, device, distributed)
+        if not more:
+            if progress is not None:
+                progress.finish(everyone)
             break
+        if progress is not None:
+            progress.update(everyone)
         real = batch is not None
         pixels = batch.images if real else torch.zeros(1, *image_shape)
         features = encode_images(pixels.to(device=device, dtype=dtype)).float().cpu()
         if real:
+            encoded += len(batch.indices)
             indices.append(batch.indices)
             images.append(features)
             labels.append(batch.labels)

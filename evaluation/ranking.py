@@ -25,6 +25,17 @@ TIE_TOLERANCE = 1e-6
 """Scores closer than this are a tie: features of equal inputs computed in different rows of a
 float32 matmul can differ in the last bits."""
 
+SCORE_BLOCK = 1 << 20
+"""Query-candidate scores held at once (queries per block = this // candidates, at least 1):
+``hit_probabilities`` keeps about five float64 copies of a block, ~40 MB here whatever the set
+size, where a fixed number of queries would grow with the candidates (1024 captions x 50,000
+images: ~2 GB)."""
+
+
+def block_rows(candidates: int) -> int:
+    """Queries scored per block against ``candidates`` candidates (see ``SCORE_BLOCK``)."""
+    return max(1, SCORE_BLOCK // max(candidates, 1))
+
 
 def hit_probabilities(
     scores: torch.Tensor,

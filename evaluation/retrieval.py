@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tritower.evaluation.ranking import TIE_TOLERANCE, hit_probabilities
-
-QUERY_CHUNK = 1024
-"""Queries scored at once: the [chunk, N] score block bounds memory for sets of any size."""
+from tritower.evaluation.ranking import TIE_TOLERANCE, block_rows, hit_probabilities
 
 
 def retrieval_metrics(
@@ -37,12 +34,15 @@ def retrieval_metrics(
         raise ValueError("retrieval: an image without a caption has no positive to retrieve")
     options = dict(tolerance=tolerance, pessimistic=pessimistic)
     i2t, t2i = [], []
-    for start in range(0, count, QUERY_CHUNK):
-        scores = images[start : start + QUERY_CHUNK] @ texts.T  # [chunk images, M captions]
+    # Blocks of queries sized by the candidates (``block_rows``): memory stays flat as the set grows.
+    chunk = block_rows(texts.shape[0])
+    for start in range(0, count, chunk):
+        scores = images[start : start + chunk] @ texts.T  # [chunk images, M captions]
         rows = torch.arange(start, start + scores.shape[0])
         i2t.append(hit_probabilities(scores, owner[None, :] == rows[:, None], ks, **options))
-    for start in range(0, texts.shape[0], QUERY_CHUNK):
-        scores = texts[start : start + QUERY_CHUNK] @ images.T  # [chunk captions, N images]
+    chunk = block_rows(count)
+    for start in range(0, texts.shape[0], chunk):
+        scores = texts[start : start + chunk] @ images.T  # [chunk captions, N images]
         targets = owner[start : start + scores.shape[0]]
         t2i.append(hit_probabilities(scores, torch.arange(count)[None, :] == targets[:, None], ks, **options))
     metrics = {}

@@ -18,7 +18,7 @@ from torch import nn
 
 from tritower.data.eval_set import EvalBatch, in_memory_batches
 from tritower.data.samples import BadDataStats
-from tritower.evaluation.features import SetFeatures, encode_set
+from tritower.evaluation.features import ProgressReporter, SetFeatures, encode_set
 from tritower.evaluation.linear_probe import FEWSHOT_SHOTS, fewshot_metrics, logistic_probe_metrics
 from tritower.evaluation.retrieval import retrieval_metrics
 from tritower.evaluation.zeroshot import class_embeddings, topk_accuracy
@@ -153,12 +153,14 @@ def evaluate_batches(
     dtype: torch.dtype = torch.float32,
     stats: BadDataStats | None = None,
     probe: ProbeOptions | None = None,
+    progress: ProgressReporter | None = None,
 ) -> dict[str, float]:
     """The metrics of ``kinds`` on a streamed set, plus ``eval_samples`` and ``eval_bad``.
 
     ``model`` has ``encode_image(images)`` and ``encode_text(input_ids, attention_mask)`` returning
     normalised features. In a distributed run every rank calls this with its own share of the
-    set (features are gathered; see ``features.py``) and gets the same metrics.
+    set (features are gathered; see ``features.py``) and gets the same metrics. ``progress``
+    (on the rank that prints): progress lines while the set is encoded.
     """
     was_training = model.training
     model.eval()
@@ -171,6 +173,7 @@ def evaluate_batches(
         device=device,
         dtype=dtype,
         stats=stats,
+        progress=progress,
     )
     classifier = None
     if "zeroshot" in kinds:

@@ -14,10 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from tritower.evaluation.ranking import TIE_TOLERANCE, hit_probabilities
-
-SAMPLE_CHUNK = 4096
-"""Samples scored at once ([chunk, C] scores)."""
+from tritower.evaluation.ranking import TIE_TOLERANCE, block_rows, hit_probabilities
 
 
 def fill_template(template: str, classname: str) -> str:
@@ -73,10 +70,10 @@ def topk_accuracy(
         )
     capped = tuple(min(k, classes) for k in ks)
     order = tuple(sorted(set(capped) | {1}))
-    chunks = []
-    for start in range(0, len(targets), SAMPLE_CHUNK):
-        scores = features[start : start + SAMPLE_CHUNK] @ classifier.float().T  # [chunk, C]
-        chunk_targets = targets[start : start + SAMPLE_CHUNK]
+    chunks, chunk, weights = [], block_rows(classes), classifier.float()
+    for start in range(0, len(targets), chunk):
+        scores = features[start : start + chunk] @ weights.T  # [chunk, C]: bounded however many classes
+        chunk_targets = targets[start : start + chunk]
         positives = torch.arange(classes)[None, :] == chunk_targets[:, None]
         chunks.append(hit_probabilities(scores, positives, order, tolerance=tolerance))
     hits = torch.cat(chunks)  # [labelled, len(order)]

@@ -5,18 +5,20 @@ set of the run (``data.eval_shards`` under its plain metric names, ``eval.sets``
 Which kinds run on each set is decided when the evaluator is built, before training starts: a kind
 asked for that a set cannot give is an error; with ``auto`` it is skipped and the reason logged.
 Under ZeRO-3 every rank must take part (each forward all-gathers the partitioned parameters).
+Rank 0 prints a progress line every ``eval.progress_every_s`` seconds while a set is encoded (images
+encoded over all ranks, rate, time left when the set's size is known).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tritower.data import tokenize
-from tritower.data.eval_formats import EvalSource
+from tritower.data.eval_formats import EvalSource, expected_samples
 from tritower.data.eval_set import EvalBatch, iter_eval_batches
 from tritower.data.samples import BadDataStats
 from tritower.evaluation import (
@@ -28,6 +30,7 @@ from tritower.evaluation import (
     plan_kinds,
 )
 from tritower.evaluation.config import EvalSetSpec
+from tritower.evaluation.features import ProgressReporter
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.model_setup import Towers, build_eval_tower
 from tritower.model import CLIPWithLocked, LockedTowers, text_tower_spec
@@ -48,8 +51,11 @@ class RunEvaluator:
         tokenizer: object,
         device: torch.device,
         dtype: torch.dtype,
+        log: Callable[[str], None] | None = None,
     ) -> None:
+        """``log``: where rank 0's progress lines go (default: stdout, flushed)."""
         self.cfg, self.towers, self.locked, self.module = cfg, towers, locked, module
+        self.log = log or (lambda line: print(line, flush=True))
         self.tokenizer = tokenizer
         self.context_length = text_tower_spec(cfg.model.text_tower).context_length
         self.image_spec = cfg.model.parsed.image_spec  # input size, mean, std: overrides included
@@ -130,6 +136,18 @@ class RunEvaluator:
             max_samples=self.cfg.eval.max_samples,
         )
 
+    def _progress(self, spec: EvalSetSpec, source: EvalSource) -> ProgressReporter | None:
+        """Rank 0's progress lines for one set (other ranks still take part in the count's sum)."""
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        total = expected_samples(source, self.cfg.eval.max_samples)
+        return ProgressReporter(
+            lambda report: self.log(report.line()),
+            name=spec.name or "data.eval_shards",
+            total=total,
+            every_s=self.cfg.eval.progress_every_s,
+        )
+
     def __call__(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         alphas = self.cfg.eval.alpha_values() if self.cfg.model.parsed.three_towers else []
@@ -145,7 +163,10 @@ class RunEvaluator:
                 probe=self.probe,
             )
             stats = BadDataStats()
-            result = evaluate_batches(self.model(), self._batches(source, stats), self.tokenize, stats=stats, **common)
+            result = evaluate_batches(
+                self.model(), self._batches(source, stats), self.tokenize, stats=stats,
+                progress=self._progress(spec, source), **common,
+            )  # fmt: skip
             if alphas:
                 result |= evaluate_alphas_batches(
                     self.module, self.third_tower(), self._batches(source, BadDataStats()), self.tokenize, alphas,

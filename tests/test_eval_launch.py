@@ -1,6 +1,7 @@
 """Named eval sets in a real 2-rank training run (streamed and split across ranks, gathered as
-features), and ``launch/tools/evaluate.py`` reproducing those in-loop numbers on the export in one
-process. Sets are written by clip_benchmark's converter and webdataset's ShardWriter.
+features, rank 0's progress lines counting both ranks' images), and ``launch/tools/evaluate.py``
+reproducing those in-loop numbers on the export in one process. Sets are written by
+clip_benchmark's converter and webdataset's ShardWriter.
 
 Run: ``pytest tests/test_eval_launch.py`` (1 DeepSpeed launch of 2 CPU ranks).
 """
@@ -33,7 +34,7 @@ def test_named_sets_in_training_and_evaluate_tool_agree(tmp_path: Path, data_cac
             "--zero", "zero_configs/z3.json", "--experiment", "clip_test", f"--data.cache_dir={data_cache}",
             f"--train.output_dir={tmp_path / 'runs'}", "--train.steps=2", "--optim.warmup_steps=1",
             "--wandb.mode=disabled", "--eval.every_steps=0", f"--eval.sets={sets}", "--eval.fewshot_shots=1,2",
-            "--eval.batch_size=4",
+            "--eval.batch_size=4", "--eval.progress_every_s=0",
         ],
         ranks=2,
     )  # fmt: skip
@@ -48,6 +49,10 @@ def test_named_sets_in_training_and_evaluate_tool_agree(tmp_path: Path, data_cac
     assert "eval set ret: zeroshot skipped" in run.output
     (logged,) = [record["metrics"] for record in run.events() if record["event"] == "eval"]  # report draws it
     assert "cls/zeroshot_top1" in logged and all(final[key] == value for key, value in logged.items())
+    # Progress after every batch of 4 (progress_every_s=0), counted over both ranks: after the
+    # first step 8 (rank 0 alone had 4), at the end all 15.
+    assert "eval set cls: 8 images encoded, " in run.output
+    assert "eval set cls: 15 images encoded in " in run.output and "eval set ret: 15 images encoded in " in run.output
 
     exported = export(run.run_dir / "checkpoints", tmp_path / "export")
     assert exported

@@ -133,3 +133,44 @@ def test_zeroshot_four_right_two_unlabelled_is_one() -> None:
 def test_zeroshot_constant_features_score_chance() -> None:
     got = topk_accuracy(torch.ones(50, 4) / 2, torch.eye(4)[:, :4].repeat(1, 1) * 0 + 0.5, torch.arange(50) % 4)
     assert got["zeroshot_top1"] == pytest.approx(1 / 4) and got["zeroshot_top5"] == 1.0
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])  # 1 query per block, uneven blocks, one block
+def test_blocked_scoring_equals_plain_numpy(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Retrieval and zero-shot score queries in blocks whose size follows the candidate count
+    # (memory flat in the set size): the metrics must not depend on where the blocks fall, ties included.
+    from tritower.evaluation import ranking
+
+    monkeypatch.setattr(ranking, "SCORE_BLOCK", block)
+    rng = np.random.default_rng(7)
+    img = _unit(rng.normal(size=(37, 6)))
+    img[20:25] = img[3]  # equal images: caption queries with tied candidates
+    owner = np.repeat(np.arange(37), [1 + i % 3 for i in range(37)])  # 1 to 3 captions per image
+    txt = _unit(img[owner] + 0.7 * rng.normal(size=(len(owner), 6)))
+    txt[owner == 9] = txt[owner == 10][0]  # a caption text repeated across images
+    ks = (1, 5, 10)
+    got = retrieval_metrics(torch.tensor(img), torch.tensor(txt), torch.tensor(owner), ks)
+    assert got == pytest.approx(numpy_retrieval(img, txt, owner, ks), abs=1e-12)
+
+    classes = _unit(rng.normal(size=(9, 6)))
+    classes[4] = classes[2]  # two classes with one embedding: every sample of either is a tie
+    labels = rng.integers(0, 9, size=len(img))
+    labels[::11] = -1
+    got = topk_accuracy(torch.tensor(img), torch.tensor(classes), torch.tensor(labels), ks=(1, 5))
+    keep = labels >= 0
+    sim = img[keep].astype(np.float64) @ classes.astype(np.float64).T
+    hits = {k: np.array([numpy_hit(sim[i], np.arange(9) == t, k) for i, t in enumerate(labels[keep])]) for k in (1, 5)}
+    assert got["zeroshot_top1"] == pytest.approx(hits[1].mean(), abs=1e-12)
+    assert got["zeroshot_top5"] == pytest.approx(hits[5].mean(), abs=1e-12)
+    recall = np.mean([hits[1][labels[keep] == c].mean() for c in np.unique(labels[keep])])
+    assert got["zeroshot_mean_per_class_recall"] == pytest.approx(recall, abs=1e-12)
+    assert 0 < hits[1][np.isin(labels[keep], [2, 4])].mean() < 1  # the tied classes got their half
+
+
+def test_block_rows_bound_the_scores_held() -> None:
+    from tritower.evaluation.ranking import SCORE_BLOCK, block_rows
+
+    for candidates in (1, 1000, 50_000, SCORE_BLOCK, 10 * SCORE_BLOCK):
+        rows = block_rows(candidates)
+        assert rows >= 1 and (rows * candidates <= SCORE_BLOCK or rows == 1)
+    assert block_rows(50_000) * 50_000 * 8 < 10 * 2**20  # one float64 block of 50k captions: under 10 MB
