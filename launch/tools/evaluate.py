@@ -24,9 +24,10 @@ reproduces the run's final metrics.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +40,11 @@ from tritower.evaluation import COUNTS, EvalSetError, ProbeOptions, evaluate_bat
 from tritower.evaluation.config import EvalConfig, parse_kinds
 from tritower.evaluation.features import ProgressReporter
 from tritower.inference import ExportedModel, load_export
+from tritower.launch.cli import parse_options
+from tritower.launch.config import ConfigError
 from tritower.launch.run_io import write_json_atomic
+
+COMMAND = "python -m tritower.launch.tools.evaluate"
 
 
 def eval_shards_for(exported: ExportedModel, spec: str | None, cache_dir: str | None) -> list[str] | str:
@@ -125,7 +130,46 @@ def _progress_lines(name: str, total: int | None) -> ProgressReporter:
     return ProgressReporter(lambda report: print(report.line(), file=sys.stderr, flush=True), name=name, total=total)
 
 
-def _evaluate_checkpoint(options: argparse.Namespace, argv: list[str]) -> int:
+@dataclass
+class EvaluateOptions:
+    """Options of the evaluate command: ``--export FOLDER`` or ``--checkpoint FOLDER``, then the sets."""
+
+    export: str | None = None
+    """Folder written by ``tritower.launch.tools.export``."""
+    checkpoint: str | None = None
+    """Instead of ``--export``: a run's checkpoints folder or one tag folder in it, exported (fp32)
+    into a temporary folder first."""
+    tag: str | None = None
+    """With ``--checkpoint``: the tag; None: the folder's ``latest``."""
+    eval_shards: str | None = None
+    """The default set: shards (brace pattern, ``.txt`` list) or a set folder; None: the run's."""
+    kinds: str | None = None
+    """The default set's kinds: ``auto`` or e.g. ``zeroshot+retrieval``; None: the run's."""
+    set: list[str] = field(default_factory=list)
+    """A named set ``NAME=PATH[:KINDS]`` (as ``eval.sets``); given, it replaces the run's sets."""
+    no_default: bool = False
+    """Evaluate only the ``--set`` sets, not the default one."""
+    split: str | None = None
+    """clip_benchmark split folder; None: the run's, else ``test``."""
+    cache_dir: str | None = None
+    """Built-in data cache; None: the run's."""
+    batch_size: int | None = None
+    """Images per batch; None: the run's ``eval.batch_size``."""
+    max_samples: int | None = None
+    """Samples per set at most; None: the run's ``eval.max_samples``."""
+    caption_key: str | None = None
+    """Caption field of the samples; None: the run's ``data.caption_key``, else ``txt``."""
+    label_key: str | None = None
+    """Label field of the samples; None: the run's ``data.label_key``, else ``json:label``."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Where the model runs."""
+    out: str | None = None
+    """Also write all metrics as one JSON object here."""
+    out_dir: str | None = None
+    """Also write one JSON per set here (``<set>.json``; the default set is ``default.json``)."""
+
+
+def _evaluate_checkpoint(options: EvaluateOptions) -> int:
     """``--checkpoint``: the same consolidation as ``export`` into a temporary folder, then the
     same evaluation as ``--export`` on it (so the numbers are those of the exported weights)."""
     import tempfile
@@ -138,51 +182,45 @@ def _evaluate_checkpoint(options: argparse.Namespace, argv: list[str]) -> int:
         except (ExportError, FileNotFoundError, ValueError) as error:
             print(f"tritower.evaluate: {error}", file=sys.stderr)
             return 2
-        rest, skip = [], False
-        for index, item in enumerate(argv):
-            if skip:
-                skip = False
-                continue
-            if item in ("--checkpoint", "--tag"):
-                skip = index + 1 < len(argv)
-                continue
-            if item.startswith(("--checkpoint=", "--tag=")):
-                continue
-            rest.append(item)
-        return main(["--export", folder, *rest])
+        return evaluate_export(dataclasses.replace(options, export=folder, checkpoint=None))
+
+
+def parse_args(argv: list[str] | None) -> EvaluateOptions:
+    """The command line -> EvaluateOptions; ConfigError (one line) on a usage mistake."""
+    options = parse_options(
+        EvaluateOptions,
+        argv,
+        command=COMMAND,
+        example="--export exports/clip_tiny",
+    )
+    if options.export and options.checkpoint:
+        raise ConfigError("give --export FOLDER or --checkpoint FOLDER, not both")
+    if not (options.export or options.checkpoint):
+        raise ConfigError(
+            f"missing --export FOLDER (or --checkpoint FOLDER): e.g. {COMMAND} --export exports/clip_tiny"
+        )
+    if options.tag and not options.checkpoint:
+        raise ConfigError("--tag applies to --checkpoint only (an export holds one tag)")
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tritower.launch.tools.evaluate", description=__doc__.split("\n")[0]
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--export", help="folder written by tritower.launch.tools.export")
-    source.add_argument(
-        "--checkpoint",
-        help="a run's checkpoints folder or one tag folder: exported (fp32) into a temporary folder first",
-    )
-    parser.add_argument("--tag", default=None, help="with --checkpoint: the tag (default: the folder's 'latest')")
-    parser.add_argument(
-        "--eval-shards", default=None, help="default set: shards (brace pattern, .txt list) or a set folder"
-    )
-    parser.add_argument("--kinds", default=None, help="default set's kinds: auto or e.g. zeroshot+retrieval")
-    parser.add_argument("--set", action="append", default=[], help="NAME=PATH[:KINDS], repeatable (as eval.sets)")
-    parser.add_argument("--no-default", action="store_true", help="evaluate only the --set sets")
-    parser.add_argument("--split", default=None, help="clip_benchmark split folder (default: the run's, else test)")
-    parser.add_argument("--cache-dir", default=None, help="built-in data cache (default: the run's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
-    parser.add_argument("--max-samples", type=int, default=None, help="default: the run's eval.max_samples")
-    parser.add_argument("--caption-key", default=None, help="default: the run's data.caption_key, else txt")
-    parser.add_argument("--label-key", default=None, help="default: the run's data.label_key, else json:label")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="also write all metrics as one JSON object here")
-    parser.add_argument("--out-dir", default=None, help="also write one JSON per set here (<set>.json)")
-    options = parser.parse_args(argv)
-    if options.checkpoint:
-        return _evaluate_checkpoint(options, argv or sys.argv[1:])
+    """Exit codes: 0 evaluated, 2 a usage error or a checkpoint that cannot be exported (one line)."""
+    try:
+        options = parse_args(argv)
+    except ConfigError as error:
+        print(f"tritower.evaluate: error: {error}", file=sys.stderr)
+        return 2
+    return _evaluate_checkpoint(options) if options.checkpoint else evaluate_export(options)
 
-    exported = load_export(options.export, device=options.device)
+
+def evaluate_export(options: EvaluateOptions) -> int:
+    """Evaluate ``options.export`` on its sets: print the table and the JSON line, write the files."""
+    try:
+        exported = load_export(options.export, device=options.device)
+    except FileNotFoundError as error:
+        print(f"tritower.evaluate: error: --export {options.export}: {error}", file=sys.stderr)
+        return 2
     training = exported.config.get("training") or {}
     saved_eval = {k: v for k, v in (training.get("eval") or {}).items() if k in EvalConfig.__dataclass_fields__}
     run_eval = EvalConfig(**saved_eval)
