@@ -71,10 +71,11 @@ class EncodeProgress:
 
     def line(self) -> str:
         """``eval set NAME: 12,288 of 50,000 images encoded (25%), 121 images/s, about 5 min 43 s left``."""
+        rate = f"{self.rate:.0f}" if self.rate >= 10 else f"{self.rate:.1f}"
         if self.done:
             return (
                 f"eval set {self.name}: {self.encoded:,} images encoded in {_duration(self.elapsed_s)} "
-                f"({self.rate:.0f} images/s)"
+                f"({rate} images/s)"
             )
         count = f"{self.encoded:,}"
         if self.total:
@@ -82,7 +83,7 @@ class EncodeProgress:
         line = f"eval set {self.name}: {count} images encoded"
         if self.total:
             line += f" ({100 * self.encoded / self.total:.0f}%)"
-        line += f", {self.rate:.0f} images/s"
+        line += f", {rate} images/s"
         left = self.remaining_s
         return line + (f", about {_duration(left)} left" if left is not None else "")
 

@@ -85,9 +85,9 @@ def test_slowed_encoding_reports_every_interval_with_rate_and_time_left(tmp_path
     ]
     assert reports[0].rate == pytest.approx(9 / 12)
     assert reports[0].remaining_s == pytest.approx((21 - 9) / (9 / 12))  # 16 s at 0.75 images/s
-    assert reports[0].line() == "eval set slow: 9 of 21 images encoded (43%), 1 images/s, about 16 s left"
+    assert reports[0].line() == "eval set slow: 9 of 21 images encoded (43%), 0.8 images/s, about 16 s left"
     assert reports[-1].remaining_s is None
-    assert reports[-1].line() == "eval set slow: 20 images encoded in 28 s (1 images/s)"
+    assert reports[-1].line() == "eval set slow: 20 images encoded in 28 s (0.7 images/s)"
 
 
 def test_a_quick_set_prints_nothing(tmp_path: Path) -> None:
