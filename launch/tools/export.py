@@ -306,7 +306,10 @@ def export(
         except export_open_clip.OpenClipExportError as error:
             raise ExportError(f"--format open_clip: {error}") from None
     train_precision = saved.get("deepspeed", {}).get("precision", "fp32")
-    vocab_source = vocab or tokenizer_source(saved["data"])
+    # The trainer's rule (model_setup.text_tokenizer_source): data.vocab, else a pretrained text
+    # tower's own folder, else the built-in data's vocabulary.
+    own = cfg.parsed.text.pretrained if cfg.parsed.text.is_pretrained and not saved["data"].get("vocab") else ""
+    vocab_source = vocab or own or tokenizer_source(saved["data"])
     tokenizer = build_text_tokenizer(vocab_source)
 
     # The trainer seeds before building; seeding here too makes untouched initial values (a
