@@ -43,9 +43,9 @@ from tritower.benchmarks.study_report import (
     format_table,
 )
 
-SETTINGS = ("uu", "Lu", "Uu", "LU", "UU", "UL", "uL", "LL", "3T")
+SETTINGS = ("uu", "Lu", "LU", "3T", "Uu", "UU", "UL", "uL", "LL")
 TOWERS = ("matched", "mismatched", "real")
-QUICK_SETTINGS = ("uu", "Lu", "Uu", "LU", "UL", "3T")
+QUICK_SETTINGS = ("uu", "Lu", "3T", "Uu", "uL")
 # Unlocked EfficientNet-Lite0 runs at 224 px: about 10x a scene tower's step, beyond the budget.
 REAL_UNLOCKED = ("Uu", "UU", "UL")
 TOWER_LABELS = {"matched": "colour_shape", "mismatched": "shape"}
@@ -153,7 +153,7 @@ def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
             raise RuntimeError("convert_efficientnet failed (see its message above)")
         info = {"arch": "efficientnet_lite0", "labels": "ImageNet-1k", "own_accuracy": None}
     else:
-        from tritower.launch.tools.pretrain_image import parse_args, pretrain
+        from tritower.launch.tools.pretrain_image import SIDECAR, parse_args, pretrain
 
         argv = [
             f"--tower={budget.image_tower}",
@@ -164,7 +164,13 @@ def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
             f"--out={folder}",
             *_data_args(budget, cache),
         ]
-        sidecar = pretrain(parse_args(argv))
+        config = parse_args(argv)
+        previous = folder / SIDECAR
+        # A tower pretrained into this folder with the same options (by an interrupted study, or by
+        # pretrain_image itself with --out=<folder>) is reused: pretraining is the costliest step.
+        sidecar = json.loads(previous.read_text()) if previous.exists() else None
+        if sidecar is None or any(sidecar["config"].get(k) != v for k, v in _pretrain_options(config).items()):
+            sidecar = pretrain(config)
         weights = folder / "image_tower.safetensors"
         info = {"arch": budget.image_tower, "labels": TOWER_LABELS[kind], "own_accuracy": sidecar["held_out_accuracy"]}
         info["command"] = "python launch/tools/pretrain_image.py " + " ".join(argv)
@@ -172,6 +178,11 @@ def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
     info["prepare_s"] = round(time.time() - started, 1)
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def _pretrain_options(config: object) -> dict:
+    """The options that make two pretrained towers the same tower."""
+    return {k: getattr(config, k) for k in ("tower", "labels", "steps", "batch_size", "lr", "warmup_steps", "seed")}
 
 
 def probe_accuracy(arch: str, weights: Path, budget: Budget, cache: Path) -> float:
@@ -279,6 +290,13 @@ def run_one(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache:
     return result
 
 
+def torch_threads() -> int:
+    """Threads this process's matrix products (and the matmul rate reported) run on."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
@@ -298,6 +316,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--toy", action="store_true", help="tiny towers and data: the code path, for tests")
     parser.add_argument("--steps", type=int, default=0, help="override the per-run steps")
     parser.add_argument("--pretrain-steps", type=int, default=0, help="override the towers' pretraining steps")
+    parser.add_argument("--eval-samples", type=int, default=-1, help="held-out images per run's evaluation")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, the cores)")
     parser.add_argument("--json", default="", help="aggregate JSON (default <out>/study.json)")
     parser.add_argument("--figure", default="", help="bar chart PNG (default <out>/study_bars.png)")
@@ -306,6 +325,8 @@ def main(argv: list[str]) -> int:
     budget = TOY if options.toy else FULL
     if options.steps:
         budget = replace(budget, steps=options.steps, warmup=max(1, options.steps // 10))
+    if options.eval_samples >= 0:
+        budget = replace(budget, eval_samples=options.eval_samples)
     if options.pretrain_steps:
         budget = replace(budget, pretrain_steps=options.pretrain_steps)
     if options.threads:
@@ -324,8 +345,8 @@ def main(argv: list[str]) -> int:
     from tritower.launch.console import matmul_gflops
 
     gflops_start = matmul_gflops(repeats=5)
-    print(f"study: {len(seeds)} seed(s), settings {','.join(settings)}, towers {','.join(towers)}; "
-          f"machine {gflops_start:.0f} GFLOP/s (1024x1024 float32 matmul)", flush=True)  # fmt: skip
+    rate = f"{gflops_start:.0f} GFLOP/s (1024x1024 float32 matmul, {torch_threads()} thread(s))"
+    print(f"study: {len(seeds)} seed(s), settings {','.join(settings)}, towers {','.join(towers)}; machine {rate}")
     started = time.time()
     tower_info = {kind: prepare_tower(kind, out, budget, cache) for kind in towers}
     runs = plan(settings, towers, seeds, options.real_unlocked)
@@ -348,6 +369,7 @@ def main(argv: list[str]) -> int:
             "towers": towers,
             "runs": len(runs),
             "wall_s": round(time.time() - started, 1),
+            "threads": torch_threads(),
             "gflops_start": round(gflops_start, 1),
             "gflops_end": round(gflops_end, 1),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
