@@ -168,10 +168,18 @@ def iter_eval_batches(
             input_ids, attention_mask = tokenize(tokenizer, captions, context_length)
         else:
             input_ids = attention_mask = torch.zeros(0, context_length, dtype=torch.int64)
+        indices = torch.tensor([index for index, *_ in chunk], dtype=torch.int64)
+        labels = torch.tensor([label for *_, label in chunk], dtype=torch.int64)
+        images = [image for _, image, _, _ in chunk]
+        # The chunk holds the decoded PIL images too (a batch of 256 at 224 px: 38 MB): dropped now,
+        # so that _stacked frees each as it is converted and none is held while the batch is
+        # encoded or beside the next chunk. No local keeps the batch past the yield either: its
+        # images (154 MB at 256 x 224 px) would otherwise sit beside the next batch's.
+        chunk = None
         yield EvalBatch(
-            indices=torch.tensor([index for index, *_ in chunk], dtype=torch.int64),
-            images=_stacked(transform, [image for _, image, _, _ in chunk]),
-            labels=torch.tensor([label for *_, label in chunk], dtype=torch.int64),
+            indices=indices,
+            images=_stacked(transform, images),
+            labels=labels,
             input_ids=input_ids,
             attention_mask=attention_mask,
             caption_owner=torch.tensor(owner, dtype=torch.int64),
