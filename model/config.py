@@ -2,7 +2,8 @@
 
 Users write one section per tower, the same shape for the image, text and third tower
 (``--model.image.tower=... --model.image.pretrained=PATH``, ``model: {image: {tower: ...}}`` in a
-YAML file; ``TowerSection`` documents the options, ``TOWER_FIELDS`` says where each is stored).
+YAML file; ``model/sections.py``: ``TowerSection`` documents the options, ``TOWER_FIELDS``
+says where each is stored).
 The dataclass stores them as flat fields (``model.image_tower``): the Python attribute names, the
 keys of configs saved in checkpoints, and accepted command-line aliases. ``ModelConfig.parsed``
 turns them, once, into a ``ParsedModel``: the setting's letters and one ``TowerOptions`` per

@@ -6,14 +6,17 @@ giving the same ids as tritower's. Compared against open_clip itself, no mocks.
 
 Models are built with this project's ``build_clip`` (tiny towers of each family open_clip can
 express, and the real pretrained MiniLM-L6 from its local package); the checkpoint path uses a
-ZeRO-0 checkpoint folder in DeepSpeed's layout written in-process, and one ``launch`` test
-exports a real 2-rank DeepSpeed run.
+ZeRO-0 checkpoint folder in DeepSpeed's layout written in-process, and one ``launch`` test runs
+docs/towers.md's "LiT on your own data" commands as written (a real 2-rank DeepSpeed run of a
+locked open_clip image tower and MiniLM on img2dataset shards, both exports, the evaluation).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -295,12 +298,13 @@ def write_img2dataset_shards(folder: Path, shards: int, per_shard: int, seed: in
 
 @pytest.mark.launch
 def test_lit_on_your_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """docs/towers.md's walk-through as written, at toy size: a locked open_clip ViT-M-32 (made by
-    open_clip, saved whole) as ``timm:vit_medium_patch32_clip_224``, MiniLM-L6's folder as the BERT,
+    """docs/towers.md's walk-through as written, at toy size: a locked open_clip CLIP (made by
+    open_clip from a small ViT config, saved whole, text half included) as timm's CLIP-layout twin
+    ``timm:vit_xsmall_patch16_clip_224``, MiniLM-L6's folder as the BERT,
     img2dataset-layout shards; ``LU`` for 3 steps on 2 CPU ranks under ZeRO-2 (the doc's policy);
     both exports and the evaluation through their command entry points. The open_clip export equals
     the native one on the same images and captions; the run's checkpoint given as pretrained
-    weights is refused naming the export command."""
+    weights is refused naming the export command, as one line from ``launch/train.py`` (exit 2)."""
     from launching import launch_train
 
     from tritower.launch.tools import evaluate
@@ -308,14 +312,21 @@ def test_lit_on_your_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.Mo
     from tritower.model import load_image_tower
     from tritower.model.pretrained import PretrainedError, resolve_source
 
+    # open_clip's own model from a config of the size of timm's vit_xsmall_patch16_clip_224 (width
+    # 256, 10 blocks, 4 heads, patch 16): a 34 MB file where open_clip's smallest ViT-M-32 is 412 MB.
+    config = {"embed_dim": 128, "vision_cfg": {"image_size": 224, "layers": 10, "width": 256, "head_width": 64,
+              "patch_size": 16}, "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 128, "heads": 2,
+              "layers": 1}}  # fmt: skip
+    (tmp_path / "ViT-XS-16-walkthrough.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "ViT-XS-16-walkthrough.json")
     torch.manual_seed(0)
-    weights = tmp_path / "open_clip_vit_m32.pt"
-    torch.save(open_clip.create_model("ViT-M-32", pretrained=None).state_dict(), weights)
+    weights = tmp_path / "open_clip_vit_xs16.pt"
+    torch.save(open_clip.create_model("ViT-XS-16-walkthrough", pretrained=None).state_dict(), weights)
     write_img2dataset_shards(tmp_path / "data" / "train", shards=4, per_shard=8, seed=0)
     write_img2dataset_shards(tmp_path / "data" / "eval", shards=1, per_shard=16, seed=1)
     toy = {  # the doc's placeholders -> this test's files, and its sizes -> toy sizes
         "/models/open_clip_vit_b32.pt": str(weights),
-        "timm:vit_base_patch32_clip_224": "timm:vit_medium_patch32_clip_224",
+        "timm:vit_base_patch32_clip_224": "timm:vit_xsmall_patch16_clip_224",
         "/models/bert-base-uncased": str(resolve_source(MINILM)),
         "/data/mine/": f"{tmp_path}/data/",
         "{00000..00099}": "{00000..00003}",
@@ -340,7 +351,16 @@ def test_lit_on_your_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.Mo
 
     # The run's checkpoint is not tower weights: refused with the command that makes it one.
     with pytest.raises(PretrainedError, match=r"DeepSpeed checkpoint folder.*tritower.launch.tools.export"):
-        load_image_tower("timm:vit_medium_patch32_clip_224", run.run_dir / "checkpoints")
+        load_image_tower("timm:vit_xsmall_patch16_clip_224", run.run_dir / "checkpoints")
+    refused = subprocess.run(
+        [sys.executable, "launch/train.py", "--experiment=clip_test", "--model.setting=Lu",
+         f"--model.image.pretrained={run.run_dir / 'checkpoints'}", f"--train.output_dir={tmp_path}/refused"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (line,) = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith("tritower: config error: pretrained weights: ") and "--resume=" in line, line
+    assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
 
     for command in (open_clip_export, native_export):
         assert command[:3] == ["python", "-m", "tritower.launch.tools.export"]
