@@ -114,11 +114,12 @@ def test_expectation_that_fails_and_one_within_spread() -> None:
 def test_plan_counts_and_bad_names() -> None:
     study = _study_module()
     runs = study.plan(list(study.SETTINGS), list(study.TOWERS), [0, 1, 2])
-    # per seed: uu and uL once; 7 settings x 3 towers, less the 3 unlocked EfficientNet ones.
-    assert len(runs) == 3 * (2 + 7 * 3 - 3)
+    # per seed: uu and uL once; 7 settings x 2 scene towers; EfficientNet-Lite0 in Lu, LU and 3T.
+    assert len(runs) == 3 * (2 + 7 * 2 + 3)
     assert len({r.key for r in runs}) == len(runs)
     assert study.Run("uL", "none", 0) in runs and study.Run("Uu", "real", 0) not in runs
-    assert len(study.plan(["Uu"], ["real"], [0], real_unlocked=True)) == 1
+    assert study.Run("LU", "real", 2) in runs and study.Run("LL", "real", 2) not in runs
+    assert len(study.plan(["Uu"], ["real"], [0], real_all=True)) == 1
     with pytest.raises(SystemExit, match="unknown setting Ul; known: uu"):
         study.main(["--settings", "Ul"])
 
