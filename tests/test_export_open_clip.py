@@ -141,6 +141,33 @@ def test_preprocess_matches_eval_transform(
     print(f"non-square 70x45 image: max |open_clip - EvalTransform| = {gap.item():.3f} (normalised units)")
 
 
+def test_exports_carry_the_mean_std_override(
+    vocabularies: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model.image.mean/std`` reach both exports: the native config's preprocessing and
+    open_clip's ``preprocess_cfg``; each export's own preprocess normalises with them (NumPy)."""
+    from tritower.launch.cli import load_config
+
+    mean, std = (0.2, 0.3, 0.4), (0.1, 0.2, 0.25)
+    cfg = load_config(
+        ["--experiment=clip_test", "--model.image.mean=0.2,0.3,0.4", "--model.image.std=0.1,0.2,0.25"]
+    ).model
+    model = build_clip(cfg, vocab_size=len(_tokenizer(vocabularies["builtin"])))
+    write_open_clip(model, cfg, tmp_path / "oc", vocabularies["builtin"], verify=False)
+    write_export(model, cfg, tmp_path / "native", vocabularies["builtin"])
+    native = load_export(tmp_path / "native")
+    assert native.config["image_preprocessing"] == {
+        **native.config["image_preprocessing"],
+        "mean": list(mean),
+        "std": list(std),
+    }
+    _, preprocess, _ = load_open_clip(tmp_path / "oc", tmp_path / "elsewhere", monkeypatch)
+    array = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the tower's size
+    expected = ((array / 255.0 - np.array(mean)) / np.array(std)).transpose(2, 0, 1)  # HWC -> CHW
+    for ours in (preprocess(Image.fromarray(array)), native.preprocess([Image.fromarray(array)])[0]):
+        assert np.abs(ours.double().numpy() - expected).max() < 1e-5
+
+
 def test_siglip_bias_and_clamped_scale(vocabularies: dict[str, str], tmp_path: Path) -> None:
     """A SigLIP model's logit_bias becomes open_clip's; a logit_scale past the clamp is stored
     clamped, so open_clip's (unclamped) logits are the ones tritower computes."""
