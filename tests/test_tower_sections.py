@@ -48,6 +48,13 @@ def test_per_tower_form_equals_the_flat_aliases_in_every_place(tmp_path: Path) -
     assert stored["image"]["lr_mult"] == 0.5 and stored["text"]["pooling"] == "cls"
     assert "image_lr_mult" not in stored and set(stored["third"]) == {"tower", "pretrained"}
     assert load_config([f"--config={resolved}"]).model == flat.model
+    # A config.yaml written before the per-tower sections (flat keys) still reads.
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "experiment: clip_test\nmodel:\n  setting: Lu\n  image_pretrained: /w/vit.safetensors\n  image_lr_mult: 0.5\n"
+        "  image_unlock_last_blocks: 1\n  image_mean: [0.2, 0.3, 0.4]\n  text_pooling: cls\n"
+    )
+    assert load_config([f"--config={old}"]).model == flat.model
 
 
 @pytest.mark.parametrize(
@@ -72,6 +79,9 @@ def test_config_file_refuses_an_option_that_does_not_apply(tmp_path: Path) -> No
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  third:\n    lr_mult: 2.0\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: model.third.lr_mult does not apply to the third tower"):
+        load_config([f"--config={path}"])
+    path.write_text("model:\n  image: vit_test\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.image must be a mapping of options"):
         load_config([f"--config={path}"])
 
 
