@@ -73,7 +73,7 @@ class Budget:
     """Text tower from scratch (u)."""
     embed_dim: int = 128
     """Joint embedding width."""
-    pretrain_steps: int = 500
+    pretrain_steps: int = 300
     """Steps of ``pretrain_image`` for the matched and mismatched towers."""
     pretrain_batch: int = 128
     """Batch of ``pretrain_image``."""
