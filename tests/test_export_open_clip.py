@@ -372,8 +372,15 @@ def test_lit_on_your_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.Mo
     small = ["--deepspeed.precision=fp32", "--data.batch_size=8", "--train.steps=3", "--optim.warmup_steps=1",
              "--train.log_every=1", "--data.num_workers=0", "--eval.batch_size=8", "--wandb.mode=disabled",
              f"--train.output_dir={tmp_path}/runs"]  # fmt: skip
-    run = launch_train(train[4:] + small, ranks=2, timeout=600)
+    # The walk-through's optional normalisation override, given here to follow it through the run:
+    # one warning at start naming both values (rank 0 only), then both exports carry it.
+    override = ["--model.image.mean=0.5,0.5,0.5", "--model.image.std=0.5,0.5,0.5"]
+    run = launch_train(train[4:] + small + override, ranks=2, timeout=600)
     assert len(run.steps()) == 3 and all(np.isfinite(run.losses()))
+    clip_mean = ",".join(f"{v:g}" for v in open_clip.OPENAI_DATASET_MEAN)  # timm's pretrained config's
+    warned = [line for line in run.output.splitlines() if "model.image.mean=0.5,0.5,0.5 differs" in line]
+    assert len(warned) == 1 and f"(mean {clip_mean})" in warned[0], run.output[-3000:]
+    assert warned[0].startswith("tritower: warning: ") and "timm:vit_xsmall_patch16_clip_224" in warned[0]
     assert 0.0 <= run.metrics["image_to_text_R@1"] <= 1.0  # the run's own eval on the eval shards
 
     # The run's checkpoint is not tower weights: refused with the command that makes it one.
@@ -401,7 +408,10 @@ def test_lit_on_your_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.Mo
 
     native = load_export(tmp_path / "exports" / "lit_mine")
     assert native.config["model"]["setting"] == "LU"
-    assert native.config["image_preprocessing"]["mean"] == pytest.approx(list(open_clip.OPENAI_DATASET_MEAN))
+    assert native.config["image_preprocessing"]["mean"] == [0.5, 0.5, 0.5]  # the run's override
+    assert json.loads((tmp_path / "exports" / "lit_mine_open_clip" / "open_clip_config.json").read_text())[
+        "preprocess_cfg"
+    ]["std"] == [0.5, 0.5, 0.5]
     loaded, preprocess, tokenizer = load_open_clip(
         tmp_path / "exports" / "lit_mine_open_clip", tmp_path / "elsewhere", monkeypatch
     )
