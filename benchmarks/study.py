@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -277,7 +278,7 @@ def run_one(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache:
     if run_dir.exists():  # an interrupted run: its folder is this study's own, start it afresh
         shutil.rmtree(run_dir)
     argv = train_argv(run, towers, budget, out, cache)
-    started = time.time()
+    started, gflops = time.time(), _gflops()
     train_in_process(argv)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     result = asdict(run) | {
@@ -285,12 +286,20 @@ def run_one(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache:
         "metrics": metrics,
         "step_s": _step_seconds(run_dir, budget.batch),
         "run_s": round(time.time() - started, 1),
+        "gflops_before": round(gflops, 1),
         "argv": argv,
     }
     path = out / "results" / f"{run.key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _gflops() -> float:
+    """The machine's reference rate now (1024x1024 float32 matmul, this process's threads)."""
+    from tritower.launch.console import matmul_gflops
+
+    return matmul_gflops(repeats=5)
 
 
 def torch_threads() -> int:
@@ -321,6 +330,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=0, help="override the towers' pretraining steps")
     parser.add_argument("--eval-samples", type=int, default=-1, help="held-out images per run's evaluation")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, the cores)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the runs that have results")
     parser.add_argument("--json", default="", help="aggregate JSON (default <out>/study.json)")
     parser.add_argument("--figure", default="", help="bar chart PNG (default <out>/study_bars.png)")
     options = parser.parse_args(argv)
@@ -345,14 +355,16 @@ def main(argv: list[str]) -> int:
     cache = out / "cache" if options.toy else Path("~/.cache/tritower").expanduser()
     out.mkdir(parents=True, exist_ok=True)
 
-    from tritower.launch.console import matmul_gflops
-
-    gflops_start = matmul_gflops(repeats=5)
+    gflops_start = math.nan if options.report_only else _gflops()
     rate = f"{gflops_start:.0f} GFLOP/s (1024x1024 float32 matmul, {torch_threads()} thread(s))"
     print(f"study: {len(seeds)} seed(s), settings {','.join(settings)}, towers {','.join(towers)}; machine {rate}")
     started = time.time()
-    tower_info = {kind: prepare_tower(kind, out, budget, cache) for kind in towers}
     runs = plan(settings, towers, seeds, options.real_all)
+    if options.report_only:  # the runs of the plan that have a result; towers as they were made
+        runs = [r for r in runs if (out / "results" / f"{r.key}.json").exists()]
+        tower_info = {k: json.loads((out / "towers" / k / "tower.json").read_text()) for k in towers}
+    else:
+        tower_info = {kind: prepare_tower(kind, out, budget, cache) for kind in towers}
     for index, run in enumerate(runs):
         if (out / "results" / f"{run.key}.json").exists():
             continue
@@ -362,7 +374,7 @@ def main(argv: list[str]) -> int:
     results = [json.loads((out / "results" / f"{r.key}.json").read_text()) for r in runs]
     rows = aggregate(results, towers)
     expectations = check_expectations(rows)
-    gflops_end = matmul_gflops(repeats=5)
+    gflops_end = math.nan if options.report_only else _gflops()
     report = {
         "meta": {
             "command": "python benchmarks/study.py " + " ".join(argv),

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch  # noqa: F401  (at collection: torch's first import runs ldconfig, a process start in a test)
 from launching import REPO
 
 from tritower.benchmarks.study_report import aggregate, check_expectations, format_expectations, mean_spread, verdict
@@ -165,3 +166,22 @@ def test_quick_study_code_path_at_toy_size(tmp_path: Path) -> None:
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=200, env=env_run, cwd=tmp_path)
     assert again.returncode == 0 and "study: run " not in again.stdout, again.stdout[-3000:]
+
+
+def test_report_only_aggregates_existing_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    study = _study_module()
+    tower = {"arch": "vit_scene_tiny", "labels": "colour_shape", "own_accuracy": 0.5, "probe_top1": 0.6}
+    (tmp_path / "towers" / "matched").mkdir(parents=True)
+    (tmp_path / "towers" / "matched" / "tower.json").write_text(json.dumps(tower))
+    (tmp_path / "results").mkdir()
+    for setting, tower_kind, seed, value in [("uu", "none", 0, 0.2), ("uu", "none", 1, 0.4), ("Lu", "matched", 0, 0.7)]:
+        record = _result(setting, tower_kind, seed, value)
+        (tmp_path / "results" / f"{setting}-{tower_kind}-s{seed}.json").write_text(json.dumps(record))
+    argv = ["--report-only", f"--out={tmp_path}", "--towers=matched", "--settings=uu,Lu,3T", "--seeds=0,1"]
+    assert study.main(argv) == 0
+    report = json.loads((tmp_path / "study.json").read_text())
+    assert report["meta"]["runs"] == 3  # Lu-matched-s1 and the 3T runs have no result: left out
+    uu = next(r for r in report["rows"] if r["setting"] == "uu")["metrics"]["zeroshot_top1"]
+    assert math.isclose(uu["mean"], 0.3) and math.isclose(uu["std"], math.sqrt(0.02))
+    assert "uu | none | 2 | 0.300±0.141" in capsys.readouterr().out
+    assert (tmp_path / "study_bars.png").stat().st_size > 1000
