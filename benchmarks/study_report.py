@@ -227,7 +227,8 @@ def draw_bars(rows: list[dict], towers: list[str], path: Path) -> None:
         )
     sweep.set_xlabel("alpha (1 = 3T main towers, 0 = LiT-like end)")
     sweep.set_title("3T alpha mixture")
-    sweep.legend(fontsize=8)
+    if any("alphas" in r for r in rows):
+        sweep.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
