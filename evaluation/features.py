@@ -5,7 +5,8 @@ in lockstep, one image forward and (for retrieval) one text forward per step, be
 ZeRO-3 every forward all-gathers parameters and a rank that stopped early would hang the others:
 a rank whose share ran out encodes a one-sample placeholder and drops it. At the end the feature
 rows (never images) are gathered to every rank and put in the set's reading order, so the
-metrics are the same on any number of ranks.
+metrics are the same on any number of ranks. The rows travel as tensors (padded to the longest
+share), not pickled objects: pickling made about ten transient copies of them.
 
 Progress: the per-step collective that tells the ranks whether any has a batch left also sums
 the images encoded so far, so a ``ProgressReporter`` (passed on the rank that prints) sees the
@@ -164,6 +165,30 @@ def _gather(obj: object, distributed: bool) -> list[object]:
     return out
 
 
+def _gather_rows(local: torch.Tensor, device: torch.device, distributed: bool) -> torch.Tensor:
+    """Every rank's rows of ``local`` ([n_rank, ...], one trailing shape on all ranks) in rank order.
+
+    Plain tensor collectives: ``all_gather_object`` pickled the features about ten times over
+    (88 MB at the end of a 50,000-image set of 64-d features on each rank; 1.4 GB for 1024-d).
+    """
+    if not distributed:
+        return local
+    world = dist.get_world_size()
+    rows = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(rows) for _ in range(world)]
+    dist.all_gather(counts, rows)
+    sizes = [int(count.item()) for count in counts]
+    if max(sizes) == 0:
+        return local
+    # all_gather wants one shape from every rank: pad to the longest share, cut after.
+    padded = torch.zeros(max(sizes), *local.shape[1:], dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    padded = None
+    return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes)])
+
+
 @torch.no_grad()
 def encode_set(
     batches: Iterable[EvalBatch],
@@ -223,32 +248,32 @@ def encode_set(
         # Drop this batch's images before the next is read: one batch of images held, not two.
         batch = pixels = None
     width = images[0].shape[1] if images else 0
-    local = {
-        "indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64),
-        "image": torch.cat(images) if images else torch.zeros(0, width),
-        "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
-        "text": torch.cat(texts) if texts else torch.zeros(0, width),
-        "owner": torch.cat(owners) if owners else torch.zeros(0, dtype=torch.int64),
-        "good": stats.good if stats is not None else 0,
-        "bad": dict(stats.bad) if stats is not None else {},
-    }
-    parts = _gather(local, distributed)
-    widths = {p["image"].shape[1] for p in parts if len(p["image"])}
-    width = widths.pop() if widths else 0
-    sample_index = torch.cat([p["indices"] for p in parts])
+    if distributed:  # a rank that had no image has no width of its own
+        agreed = torch.tensor([width], dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        width = int(agreed.item())
+
+    def gather(rows: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        return _gather_rows(torch.cat(rows) if rows else empty, device, distributed)
+
+    sample_index = gather(indices, torch.zeros(0, dtype=torch.int64))
+    image = gather(images, torch.zeros(0, width))
+    label = gather(labels, torch.zeros(0, dtype=torch.int64))
+    text = gather(texts, torch.zeros(0, width))
+    owner = gather(owners, torch.zeros(0, dtype=torch.int64))
+    # The counters are a few numbers: pickled.
+    parts = _gather({"good": stats.good, "bad": dict(stats.bad)} if stats is not None else {}, distributed)
     order = torch.argsort(sample_index)
     sorted_index = sample_index[order]
-    owner = torch.cat([p["owner"] for p in parts])
-    text = torch.cat([p["text"].reshape(-1, width) for p in parts]) if width else torch.zeros(0, 0)
     text_order = torch.argsort(owner, stable=True)
     bad: Counter = Counter()
     for part in parts:
-        bad.update(part["bad"])
+        bad.update(part.get("bad", {}))
     return SetFeatures(
-        image=torch.cat([p["image"].reshape(-1, width) for p in parts])[order],
-        labels=torch.cat([p["labels"] for p in parts])[order],
-        text=text[text_order],
+        image=image[order],
+        labels=label[order],
+        text=text[text_order] if width else torch.zeros(0, 0),
         caption_to_image=torch.searchsorted(sorted_index, owner[text_order]),
-        good=sum(int(p["good"]) for p in parts),
+        good=sum(int(part.get("good", 0)) for part in parts),
         bad={kind: count for kind, count in bad.items() if count},
     )

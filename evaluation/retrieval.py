@@ -33,20 +33,25 @@ def retrieval_metrics(
     if torch.bincount(owner, minlength=count).min() == 0:
         raise ValueError("retrieval: an image without a caption has no positive to retrieve")
     options = dict(tolerance=tolerance, pessimistic=pessimistic)
-    i2t, t2i = [], []
+    # Results go into tensors allocated once: per-block results kept in a list are small long-lived
+    # allocations between each block's large temporaries, and glibc then cannot give those back
+    # (RSS grew with the number of blocks: +250 MiB at 10,000 pairs).
+    i2t = torch.zeros(count, len(ks), dtype=torch.float64)
+    t2i = torch.zeros(texts.shape[0], len(ks), dtype=torch.float64)
     # Blocks of queries sized by the candidates (``block_rows``): memory stays flat as the set grows.
     chunk = block_rows(texts.shape[0])
     for start in range(0, count, chunk):
         scores = images[start : start + chunk] @ texts.T  # [chunk images, M captions]
         rows = torch.arange(start, start + scores.shape[0])
-        i2t.append(hit_probabilities(scores, owner[None, :] == rows[:, None], ks, **options))
+        i2t[rows] = hit_probabilities(scores, owner[None, :] == rows[:, None], ks, **options)
     chunk = block_rows(count)
     for start in range(0, texts.shape[0], chunk):
         scores = texts[start : start + chunk] @ images.T  # [chunk captions, N images]
         targets = owner[start : start + scores.shape[0]]
-        t2i.append(hit_probabilities(scores, torch.arange(count)[None, :] == targets[:, None], ks, **options))
+        hits = hit_probabilities(scores, torch.arange(count)[None, :] == targets[:, None], ks, **options)
+        t2i[start : start + scores.shape[0]] = hits
     metrics = {}
-    for direction, hits in (("image_to_text", torch.cat(i2t)), ("text_to_image", torch.cat(t2i))):
+    for direction, hits in (("image_to_text", i2t), ("text_to_image", t2i)):
         for column, k in enumerate(ks):
             metrics[f"{direction}_R@{k}"] = hits[:, column].mean().item()
     return metrics

@@ -70,13 +70,14 @@ def topk_accuracy(
         )
     capped = tuple(min(k, classes) for k in ks)
     order = tuple(sorted(set(capped) | {1}))
-    chunks, chunk, weights = [], block_rows(classes), classifier.float()
+    # One result tensor filled block by block (not a list of per-block results: see retrieval.py).
+    hits = torch.zeros(len(targets), len(order), dtype=torch.float64)  # [labelled, len(order)]
+    chunk, weights = block_rows(classes), classifier.float()
     for start in range(0, len(targets), chunk):
         scores = features[start : start + chunk] @ weights.T  # [chunk, C]: bounded however many classes
         chunk_targets = targets[start : start + chunk]
         positives = torch.arange(classes)[None, :] == chunk_targets[:, None]
-        chunks.append(hit_probabilities(scores, positives, order, tolerance=tolerance))
-    hits = torch.cat(chunks)  # [labelled, len(order)]
+        hits[start : start + len(chunk_targets)] = hit_probabilities(scores, positives, order, tolerance=tolerance)
     metrics = {f"zeroshot_top{k}": hits[:, order.index(c)].mean().item() for k, c in zip(ks, capped)}
     top1 = hits[:, order.index(1)]
     per_class = torch.zeros(classes, dtype=torch.float64).index_add_(0, targets, top1)
