@@ -10,11 +10,14 @@ the command (``deepspeed.launcher.runner``) installs no handler on one node, so 
 ends it at once, and the launcher (``deepspeed.launcher.launch``) dies of SIGUSR1 and answers
 SIGTERM/SIGINT by sending SIGTERM to the ranks, SIGKILL 30 s later, then exits 1. So every rank
 also watches its ancestors (``LauncherWatch``): when its launcher, or the ``deepspeed`` command
-above it, is gone, the rank stops exactly as for a signal.
+above it, is gone, the rank stops exactly as for a signal. The exit status those processes report
+is still DeepSpeed's; ``launch/supervise.py`` runs the command so that the status a scheduler reads
+is the ranks' own (each rank records it with ``record_exit``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -24,6 +27,19 @@ CONFIG_EXIT_CODE = 2  # a configuration, input-file, run-folder or resume proble
 DIVERGED_EXIT_CODE = 3  # too many non-finite losses in a row: resume the named checkpoint, lower lr
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+EXIT_DIR_VARIABLE = "TRITOWER_EXIT_DIR"
+"""Set by ``launch/supervise.py``: the folder where every rank records its exit code."""
+
+
+def record_exit(code: int) -> None:
+    """Write this rank's exit code (and the world size) to ``$TRITOWER_EXIT_DIR/rank<N>``, where
+    ``launch/supervise.py`` reads every rank's: the launchers above the ranks lose it after a
+    signal. Nothing without the variable."""
+    folder = os.environ.get(EXIT_DIR_VARIABLE)
+    if folder:
+        rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        with contextlib.suppress(OSError):  # the supervisor is gone: nobody to tell
+            Path(folder, f"rank{rank}").write_text(f"{code} {world_size}\n")
 
 
 def _parent_of(pid: int) -> int | None:

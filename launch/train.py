@@ -17,7 +17,7 @@ from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
 from tritower.launch.dist_env import check_master_port, from_environ
 from tritower.launch.ds_config import build_ds_config
-from tritower.launch.preemption import CONFIG_EXIT_CODE, Preempted, ignore_stop_signals
+from tritower.launch.preemption import CONFIG_EXIT_CODE, Preempted, ignore_stop_signals, record_exit
 
 
 def main(argv: list[str]) -> int:
@@ -55,4 +55,11 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = 1  # an uncaught exception: its traceback follows
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as stop:  # Preempted (75), Diverged (3)
+        code = stop.code
+    finally:
+        record_exit(code)  # for launch/supervise.py, where the launchers lose it
+    sys.exit(code)

@@ -17,10 +17,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from launching import REPO, TRAIN, free_port, read_log
+
+from tritower.data import ensure_builtin_data
+from tritower.launch.experiments import get_experiment
 
 pytestmark = pytest.mark.launch
 
@@ -34,9 +38,13 @@ COMMON = [
 ]
 
 
-def _start(args: list[str], cache: Path, out: Path, ranks: int = 2, env: dict | None = None) -> subprocess.Popen:
+def _start(
+    args: list[str], cache: Path, out: Path, ranks: int = 2, env: dict | None = None, supervised: bool = False
+) -> subprocess.Popen:
     deepspeed = Path(sys.executable).parent / "deepspeed"
     command = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN)]
+    if supervised:  # the user-facing command that exits 75 (launch/supervise.py)
+        command = [sys.executable, "-m", "tritower.launch.supervise", *command]
     command += [*COMMON, f"--data.cache_dir={cache}", f"--train.output_dir={out}", *args]
     environment = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     environment |= {"OMP_NUM_THREADS": "1", **(env or {})}
@@ -140,7 +148,11 @@ def test_a_reused_folder_is_refused_and_a_held_one_names_its_holder(tmp_path: Pa
 
 def test_resume_falls_back_past_an_incomplete_tag_and_mismatches_fail_early(tmp_path: Path, data_cache: Path) -> None:
     out, checkpoints = tmp_path / "runs", tmp_path / "runs" / "run" / "checkpoints"
-    saving = ["--checkpoint.every_steps=2", "--checkpoint.keep_last=0"]
+    scenes = ensure_builtin_data(replace(get_experiment("clip_test").data, cache_dir=str(data_cache)))
+    shard_list = tmp_path / "shards.txt"  # the run's own shards: two of the built-in ones, by a list
+    shard_list.write_text("\n".join(scenes.train_shards[:2]))
+    data = [f"--data.train_shards={shard_list}", f"--data.vocab={scenes.vocab_path}"]
+    saving = [*data, "--checkpoint.every_steps=2", "--checkpoint.keep_last=0"]
     code, output = _run(["--train.steps=4", *saving], data_cache, out)
     assert code == 0, output[-3000:]
     newest = checkpoints / "step00000004"
@@ -152,14 +164,23 @@ def test_resume_falls_back_past_an_incomplete_tag_and_mismatches_fail_early(tmp_
     assert f"resumed from {checkpoints / 'step00000002'} at step 2" in output
 
     early = {
-        "written by 2 ranks, this run has 1": dict(ranks=1, args=[]),
-        "model.embed_dim=32 there, 64 here": dict(ranks=2, args=["--model.embed_dim=64"]),
+        "written by 2 ranks, this run has 1": dict(ranks=1, args=data),
+        "model.embed_dim=32 there, 64 here": dict(ranks=2, args=[*data, "--model.embed_dim=64"]),
+        f"data.train_shards={str(shard_list)!r} there, {scenes.train_shards[0]!r} here": dict(
+            ranks=2, args=[f"--data.train_shards={scenes.train_shards[0]}", f"--data.vocab={scenes.vocab_path}"]
+        ),
     }
     for marker, case in early.items():
         code, output = _run(["--train.steps=8", "--resume=auto", *case["args"]], data_cache, out, ranks=case["ranks"])
         assert code == 2, output[-3000:]
         _one_message(output, marker)
         assert "parameters per tower" not in output  # found before the towers were built
+
+    # The same list file naming other shards: only the loader can tell, after the engine is built.
+    shard_list.write_text("\n".join(scenes.train_shards[1:]))
+    code, output = _run(["--train.steps=8", "--resume=auto", *data], data_cache, out)
+    assert code == 2, output[-3000:]
+    assert "the training shards or their settings changed" in _one_message(output, "cannot continue this run's data")
 
     policy = json.loads((REPO / "zero_configs" / "z2.json").read_text())
     policy["zero_optimization"]["overlap_comn"] = True  # a typo
@@ -177,32 +198,44 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in found]
 
 
+# The user-facing command's exit status: DeepSpeed's own for signals to its processes (what each
+# does is in launch/supervise.py), 75 through launch/supervise.py. A launcher answers SIGTERM and
+# SIGINT by exiting 1 and dies of SIGUSR1, upon which the command reports 0 (it passes only
+# positive codes on); the command dies of SIGTERM/SIGUSR1 and ends SIGINT with a KeyboardInterrupt.
 @pytest.mark.parametrize(
-    "target, sig",
+    "target, sig, code",
     [
-        ("command", signal.SIGTERM),
-        ("command", signal.SIGUSR1),
-        ("command", signal.SIGINT),
-        ("launcher", signal.SIGTERM),
-        ("launcher", signal.SIGUSR1),
-        ("launcher", signal.SIGINT),
-        ("rank", signal.SIGINT),
+        ("command", signal.SIGTERM, -signal.SIGTERM),
+        ("command", signal.SIGUSR1, -signal.SIGUSR1),
+        ("command", signal.SIGINT, -signal.SIGINT),
+        ("launcher", signal.SIGTERM, 1),
+        ("launcher", signal.SIGUSR1, 0),
+        ("launcher", signal.SIGINT, 1),
+        ("rank", signal.SIGINT, 75),
+        ("supervisor group", signal.SIGINT, 75),  # Ctrl-C in a terminal: the foreground group
+        ("supervised command", signal.SIGTERM, 75),  # the chain above the ranks broken anyway
     ],
 )
 def test_a_signal_to_any_process_of_the_run_checkpoints_and_stops_every_rank(
-    target: str, sig: signal.Signals, tmp_path: Path, data_cache: Path
+    target: str, sig: signal.Signals, code: int, tmp_path: Path, data_cache: Path
 ) -> None:
     run = tmp_path / "runs" / "run"
-    process = _start(["--train.steps=400"], data_cache, tmp_path / "runs")
+    supervised = target.startswith("supervis")
+    process = _start(["--train.steps=400"], data_cache, tmp_path / "runs", supervised=supervised)
     deadline = time.time() + 300
     while not [r for r in read_log(run) if r.get("step", 0) >= 2]:
         assert process.poll() is None and time.time() < deadline, process.communicate()[0][-3000:]
         time.sleep(0.2)
-    (launcher,) = _children(process.pid)
+    (command,) = _children(process.pid) if supervised else [process.pid]
+    (launcher,) = _children(command)
     ranks = _children(launcher)
     assert len(ranks) == 2
-    os.kill({"command": process.pid, "launcher": launcher, "rank": ranks[0]}[target], sig)
-    code, output = _finish(process, timeout=300)  # returns once every process holding the pipe is gone
+    if target == "supervisor group":
+        os.killpg(process.pid, sig)  # the supervisor leads the group; the command has its own session
+    else:
+        pid = {"command": command, "supervised command": command, "launcher": launcher, "rank": ranks[0]}[target]
+        os.kill(pid, sig)
+    status, output = _finish(process, timeout=300)  # returns once every process holding the pipe is gone
     for pid in ranks:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     (stopped,) = [r for r in read_log(run) if r.get("event") == "stopped"]
@@ -211,5 +244,4 @@ def test_a_signal_to_any_process_of_the_run_checkpoints_and_stops_every_rank(
     assert int(latest.removeprefix("step")) == stopped["step"] < 400
     # No rank's traceback (the deepspeed command's own KeyboardInterrupt after Ctrl-C is DeepSpeed's).
     assert not re.search(r"\[rank\d\]: Traceback", output), output[-3000:]
-    if target == "rank":
-        assert code == 75  # the launcher passes a rank's code on; its own after a signal is DeepSpeed's
+    assert status == code, output[-3000:]

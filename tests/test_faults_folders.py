@@ -1,7 +1,8 @@
 """Run folders and checkpoint folders without launching anything (issue 13, items 2 and 6):
 pruning spares the tag just written and the one ``latest`` names, manifests make ``--resume auto``
 fall back past an incomplete tag, the run-folder lock names its holder and a stale one is taken
-over, and ``wandb.mode=online`` without a key fails before anything is built."""
+over, ``wandb.mode=online`` without a key fails before anything is built, resume settings are
+checked from the manifest (item 7), and ``launch/supervise.py`` reports the ranks' exit code."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from tritower.launch.checkpointer import check_manifest, data_identity, pick_resume, prune, write_manifest
 from tritower.launch.experiments import get_experiment
 from tritower.launch.run_io import RunLock, check_wandb_login
+from tritower.launch.supervise import ranks_exit_code
 
 
 def _tag(folder: Path, step: int, *, manifest: bool = True, world_size: int = 2) -> Path:
@@ -145,3 +147,19 @@ def test_an_unwritable_checkpoint_folder_and_a_reused_folder_fail_naming_the_fix
     _tag(tmp_path / "run" / "checkpoints", 200)
     with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run .*--resume auto"):
         _check_run_folder(cfg, tmp_path / "run", world_size=2)
+
+
+def test_the_supervisor_reports_the_ranks_code_only_when_every_rank_wrote_one(tmp_path: Path) -> None:
+    def written(*codes: int, world_size: int = 2) -> int | None:
+        folder = tmp_path / "-".join(map(str, codes))
+        folder.mkdir()
+        for rank, code in enumerate(codes):
+            (folder / f"rank{rank}").write_text(f"{code} {world_size}\n")
+        return ranks_exit_code(folder)
+
+    assert written(75, 75) == 75  # every rank checkpointed for a signal: requeue
+    assert written(0, 0) == 0
+    assert written(2, 75) == 2  # a config error on one rank; the launcher stopped the other
+    assert written(3, 3) == 3  # diverged
+    assert written(75) is None  # rank 1 never wrote (killed): the command's own status then
+    assert written(0, 75, world_size=2) == 75
