@@ -249,7 +249,18 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
                 "pretrained third tower); give a local checkpoint path"
             )
         name = cfg.third_tower or cfg.image_tower
-        image_tower_spec(name)  # unknown name -> ValueError
+        third_spec, inputs = image_tower_spec(name), towers["image"]  # unknown name -> ValueError
+        # 3T feeds the third tower the image tower's inputs: a tower built for another size or
+        # normalisation (EfficientNet-Lite0 at 224 px behind a 64 px scene tower) runs off its training.
+        if (third_spec.image_size, tuple(third_spec.mean), tuple(third_spec.std)) != (
+            inputs.image_size, inputs.mean, inputs.std
+        ):  # fmt: skip
+            warnings.append(
+                f"model.third.tower={name} was trained on {third_spec.image_size} px images (mean "
+                f"{tuple(third_spec.mean)}, std {tuple(third_spec.std)}) but 3T feeds it the image tower's "
+                f"inputs ({inputs.image_size} px, mean {inputs.mean}, std {inputs.std}); use an image tower "
+                "with the same inputs, or set model.image.image_size/mean/std to the third tower's"
+            )
         third = TowerOptions(role="third", letter="L", name=name, pretrained=cfg.third_pretrained)
     elif cfg.third_tower or cfg.third_pretrained or cfg.init_logit_scale_3t:
         raise ValueError(

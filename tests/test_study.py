@@ -185,3 +185,15 @@ def test_report_only_aggregates_existing_results(tmp_path: Path, capsys: pytest.
     assert math.isclose(uu["mean"], 0.3) and math.isclose(uu["std"], math.sqrt(0.02))
     assert "uu | none | 2 | 0.300±0.141" in capsys.readouterr().out
     assert (tmp_path / "study_bars.png").stat().st_size > 1000
+
+
+def test_third_tower_built_for_other_inputs_is_named_in_a_warning() -> None:
+    """Found by the study: EfficientNet-Lite0 (224 px) as 3T's third tower behind the 64 px scene
+    tower ran silently on 64 px images, the image tower's inputs."""
+    from tritower.model import ModelConfig
+
+    common = dict(image_tower="vit_scene_tiny", text_tower="bert_scene_tiny", setting="3T", third_pretrained="/w.st")
+    (warning,) = ModelConfig(**common, third_tower="efficientnet_lite0").parsed.warnings
+    assert "model.third.tower=efficientnet_lite0 was trained on 224 px images" in warning
+    assert "3T feeds it the image tower's inputs (64 px" in warning
+    assert ModelConfig(**common).parsed.warnings == ()  # the scene tower as its own third tower: same inputs
