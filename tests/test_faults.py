@@ -59,7 +59,8 @@ def _finish(process: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        raise
+        output, _ = process.communicate()
+        raise AssertionError(f"launch timed out after {timeout} s (killed):\n{output[-4000:]}") from None
     return process.returncode, output
 
 
