@@ -35,6 +35,7 @@ import itertools
 import math
 import os
 import random
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -284,6 +285,7 @@ class TrainLoader:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=2 if self.num_workers > 0 else None,
+            worker_init_fn=_outlive_sigterm,
         )
         for batch in loader:
             logical, epoch, index = batch.pop("__state__")
@@ -339,6 +341,15 @@ class TrainLoader:
         self.batches = state["batches"]
         self.positions = {int(k): (v[0], v[1]) for k, v in state["positions"].items()}
         self.worker_stats = {int(k): v for k, v in state["worker_stats"].items()}
+
+
+def _outlive_sigterm(worker: int) -> None:
+    """A SIGTERM sent to every process of a job (SLURM signals all processes of a step; DeepSpeed's
+    launcher terminates each rank's process tree) must not kill the workers of a rank that is
+    finishing its step and checkpoint: torch's own handler, installed before this runs, lets a
+    worker die of any SIGTERM not sent by its rank, and the rank then fails instead of saving.
+    The rank ends its workers itself (done event), and they exit when the rank is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_train_loader(

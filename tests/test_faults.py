@@ -222,7 +222,10 @@ def test_a_signal_to_any_process_of_the_run_checkpoints_and_stops_every_rank(
 ) -> None:
     run = tmp_path / "runs" / "run"
     supervised = target.startswith("supervis")
-    process = _start(["--train.steps=400"], data_cache, tmp_path / "runs", supervised=supervised)
+    # One data worker per rank: a launcher terminates each rank's whole process tree.
+    process = _start(
+        ["--train.steps=400", "--data.num_workers=1"], data_cache, tmp_path / "runs", supervised=supervised
+    )
     deadline = time.time() + 300
     while not [r for r in read_log(run) if r.get("step", 0) >= 2]:
         assert process.poll() is None and time.time() < deadline, process.communicate()[0][-3000:]

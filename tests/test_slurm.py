@@ -64,11 +64,18 @@ def _job(
         f"--train.steps={STEPS}",
         "--eval.at_end=false",
         "--train.log_every=1",
+        "--data.num_workers=1",  # a preemption signals the data workers too
     ]
     process = subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     return process, log
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a rank and its data workers)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [below for child in children for below in _tree(int(child))]
 
 
 def _finish(process: subprocess.Popen, timeout: int = 400) -> str:
@@ -112,14 +119,15 @@ def test_preemption_on_one_node_checkpoints_every_rank_requeues_and_resumes_exac
     # task PID node NODEID NODENAME rank PROCID: one task on each simulated node.
     assert [(t[3], t[4], t[6]) for t in tasks] == [("0", "127.0.0.1", "0"), ("1", "127.0.0.2", "1")], tasks
     for task in tasks:
-        if task[3] == "1":  # preemption warning on the second node only (not the master's)
-            os.kill(int(task[1]), signal.SIGUSR1)
+        if task[3] == "1":  # preemption of the second node only (not the master's)
+            for pid in _tree(int(task[1])):  # SLURM signals every process of the step there
+                os.kill(pid, signal.SIGTERM)
     output = _finish(process)
     assert process.returncode == 0, output[-3000:]
     assert "2 node(s), 2 ranks, master 127.0.0.1" in output
     assert f"requeue {JOB_ID}" in log.read_text(), output[-3000:]
     (stopped,) = [record for record in read_log(run_dir) if record.get("event") == "stopped"]
-    assert stopped["exit_code"] == 75 and stopped["reason"] == "signal on another rank"  # rank 0 had none
+    assert stopped["exit_code"] == 75 and stopped["reason"] == "signal on another rank"  # rank 0 got none
     tag = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     assert int(tag.name.removeprefix("step")) == stopped["step"] < STEPS
     for rank in (0, 1):  # both ranks wrote their part (ZeRO-2 optimizer partitions)
