@@ -57,7 +57,14 @@ def test_monitor_sections_point_into_the_run_folder(tmp_path) -> None:
 def test_tensorboard_event_file_is_written_and_read_by_tensorboard(train) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = train("--log.tensorboard=True", "--log.csv=True", "--eval.at_end=False", "--train.log_every=2", ranks=2)
+    run = train(
+        "--log.tensorboard=True",
+        "--log.csv=True",
+        "--log.curves=True",
+        "--eval.at_end=False",
+        "--train.log_every=2",
+        ranks=2,
+    )
     folder = run.run_dir / "tensorboard"
     assert list(folder.glob("events.out.tfevents.*")), sorted(run.run_dir.rglob("*"))
     events = EventAccumulator(str(folder))
