@@ -124,8 +124,8 @@ def compile_towers(model: CLIPModel, backend: str) -> None:
 def build_eval_tower(cfg: TrainConfig, role: str) -> LockedTower:
     """The locked tower that precomputed embeddings stand for, for evaluation on new images only."""
     tower = cfg.model.parsed.tower(role)
-    try:
-        loaded = load_image_tower(tower.name, tower.pretrained)
+    try:  # the image tower is built at model.image.image_size; the third tower at its own
+        loaded = load_image_tower(tower.name, tower.pretrained, tower.image_size if role == "image" else 0)
     except PretrainedError as error:
         raise ConfigError(f"pretrained weights: {error}") from None
     return LockedTower(loaded, tower.name, autocast_dtype=autocast_dtype(cfg.deepspeed.precision))

@@ -24,7 +24,7 @@ def build_architecture(config: dict) -> CLIPModel:
     transformers config, whose architecture may differ in details from the registry's.
     """
     cfg = ModelConfig(**config["model"])
-    image_tower = build_image_tower(cfg.image_tower)
+    image_tower = build_image_tower(cfg.image_tower, cfg.parsed.image.image_size)  # a ViT at model.image.image_size
     if config.get("text_encoder_config"):
         spec = text_tower_spec(cfg.text_tower)
         saved = dict(config["text_encoder_config"])

@@ -253,12 +253,12 @@ def build_clip(
         if not parsed.image.is_pretrained:
             raise ValueError(f"only a pretrained image tower can be left out, not one of setting {cfg.setting!r}")
         with torch.device("meta"):  # only its width is needed; no weights are made or loaded
-            image_tower = build_image_tower(cfg.image_tower)
+            image_tower = build_image_tower(cfg.image_tower, parsed.image.image_size)
     elif parsed.image.is_pretrained:
         with torch.random.fork_rng(devices=[]):
-            image_tower = load_image_tower(cfg.image_tower, cfg.image_pretrained)
+            image_tower = load_image_tower(cfg.image_tower, cfg.image_pretrained, parsed.image.image_size)
     else:
-        image_tower = build_image_tower(cfg.image_tower)
+        image_tower = build_image_tower(cfg.image_tower, parsed.image.image_size)
     if parsed.text.is_pretrained:
         with torch.random.fork_rng(devices=[]):
             text_tower = load_text_tower(cfg.text_tower, cfg.text_pretrained, cfg.text_pooling)

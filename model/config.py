@@ -17,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .registry import TEXT_POOLINGS, ImageTowerSpec, image_tower_spec, text_tower_spec
+from .registry import TEXT_POOLINGS, ImageTowerSpec, image_spec_at, image_tower_spec, text_tower_spec
 from .sections import TOWER_FIELDS, TowerSection, tower_field
 
 # The paper's eight settings, plus uU (from-scratch image, pretrained text tower), which the
@@ -168,9 +168,10 @@ class ParsedModel:
     @property
     def image_spec(self) -> ImageTowerSpec:
         """The image tower's spec with the configured input size, mean and std: what the data
-        pipeline, evaluation and exports apply to images."""
-        spec = image_tower_spec(self.image.name)
-        return dataclasses.replace(spec, image_size=self.image.image_size, mean=self.image.mean, std=self.image.std)
+        pipeline, evaluation and exports apply to images, and what the tower is built as (a ViT
+        at another size: ``registry.image_spec_at``)."""
+        spec = image_spec_at(image_tower_spec(self.image.name), self.image.image_size)
+        return dataclasses.replace(spec, mean=self.image.mean, std=self.image.std)
 
     def tower(self, role: str) -> TowerOptions:
         """The options of ``image``, ``text`` or ``third``."""
@@ -250,6 +251,13 @@ def parse_model(cfg: ModelConfig) -> ParsedModel:
             )
         name = cfg.third_tower or cfg.image_tower
         third_spec, inputs = image_tower_spec(name), towers["image"]  # unknown name -> ValueError
+        if third_spec.patch_size and third_spec.image_size != inputs.image_size:
+            # Built at its own size (its weights' grid); another token count cannot run through it.
+            raise ValueError(
+                f"model.third.tower={name} is a patch model built for {third_spec.image_size} px, but 3T "
+                f"feeds it the image tower's {inputs.image_size} px inputs; set model.image.image_size="
+                f"{third_spec.image_size} or use a third tower built for {inputs.image_size} px"
+            )
         # 3T feeds the third tower the image tower's inputs: a tower built for another size or
         # normalisation (EfficientNet-Lite0 at 224 px behind a 64 px scene tower) runs off its training.
         if (third_spec.image_size, tuple(third_spec.mean), tuple(third_spec.std)) != (
@@ -284,13 +292,10 @@ def _image_preprocess(cfg: ModelConfig, spec: ImageTowerSpec, letter: str) -> tu
         raise ValueError(f"model.image.std must be positive, got {values['std']}")
     if cfg.image_size < 0:
         raise ValueError(f"model.image.image_size must be >= 0 (0 = the tower's own), got {cfg.image_size}")
-    if values["image_size"] != spec.image_size and (spec.arch == "timm_vit" or spec.patch_size):
-        # A patch model's position table is sized for its image; a resampling build is not wired in.
-        raise ValueError(
-            f"model.image.image_size={cfg.image_size}: {spec.name} is a patch model built for "
-            f"{spec.image_size} px (its position table fixes it); name a tower built at that size "
-            f"(e.g. a timm:<name> of that resolution) or leave image_size at 0"
-        )
+    try:  # a ViT is built at the new size (position embeddings resampled); Mixer etc. refused
+        image_spec_at(spec, values["image_size"])
+    except ValueError as error:
+        raise ValueError(f"model.image.image_size={cfg.image_size}: {error}") from None
     warnings = []
     if letter in "LU":
         defaults = {"image_size": spec.image_size, "mean": tuple(spec.mean), "std": tuple(spec.std)}
@@ -401,7 +406,9 @@ class ModelConfig:
     rate of the last block, rising linearly from 0 at the first; 0 = off."""
     image_size: int = 0
     """Input side of the image tower in pixels; 0 = the tower's own (a ``timm:`` tower's
-    pretrained config). Patch models (ViT, Mixer) accept only their own size."""
+    pretrained config). A ViT is built at this size (a multiple of its patch size) and its
+    pretrained position embeddings are resampled to the new grid when loaded; MLP-Mixers accept
+    only their own size (their token-mixing MLPs fix the token count)."""
     image_mean: tuple[float, ...] = ()
     """Per-channel normalisation mean of the image tower's inputs; () = the tower's own."""
     image_std: tuple[float, ...] = ()

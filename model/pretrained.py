@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .registry import image_tower_spec, text_tower_spec
+from .registry import image_spec_at, image_tower_spec, text_tower_spec
 from .towers import ImageTower, TextTower, build_image_tower, unwrap_clip_text
 
 SHOWN = 5  # mismatching keys named per kind in an error
@@ -183,8 +183,13 @@ def check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
     )
 
 
-def load_image_tower(name: str, path: str | Path) -> ImageTower:
+def load_image_tower(name: str, path: str | Path, image_size: int = 0) -> ImageTower:
     """Image tower ``name`` (registry, or ``timm:<model>``) with weights from the local file ``path``.
+
+    ``image_size`` > 0 and not the tower's own builds a ViT for that input side
+    (``registry.image_spec_at``); weights made at the tower's own size then load through timm's
+    checkpoint filter of the model, which resamples the absolute position embeddings to the new
+    grid (``timm.layers.resample_abs_pos_embed``, bicubic), logged once on global rank 0.
 
     Accepted: timm state dicts (``.safetensors``/``.pth``/``.bin``; a tritower CLIP's or an open_clip
     timm-trunk's image weights), and whatever timm's own loaders convert for the model: OpenAI-CLIP
@@ -195,9 +200,9 @@ def load_image_tower(name: str, path: str | Path) -> ImageTower:
     """
     path = resolve_source(str(path))
     check_weights_path(path)  # before building the tower: a wrong path fails in no time
-    spec = image_tower_spec(name)
+    spec = image_spec_at(image_tower_spec(name), image_size)
     _check_sidecar(path, name)
-    tower = build_image_tower(name)
+    tower = build_image_tower(name, image_size)
     what = f"image tower {name!r} (timm {spec.timm_name}, width {spec.width}, image size {spec.image_size})"
     if path.suffix == ".npz":
         if not hasattr(tower.model, "load_pretrained"):
@@ -242,12 +247,24 @@ def _timm_converted(state: dict[str, torch.Tensor], model: nn.Module, expected: 
         converted = convert(dict(state), model)
     except (KeyError, RuntimeError, ValueError, TypeError):
         return None
-    for key in ("pos_embed",):
-        if key in converted and key in state and converted[key].shape != state[key].shape:
-            print(
-                f"tritower: {key} resampled from {list(state[key].shape)} to {list(converted[key].shape)}", flush=True
-            )
+    old, new = state.get("pos_embed"), converted.get("pos_embed")
+    if old is not None and new is not None and old.shape != new.shape and _global_rank() == 0:
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+        side = round((old.shape[1] - prefix) ** 0.5)
+        grid = "x".join(str(n) for n in getattr(getattr(model, "patch_embed", None), "grid_size", ()))
+        print(
+            f"tritower: pos_embed resampled from a {side}x{side} grid ({old.shape[1]} tokens) to {grid} "
+            f"({new.shape[1]} tokens) by timm's checkpoint filter (bicubic)",
+            flush=True,
+        )
     return _without_classifier(converted, expected, model)
+
+
+def _global_rank() -> int:
+    """The global rank where torch.distributed is initialised, else 0 (loads log on rank 0 only)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _check_sidecar(path: Path, name: str) -> None:

@@ -13,6 +13,7 @@ CLIP and timm, so a local checkpoint of the published model loads key-for-key.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 from dataclasses import asdict, dataclass
@@ -379,6 +380,60 @@ def image_tower_spec(name: str) -> ImageTowerSpec:
 
 TIMM_PREFIX = "timm:"
 """``model.image_tower=timm:<name>`` names any timm model (built with ``pretrained=False``)."""
+
+
+def _timm_module(spec: ImageTowerSpec) -> str:
+    """The ``timm.models`` module that builds the spec's model (``vision_transformer``, ...)."""
+    if spec.arch == "timm_vit":
+        return "timm.models.vision_transformer"
+    if spec.timm_class:
+        return spec.timm_class.rpartition(".")[0]
+    import timm.models
+
+    return timm.models.model_entrypoint(spec.timm_name).__module__ if timm.models.is_model(spec.timm_name) else ""
+
+
+def image_spec_at(spec: ImageTowerSpec, image_size: int) -> ImageTowerSpec:
+    """``spec`` built for ``image_size`` px inputs (0 or its own size: ``spec`` itself).
+
+    A timm ``VisionTransformer`` (registry ViTs, ``timm:vit_*``) is built at the new size
+    (timm's ``img_size=``; the patch size must divide it) and its pretrained weights get their
+    absolute position embeddings resampled to the new grid when loaded (``model/pretrained.py``).
+    Convolutional towers (ResNet, BiT, EfficientNet) take any size as built. Other patch models
+    are refused with the reason (MLP-Mixer: its token-mixing MLP is sized for one token count).
+    ValueError naming the tower, the size and the fix.
+    """
+    if image_size < 0:
+        raise ValueError(f"image size must be >= 0 (0 = the tower's own), got {image_size}")
+    if not image_size or image_size == spec.image_size:
+        return spec
+    module = _timm_module(spec)
+    if module == "timm.models.vision_transformer":
+        if image_size % spec.patch_size:
+            below = image_size // spec.patch_size * spec.patch_size
+            nearest = f"{below} or {below + spec.patch_size}" if below else str(spec.patch_size)
+            raise ValueError(
+                f"image size {image_size} is not a multiple of the {spec.patch_size} px patches of "
+                f"{spec.name} (built for {spec.image_size} px); use e.g. {nearest}"
+            )
+        if spec.arch == "timm_vit":  # timm_kwargs() passes img_size=spec.image_size
+            return dataclasses.replace(spec, image_size=image_size)
+        args = tuple((k, v) for k, v in spec.timm_args if k != "img_size") + (("img_size", image_size),)
+        return dataclasses.replace(spec, image_size=image_size, timm_args=args)
+    if module == "timm.models.mlp_mixer":
+        tokens = f"exactly {(spec.image_size // spec.patch_size) ** 2}" if spec.patch_size else "a fixed number of"
+        raise ValueError(
+            f"{spec.name} is an MLP-Mixer built for {spec.image_size} px: its token-mixing MLPs are "
+            f"sized for {tokens} patch tokens, so it cannot run on {image_size} px images (there is "
+            "no position table to resample); leave the image size at 0 or use a ViT tower"
+        )
+    if spec.patch_size:
+        raise ValueError(
+            f"{spec.name} is a patch model built for {spec.image_size} px ({module or spec.timm_name}); "
+            f"building it at {image_size} px with resampled position embeddings is wired for timm "
+            "VisionTransformer towers only; leave the image size at 0 or name a tower of that size"
+        )
+    return dataclasses.replace(spec, image_size=image_size)  # a convolutional tower takes any size
 
 
 @functools.cache

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from .registry import TEXT_POOLINGS, ImageTowerSpec, TextTowerSpec, image_tower_spec, text_tower_spec, tower_spec
+from .registry import (
+    TEXT_POOLINGS,
+    ImageTowerSpec,
+    TextTowerSpec,
+    image_spec_at,
+    image_tower_spec,
+    text_tower_spec,
+    tower_spec,
+)
 
 IMAGE_ARCHS = ("timm_vit", "timm")
 TEXT_ARCHS = ("bert", "t5", "mt5", "clip_text", "hf")
@@ -249,9 +257,10 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return total / count
 
 
-def build_image_tower(name: str) -> ImageTower:
-    """The image tower registered as ``name``, randomly initialised."""
-    return ImageTower(image_tower_spec(name))
+def build_image_tower(name: str, image_size: int = 0) -> ImageTower:
+    """The image tower registered as ``name``, randomly initialised; ``image_size`` > 0 builds it
+    for that input side (a ViT's position table sized for it: ``registry.image_spec_at``)."""
+    return ImageTower(image_spec_at(image_tower_spec(name), image_size))
 
 
 def build_text_tower(name: str, vocab_size: int | None = None, pooling: str = "") -> TextTower:

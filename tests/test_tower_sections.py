@@ -67,7 +67,8 @@ def test_per_tower_form_equals_the_flat_aliases_in_every_place(tmp_path: Path) -
         (["--model.imgae.tower=vit_test"], "did you mean 'model.image'"),
         (["--model.image.mean=0.5,0.5"], "model.image.mean needs 3 values"),
         (["--model.image.std=0.5,0,0.5"], "model.image.std must be positive"),
-        (["--model.image.image_size=64"], "vit_test is a patch model built for 32 px"),
+        (["--model.image.image_size=36"], "image size 36 is not a multiple of the 8 px patches of vit_test"),
+        (["--model.image.tower=mixer_test", "--model.image.image_size=64"], "token-mixing MLPs are sized for"),
     ],
 )  # fmt: skip
 def test_options_that_do_not_apply_are_refused_naming_why(argv: list[str], expected: str) -> None:
