@@ -74,8 +74,9 @@ class Budget:
     """Text tower from scratch (u)."""
     embed_dim: int = 128
     """Joint embedding width."""
-    pretrain_steps: int = 300
-    """Steps of ``pretrain_image`` for the matched and mismatched towers."""
+    pretrain_steps: int = 400
+    """Steps of ``pretrain_image`` for the matched and mismatched towers (400: the matched tower
+    learns shape in the first half, colour in the second; docs/study.md "The matched tower")."""
     pretrain_batch: int = 128
     """Batch of ``pretrain_image``."""
     eval_samples: int = 0
@@ -186,7 +187,18 @@ def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
 
 def _pretrain_options(config: object) -> dict:
     """The options that make two pretrained towers the same tower."""
-    return {k: getattr(config, k) for k in ("tower", "labels", "steps", "batch_size", "lr", "warmup_steps", "seed")}
+    keys = (
+        "tower",
+        "labels",
+        "steps",
+        "batch_size",
+        "lr",
+        "warmup_steps",
+        "seed",
+        "single_shape_only",
+        "shape_fraction",
+    )
+    return {k: getattr(config, k) for k in keys}
 
 
 def probe_accuracy(arch: str, weights: Path, budget: Budget, cache: Path) -> float:

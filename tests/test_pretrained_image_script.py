@@ -23,7 +23,7 @@ from tritower.model import (
 )
 
 
-def test_pretrain_then_load_as_locked_tower(tmp_path: Path) -> None:
+def test_pretrain_then_load_as_locked_tower(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = parse_args(
         [
             "--tower=vit_test",
@@ -43,6 +43,9 @@ def test_pretrain_then_load_as_locked_tower(tmp_path: Path) -> None:
         ]
     )
     sidecar = pretrain(cfg)
+    # The defaults: shape first for half of the steps (round(0.5 * 3) = 2), single-shape scenes only.
+    out = capsys.readouterr().out
+    assert "3 steps of 16 (the first 2 on the shape only); " in out and " single-shape training scenes" in out
     weights = tmp_path / "out" / "image_tower.safetensors"
     assert sidecar["tower"] == "vit_test" and 0.0 <= sidecar["held_out_accuracy"] <= 1.0
     assert json.loads((tmp_path / "out" / "image_tower.json").read_text()) == sidecar
@@ -67,6 +70,57 @@ def test_pretrain_then_load_as_locked_tower(tmp_path: Path) -> None:
         load_image_tower("vit_scene_tiny", weights)
 
 
+def test_single_shape_keys_are_the_scenes_with_one_colour_word(tmp_path: Path) -> None:
+    """``single_shape_keys`` against the captions: a one-shape caption names one colour, a
+    two-shape caption two (``data/scenes.py``'s templates), independently of the json ``shapes``."""
+    import re
+    import tarfile
+
+    from tritower.data import ensure_builtin_data
+    from tritower.data.config import DataConfig
+    from tritower.data.scenes import COLOURS
+    from tritower.launch.tools.pretrain_image import single_shape_keys
+
+    data = ensure_builtin_data(
+        DataConfig(
+            cache_dir=str(tmp_path),
+            builtin_train_samples=300,
+            builtin_eval_samples=50,
+            builtin_image_size=32,
+            builtin_shard_size=100,
+        )
+    )
+    colour_word = re.compile(r"\b(" + "|".join(COLOURS) + r")\b")
+    colours_named: dict[str, int] = {}
+    for path in data.train_shards:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".txt"):
+                    caption = tar.extractfile(member).read().decode()
+                    colours_named[member.name[: -len(".txt")]] = len(colour_word.findall(caption))
+    assert set(colours_named.values()) == {1, 2} and len(colours_named) == 300
+    singles = single_shape_keys(data.train_shards)
+    assert singles == {key for key, count in colours_named.items() if count == 1}
+    assert 0.6 < len(singles) / 300 < 0.9  # the generator draws 75% single-shape training scenes
+    assert len(single_shape_keys(data.eval_shards)) == 50  # the held-out split is all single-shape
+
+
+def test_shape_logits_sum_the_colours_of_each_shape() -> None:
+    """The shape marginal's softmax = the 30-class softmax summed over the classes whose name
+    ends with the shape (reference from the class names, not from the colour-major layout)."""
+    from tritower.data.scenes import CLASSNAMES, SHAPES
+    from tritower.launch.tools.pretrain_image import shape_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, len(CLASSNAMES), dtype=torch.float64) * 3
+    probs = logits.softmax(-1)
+    expected = torch.stack(
+        [probs[:, [i for i, name in enumerate(CLASSNAMES) if name.split()[-1] == shape]].sum(-1) for shape in SHAPES],
+        dim=-1,
+    )
+    torch.testing.assert_close(shape_logits(logits).softmax(-1), expected)
+
+
 def test_bad_option_is_rejected() -> None:
     from tritower.launch.config import ConfigError
 
@@ -74,6 +128,8 @@ def test_bad_option_is_rejected() -> None:
         parse_args(["--stpes=3"])
     with pytest.raises(ConfigError, match="did you mean .data.builtin_image_size."):
         parse_args(["--data.builtin_image_sise=32"])
+    with pytest.raises(ConfigError, match=r"shape_fraction must be in \[0, 1\), got 1.0"):
+        parse_args(["--shape_fraction=1"])
 
 
 def test_label_sets_of_the_builtin_scenes() -> None:
