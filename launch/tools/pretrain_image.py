@@ -81,7 +81,8 @@ class PretrainImageConfig:
     then trains on about 3/4 of its ``batch_size`` images). Measured
     effect, one seed each: 120 steps on the 30 classes 30.1% -> 36.6% held-out; with
     ``shape_fraction=0.67`` at 300 steps 70.5% -> 63.6% (the difference is colour relearnt in the
-    last 100 steps, shape 79% both), so its benefit is not established (docs/study.md).
+    last 100 steps, shape 79% and 80%); with the defaults at 400 steps 89.9% -> 88.7%. So its benefit
+    is not established (docs/study.md); ``False`` is as good on that evidence.
     User shards are read as they are."""
     shape_fraction: float = 0.5
     """Built-in scenes, ``labels=colour_shape`` only: the first ``shape_fraction`` of the steps
