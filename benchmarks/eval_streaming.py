@@ -40,6 +40,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from tritower.launch.console import matmul_gflops  # the machine's reference rate, as every run prints it
+
 
 def generate(root: Path, images: int, classes: int, size: int = 224, per_shard: int = 5000) -> float:
     """Writes ROOT/test/{0..}.tar, nshards.txt, sizes.json, classnames.txt; returns seconds (0 if it existed)."""
@@ -231,17 +233,6 @@ def retrieval_main(count: int, fixed_rows: int, queue: mp.Queue) -> None:
     queue.put({"wall_s": round(wall, 2), "peak_above_start_mib": round(memory_mib()["hwm"] - before, 1)} | metrics)
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    """The machine's reference rate: a ``size`` x ``size`` float32 matmul, best of ``repeats``."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=50000)
@@ -255,7 +246,7 @@ def main() -> None:
     options = parser.parse_args()
     root = Path(options.root)
     generated = generate(root, options.images, options.classes)
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(repeats=20)
     print(f"reference rate: 1024x1024 float32 matmul at {gflops:.0f} GFLOP/s", flush=True)
     rows = []
     for size in (int(s) for s in options.sizes.split(",") if s):
