@@ -120,10 +120,14 @@ def ignore_stop_signals() -> None:
 
 
 class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is written; exits with REQUEUE_EXIT_CODE."""
+    """Raised after the preemption checkpoint is written; exits with REQUEUE_EXIT_CODE.
 
-    def __init__(self) -> None:
+    ``agreed``: every rank decided to stop at the same step (so all of them can meet once more to
+    close the process group); False for a signal before the loop, which a rank takes alone."""
+
+    def __init__(self, agreed: bool = False) -> None:
         super().__init__(REQUEUE_EXIT_CODE)
+        self.agreed = agreed
 
 
 class Diverged(SystemExit):

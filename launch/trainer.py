@@ -299,7 +299,7 @@ class Trainer:
                     {"step": self.step, "event": "stopped", "reason": reason, "exit_code": Preempted().code}
                 )
                 self.wandb.finish({"preempted_at_step": self.step})
-                raise Preempted()
+                raise Preempted(agreed=True)
         wall = time.time() - started
         # The last checkpoint comes before the last evaluation: an evaluation that fails cannot cost the run.
         if cfg.checkpoint.save_at_end and self.last_save[0] != self.step:
