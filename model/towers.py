@@ -138,7 +138,13 @@ class TextTower(nn.Module):
         return getattr(self, self.attr)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask [B,L] (mask 1 = real token, 0 = padding) -> [B,width]."""
+        """input_ids, attention_mask [B,L] (mask 1 = real token, 0 = padding) -> [B,width].
+
+        Columns that are padding in every row of the batch are dropped first: they are masked
+        keys and no real token's output depends on them, so the result is the same, and a batch of
+        short captions (alt-text of 10-20 tokens under a 64-token context) costs what its longest
+        caption needs instead of the full context."""
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         # CLIPTextModel adds its causal mask itself; T5 and BERT attend both ways.
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
@@ -244,6 +250,21 @@ def unwrap_clip_text(model: nn.Module) -> nn.Module:
     """transformers 4.x nests CLIP's text transformer as ``.text_model``; 5.x does not. Keeping
     the inner module gives the same parameter names (``clip.encoder.layers.*``) under both."""
     return getattr(model, "text_model", model)
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns of input_ids, attention_mask [B,L] that are padding (mask 0) in
+    every row -> [B,L'], L' = one past the last column with a real token in any row (at least 1).
+
+    Only trailing columns go, so left-padded batches and position ids are untouched. One host
+    sync per call (the length); on a GPU that is microseconds against a tower's forward."""
+    if attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
+        return input_ids, attention_mask
+    columns = attention_mask.ne(0).any(dim=0).nonzero()  # columns where some row has a real token
+    length = int(columns.max()) + 1 if len(columns) else 1
+    if length == attention_mask.shape[1]:
+        return input_ids, attention_mask
+    return input_ids[:, :length], attention_mask[:, :length]
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
