@@ -157,6 +157,7 @@ def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
         if convert(["--out", str(weights)]) != 0:
             raise RuntimeError("convert_efficientnet failed (see its message above)")
         info = {"arch": "efficientnet_lite0", "labels": "ImageNet-1k", "own_accuracy": None}
+        info["embeddings"] = precompute_embeddings(weights, folder / "embeddings", budget, cache)
     else:
         from tritower.launch.tools.pretrain_image import SIDECAR, parse_args, pretrain
 
@@ -183,6 +184,23 @@ def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
     info["prepare_s"] = round(time.time() - started, 1)
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def precompute_embeddings(weights: Path, folder: Path, budget: Budget, cache: Path) -> str:
+    """EfficientNet-Lite0's embeddings of the training scenes, once per study
+    (``launch/tools/precompute.py``, one fixed 224 px crop per scene): its runs then never run
+    the locked tower on training images (``Lu``, ``LU``, ``LL``: the tower is not even built). A run's budget
+    is under one epoch of the 20,000 scenes, so one crop per scene is what random crops would
+    have given it too. Evaluation still runs the tower on the held-out images."""
+    from tritower.launch.tools.precompute import main as precompute
+
+    if (folder / "meta.json").exists():
+        return str(folder)
+    argv = ["--tower=efficientnet_lite0", f"--checkpoint={weights}", "--shards=builtin", "--experiment=clip_tiny"]
+    argv += [f"--out={folder}", "--num_workers=1", "--overwrite", *_data_args(budget, cache)]
+    if precompute(argv) != 0:
+        raise RuntimeError("precompute failed (see its message above)")
+    return str(folder)
 
 
 def _pretrain_options(config: object) -> dict:
@@ -253,6 +271,10 @@ def train_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cac
     elif image in "LU":
         tower = towers[run.tower]
         argv += [f"--model.image_tower={tower['arch']}", f"--model.image_pretrained={tower['weights']}"]
+    if towers.get(run.tower, {}).get("embeddings") and image == "L":
+        # The locked image tower's, precomputed at its own 224 px. Not for 3T: its third tower
+        # takes the image tower's inputs (64 px scenes), as at run time, where it is cheap.
+        argv.append(f"--data.embeddings={towers[run.tower]['embeddings']}")
     return argv
 
 

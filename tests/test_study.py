@@ -127,11 +127,17 @@ def test_plan_counts_and_bad_names() -> None:
 
 def test_train_argv_of_each_kind_of_run(tmp_path: Path) -> None:
     study = _study_module()
-    towers = {"real": {"arch": "efficientnet_lite0", "weights": "/w/effnet.safetensors"}}
+    towers = {"real": {"arch": "efficientnet_lite0", "weights": "/w/effnet.safetensors", "embeddings": "/w/emb"}}
     towers["matched"] = {"arch": "vit_scene_tiny", "weights": "/w/matched.safetensors"}
     lu = study.train_argv(study.Run("LU", "real", 1), towers, study.FULL, tmp_path, tmp_path)
     assert "--model.text_tower=minilm_l6" in lu and "--model.image_tower=efficientnet_lite0" in lu
     assert "--model.image_pretrained=/w/effnet.safetensors" in lu and "--train.seed=1" in lu
+    # The real tower's precomputed embeddings serve where it is the locked image tower only (3T's
+    # third tower takes the 64 px inputs of the image tower, not the embeddings' 224 px).
+    assert "--data.embeddings=/w/emb" in lu
+    for setting in ("3T", "Uu"):
+        argv = study.train_argv(study.Run(setting, "real", 0), towers, study.FULL, tmp_path, tmp_path)
+        assert not any(a.startswith("--data.embeddings") for a in argv), setting
     three = study.train_argv(study.Run("3T", "matched", 0), towers, study.FULL, tmp_path, tmp_path)
     assert "--model.third_pretrained=/w/matched.safetensors" in three and "--model.image_tower=vit_scene_tiny" in three
     assert "--eval.alphas=0,0.25,0.5,0.75,1" in three and "--model.text_tower=bert_scene_tiny" in three
@@ -160,6 +166,8 @@ def test_quick_study_code_path_at_toy_size(tmp_path: Path) -> None:
     three = next(r for r in report["rows"] if r["setting"] == "3T" and r["tower"] == "real")
     assert set(three["alphas"]) == {"0", "0.25", "0.5", "0.75", "1"}
     assert report["towers"]["mismatched"]["labels"] == "shape" and report["towers"]["real"]["own_accuracy"] is None
+    embeddings = Path(report["towers"]["real"]["embeddings"])  # precomputed once, used by its locked runs
+    assert (embeddings / "meta.json").is_file() and str(embeddings) in (out / "runs/LU-real-s0/config.yaml").read_text()
     assert 0 <= report["towers"]["mismatched"]["own_accuracy"] <= 1
     assert (out / "study_bars.png").stat().st_size > 1000
     assert "3T above uu" in first.stdout and "zero-shot" in first.stdout
