@@ -60,11 +60,11 @@ REPO = Path(__file__).resolve().parents[1]
 class Budget:
     """The fixed budget of every run and of the tower pretraining."""
 
-    steps: int = 150
-    """Optimizer steps of every study run."""
+    steps: int = 100
+    """Optimizer steps of every study run (6,400 scenes at batch 64: a third of an epoch)."""
     batch: int = 64
     """Global batch of every study run."""
-    warmup: int = 15
+    warmup: int = 10
     """Warm-up steps of every study run."""
     lr: float = 5e-4
     """Peak AdamW learning rate of every study run (clip_tiny's)."""
@@ -79,7 +79,7 @@ class Budget:
     learns shape in the first half, colour in the second; docs/study.md "The matched tower")."""
     pretrain_batch: int = 128
     """Batch of ``pretrain_image``."""
-    eval_samples: int = 0
+    eval_samples: int = 500
     """Held-out images of each run's evaluation (0 = all 1,500)."""
     data: dict[str, str] = field(default_factory=dict)
     """``--data.*`` overrides shared by the pretraining and every run (the toy size sets them)."""
