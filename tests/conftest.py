@@ -15,6 +15,7 @@ import multiprocessing.popen_forkserver
 import multiprocessing.popen_spawn_posix
 import os
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,12 @@ import pytest
 from launching import Run, launch_train
 
 UNMARKED_LAUNCH = "this test starts a process: mark it @pytest.mark.launch"
+
+# DeepSpeed compiles its CPU shared-memory all-reduce on first use into torch's extensions folder
+# (~/.cache/torch_extensions by default) and recompiles (20 s to 3 min) whenever the include paths
+# differ from the last build there: two checkouts (a CI dry run in /tmp, a worktree) sharing the
+# folder would rebuild it at each other's every launch. One folder per environment builds it once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @contextmanager
