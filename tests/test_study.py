@@ -78,24 +78,32 @@ def test_expectations_margins_by_hand() -> None:
     rows = _rows(
         {
             ("uu", "none"): 0.30, ("uL", "none"): 0.10,
-            ("Lu", "matched"): 0.80, ("LU", "matched"): 0.70, ("Uu", "matched"): 0.50, ("UU", "matched"): 0.60,
+            ("Lu", "matched"): 0.70, ("LU", "matched"): 0.80, ("Uu", "matched"): 0.50, ("UU", "matched"): 0.75,
             ("UL", "matched"): 0.20, ("LL", "matched"): 0.25,
             ("3T", "matched"): 0.45, ("Lu", "mismatched"): 0.20, ("3T", "mismatched"): 0.40,
         }
     )  # fmt: skip
     checks = {(c["expectation"].split(" (")[0], c["tower"]): c for c in check_expectations(rows)}
-    locked = checks[("LiT: locked image towers above unlocked ones", "matched")]
-    assert locked["holds"] and math.isclose(locked["margin"], 0.70 - 0.60)
-    unlocked = checks[("LiT: pretrained unlocked image towers above from scratch", "matched")]
+    # Pairs with the same text tower: Lu - Uu = 0.20, LU - UU = 0.05, so 0.05; it holds although
+    # Lu (0.70) is below UU (0.75), whose text tower is another.
+    locked = checks[("LiT: locked image towers above unlocked ones, same text tower", "matched")]
+    assert locked["holds"] and math.isclose(locked["margin"], 0.80 - 0.75)
+    assert locked["detail"] == "Lu 0.700 vs Uu 0.500, LU 0.800 vs UU 0.750"
+    unlocked = checks[("LiT: a pretrained unlocked image tower above from scratch", "matched")]
     assert unlocked["holds"] and math.isclose(unlocked["margin"], 0.50 - 0.30)
+    scratch = checks[("LiT: a locked pretrained image tower above CLIP from scratch", "matched")]
+    assert scratch["holds"] and math.isclose(scratch["margin"], 0.70 - 0.30)
+    mismatched = checks[("LiT: a locked pretrained image tower above CLIP from scratch", "mismatched")]
+    assert mismatched["holds"] is False and math.isclose(mismatched["margin"], 0.20 - 0.30)
+    assert checks[("LiT: a locked pretrained image tower above CLIP from scratch", "real")]["holds"] is None
     text_locked = checks[("LiT: locking the text tower does poorly", "matched")]
     assert text_locked["holds"] and math.isclose(text_locked["margin"], 0.30 - 0.25)
     assert math.isclose(checks[("3T above uu", "matched")]["margin"], 0.45 - 0.30)
     assert checks[("3T above uu", "real")]["holds"] is None  # no real-tower run here
     assert math.isclose(checks[("3T above LiT", "mismatched")]["margin"], 0.40 - 0.20)
     robust = checks[("3T more robust than LiT to a mismatched tower", "matched -> mismatched")]
-    # drops: Lu 0.80 - 0.20 = 0.60, 3T 0.45 - 0.40 = 0.05
-    assert robust["holds"] and math.isclose(robust["margin"], 0.60 - 0.05)
+    # drops: Lu 0.70 - 0.20 = 0.50, 3T 0.45 - 0.40 = 0.05
+    assert robust["holds"] and math.isclose(robust["margin"], 0.50 - 0.05)
     mixture = checks[("3T alpha mixture beats both ends", "matched")]
     assert mixture["holds"] and math.isclose(mixture["margin"], 0.60 - 0.45)  # alpha 0.5 vs alpha 1
     assert "holds" in format_expectations(list(checks.values()))
