@@ -260,8 +260,9 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple
     sync per call (the length); on a GPU that is microseconds against a tower's forward."""
     if attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
         return input_ids, attention_mask
-    columns = attention_mask.ne(0).any(dim=0).nonzero()  # columns where some row has a real token
-    length = int(columns.max()) + 1 if len(columns) else 1
+    used = attention_mask.ne(0).any(dim=0)  # [L]: some row has a real token in this column
+    positions = torch.arange(1, used.numel() + 1, device=used.device)
+    length = max(1, int((used * positions).max()))  # one past the last used column
     if length == attention_mask.shape[1]:
         return input_ids, attention_mask
     return input_ids[:, :length], attention_mask[:, :length]
