@@ -17,10 +17,14 @@ is the ranks' own (each rank records it with ``record_exit``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
+import sys
+import time
 from pathlib import Path
+from typing import NoReturn
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 CONFIG_EXIT_CODE = 2  # a configuration, input-file, run-folder or resume problem: fix and re-run
@@ -40,6 +44,54 @@ def record_exit(code: int) -> None:
         rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
         with contextlib.suppress(OSError):  # the supervisor is gone: nobody to tell
             Path(folder, f"rank{rank}").write_text(f"{code} {world_size}\n")
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this rank with ``code`` without the interpreter's teardown of C++ objects.
+
+    A rank that leaves while gloo's threads are still alive can abort in that teardown ("terminate
+    called without an active exception", SIGABRT), turning exit 2 or 0 into -6: CI saw it on a
+    finished 2-rank run and on a resume refused with exit 2 on both ranks. So every exit:
+    kills the data workers still alive (they ignore SIGTERM, and multiprocessing's exit handler
+    would SIGTERM them and wait forever), destroys the process group (locally, no barrier: after an
+    error a rank may be alone; a finished run met its barrier already), runs the ``atexit`` handlers
+    (run-folder lock, /dev/shm buffer, logging, wandb), flushes the console and ends with
+    ``os._exit``, which skips that teardown.
+    """
+    import multiprocessing
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for the killed workers
+    for child in multiprocessing.active_children():
+        if child.daemon:  # data workers; a preemption's SIGTERM must not kill them, so they ignore it
+            child.kill()
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        with contextlib.suppress(Exception):  # a broken group: the exit matters more than its teardown
+            distributed.destroy_process_group()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+RANK_MESSAGE_DELAY_S = 10.0
+
+
+def say_setup_error(rank: int, message: str) -> None:
+    """Print a setup error once per job, whichever ranks meet it.
+
+    Every rank usually meets the same check and fails the same way, so rank 0 prints the line at
+    once. Any other rank waits first: when rank 0 failed too, the launcher (``deepspeed``, torchrun,
+    ``srun --kill-on-bad-exit``) ends this rank as soon as rank 0 exits, and the job shows one line;
+    when this rank failed alone (a file missing on its node only), nobody else will say why, so it
+    prints the line itself, naming its rank.
+    """
+    if rank == 0:
+        print(f"tritower: {message}", file=sys.stderr, flush=True)
+        return
+    time.sleep(RANK_MESSAGE_DELAY_S)
+    print(f"tritower: rank {rank}: {message}", file=sys.stderr, flush=True)
 
 
 def _parent_of(pid: int) -> int | None:

@@ -10,6 +10,7 @@ Options are ``--experiment NAME`` and ``--section.field=value`` overrides (see l
 from __future__ import annotations
 
 import sys
+import traceback
 
 from tritower.data.embeddings import EmbeddingsError
 from tritower.data.samples import DataQualityError
@@ -17,15 +18,21 @@ from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
 from tritower.launch.dist_env import check_master_port, from_environ
 from tritower.launch.ds_config import build_ds_config
-from tritower.launch.preemption import CONFIG_EXIT_CODE, Preempted, ignore_stop_signals, record_exit
+from tritower.launch.preemption import (
+    CONFIG_EXIT_CODE,
+    Preempted,
+    exit_rank,
+    ignore_stop_signals,
+    record_exit,
+    say_setup_error,
+)
 
 
 def main(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 configuration/input/run-folder/resume problem (one line says which
     and the fix), 3 diverged (non-finite losses; the message names the checkpoint to resume),
     75 stopped by a signal or a lost launcher after writing a checkpoint (requeue)."""
-    # Every rank meets the same checks and fails the same way: rank 0 alone prints the line.
-    main_rank = from_environ().is_main
+    env = from_environ()
     try:
         cfg = load_config(argv)
         from tritower.launch.console import setup_console  # library noise off; say what the start costs
@@ -34,7 +41,7 @@ def main(argv: list[str]) -> int:
         # Fill the ZeRO policy now, so a wrong JSON fails before data or towers are built.
         from tritower.launch.run_setup import check_zero_policy
 
-        check_zero_policy(build_ds_config(cfg, from_environ().world_size), cfg.deepspeed.zero)
+        check_zero_policy(build_ds_config(cfg, env.world_size), cfg.deepspeed.zero)
         check_master_port()
         from tritower.launch.engine import close_process_group
         from tritower.launch.trainer import run
@@ -47,23 +54,27 @@ def main(argv: list[str]) -> int:
             close_process_group()
         raise
     except ConfigError as error:
-        if main_rank:
-            print(f"tritower: config error: {error}", file=sys.stderr)
+        say_setup_error(env.rank, f"config error: {error}")
         return CONFIG_EXIT_CODE
     except (FileNotFoundError, PermissionError, EmbeddingsError, DataQualityError) as error:
         # Bad or missing input files: the message names the file and the fix; no traceback needed.
-        if main_rank:
-            print(f"tritower: error: {error}", file=sys.stderr)
+        say_setup_error(env.rank, f"error: {error}")
         return CONFIG_EXIT_CODE
     return 0
 
 
 if __name__ == "__main__":
-    code = 1  # an uncaught exception: its traceback follows
+    code = 1  # an uncaught exception: its traceback is printed as the interpreter would
     try:
         code = main(sys.argv[1:])
     except SystemExit as stop:  # Preempted (75), Diverged (3)
-        code = stop.code
-    finally:
-        record_exit(code)  # for launch/supervise.py, where the launchers lose it
-    sys.exit(code)
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if not isinstance(stop.code, int | None):
+            print(stop.code, file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        traceback.print_exc()
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+    record_exit(code)  # for launch/supervise.py, where the launchers lose it
+    exit_rank(code)
