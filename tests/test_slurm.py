@@ -83,7 +83,8 @@ def _finish(process: subprocess.Popen, timeout: int = 400) -> str:
         return process.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        raise
+        output = process.communicate()[0]
+        raise AssertionError(f"the job ran past {timeout} s (killed); its output:\n{output[-6000:]}") from None
 
 
 @pytest.fixture(scope="module")
