@@ -198,13 +198,17 @@ def _split_help(argv: list[str]) -> tuple[list[str], str | None]:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """{field: docstring} of a dataclass, read from the string literal below each field in its source."""
+    """{field: docstring} of a dataclass, read from the string literal below each field in its source
+    (and its dataclass bases': a subclass's own docstring wins)."""
+    docs = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs |= field_docs(base)
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):
-        return {}
+        return docs
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    docs = {}
     for node, after in zip(body, body[1:]):
         literal = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and literal:

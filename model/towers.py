@@ -295,18 +295,19 @@ def build_text_tower(name: str, vocab_size: int | None = None, pooling: str = ""
     return TextTower(spec, vocab_size or spec.vocab_size, pooling=pooling)
 
 
-def count_parameters(name: str, vocab_size: int | None = None) -> int:
+def count_parameters(name: str, vocab_size: int | None = None, image_size: int = 0) -> int:
     """Parameters of tower ``name`` as built for training (no classifier head, no BERT pooler).
 
     The tower is built on the ``meta`` device, so even ViT-g/14 allocates no memory.
-    ``vocab_size`` applies to text towers only (default: the spec's 30522).
+    ``vocab_size`` applies to text towers only (default: the spec's 30522); ``image_size`` to
+    image towers only (0: the spec's; a ViT's position table grows with it).
     """
     spec = tower_spec(name)
     with torch.device("meta"):
         if isinstance(spec, ImageTowerSpec):
             if vocab_size is not None:
                 raise ValueError(f"vocab_size applies to text towers only, not {name!r}")
-            tower = build_image_tower(name)
+            tower = build_image_tower(name, image_size)
         else:
             tower = build_text_tower(name, vocab_size=vocab_size)
     return sum(p.numel() for p in tower.parameters())

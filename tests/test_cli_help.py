@@ -100,15 +100,18 @@ TOOLS = [
 ]
 
 
-def _fields_in_source(module: str, name: str) -> dict[str, tuple[str, str]]:
-    """{field: (annotation, docstring with whitespace collapsed)} of class ``name``, read here
-    with ``ast`` from the module's file, independently of launch/cli.py's reader."""
-    source = Path(inspect.getfile(importlib.import_module(module))).read_text()
-    (cls,) = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == name]
+def _fields_in_source(cls: type) -> dict[str, tuple[str, str]]:
+    """{field: (annotation, docstring with whitespace collapsed)} of dataclass ``cls`` and its
+    dataclass bases, read here with ``ast`` from their modules' files, independently of
+    launch/cli.py's reader."""
     found = {}
-    for node, after in zip(cls.body, cls.body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            found[node.target.id] = (ast.unparse(node.annotation), " ".join(after.value.value.split()))
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        source = Path(inspect.getfile(base)).read_text()
+        (node_cls,) = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == base.__name__]
+        for node, after in zip(node_cls.body, node_cls.body[1:]):
+            literal = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and literal:
+                found[node.target.id] = (ast.unparse(node.annotation), " ".join(after.value.value.split()))
     return found
 
 
@@ -129,7 +132,7 @@ def test_every_tool_prints_its_fields_types_defaults_and_docstrings(
     text = capsys.readouterr().out
     flat = " ".join(text.split())  # the help wraps docstrings at 92 columns
     cls = getattr(importlib.import_module(module), options)
-    documented = _fields_in_source(module, options)
+    documented = _fields_in_source(cls)
     # Every option has a docstring, and the help shows each under its --field line.
     sections = {"data_overrides"}  # precompute's --data.FIELD=VALUE pairs
     assert set(documented) == {f.name for f in dataclasses.fields(cls)}

@@ -178,7 +178,7 @@ def test_cli_plan_vitg_bert_large(capsys: pytest.CaptureFixture) -> None:
 
 @pytest.mark.parametrize("setting", planner.SETTINGS)
 def test_settings_lock_the_right_towers(setting: str) -> None:
-    request = planner.PlanRequest("vit_base_patch16_224", "bert_base", setting, 4096, 32, 80)
+    request = planner.PlanRequest("vit_base_patch16_224", "bert_base", 4096, 32, 80, setting)
     towers = {t.role: t for t in planner.build_towers(request)}
     letters = "Uu" if setting == "3T" else setting
     assert towers["image"].trained == (letters[0] != "L")
@@ -191,7 +191,7 @@ def test_settings_lock_the_right_towers(setting: str) -> None:
 
 
 def test_precomputed_locked_and_fp32() -> None:
-    base = dict(image="vit_base_patch16_224", text="bert_base", global_batch=4096, gpus=32, gpu_memory_gib=80)
+    base = dict(image="vit_base_patch16_224", text="bert_base", global_batch=4096, gpus=32, gpu_memory=80)
     lit = planner.plan(planner.PlanRequest(setting="Lu", **base))
     pre = planner.plan(planner.PlanRequest(setting="Lu", precomputed_locked=True, **base))
     assert lit["states"]["ZeRO-1"].locked > 0 == pre["states"]["ZeRO-1"].locked
@@ -233,7 +233,7 @@ def test_every_registered_image_tower_gets_states_and_honest_activations() -> No
 
     for name in list_towers("image"):
         spec = image_tower_spec(name)
-        result = to_json(plan(PlanRequest(name, "bert_test", "Uu", 256, 2, 80.0)))
+        result = to_json(plan(PlanRequest(name, "bert_test", 256, 2, 80.0, "Uu")))
         image = result["towers"][0]
         assert image["params"] > 0, name
         assert (name in result["activations_not_modelled"]) == (spec.arch != "timm_vit"), name
@@ -260,3 +260,30 @@ def test_every_registered_image_tower_gets_states_and_honest_activations() -> No
         )
         == 0
     )
+
+
+def test_image_size_changes_tokens_parameters_and_flags(capsys: pytest.CaptureFixture) -> None:
+    """--image-size plans the run that --model.image.image_size trains: ViT-B/16 at 384 px is
+    timm's own vit_base_patch16_384 (577 tokens, its position table), and its activations grow
+    by the token ratio; a size the patches do not divide is refused with the fix."""
+    import timm
+
+    from tritower.launch.plan.command import main as plan_main
+    from tritower.launch.plan.planner import PlanRequest, plan, to_json
+
+    at = {
+        size: to_json(plan(PlanRequest("vit_base_patch16_224", "bert_test", 256, 2, 80.0, "Uu", image_size=size)))
+        for size in (0, 384)
+    }
+    with torch.device("meta"):
+        reference = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=0)
+    assert at[384]["towers"][0]["params"] == sum(p.numel() for p in reference.parameters())
+    assert tower_shape("vit_base_patch16_224", 384).tokens == (384 // 16) ** 2 + 1 == 577
+    assert tower_shape("vit_base_patch16_224").tokens == 197
+    shape = tower_shape("vit_base_patch16_224", 384)
+    assert layer_saved_bytes(shape, 2) > 577 / 197 * layer_saved_bytes(tower_shape("vit_base_patch16_224"), 2) * 0.99
+    assert "--model.image.image_size=384" in at[384]["flags"]
+    assert "image_size" not in at[0]["flags"]
+    args = ["--image", "vit_base_patch16_224", "--text", "bert_test", "--global-batch", "256", "--gpus", "2"]
+    assert plan_main([*args, "--gpu-memory", "80", "--image-size", "390"]) == 2
+    assert "not a multiple of the 16 px patches" in capsys.readouterr().err

@@ -134,7 +134,7 @@ def test_planner_counts_the_model_heads() -> None:
     from tritower.launch import plan
 
     model, _ = tiny_three_towers()
-    request = plan.PlanRequest("vit_test", "bert_test", "3T", 8, 1, 80, embed_dim=16, vocab_size=VOCAB)
+    request = plan.PlanRequest("vit_test", "bert_test", 8, 1, 80, "3T", embed_dim=16, vocab_size=VOCAB)
     heads = sum(
         p.numel() for name, p in model.named_parameters() if name.split(".")[0] not in ("image_tower", "text_tower")
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tritower.model.registry import image_tower_spec, text_tower_spec
+from tritower.model.registry import image_spec_at, image_tower_spec, text_tower_spec
 
 # fp32 bytes: LayerNorm statistics, attention log-sum-exp and the loss are always fp32.
 FP32 = 4
@@ -55,12 +55,15 @@ class TowerShape:
     modelled (counted as 0, and said so), never as a made-up number."""
 
 
-def tower_shape(name: str) -> TowerShape:
-    """The geometry of a registered image or text tower."""
+def tower_shape(name: str, image_size: int = 0) -> TowerShape:
+    """The geometry of a registered image or text tower; an image tower at ``image_size`` px
+    inputs (0: its own size; a ViT's token count grows with it, as ``--model.image.image_size``)."""
     try:
         spec = image_tower_spec(name)
     except ValueError:
-        spec = None
+        spec = None  # a text tower
+    if spec is not None:  # ValueError for a size the tower cannot take, naming the fix
+        spec = image_spec_at(spec, image_size)
     if spec is not None and spec.arch != "timm_vit":
         return TowerShape(name, "image", 0, spec.width, 0, 0, 0, False, 3 * spec.image_size**2, modelled=False)
     if spec is not None:

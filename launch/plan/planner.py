@@ -37,27 +37,42 @@ GIB = 2.0**30
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What the user asks about: towers, setting, batch and hardware."""
+    """What the user asks about: towers, setting, batch and hardware (the options of
+    ``python -m tritower.launch.plan``, field by field)."""
 
     image: str
+    """Image tower registry name."""
     text: str
-    setting: str
+    """Text tower registry name."""
     global_batch: int
+    """Samples per optimizer step over all GPUs (the contrastive batch)."""
     gpus: int
-    gpu_memory_gib: float
-    precision: str = "bf16"
+    """GPUs in the run."""
+    gpu_memory: float
+    """Memory per GPU, GiB."""
+    setting: str = field(default="uu", metadata={"choices": SETTINGS})
+    """LiT setting (image letter, text letter: L locked, U pretrained-unlocked, u from scratch) or 3T."""
+    precision: str = field(default="bf16", metadata={"choices": ("bf16", "fp16", "fp32")})
+    """Training precision."""
     gpus_per_node: int = 8
+    """GPUs per node: the nodes of DeepSpeed's own estimate (its host-memory figures)."""
     margin: float = 0.10
-    """Fraction of GPU memory left free: CUDA context, allocator fragmentation, NCCL buffers."""
+    """Fraction of GPU memory kept free: CUDA context, allocator fragmentation, NCCL buffers."""
     embed_dim: int = 1024
+    """Width of the shared embedding space."""
     third: str = ""
-    """3T's third tower ("" = the image tower's architecture)."""
+    """3T's third tower; "": the image tower's architecture."""
     vocab_size: int | None = None
+    """Token table rows of the text tower; None: the registry tower's default vocabulary."""
     tile: int = 1024
+    """Tile size of the tiled contrastive loss."""
     precomputed_locked: bool = False
     """Locked towers' embeddings are precomputed: no locked parameters or forward on the GPU."""
-    fused_attention: bool = True
-    """Flash / memory-efficient attention (no s x s matrix kept); False for the math kernel."""
+    unfused_attention: bool = False
+    """Attention keeps its s x s probabilities (the math kernel) instead of a fused kernel."""
+    image_size: int = 0
+    """Input side of the image (and third) tower in pixels, as --model.image.image_size; 0: the
+    tower's own. A ViT's tokens, activations and position table grow with it."""
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
@@ -96,15 +111,16 @@ def build_towers(request: PlanRequest) -> list[Tower]:
         roles.append(("third", request.third or request.image, False))
     towers = []
     for role, name, trained in roles:
-        shape = tower_shape(name)
+        size = request.image_size if role != "text" else 0
+        shape = tower_shape(name, size)
         vocab = request.vocab_size if shape.kind == "text" else None
         towers.append(
             Tower(
                 role,
                 shape,
-                tower_parameters(name, shape.kind, vocab),
+                tower_parameters(name, shape.kind, vocab, size),
                 trained,
-                largest_layer_parameters(name, vocab) if trained else 0,
+                largest_layer_parameters(name, vocab, size) if trained else 0,
             )
         )
     return towers
@@ -155,7 +171,7 @@ def activation_parts(
     elem, b, total = request.elem, request.per_rank, request.global_batch
     trained = [t for t in towers if t.trained]
     locked = [t for t in towers if not t.trained and not request.precomputed_locked]
-    acts = [train_activations(t.shape, elem, checkpointing[t.role], request.fused_attention) for t in trained]
+    acts = [train_activations(t.shape, elem, checkpointing[t.role], not request.unfused_attention) for t in trained]
     stored = micro * sum(a.stored for a in acts)
     working = micro * max((a.working for a in acts), default=0.0)
     # A locked tower's forward keeps nothing, but may run while the trained activations wait.
@@ -233,7 +249,7 @@ def preference(candidate: Candidate) -> tuple:
 def plan(request: PlanRequest) -> dict:
     """The full plan: parameters, per-policy best fits, activation breakdown, recommendation."""
     towers = build_towers(request)
-    budget = request.gpu_memory_gib * GIB * (1 - request.margin)
+    budget = request.gpu_memory * GIB * (1 - request.margin)
     per_policy = {}
     for policy in POLICIES:
         fitting = [c for c in candidates(request, towers, policy) if c.total <= budget]
@@ -266,6 +282,8 @@ def flags(request: PlanRequest, best: Candidate) -> str:
         f"--loss.impl={best.loss_impl}",
         f"--deepspeed.precision={request.precision}",
     ]
+    if request.image_size:
+        parts.append(f"--model.image.image_size={request.image_size}")
     for role, on in best.checkpointing.items():
         parts.append(f"--model.{role}_grad_checkpointing={'true' if on else 'false'}")
     if best.loss_impl == "tiled":

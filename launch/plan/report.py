@@ -52,7 +52,7 @@ def format_plan(result: dict) -> str:
     lines = [
         f"tritower memory plan: setting {request.setting}, {request.precision}, global batch "
         f"{request.global_batch} on {request.gpus} GPUs ({request.per_rank} per GPU), "
-        f"{request.gpu_memory_gib:g} GiB each, budget {result['budget'] / GIB:.1f} GiB "
+        f"{request.gpu_memory:g} GiB each, budget {result['budget'] / GIB:.1f} GiB "
         f"({request.margin:.0%} kept free)",
         "",
         "Towers                          params  role",
@@ -65,8 +65,10 @@ def format_plan(result: dict) -> str:
             "towers are); the totals below count their parameters and optimizer states but 0 activations.",
         )
     for t in towers:
+        size = f", {request.image_size} px" if request.image_size and t.shape.kind == "image" else ""
         lines.append(
-            f"  {t.role:<6} {t.shape.name:<22} {t.params / 1e6:8.1f}M  {_setting_letter(request, t.role, t.trained)}"
+            f"  {t.role:<6} {t.shape.name:<22} {t.params / 1e6:8.1f}M  "
+            f"{_setting_letter(request, t.role, t.trained)}{size}"
         )
     lines.append(f"  heads  projections+temperature {result['heads'] / 1e6:8.1f}M  trained")
     trained = result["trained_params"] / 1e6
@@ -84,8 +86,8 @@ def format_plan(result: dict) -> str:
         "= peak   | checkpointed: stored  +backward  = peak | no-grad fwd",
     ]
     for t in towers:
-        full = train_activations(t.shape, elem, False, request.fused_attention)
-        ckpt = train_activations(t.shape, elem, True, request.fused_attention)
+        full = train_activations(t.shape, elem, False, not request.unfused_attention)
+        ckpt = train_activations(t.shape, elem, True, not request.unfused_attention)
         no_grad = f"{inference_bytes(t.shape, elem) / MIB:8.2f}"
         if not t.shape.modelled:
             lines.append(f"  {t.role:<6} {t.shape.name}: activations not modelled (not a transformer tower)")

@@ -58,9 +58,9 @@ BUCKET_ELEMENTS = 50_000_000
 
 
 @functools.cache
-def largest_layer_parameters(name: str, vocab_size: int | None = None) -> int:
+def largest_layer_parameters(name: str, vocab_size: int | None = None, image_size: int = 0) -> int:
     """Parameters of the module holding the most direct parameters (DeepSpeed's
-    ``model_to_params`` rule), built on the meta device."""
+    ``model_to_params`` rule), built on the meta device (image towers at ``image_size``, 0: theirs)."""
     import torch
 
     from tritower.model import build_image_tower, build_text_tower, image_tower_spec
@@ -68,7 +68,7 @@ def largest_layer_parameters(name: str, vocab_size: int | None = None) -> int:
     with torch.device("meta"):
         try:
             image_tower_spec(name)
-            tower = build_image_tower(name)
+            tower = build_image_tower(name, image_size)
         except ValueError:
             tower = build_text_tower(name, vocab_size=vocab_size)
     return max(sum(p.numel() for p in module.parameters(recurse=False)) for module in tower.modules())
@@ -194,6 +194,9 @@ def comparable_engine_bytes(states: ModelStates, trained: int, gpus: int, policy
 
 
 @functools.cache
-def tower_parameters(name: str, kind: str, vocab_size: int | None = None) -> int:
-    """Parameters of an image or text tower; ``vocab_size`` applies to text towers only."""
-    return count_parameters(name, vocab_size if kind == "text" else None)
+def tower_parameters(name: str, kind: str, vocab_size: int | None = None, image_size: int = 0) -> int:
+    """Parameters of an image or text tower; ``vocab_size`` applies to text towers only,
+    ``image_size`` to image towers only."""
+    if kind == "text":
+        return count_parameters(name, vocab_size)
+    return count_parameters(name, image_size=image_size)
