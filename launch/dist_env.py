@@ -58,6 +58,8 @@ def check_master_port() -> None:
     from tritower.launch.config import ConfigError
 
     with socket.socket() as probe:
+        # As the process group's store binds it: a port left in TIME_WAIT by the run before is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("", int(port)))
         except OSError as error:

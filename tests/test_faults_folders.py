@@ -134,6 +134,19 @@ def test_a_busy_master_port_fails_at_once_naming_it(monkeypatch: pytest.MonkeyPa
             check_master_port()
     check_master_port()  # free again
 
+    # The run before on this port left its closed connections in TIME_WAIT: the store binds it.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore sets it
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+            client.recv(1)
+    with socket.socket() as plain, pytest.raises(OSError):  # a bind without SO_REUSEADDR refuses it
+        plain.bind(("", port))
+    check_master_port()
+
 
 def test_an_unwritable_checkpoint_folder_and_a_reused_folder_fail_naming_the_fix(tmp_path: Path) -> None:
     from tritower.launch.config import ConfigError
