@@ -29,7 +29,8 @@ from launching import REPO, deepspeed_launch, launch_train
 from safetensors.torch import load_file, save_file
 
 from tritower.inference import load_export
-from tritower.launch.tools.export import CheckpointTensors, ExportError, assemble_state, export
+from tritower.launch.tools.checkpoint_merge import CheckpointTensors, assemble_state
+from tritower.launch.tools.export import ExportError, export
 from tritower.model import build_clip, build_image_tower, build_text_tower, resolve_trainable, trainable_rules
 
 STAGES = (1, 2, 3)
