@@ -103,7 +103,13 @@ def train(tmp_path: Path, data_cache: Path):
     """Launch ``launch/train.py`` on N CPU ranks with test-sized defaults; returns a ``Run``: its
     console output, and what this launch wrote to ``tmp_path/runs/<run name>`` (log records, metrics)."""
 
-    def run(*overrides: str, ranks: int = 2, zero: str = "zero_configs/z3.json", experiment: str = "clip_test") -> Run:
+    def run(
+        *overrides: str,
+        ranks: int = 2,
+        zero: str = "zero_configs/z3.json",
+        experiment: str = "clip_test",
+        command: bool = False,
+    ) -> Run:
         args = [
             "--zero",
             zero,
@@ -113,6 +119,6 @@ def train(tmp_path: Path, data_cache: Path):
             f"--train.output_dir={tmp_path / 'runs'}",
             *overrides,
         ]
-        return launch_train(args, ranks=ranks)
+        return launch_train(args, ranks=ranks, command=command)
 
     return run
