@@ -6,7 +6,6 @@ Tests import these explicitly (``from launching import ...``); fixtures live in 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -53,7 +52,9 @@ def deepspeed_launch(
         deepspeed = Path(sys.executable).parent / "deepspeed"
         argv = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", port, str(script), *args]
     else:
-        world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+        from deepspeed.launcher.runner import encode_world_info  # the command's own encoding
+
+        world = encode_world_info({"localhost": list(range(ranks))})
         launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"]
         argv = [*launcher, "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *args]
     python_path = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))  # as the command sets it
