@@ -37,18 +37,13 @@ def init_distributed() -> None:
         atexit.register(_remove_cpu_allreduce_buffer)
 
 
-def close_process_group() -> None:
-    """Meet every rank at a barrier, then destroy the process group: the end of a run that finished
-    or stopped by agreement (all ranks reach this line; a rank that failed cannot, so error paths skip it).
-
-    Without it a rank that exits first can abort in interpreter finalisation ("terminate called
-    without an active exception", SIGABRT) while gloo's worker threads still hold work: CI saw rank 1
-    of a finished 2-rank run exit -6. PyTorch's docs ask for this call at the end of main(), and
-    torchtitan makes it on success only, as here.
+def meet_all_ranks() -> None:
+    """A barrier at the end of a run that finished or stopped by agreement (every rank reaches this
+    line; a rank that failed cannot, so error paths skip it): no rank leaves while another still
+    works. The process group itself is destroyed by ``preemption.exit_rank``, on every exit.
     """
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def _remove_cpu_allreduce_buffer() -> None:

@@ -43,15 +43,15 @@ def main(argv: list[str]) -> int:
 
         check_zero_policy(build_ds_config(cfg, env.world_size), cfg.deepspeed.zero)
         check_master_port()
-        from tritower.launch.engine import close_process_group
+        from tritower.launch.engine import meet_all_ranks
         from tritower.launch.trainer import run
 
         run(cfg)
-        close_process_group()
+        meet_all_ranks()
     except Preempted as stop:
         ignore_stop_signals()  # exit 75 stays 75 whatever the scheduler sends the ranks now
         if stop.agreed:  # every rank stopped at the same step and wrote its part of the checkpoint
-            close_process_group()
+            meet_all_ranks()
         raise
     except ConfigError as error:
         say_setup_error(env.rank, f"config error: {error}")
