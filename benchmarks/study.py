@@ -251,8 +251,8 @@ def train_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cac
     argv += [
         f"--model.setting={run.setting}",
         f"--model.embed_dim={budget.embed_dim}",
-        f"--model.text_tower={'minilm_l6' if text in 'LU' else budget.text_tower}",
-        f"--model.image_tower={budget.image_tower}",
+        f"--model.text.tower={'minilm_l6' if text in 'LU' else budget.text_tower}",
+        f"--model.image.tower={budget.image_tower}",
         f"--train.seed={run.seed}",
         f"--train.steps={budget.steps}",
         "--train.log_every=10",
@@ -269,11 +269,11 @@ def train_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cac
     ]
     if run.setting == "3T":
         tower = towers[run.tower]
-        argv += [f"--model.third_tower={tower['arch']}", f"--model.third_pretrained={tower['weights']}"]
+        argv += [f"--model.third.tower={tower['arch']}", f"--model.third.pretrained={tower['weights']}"]
         argv += ["--eval.alphas=" + ",".join(f"{a:g}" for a in ALPHAS)]
     elif image in "LU":
         tower = towers[run.tower]
-        argv += [f"--model.image_tower={tower['arch']}", f"--model.image_pretrained={tower['weights']}"]
+        argv += [f"--model.image.tower={tower['arch']}", f"--model.image.pretrained={tower['weights']}"]
     if towers.get(run.tower, {}).get("embeddings") and image == "L":
         # The locked image tower's, precomputed at its own 224 px. Not for 3T: its third tower
         # takes the image tower's inputs (64 px scenes), as at run time, where it is cheap.

@@ -60,6 +60,7 @@ from tritower.losses import LossConfig, build_objective
 from tritower.model import (
     LockedTower,
     ModelConfig,
+    TowerConfig,
     build_image_tower,
     build_text_tower,
     image_tower_spec,
@@ -133,17 +134,14 @@ class Runner:
     ) -> None:
         self.setting, self.device = setting, device
         parsed = parse_setting(setting.setting)
+        image_weights = weights[opts.image_tower] if parsed.pretrained("image") else ""
+        third = TowerConfig(opts.third_tower, weights[opts.third_tower]) if parsed.three_towers else TowerConfig()
         model_cfg = ModelConfig(
-            image_tower=opts.image_tower,
-            text_tower=opts.text_tower,
+            image=TowerConfig(opts.image_tower, image_weights),
+            text=TowerConfig(opts.text_tower),
+            third=third,
             embed_dim=opts.embed_dim,
             setting=setting.setting,
-            image_pretrained=weights[opts.image_tower] if parsed.pretrained("image") else "",
-            **(
-                {"third_tower": opts.third_tower, "third_pretrained": weights[opts.third_tower]}
-                if parsed.three_towers
-                else {}
-            ),
         )
         self.cfg = TrainConfig(
             model=model_cfg,

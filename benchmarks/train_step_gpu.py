@@ -157,9 +157,9 @@ def config(ctx: object, experiment: str, towers: tuple[str, str], *overrides: st
     return load_config(
         [
             *("--experiment", experiment, "--zero", ctx.options.zero, f"--deepspeed.precision={ctx.plan.precision}"),
-            *(f"--model.image_tower={towers[0]}", f"--model.text_tower={towers[1]}", "--wandb.mode=disabled"),
+            *(f"--model.image.tower={towers[0]}", f"--model.text.tower={towers[1]}", "--wandb.mode=disabled"),
             *("--train.steps=100000", "--optim.warmup_steps=10"),
-            *("--model.image_grad_checkpointing=true", "--model.text_grad_checkpointing=true"),
+            *("--model.image.grad_checkpointing=true", "--model.text.grad_checkpointing=true"),
             *overrides,
         ]
     )
@@ -210,7 +210,7 @@ def part_uu(ctx: object) -> None:
     """Setting Uu at the plan's batches, a profile after the first, then one probe at the batch
     predicted to fill the GPU; with ``options.fit_batch``, only that batch (``uu_fit``)."""
     plan, names, fit = ctx.plan, (ctx.plan.image_tower, ctx.plan.text_tower), ctx.options.fit_batch
-    cfg = config(ctx, plan.experiment, names, "--model.setting=Uu", f"--model.image_pretrained={image_weights(ctx)}")
+    cfg = config(ctx, plan.experiment, names, "--model.setting=Uu", f"--model.image.pretrained={image_weights(ctx)}")
     engine, towers, inputs, objective, report = build(ctx, cfg)
     name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     peak, source = peak_tflops(name, ctx.options.peak_tflops)
@@ -308,7 +308,7 @@ def part_lu(ctx: object) -> None:
 
 def _lu_setting(ctx: object, name: str, weights: str, *extra: str) -> None:
     plan, names = ctx.plan, (ctx.plan.image_tower, ctx.plan.text_tower)
-    cfg = config(ctx, plan.experiment, names, "--model.setting=Lu", f"--model.image_pretrained={weights}", *extra)
+    cfg = config(ctx, plan.experiment, names, "--model.setting=Lu", f"--model.image.pretrained={weights}", *extra)
     engine, towers, inputs, objective, _ = build(ctx, cfg)
     data = batch_of(ctx, names, plan.lu_batch, image_tower_spec(plan.image_tower).width if extra else 0)
     flops = forward_flops(lambda: engine(**inputs(data, 0)), plan.lu_batch)

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_text_atomic
 from .samples import BAD_KINDS, BadDataStats, read_shard
 
 FORMAT = "tritower-embeddings"
@@ -297,9 +298,7 @@ def load_meta(folder: str | Path) -> EmbeddingsMeta:
 
 def write_meta(meta: EmbeddingsMeta, path: Path) -> None:
     """Writes ``meta`` to ``path`` atomically (a temporary name, then a rename)."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(meta.to_json())
-    os.replace(temp, path)
+    write_text_atomic(path, meta.to_json())
 
 
 def merge_parts(folder: Path, write: bool = False) -> EmbeddingsMeta:

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tritower.launch.run_io import write_text_atomic
+from tritower.data.atomic import write_text_atomic
+from tritower.model.config import migrate_model
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -45,7 +46,7 @@ TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"
 MANIFEST = "manifest.json"
 SUSPECT = "suspect"
-ARCHITECTURE_FIELDS = ("setting", "image_tower", "text_tower", "third_tower", "embed_dim", "vocab_size", "text_pooling")
+ARCHITECTURE_FIELDS = ("setting", "image.tower", "text.tower", "third.tower", "embed_dim", "vocab_size", "text.pooling")
 """``model.*`` fields that shape the engine's parameters: a resume must not change them."""
 STREAM_FIELDS = ("data.train_shards", "data.train_weights", "data.resampled", "data.num_workers", "data.views",
                  "data.view_seed", "data.embeddings", "train.seed")  # fmt: skip
@@ -258,6 +259,27 @@ def pick_resume(resume: str, checkpoints: Path) -> tuple[tuple[Path, str] | None
     return None, {}, []
 
 
+def architecture(model: dict) -> dict:
+    """The ``ARCHITECTURE_FIELDS`` of a saved ``model`` mapping (today's nested layout or the older
+    flat one), as {"image.tower": value, ...}; fields it does not hold are left out."""
+    model, found = migrate_model(model), {}
+    for key in ARCHITECTURE_FIELDS:
+        role, _, option = key.rpartition(".")
+        section = model.get(role, {}) if role else model
+        if option in section:
+            found[key] = section[option]
+    return found
+
+
+def nested(fields: dict) -> dict:
+    """{"image.tower": v} -> {"image": {"tower": v}} (how a manifest stores them)."""
+    out: dict = {}
+    for key, value in fields.items():
+        role, _, option = key.rpartition(".")
+        (out.setdefault(role, {}) if role else out)[option] = value
+    return out
+
+
 def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict, data: dict | None = None) -> None:
     """What a resume can check before any engine exists: the same world size, the same model
     architecture (``ARCHITECTURE_FIELDS``) and, given ``data`` (``data_identity`` of this run), the
@@ -269,9 +291,9 @@ def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict, 
             "resume with the same world size (the data position and RNG streams are per rank), or "
             "export its weights and start a new run from them (docs/export.md)"
         )
-    saved_model = manifest.get("model", {})
-    changed = [f"model.{key}={saved_model[key]!r} there, {model.get(key)!r} here"
-               for key in ARCHITECTURE_FIELDS if key in saved_model and saved_model[key] != model.get(key)]  # fmt: skip
+    saved_model, this_model = architecture(manifest.get("model", {})), architecture(model)
+    changed = [f"model.{key}={value!r} there, {this_model.get(key)!r} here"
+               for key, value in saved_model.items() if value != this_model.get(key)]  # fmt: skip
     if changed:
         raise ValueError(
             f"{where} was trained with another model ({'; '.join(changed)}): pass its model "
@@ -337,7 +359,7 @@ class Checkpointer:
         keep = bool(self.keep_every_steps and step % self.keep_every_steps == 0)
         model = client_state.get("config", {}).get("model", {})
         manifest = {"world_size": client_state.get("world_size")}
-        manifest["model"] = {key: model.get(key) for key in ARCHITECTURE_FIELDS}
+        manifest["model"] = nested(architecture(model))
         if "config" in client_state:
             manifest["data"] = data_identity(client_state["config"])
         tag = save(

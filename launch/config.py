@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from tritower.data.config import DataConfig
 from tritower.evaluation.config import EvalConfig
@@ -32,10 +34,10 @@ class OptimConfig:
     """The optimizer (AdamW, LAMB or Adafactor) and its learning-rate schedule (linear warm-up,
     then cosine, linear, constant or rsqrt, then an optional cooldown); see launch/optimizers.py."""
 
-    name: str = "adamw"
+    name: Literal["adamw", "lamb", "adafactor"] = "adamw"
     """``adamw`` (CLIP), ``lamb`` (EVA-CLIP; DeepSpeed's FusedLamb on CUDA, timm's Lamb elsewhere)
     or ``adafactor`` (LiT, big_vision: transformers' Adafactor with momentum ``beta1``)."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "rsqrt"] = "cosine"
     """After warm-up: ``cosine`` or ``linear`` decay to ``lr * min_lr_ratio``, ``constant``, or
     ``rsqrt`` (``1/sqrt(1 + t/rsqrt_timescale)``). AdamW + cosine without cooldown is DeepSpeed's
     WarmupCosineLR; every other combination a torch LambdaLR passed to the engine."""
@@ -95,7 +97,7 @@ class TrainLoopConfig:
     """Parent folder of run folders."""
     run_name: str = ""
     """Run folder name under ``output_dir`` ("" = experiment name)."""
-    compile: str = ""
+    compile: Literal["", "inductor", "aot_eager", "eager"] = ""
     """``torch.compile`` the towers in the engine (``nn.Module.compile``: parameter names and
     checkpoints unchanged) with this backend: ``inductor`` (kernels; minutes of compilation on a
     CPU), ``aot_eager`` or ``eager`` (graph capture only, for checking); "" = off."""
@@ -108,7 +110,7 @@ class DeepSpeedConfig:
     zero: str = "zero_configs/z3.json"
     """ZeRO/precision policy JSON (``--zero`` on the command line). Relative paths are tried
     from the working directory, then from the installed package."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """``fp32``, ``bf16`` or ``fp16`` (fp16 uses dynamic loss scaling; GPUs only)."""
     use_apex: bool = True
     """Use NVIDIA apex's fused LayerNorm where apex is installed and the run is on CUDA."""
@@ -138,7 +140,7 @@ class CheckpointConfig:
 class WandbConfig:
     """Weights & Biases logging (global rank 0 only)."""
 
-    mode: str = "offline"
+    mode: Literal["online", "offline", "disabled"] = "offline"
     """``online``, ``offline`` (local run files, no network needed) or ``disabled``."""
     project: str = "tritower"
     """wandb project."""
@@ -182,16 +184,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Closed sets of the launch-owned sections; model/data/loss/eval validate themselves.
-CHOICES = {
-    "optim.name": ("adamw", "lamb", "adafactor"),
-    "optim.schedule": ("cosine", "linear", "constant", "rsqrt"),
-    "train.compile": ("", "inductor", "aot_eager", "eager"),
-    "deepspeed.precision": ("fp32", "bf16", "fp16"),
-    "wandb.mode": ("online", "offline", "disabled"),
-}
-
-
 def validate(cfg: TrainConfig) -> None:
     """Checks that need several fields or a closed set of values; run before anything is built.
 
@@ -205,11 +197,9 @@ def validate(cfg: TrainConfig) -> None:
                 value.__post_init__()
             except ValueError as error:
                 raise ConfigError(f"{section.name}: {error}") from None
-    for key, options in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+    for key, value, options in _closed_fields(cfg):  # a config built in Python, not parsed
         if value not in options:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, options))}")
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "train.steps": cfg.train.steps,
@@ -233,6 +223,18 @@ def validate(cfg: TrainConfig) -> None:
             f"exceed train.steps={cfg.train.steps}"
         )
     _validate_three_towers(cfg)
+
+
+def _closed_fields(section: object, prefix: str = "") -> list[tuple[str, object, tuple]]:
+    """(key, value, allowed values) of every ``Literal``-typed field under ``section``."""
+    found = []
+    for name, kind in typing.get_type_hints(type(section)).items():
+        value = getattr(section, name)
+        if dataclasses.is_dataclass(value):
+            found += _closed_fields(value, f"{prefix}{name}.")
+        elif typing.get_origin(kind) is Literal:
+            found.append((f"{prefix}{name}", value, typing.get_args(kind)))
+    return found
 
 
 def _validate_three_towers(cfg: TrainConfig) -> None:

@@ -5,7 +5,7 @@ Pick one with ``--experiment NAME`` and adjust it with ``--section.field=value``
     deepspeed launch/train.py --zero zero_configs/z3.json --experiment clip_tiny --optim.lr=5e-4
 
 In Python the model's per-tower options are the dataclass's flat attributes
-(``cfg.model.image_tower``, ``cfg.model.image_pretrained``); on the command line and in config
+(``cfg.model.image.tower``, ``cfg.model.image.pretrained``); on the command line and in config
 files they are the per-tower sections (``--model.image.tower``, ``--model.image.pretrained``;
 ``model/sections.py`` maps one onto the other).
 """
@@ -34,8 +34,8 @@ def clip_tiny() -> TrainConfig:
     no time to sharpen, and the sharper start separates same-colour shapes sooner.
     """
     cfg = TrainConfig(experiment="clip_tiny")
-    cfg.model.image_tower = "vit_scene_tiny"
-    cfg.model.text_tower = "bert_scene_tiny"
+    cfg.model.image.tower = "vit_scene_tiny"
+    cfg.model.text.tower = "bert_scene_tiny"
     cfg.model.embed_dim = 128
     cfg.model.init_logit_scale = math.log(50.0)
     cfg.data.batch_size = 128
@@ -49,8 +49,8 @@ def clip_tiny() -> TrainConfig:
 def clip_test() -> TrainConfig:
     """A seconds-long CLIP for tests: 32 px scenes, 2-layer towers of width 32."""
     cfg = TrainConfig(experiment="clip_test")
-    cfg.model.image_tower = "vit_test"
-    cfg.model.text_tower = "bert_test"
+    cfg.model.image.tower = "vit_test"
+    cfg.model.text.tower = "bert_test"
     cfg.model.embed_dim = 32
     cfg.data.builtin_train_samples = 2000
     cfg.data.builtin_eval_samples = 300
@@ -69,8 +69,8 @@ def clip_test() -> TrainConfig:
 def clip_vit_b16_bert_base() -> TrainConfig:
     """CLIP ViT-B/16 + BERT-base from scratch on user shards (set --data.train_shards)."""
     cfg = TrainConfig(experiment="clip_vit_b16_bert_base")
-    cfg.model.image_tower = "vit_base_patch16_224"
-    cfg.model.text_tower = "bert_base"
+    cfg.model.image.tower = "vit_base_patch16_224"
+    cfg.model.text.tower = "bert_base"
     cfg.model.embed_dim = 512
     cfg.data.batch_size = 16384
     cfg.data.num_workers = 8
@@ -81,8 +81,8 @@ def clip_vit_b16_bert_base() -> TrainConfig:
     cfg.train.log_every = 50
     cfg.eval.every_steps = 2000
     cfg.deepspeed.precision = "bf16"
-    cfg.model.image_grad_checkpointing = True
-    cfg.model.text_grad_checkpointing = True
+    cfg.model.image.grad_checkpointing = True
+    cfg.model.text.grad_checkpointing = True
     return cfg
 
 
@@ -94,8 +94,8 @@ def clip_vitg14_bert_large() -> TrainConfig:
     """
     cfg = clip_vit_b16_bert_base()
     cfg.experiment = "clip_vitg14_bert_large"
-    cfg.model.image_tower = "vit_giant_patch14_224"
-    cfg.model.text_tower = "bert_large"
+    cfg.model.image.tower = "vit_giant_patch14_224"
+    cfg.model.text.tower = "bert_large"
     cfg.model.embed_dim = 1024
     cfg.data.batch_size = 32768
     cfg.optim.lr = 5e-4
@@ -124,7 +124,7 @@ def lit_tiny() -> TrainConfig:
     cfg = clip_tiny()
     cfg.experiment = "lit_tiny"
     cfg.model.setting = "Lu"
-    cfg.model.image_pretrained = PRETRAINED_IMAGE
+    cfg.model.image.pretrained = PRETRAINED_IMAGE
     return cfg
 
 
@@ -139,7 +139,7 @@ def three_towers_tiny() -> TrainConfig:
     cfg = clip_tiny()
     cfg.experiment = "three_towers_tiny"
     cfg.model.setting = "3T"
-    cfg.model.third_pretrained = PRETRAINED_IMAGE
+    cfg.model.third.pretrained = PRETRAINED_IMAGE
     return cfg
 
 
@@ -175,7 +175,7 @@ def lit_vitg14_bert_large() -> TrainConfig:
     cfg = clip_vitg14_bert_large()
     cfg.experiment = "lit_vitg14_bert_large"
     cfg.model.setting = "Lu"
-    cfg.model.image_pretrained = "/models/vit_giant_patch14_224.safetensors"
+    cfg.model.image.pretrained = "/models/vit_giant_patch14_224.safetensors"
     cfg.model.locked_head_trainable = False
     cfg.model.embed_dim = 1408  # ViT-g/14's width: the locked image features are the embedding
     cfg.model.init_logit_scale = math.log(10.0)

@@ -57,7 +57,7 @@ class RunEvaluator:
         self.cfg, self.towers, self.locked, self.module = cfg, towers, locked, module
         self.log = log or (lambda line: print(line, flush=True))
         self.tokenizer = tokenizer
-        self.context_length = text_tower_spec(cfg.model.text_tower).context_length
+        self.context_length = text_tower_spec(cfg.model.text.tower).context_length
         self.image_spec = cfg.model.parsed.image_spec  # input size, mean, std: overrides included
         self.device, self.dtype = device, dtype
         self.built: dict[str, nn.Module] = {}  # towers built for evaluation only (precomputed ones)

@@ -204,7 +204,7 @@ def build_loaders(
         image_size=image_spec.image_size,
         mean=image_spec.mean,
         std=image_spec.std,
-        context_length=text_tower_spec(cfg.model.text_tower).context_length,
+        context_length=text_tower_spec(cfg.model.text.tower).context_length,
     )
     specs = [EvalSetSpec("", "", cfg.eval.legacy_kinds())] if sources.eval_shards else []
     specs += cfg.eval.set_specs()

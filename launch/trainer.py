@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tritower.data.atomic import write_json_atomic
 from tritower.launch import dist_env
 from tritower.launch.checkpointer import Checkpointer, gather_per_rank, rng_state, set_rng_state
 from tritower.launch.config import ConfigError, TrainConfig
@@ -44,7 +45,7 @@ from tritower.launch.progress import (
     wandb_values,
 )
 from tritower.launch.run_eval import RunEvaluator
-from tritower.launch.run_io import WandbLogger, write_curves, write_json_atomic
+from tritower.launch.run_io import WandbLogger, write_curves
 from tritower.launch.run_setup import (
     build_loaders,
     check_embeddings,

@@ -23,10 +23,10 @@ def build_architecture(config: dict) -> CLIPModel:
     inference machine need not have); a pretrained text encoder is rebuilt from its own saved
     transformers config, whose architecture may differ in details from the registry's.
     """
-    cfg = ModelConfig(**config["model"])
-    image_tower = build_image_tower(cfg.image_tower, cfg.parsed.image.image_size)  # a ViT at model.image.image_size
+    cfg = ModelConfig.from_dict(config["model"])
+    image_tower = build_image_tower(cfg.image.tower, cfg.parsed.image.image_size)  # a ViT at model.image.image_size
     if config.get("text_encoder_config"):
-        spec = text_tower_spec(cfg.text_tower)
+        spec = text_tower_spec(cfg.text.tower)
         saved = dict(config["text_encoder_config"])
         encoder_config = transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)
         kwargs = {"add_pooling_layer": False} if spec.arch == "bert" else {}
@@ -35,10 +35,10 @@ def build_architecture(config: dict) -> CLIPModel:
             encoder = unwrap_clip_text(encoder)
         text_tower = TextTower(spec, config["vocab_rows"], config["text_pooling"], encoder=encoder)
     else:
-        text_tower = build_text_tower(cfg.text_tower, config["vocab_rows"], pooling=config["text_pooling"])
+        text_tower = build_text_tower(cfg.text.tower, config["vocab_rows"], pooling=config["text_pooling"])
     # A 3T run exported without --alpha is a plain CLIP: no 3T heads (config "three_towers" null).
     mixed = cfg.parsed.three_towers and bool(config.get("three_towers"))
-    third = image_tower_spec(cfg.third_tower or cfg.image_tower).width if mixed else 0
+    third = image_tower_spec(cfg.third.tower or cfg.image.tower).width if mixed else 0
     return CLIPModel(
         image_tower,
         text_tower,

@@ -253,15 +253,15 @@ def build_clip(
         if not parsed.image.is_pretrained:
             raise ValueError(f"only a pretrained image tower can be left out, not one of setting {cfg.setting!r}")
         with torch.device("meta"):  # only its width is needed; no weights are made or loaded
-            image_tower = build_image_tower(cfg.image_tower, parsed.image.image_size)
+            image_tower = build_image_tower(cfg.image.tower, parsed.image.image_size)
     elif parsed.image.is_pretrained:
         with torch.random.fork_rng(devices=[]):
-            image_tower = load_image_tower(cfg.image_tower, cfg.image_pretrained, parsed.image.image_size)
+            image_tower = load_image_tower(cfg.image.tower, cfg.image.pretrained, parsed.image.image_size)
     else:
-        image_tower = build_image_tower(cfg.image_tower, parsed.image.image_size)
+        image_tower = build_image_tower(cfg.image.tower, parsed.image.image_size)
     if parsed.text.is_pretrained:
         with torch.random.fork_rng(devices=[]):
-            text_tower = load_text_tower(cfg.text_tower, cfg.text_pretrained, cfg.text_pooling)
+            text_tower = load_text_tower(cfg.text.tower, cfg.text.pretrained, cfg.text.pooling)
         rows = text_tower.vocab_rows
         if vocab_size is not None and vocab_size > rows:
             raise ValueError(
@@ -269,8 +269,8 @@ def build_clip(
                 f"tower {text_tower.source} has {rows} embedding rows"
             )
     else:
-        text_tower = build_text_tower(cfg.text_tower, vocab_size, pooling=cfg.text_pooling)
-    third_width = image_tower_spec(cfg.third_tower or cfg.image_tower).width
+        text_tower = build_text_tower(cfg.text.tower, vocab_size, pooling=cfg.text.pooling)
+    third_width = image_tower_spec(cfg.third.tower or cfg.image.tower).width
     model = CLIPModel(
         image_tower=image_tower,
         text_tower=text_tower,

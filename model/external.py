@@ -14,7 +14,7 @@ import functools
 from .specs import BERT_UNCASED_VOCAB_SIZE, HALF, ImageTowerSpec, TextTowerSpec
 
 TIMM_PREFIX = "timm:"
-"""``model.image_tower=timm:<name>`` names any timm model (built with ``pretrained=False``)."""
+"""``model.image.tower=timm:<name>`` names any timm model (built with ``pretrained=False``)."""
 
 
 def _timm_module(spec: ImageTowerSpec) -> str:
@@ -130,7 +130,7 @@ def timm_spec(timm_name: str) -> ImageTowerSpec:
 
 
 HF_PREFIX = "hf:"
-"""``model.text_tower=hf:<folder>`` names a local transformers encoder folder (never a hub id)."""
+"""``model.text.tower=hf:<folder>`` names a local transformers encoder folder (never a hub id)."""
 
 # model_type in config.json -> (arch, default pooling). BERT-like encoders without a family of
 # their own run through transformers' AutoModel (arch ``hf``, module ``.hf``).

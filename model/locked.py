@@ -113,10 +113,10 @@ class LockedTowers:
 
 
 def build_third_tower(cfg: ModelConfig, autocast_dtype: torch.dtype | None = None) -> LockedTower:
-    """The frozen pretrained third tower h of 3T, loaded from ``cfg.third_pretrained``."""
-    name = cfg.third_tower or cfg.image_tower
+    """The frozen pretrained third tower h of 3T, loaded from ``cfg.third.pretrained``."""
+    name = cfg.third.tower or cfg.image.tower
     with torch.random.fork_rng(devices=[]):  # loading draws no numbers from the main stream
-        tower = load_image_tower(name, cfg.third_pretrained)
+        tower = load_image_tower(name, cfg.third.pretrained)
     return LockedTower(tower, name, autocast_dtype=autocast_dtype)
 
 

@@ -113,13 +113,13 @@ class TextTowerSpec:
     vocab_size: int = BERT_UNCASED_VOCAB_SIZE
     """Default token-table size; ``build_text_tower(..., vocab_size=)`` overrides it."""
     pooling: str = "mean"
-    """The family's pooling when ``model.text_pooling`` is empty: ``mean`` (BERT, T5) or
+    """The family's pooling when ``model.text.pooling`` is empty: ``mean`` (BERT, T5) or
     ``eot`` (CLIP text: the last real token's state, i.e. the end-of-text token)."""
     ff_proj: str = ""
     """T5 feed-forward type (``relu`` for T5 1.0, ``gated-gelu`` for T5 1.1 and mT5)."""
     pretrained_dir: str = ""
     """Default local source of pretrained weights when the tower is L or U and
-    ``model.text_pretrained`` is empty: a folder or ``package:<python package>`` (its ``model/``)."""
+    ``model.text.pretrained`` is empty: a folder or ``package:<python package>`` (its ``model/``)."""
     block_prefix: str = "bert.encoder.layer."
     """Names of the layers relative to the tower: ``block_prefix + str(i)`` (partial unlocking)."""
     final_norm: tuple[str, ...] = ()
@@ -137,4 +137,4 @@ class TextTowerSpec:
 
 
 TEXT_POOLINGS = ("mean", "cls", "eot")
-"""Text poolings a tower can use (``model.text_pooling``; ``towers.py`` implements them)."""
+"""Text poolings a tower can use (``model.text.pooling``; ``towers.py`` implements them)."""

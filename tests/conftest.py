@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing.popen_forkserver
 import multiprocessing.popen_spawn_posix
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -120,5 +121,23 @@ def train(tmp_path: Path, data_cache: Path):
             *overrides,
         ]
         return launch_train(args, ranks=ranks, command=command)
+
+    return run
+
+
+@pytest.fixture
+def usage_error(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Calls a command-line parse that must refuse its arguments (exit 2, as tyro does) and
+    returns the message it printed, box drawing and line wrapping removed."""
+    monkeypatch.setenv("COLUMNS", "1000")  # tyro's console wraps at the terminal's width
+
+    def run(call: object, *args: object) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            call(*args)
+        assert stop.value.code == 2
+        printed = capsys.readouterr()
+        text = re.sub(r"[│╭╮╰╯─|]|\+?-{3,}\+?", " ", printed.err + printed.out)  # rich's boxes, unicode or ASCII
+        return " ".join(text.split())
 
     return run

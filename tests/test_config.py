@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tritower.launch.cli import load_config, parse_cli
+from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
 from tritower.launch.config_file import write_config_file
 from tritower.launch.ds_config import build_ds_config
@@ -50,39 +50,52 @@ def test_overrides_both_forms_and_launcher_local_rank() -> None:
             "--optim.lr=2e-4",
             "--data.batch_size",
             "128",
-            "--model.text_grad_checkpointing=True",
+            "--model.text.grad_checkpointing=True",
             "--zero",
             "zero_configs/z1.json",
         ]
     )
     assert cfg.optim.lr == 2e-4 and cfg.data.batch_size == 128
-    assert cfg.model.text_grad_checkpointing is True
+    assert cfg.model.text.grad_checkpointing is True
     assert cfg.deepspeed.zero == "zero_configs/z1.json"
 
 
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--optm.lr=1e-3"], "unknown config section 'optm' (did you mean 'optim'?)"),
-        (["--optim.lrr=1e-3"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
-        (["--data.batch_size=abc"], "expected a int"),
-        (["--loss.impl=fast"], "loss: "),
-        (["--model.image_tower=vit_scene_tinyy"], "vit_scene_tiny"),
-        (["--deepspeed.precision=fp8"], "deepspeed.precision='fp8' is not one of fp32, bf16, fp16"),
+        (["--optm.lr=1e-3"], "unknown option --optm.lr (did you mean --optim.lr?)"),
+        (["--optim.lrr=1e-3"], "unknown option --optim.lrr (did you mean --optim.lr?)"),
+        (["--steps=3"], "unknown option --steps (did you mean --train.steps?)"),
         (["--experiment", "clip_tinyy"], "unknown experiment 'clip_tinyy' (did you mean 'clip_tiny'?)"),
-        (["--steps=3"], "unknown option --steps"),
-        (["--optim.lr"], "needs a value"),
     ],
 )
-def test_bad_options_fail_naming_the_fix(argv: list[str], expected: str) -> None:
+def test_unknown_names_fail_naming_the_closest(argv: list[str], expected: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(argv)
     assert expected in str(error.value)
 
 
-def test_parse_cli_keeps_order_of_overrides() -> None:
-    experiment, overrides = parse_cli(["--a.b=1", "--experiment=x", "--a.b", "2"])
-    assert experiment == "x" and overrides == [("a.b", "1"), ("a.b", "2")]
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--data.batch_size=abc"], "Error parsing --data.batch_size: invalid literal for int() with base 10: 'abc'"),
+        (["--loss.impl=fast"], "loss.impl"),
+        (["--model.image.tower=vit_scene_tinyy"], "Did you mean 'vit_scene_tiny'?"),
+        (["--deepspeed.precision=fp8"], "Expected one of ('fp32', 'bf16', 'fp16')"),
+        (["--optim.lr"], "Missing value for argument '--optim.lr'"),
+    ],
+)
+def test_bad_values_fail_naming_the_fix(argv: list[str], expected: str, usage_error) -> None:
+    assert expected in usage_error(load_config, argv)
+
+
+def test_later_values_win_and_old_flat_keys_still_read() -> None:
+    cfg = load_config(
+        ["--optim.lr=1e-3", "--experiment=clip_test", "--optim.lr", "2e-3", "--model.image_tower=vit_test"]
+    )
+    assert cfg.optim.lr == 2e-3 and cfg.experiment == "clip_test" and cfg.model.image.tower == "vit_test"
+    assert load_config(["--model.image.mean=0.5,0.25,0.125"]).model.image.mean == (0.5, 0.25, 0.125)
+    assert load_config(["--log.csv"]).log.csv is True and load_config(["--log.csv", "false"]).log.csv is False
 
 
 def _policy(tmp_path: Path, **changes) -> str:
@@ -163,17 +176,15 @@ def test_config_file_then_overrides_on_top(tmp_path: Path) -> None:
     path = tmp_path / "mine.yaml"
     path.write_text("experiment: clip_test\noptim:\n  lr: 3.0e-4\n  warmup_steps: 2\ndata:\n  batch_size: 64\n")
     cfg = load_config(["--config", str(path), "--data.batch_size=16"])
-    assert cfg.experiment == "clip_test" and cfg.model.image_tower == "vit_test"  # the rest: clip_test
+    assert cfg.experiment == "clip_test" and cfg.model.image.tower == "vit_test"  # the rest: clip_test
     assert cfg.optim.lr == 3e-4 and cfg.optim.warmup_steps == 2 and cfg.data.batch_size == 16
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("optm:\n  lr: 1.0\n", "unknown config section 'optm' (did you mean 'optim'?)"),
-        ("optim:\n  lrr: 1.0\n", "unknown config key 'optim.lrr' (did you mean 'lr'?)"),
-        ("data:\n  batch_size: 1.5\n", "data.batch_size: 1.5 in the config file is not a int"),
-        ("model:\n  image_grad_checkpointing: 3\n", "is not a bool"),
+        ("optm:\n  lr: 1.0\n", "unknown key 'optm' (did you mean 'optim'?)"),
+        ("optim:\n  lrr: 1.0\n", "unknown key 'optim.lrr' (did you mean 'lr'?)"),
         ("- a\n- b\n", "must hold a mapping"),
     ],
 )
@@ -183,6 +194,22 @@ def test_bad_config_file_fails_naming_the_fix(text: str, expected: str, tmp_path
     with pytest.raises(ConfigError) as error:
         load_config(["--config", str(path)])
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("data:\n  batch_size: 1.5\n", "Error parsing --data.batch_size"),
+        (
+            "model:\n  image:\n    grad_checkpointing: 3\n",
+            "invalid choice '3' for argument '--model.image.grad_checkpointing'",
+        ),
+    ],
+)
+def test_bad_config_file_values_are_checked_as_the_command_line_is(text, expected, tmp_path, usage_error) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert expected in usage_error(load_config, ["--config", str(path)])
 
 
 @pytest.mark.launch

@@ -74,8 +74,8 @@ def test_locked_efficientnet_trains_lu_on_two_ranks(train, weights: Path) -> Non
     through the real launcher on 2 ranks on the built-in scenes (upscaled to 224 px)."""
     run = train(
         "--model.setting=Lu",
-        "--model.image_tower=efficientnet_lite0",
-        f"--model.image_pretrained={weights}",
+        "--model.image.tower=efficientnet_lite0",
+        f"--model.image.pretrained={weights}",
         "--data.batch_size=16",
         "--train.steps=3",
         "--train.log_every=1",

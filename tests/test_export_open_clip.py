@@ -32,7 +32,7 @@ from tritower.inference import load_export
 from tritower.launch.tools import export_open_clip
 from tritower.launch.tools.export import ExportError, export, main, write_export
 from tritower.launch.tools.export_open_clip import OpenClipExportError, write_open_clip
-from tritower.model import ModelConfig, build_clip, build_image_tower, image_tower_spec
+from tritower.model import ModelConfig, TowerConfig, build_clip, build_image_tower, image_tower_spec
 
 CAPTIONS = [
     "a red circle.",
@@ -88,7 +88,9 @@ def test_open_clip_features_equal_tritower_inference(
     family: str, vocabularies: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image_tower, text_tower, pooling, setting, vocab = FAMILIES[family]
-    cfg = ModelConfig(image_tower=image_tower, text_tower=text_tower, text_pooling=pooling, setting=setting)
+    cfg = ModelConfig(
+        image=TowerConfig(tower=image_tower), text=TowerConfig(tower=text_tower, pooling=pooling), setting=setting
+    )
     torch.manual_seed(3)
     pretrained_text = cfg.parsed.text.is_pretrained
     model = build_clip(cfg, vocab_size=None if pretrained_text else len(_tokenizer(vocabularies[vocab])))
@@ -126,7 +128,7 @@ def test_preprocess_matches_eval_transform(
 ) -> None:
     """open_clip's preprocess from the exported ``preprocess_cfg`` equals tritower's EvalTransform
     on images of the tower's size; on other sizes the two resize rules differ (docs/export.md)."""
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test")
+    cfg = ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test"))
     model = build_clip(cfg, vocab_size=len(_tokenizer(vocabularies["builtin"])))
     write_open_clip(model, cfg, tmp_path / "oc", vocabularies["builtin"], verify=False)
     _, preprocess, _ = load_open_clip(tmp_path / "oc", tmp_path / "elsewhere", monkeypatch)
@@ -171,7 +173,7 @@ def test_exports_carry_the_mean_std_override(
 def test_siglip_bias_and_clamped_scale(vocabularies: dict[str, str], tmp_path: Path) -> None:
     """A SigLIP model's logit_bias becomes open_clip's; a logit_scale past the clamp is stored
     clamped, so open_clip's (unclamped) logits are the ones tritower computes."""
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test")
+    cfg = ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test"))
     model = build_clip(cfg, vocab_size=len(_tokenizer(vocabularies["builtin"])), logit_bias=-10.0)
     with torch.no_grad():
         model.logit_scale.fill_(5.0)  # exp(5) = 148 > max_logit_scale 100
@@ -186,9 +188,15 @@ def test_siglip_bias_and_clamped_scale(vocabularies: dict[str, str], tmp_path: P
 def test_refusals_name_why_and_point_at_native(vocabularies: dict[str, str], tmp_path: Path) -> None:
     tokens = len(_tokenizer(vocabularies["builtin"]))
     for cfg, why in (
-        (ModelConfig(image_tower="mixer_test", text_tower="bert_test"), "registry name"),
-        (ModelConfig(image_tower="vit_test", text_tower="bert_test", text_pooling="eot"), "no open_clip pooler"),
-        (ModelConfig(image_tower="vit_test", text_tower="clip_text_test", text_pooling="mean"), "not a mean"),
+        (ModelConfig(image=TowerConfig(tower="mixer_test"), text=TowerConfig(tower="bert_test")), "registry name"),
+        (
+            ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test", pooling="eot")),
+            "no open_clip pooler",
+        ),
+        (
+            ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="clip_text_test", pooling="mean")),
+            "not a mean",
+        ),
     ):
         with pytest.raises(OpenClipExportError, match=why) as error:
             write_open_clip(build_clip(cfg, vocab_size=tokens), cfg, tmp_path / "refused", vocabularies["builtin"])
@@ -205,7 +213,7 @@ def fake_checkpoint(root: Path, model: torch.nn.Module, cfg: ModelConfig) -> Pat
     tag.mkdir(parents=True)
     locked = {}
     if cfg.parsed.three_towers:
-        third = LockedTower(torch.nn.Identity(), cfg.third_tower or cfg.image_tower, source=cfg.third_pretrained)
+        third = LockedTower(torch.nn.Identity(), cfg.third.tower or cfg.image.tower, source=cfg.third.pretrained)
         locked["third_tower"] = third.identity()
     states = {
         "module": model.state_dict(),
@@ -231,7 +239,11 @@ def test_three_towers_checkpoint_exports_plain_and_refuses_alpha(
     save_file(build_image_tower("vit_test").vit.state_dict(), str(tmp_path / "vit.safetensors"))
     third = str(tmp_path / "vit.safetensors")
     cfg = ModelConfig(
-        image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="3T", third_pretrained=third
+        image=TowerConfig(tower="vit_test"),
+        text=TowerConfig(tower="bert_test"),
+        third=TowerConfig(pretrained=third),
+        embed_dim=16,
+        setting="3T",
     )
     vocab = vocabularies["builtin"]
     model = build_clip(cfg, vocab_size=len(_tokenizer(vocab))).eval()
@@ -262,7 +274,7 @@ def test_moved_folder_loads_after_relocate(
     """The config holds absolute paths (timm and transformers resolve relative ones against the
     current directory): a moved folder fails to load until
     ``python -m tritower.launch.tools.export_open_clip FOLDER`` (``relocate``) rewrites them."""
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test")
+    cfg = ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test"))
     model = build_clip(cfg, vocab_size=len(_tokenizer(vocabularies["builtin"]))).eval()
     write_open_clip(model, cfg, tmp_path / "first", vocabularies["builtin"], verify=False)
     shutil.move(tmp_path / "first", tmp_path / "moved")

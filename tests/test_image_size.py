@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from tritower.model import ModelConfig, build_clip, build_image_tower, load_image_tower
+from tritower.model import ModelConfig, TowerConfig, build_clip, build_image_tower, load_image_tower
 
 TIMM_VIT = "vit_tiny_patch16_224"  # 5.7M parameters, 16 px patches, a class token, 224 px
 
@@ -38,14 +38,14 @@ def test_timm_vit_loads_at_another_size(
     size: int, timm_weights: tuple[Path, dict[str, torch.Tensor]], capsys: pytest.CaptureFixture
 ) -> None:
     path, state = timm_weights
-    cfg = ModelConfig(image_tower=f"timm:{TIMM_VIT}", image_pretrained=str(path), setting="Lu", image_size=size)
+    cfg = ModelConfig(image=TowerConfig(tower=f"timm:{TIMM_VIT}", pretrained=str(path), image_size=size), setting="Lu")
     parsed = cfg.parsed
     assert parsed.image.image_size == size and parsed.image_spec.image_size == size  # what the data pipeline takes
     # The override differs from the weights' pretrained config (224 px): warned, naming both.
     (warning,) = [w for w in parsed.warnings if "image_size" in w]
     assert f"model.image.image_size={size}" in warning and "image_size 224" in warning
 
-    tower = load_image_tower(cfg.image_tower, cfg.image_pretrained, parsed.image.image_size).eval()
+    tower = load_image_tower(cfg.image.tower, cfg.image.pretrained, parsed.image.image_size).eval()
     grid = size // 16
     log = capsys.readouterr().out
     assert "pos_embed resampled from a 14x14 grid" in log and f"to {grid}x{grid}" in log, log
@@ -71,7 +71,7 @@ def test_timm_vit_loads_at_another_size(
 def test_build_clip_loads_the_resized_tower(timm_weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
     """The training model (``build_clip``) builds and loads the image tower at the override."""
     path, state = timm_weights
-    cfg = ModelConfig(image_tower=f"timm:{TIMM_VIT}", image_pretrained=str(path), setting="Lu", image_size=160)
+    cfg = ModelConfig(image=TowerConfig(tower=f"timm:{TIMM_VIT}", pretrained=str(path), image_size=160), setting="Lu")
     model = build_clip(cfg, vocab_size=100).eval()
     expected = resample_abs_pos_embed(state["pos_embed"], new_size=[10, 10], num_prefix_tokens=1)
     assert torch.equal(model.image_tower.model.pos_embed.detach(), expected)
@@ -90,7 +90,7 @@ def test_registry_vit_without_class_token_resamples(tmp_path: Path) -> None:
     assert torch.equal(tower.model.pos_embed.detach(), expected)
     assert tower.spec.image_size == 48 and tower(torch.randn(1, 3, 48, 48)).shape == (1, 32)
     # A u tower is built at the size too, without weights to resample.
-    assert ModelConfig(image_tower="vit_test", image_size=48).parsed.image_spec.image_size == 48
+    assert ModelConfig(image=TowerConfig(tower="vit_test", image_size=48)).parsed.image_spec.image_size == 48
     assert build_image_tower("vit_test", 48).model.pos_embed.shape == (1, 36, 32)
 
 
@@ -98,14 +98,14 @@ def test_sizes_that_cannot_work_are_refused() -> None:
     with pytest.raises(
         ValueError, match=r"model.image.image_size=150: .*not a multiple of the 16 px patches.*144 or 160"
     ):
-        ModelConfig(image_tower=f"timm:{TIMM_VIT}", image_size=150)
+        ModelConfig(image=TowerConfig(tower=f"timm:{TIMM_VIT}", image_size=150))
     with pytest.raises(ValueError, match=r"not a multiple of the 8 px patches"):
-        ModelConfig(image_tower="vit_test", image_size=36)
+        ModelConfig(image=TowerConfig(tower="vit_test", image_size=36))
     for mixer in ("mixer_test", "timm:mixer_b16_224"):
         with pytest.raises(ValueError, match=r"MLP-Mixer .*token-mixing MLPs are sized for .*patch tokens"):
-            ModelConfig(image_tower=mixer, image_size=64)
+            ModelConfig(image=TowerConfig(tower=mixer, image_size=64))
     # Convolutional towers take any size as built, as before.
-    assert ModelConfig(image_tower="resnet_test", image_size=40).parsed.image_spec.image_size == 40
+    assert ModelConfig(image=TowerConfig(tower="resnet_test", image_size=40)).parsed.image_spec.image_size == 40
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +128,12 @@ def test_exports_rebuild_the_tower_at_the_override(vocab: str, tmp_path: Path, m
     from tritower.launch.tools.export import write_export
     from tritower.launch.tools.export_open_clip import write_open_clip
 
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", image_size=48)
+    cfg = ModelConfig(image=TowerConfig(tower="vit_test", image_size=48), text=TowerConfig(tower="bert_test"))
     torch.manual_seed(3)
     model = build_clip(cfg, vocab_size=len(build_text_tokenizer(vocab))).eval()
     config = write_export(model, cfg, tmp_path / "native", vocab)
     assert config["image_preprocessing"]["image_size"] == 48
-    assert config["model"]["image_size"] == 48 and config["image_tower_spec"]["image_size"] == 48
+    assert config["model"]["image"]["image_size"] == 48 and config["image_tower_spec"]["image_size"] == 48
     native = load_export(tmp_path / "native")
     assert native.model.image_tower.model.pos_embed.shape == (1, 36, 32)
     pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
@@ -153,7 +153,7 @@ def test_exports_rebuild_the_tower_at_the_override(vocab: str, tmp_path: Path, m
 def test_three_towers_refuses_a_vit_third_tower_of_another_size() -> None:
     """3T feeds the third tower the image tower's inputs: a ViT third tower built for 32 px
     cannot run on the resized image tower's 48 px."""
-    common = dict(setting="3T", image_tower="vit_test", third_pretrained="/w/h.safetensors")
+    common = dict(third=TowerConfig(pretrained="/w/h.safetensors"), setting="3T")
     with pytest.raises(ValueError, match=r"model.third.tower=vit_test is a patch model built for 32 px.*48 px"):
-        ModelConfig(**common, image_size=48)
-    assert ModelConfig(**common).parsed.third.name == "vit_test"  # same size: fine
+        ModelConfig(image=TowerConfig("vit_test", image_size=48), **common)
+    assert ModelConfig(image=TowerConfig("vit_test"), **common).parsed.third.name == "vit_test"  # same size: fine

@@ -17,6 +17,7 @@ from tritower.model import (
     CLIPWithLocked,
     LockedTower,
     ModelConfig,
+    TowerConfig,
     apply_trainable,
     build_clip,
     build_image_tower,
@@ -51,7 +52,10 @@ def _loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def test_locked_tower_builds_no_graph_and_stays_bitwise(vit_file: Path) -> None:
     cfg = ModelConfig(
-        image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="Lu", image_pretrained=str(vit_file)
+        image=TowerConfig(tower="vit_test", pretrained=str(vit_file)),
+        text=TowerConfig(tower="bert_test"),
+        embed_dim=16,
+        setting="Lu",
     )
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
@@ -87,7 +91,10 @@ def test_locked_tower_builds_no_graph_and_stays_bitwise(vit_file: Path) -> None:
 
 def test_embeddings_path_equals_full_forward(vit_file: Path) -> None:
     cfg = ModelConfig(
-        image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="Lu", image_pretrained=str(vit_file)
+        image=TowerConfig(tower="vit_test", pretrained=str(vit_file)),
+        text=TowerConfig(tower="bert_test"),
+        embed_dim=16,
+        setting="Lu",
     )
     torch.manual_seed(0)
     model = build_clip(cfg, vocab_size=VOCAB).eval()
@@ -125,12 +132,10 @@ def test_bf16_autocast_locked_tower(vit_file: Path) -> None:
 
 def test_partially_unlocked_tower_stays_inside(vit_file: Path) -> None:
     cfg = ModelConfig(
-        image_tower="vit_test",
-        text_tower="bert_test",
+        image=TowerConfig(tower="vit_test", pretrained=str(vit_file), unlock_last_blocks=1),
+        text=TowerConfig(tower="bert_test"),
         embed_dim=16,
         setting="Lu",
-        image_pretrained=str(vit_file),
-        image_unlock_last_blocks=1,
     )
     model, locked = split_locked(build_clip(cfg, vocab_size=VOCAB), cfg)
     assert model.image_tower is not None and locked.image is None
@@ -138,7 +143,11 @@ def test_partially_unlocked_tower_stays_inside(vit_file: Path) -> None:
 
 def test_three_towers(vit_file: Path) -> None:
     cfg = ModelConfig(
-        image_tower="vit_test", text_tower="bert_test", embed_dim=16, setting="3T", third_pretrained=str(vit_file)
+        image=TowerConfig(tower="vit_test"),
+        text=TowerConfig(tower="bert_test"),
+        third=TowerConfig(pretrained=str(vit_file)),
+        embed_dim=16,
+        setting="3T",
     )
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))

@@ -14,6 +14,7 @@ import torch
 from tritower.model import (
     CLIPModel,
     ModelConfig,
+    TowerConfig,
     build_clip,
     build_image_tower,
     build_text_tower,
@@ -82,7 +83,7 @@ def test_unknown_tower_names_closest_match() -> None:
     with pytest.raises(ValueError, match="bert_large"):
         text_tower_spec("bert_larg")
     with pytest.raises(ValueError, match="bert_base"):
-        ModelConfig(text_tower="bert_bsae")
+        ModelConfig(text=TowerConfig(tower="bert_bsae"))
 
 
 def test_registry_is_explicit() -> None:
@@ -97,8 +98,8 @@ def test_registry_is_explicit() -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError, match="text_pooling"):
-        ModelConfig(text_pooling="max")
+    with pytest.raises(ValueError, match="text.pooling"):
+        ModelConfig(text=TowerConfig("bert_test", pooling="max"))
     with pytest.raises(ValueError, match="max_logit_scale"):
         ModelConfig(init_logit_scale=math.log(200.0))
 
@@ -155,7 +156,9 @@ def test_cls_pooling_is_first_token() -> None:
 
 
 def _tiny_clip(**overrides: object) -> CLIPModel:
-    cfg = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16, **overrides)
+    cfg = ModelConfig(
+        image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test"), embed_dim=16, **overrides
+    )
     return build_clip(cfg, vocab_size=VOCAB)
 
 
@@ -202,7 +205,7 @@ def test_vocab_size_from_config() -> None:
     model = _tiny_clip(vocab_size=128)
     assert model.text_tower.bert.get_input_embeddings().num_embeddings == 128
     with pytest.raises(ValueError, match="smaller"):
-        build_clip(ModelConfig(text_tower="bert_test", vocab_size=50), vocab_size=VOCAB)
+        build_clip(ModelConfig(text=TowerConfig(tower="bert_test"), vocab_size=50), vocab_size=VOCAB)
 
 
 def _gradients(model: CLIPModel) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from tritower.data import build_text_tokenizer, train_unigram_tokenizer
 from tritower.model import (
     ModelConfig,
+    TowerConfig,
     build_clip,
     build_image_tower,
     build_text_tower,
@@ -138,7 +139,7 @@ def test_t5_folder_with_only_spiece_model(tmp_path: Path) -> None:
 
 
 def test_clip_with_t5_text_tower_and_rules() -> None:
-    cfg = ModelConfig(image_tower="resnet_test", text_tower="t5_test", embed_dim=16)
+    cfg = ModelConfig(image=TowerConfig(tower="resnet_test"), text=TowerConfig(tower="t5_test"), embed_dim=16)
     model = build_clip(cfg, vocab_size=VOCAB)
     out = model(torch.randn(2, 3, 32, 32), torch.randint(0, VOCAB, (2, 16)), torch.ones(2, 16, dtype=torch.long))
     assert out["image_features"].shape == out["text_features"].shape == (2, 16)

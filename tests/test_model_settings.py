@@ -15,6 +15,7 @@ import torch
 from tritower.model import (
     LIT_SETTINGS,
     ModelConfig,
+    TowerConfig,
     build_clip,
     build_image_tower,
     parameter_counts,
@@ -38,8 +39,17 @@ def vit_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def _cfg(**fields: object) -> ModelConfig:
-    return ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16, **fields)
+def _cfg(
+    image: dict | None = None, text: dict | None = None, third: dict | None = None, **fields: object
+) -> ModelConfig:
+    """The test towers (vit_test, bert_test) with per-tower options and shared fields."""
+    return ModelConfig(
+        image=TowerConfig("vit_test", **(image or {})),
+        text=TowerConfig("bert_test", **(text or {})),
+        third=TowerConfig(**(third or {})),
+        embed_dim=16,
+        **fields,
+    )
 
 
 @pytest.mark.parametrize("setting", LIT_SETTINGS)
@@ -67,23 +77,23 @@ def test_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="model.text.pretrained is required"):
         _cfg(setting="uL")
     with pytest.raises(ValueError, match="model.image.pretrained=.*from scratch"):
-        _cfg(setting="uu", image_pretrained="x.safetensors")
+        _cfg(image=dict(pretrained="x.safetensors"), setting="uu")
     with pytest.raises(ValueError, match="image.unlock_last_blocks"):
-        _cfg(setting="Uu", image_pretrained="x.pth", image_unlock_last_blocks=1)
+        _cfg(image=dict(pretrained="x.pth", unlock_last_blocks=1), setting="Uu")
     with pytest.raises(ValueError, match="exceeds the 2 blocks"):
-        _cfg(setting="Lu", image_pretrained="x.pth", image_unlock_last_blocks=3)
+        _cfg(image=dict(pretrained="x.pth", unlock_last_blocks=3), setting="Lu")
     with pytest.raises(ValueError, match="text.unlock_after_steps"):
-        _cfg(setting="uu", text_unlock_after_steps=5)
+        _cfg(text=dict(unlock_after_steps=5), setting="uu")
     with pytest.raises(ValueError, match="image.lr_mult"):
-        _cfg(image_lr_mult=0.0)
+        _cfg(image=dict(lr_mult=0.0))
     with pytest.raises(ValueError, match="embed_dim=16 to equal vit_test's width 32"):
-        _cfg(setting="Lu", image_pretrained="x.pth", locked_head_trainable=False)
+        _cfg(image=dict(pretrained="x.pth"), setting="Lu", locked_head_trainable=False)
     with pytest.raises(ValueError, match="third.pretrained is required"):
         _cfg(setting="3T")
     with pytest.raises(ValueError, match="apply to setting '3T' only"):
-        _cfg(third_pretrained="x.pth")
+        _cfg(third=dict(pretrained="x.pth"))
     # minilm_l6 names its own pretrained source, so U/L need no text_pretrained.
-    ModelConfig(text_tower="minilm_l6", setting="uL")
+    ModelConfig(text=TowerConfig(tower="minilm_l6"), setting="uL")
     assert len(LIT_SETTINGS) == 9 and "uU" in LIT_SETTINGS  # the paper's 8, plus uU
 
 
@@ -92,7 +102,7 @@ def _names(model: torch.nn.Module, trainable: dict[str, bool]) -> set[str]:
 
 
 def test_rules_lu_with_partial_unlocking(vit_file: str) -> None:
-    cfg = _cfg(setting="Lu", image_pretrained=vit_file, image_unlock_last_blocks=1)
+    cfg = _cfg(image=dict(pretrained=vit_file, unlock_last_blocks=1), setting="Lu")
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     names = [name for name, _ in model.named_parameters()]
@@ -108,12 +118,13 @@ def test_rules_lu_with_partial_unlocking(vit_file: str) -> None:
 def test_rules_every_setting(setting: str, vit_file: str) -> None:
     # Text towers of the rules test are built from scratch: the rules only read the setting.
     cfg = _cfg(
+        image=dict(pretrained=vit_file if setting[0] in "LU" else ""),
+        text=dict(pretrained="unused" if setting[1] in "LU" else ""),
         setting=setting,
-        image_pretrained=vit_file if setting[0] in "LU" else "",
-        text_pretrained="unused" if setting[1] in "LU" else "",
     )
     model = build_clip(
-        dataclasses.replace(cfg, setting="uu", image_pretrained="", text_pretrained=""), vocab_size=VOCAB
+        dataclasses.replace(cfg, setting="uu", image=TowerConfig("vit_test"), text=TowerConfig("bert_test")),
+        vocab_size=VOCAB,
     )
     trainable = resolve_trainable(model, trainable_rules(cfg))
     for name, flag in trainable.items():
@@ -126,11 +137,10 @@ def test_rules_every_setting(setting: str, vit_file: str) -> None:
 
 def test_locked_head_frozen_as_identity(vit_file: str) -> None:
     cfg = ModelConfig(
-        image_tower="vit_test",
-        text_tower="bert_test",
+        image=TowerConfig(tower="vit_test", pretrained=vit_file),
+        text=TowerConfig(tower="bert_test"),
         embed_dim=32,
         setting="Lu",
-        image_pretrained=vit_file,
         locked_head_trainable=False,
     )
     model = build_clip(cfg, vocab_size=VOCAB)
@@ -148,7 +158,7 @@ def test_rule_matching_nothing_fails() -> None:
 
 
 def test_parameter_table_counts(vit_file: str) -> None:
-    cfg = _cfg(setting="Lu", image_pretrained=vit_file, image_unlock_last_blocks=1)
+    cfg = _cfg(image=dict(pretrained=vit_file, unlock_last_blocks=1), setting="Lu")
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     vit, bert = model.image_tower.vit, model.text_tower.bert
@@ -166,7 +176,7 @@ def test_parameter_table_counts(vit_file: str) -> None:
 
 
 def test_parameter_groups_lr_and_decay(vit_file: str) -> None:
-    cfg = _cfg(setting="Uu", image_pretrained=vit_file, image_lr_mult=0.1, text_lr_mult=2.0)
+    cfg = _cfg(image=dict(pretrained=vit_file, lr_mult=0.1), text=dict(lr_mult=2.0), setting="Uu")
     model = build_clip(cfg, vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     groups = parameter_groups(model, trainable, cfg, weight_decay=0.2, base_lr=1e-3)
@@ -189,18 +199,20 @@ def test_parameter_groups_lr_and_decay(vit_file: str) -> None:
         assert all((p.ndim >= 2) == (group["weight_decay"] == 0.2) for p in group["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     # Locked parameters are in no group.
-    cfg = _cfg(setting="Lu", image_pretrained=vit_file)
+    cfg = _cfg(image=dict(pretrained=vit_file), setting="Lu")
     trainable = resolve_trainable(model, trainable_rules(cfg))
     groups = parameter_groups(model, trainable, cfg, weight_decay=0.2, base_lr=1e-3)
     assert all(g["tower"] != "image" for g in groups)
 
 
 def test_delayed_unlocking() -> None:
-    cfg = ModelConfig(image_tower="vit_test", text_tower="minilm_l6", setting="uU", text_unlock_after_steps=10)
+    cfg = ModelConfig(
+        image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="minilm_l6", unlock_after_steps=10), setting="uU"
+    )
     assert trainable_towers_at(cfg, 0) == {"image": True, "text": False}
     assert trainable_towers_at(cfg, 9) == {"image": True, "text": False}
     assert trainable_towers_at(cfg, 10) == {"image": True, "text": True}
-    locked = _cfg(setting="Lu", image_pretrained=str(Path("x.pth")))
+    locked = _cfg(image=dict(pretrained=str(Path("x.pth"))), setting="Lu")
     assert trainable_towers_at(locked, 100) == {"image": False, "text": True}
 
 
@@ -214,16 +226,12 @@ def test_delayed_unlocking() -> None:
 )
 def test_partial_unlocking_of_text_families(text_tower: str, last_block: str, final_norm: str | None) -> None:
     cfg = ModelConfig(
-        image_tower="vit_test",
-        text_tower=text_tower,
+        image=TowerConfig(tower="vit_test"),
+        text=TowerConfig(tower=text_tower, pretrained="unused", unlock_last_blocks=1),
         embed_dim=16,
         setting="uL",
-        text_pretrained="unused",
-        text_unlock_last_blocks=1,
     )
-    model = build_clip(
-        dataclasses.replace(cfg, setting="uu", text_pretrained="", text_unlock_last_blocks=0), vocab_size=VOCAB
-    )
+    model = build_clip(dataclasses.replace(cfg, setting="uu", text=TowerConfig(cfg.text.tower)), vocab_size=VOCAB)
     trainable = resolve_trainable(model, trainable_rules(cfg))
     unlocked = {n.removeprefix("text_tower.") for n, flag in trainable.items() if flag and n.startswith("text_tower.")}
     assert unlocked and all(n.startswith(last_block) or (final_norm and n.startswith(final_norm)) for n in unlocked)

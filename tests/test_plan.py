@@ -29,6 +29,7 @@ from tritower.launch.plan.states import (
     model_states,
     tower_parameters,
 )
+from tritower.model.config import SETTINGS
 
 TOLERANCE_DEEPSPEED = 0.05
 TOLERANCE_MEASURED = 0.20
@@ -135,9 +136,11 @@ def _saved_activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
 @pytest.mark.parametrize("image,text", [("vit_scene_tiny", "bert_scene_tiny")])
 def test_layer_formula_counts_saved_tensors(image: str, text: str) -> None:
     """The per-layer formula equals what autograd keeps for one ViT block and one BERT layer."""
-    from tritower.model import ModelConfig, build_clip
+    from tritower.model import ModelConfig, TowerConfig, build_clip
 
-    model = build_clip(ModelConfig(image_tower=image, text_tower=text), vocab_size=100).train()
+    model = build_clip(
+        ModelConfig(image=TowerConfig(tower=image), text=TowerConfig(tower=text)), vocab_size=100
+    ).train()
     batch = 16
     for layer, name in [(model.image_tower.vit.blocks[0], image), (model.text_tower.bert.encoder.layer[0], text)]:
         shape = tower_shape(name)
@@ -176,7 +179,7 @@ def test_cli_plan_vitg_bert_large(capsys: pytest.CaptureFixture) -> None:
     assert "Recommendation:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("setting", planner.SETTINGS)
+@pytest.mark.parametrize("setting", SETTINGS)
 def test_settings_lock_the_right_towers(setting: str) -> None:
     request = planner.PlanRequest("vit_base_patch16_224", "bert_base", 4096, 32, 80, setting)
     towers = {t.role: t for t in planner.build_towers(request)}

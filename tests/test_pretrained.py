@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from tritower.model import (
     ModelConfig,
+    TowerConfig,
     build_clip,
     build_image_tower,
     file_sha256,
@@ -109,7 +110,9 @@ def test_missing_files_fail_naming_them(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_text_tower("minilm_l6", str(tmp_path))
     cfg = ModelConfig(
-        image_tower="vit_test", text_tower="bert_test", setting="Lu", image_pretrained=str(tmp_path / "absent.pth")
+        image=TowerConfig(tower="vit_test", pretrained=str(tmp_path / "absent.pth")),
+        text=TowerConfig(tower="bert_test"),
+        setting="Lu",
     )
     with pytest.raises(FileNotFoundError, match="absent.pth"):
         build_clip(cfg, vocab_size=100)
@@ -148,7 +151,9 @@ def test_minilm_matches_transformers_masked_mean(monkeypatch: pytest.MonkeyPatch
 
 def test_lu_clip_with_minilm_text_tower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = ModelConfig(image_tower="vit_test", text_tower="minilm_l6", embed_dim=16, setting="uL")
+    cfg = ModelConfig(
+        image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="minilm_l6"), embed_dim=16, setting="uL"
+    )
     model = build_clip(cfg, vocab_size=30522)
     assert model.text_tower.source.endswith("model") and model.text_width == 384
     with pytest.raises(ValueError, match="embedding rows"):
@@ -185,7 +190,9 @@ def test_text_weights_not_fitting_their_config_name_shapes(tmp_path: Path, monke
 def _deepspeed_layout(root: Path) -> Path:
     """A run's checkpoints folder in the layout DeepSpeed's engine writes (ZeRO-0: the module state
     and DeepSpeed's bookkeeping in ``mp_rank_00_model_states.pt``, ``latest`` naming the tag)."""
-    model = build_clip(ModelConfig(image_tower="vit_test", text_tower="bert_test"), vocab_size=100)
+    model = build_clip(
+        ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test")), vocab_size=100
+    )
     tag = root / "checkpoints" / "step00000003"
     tag.mkdir(parents=True)
     states = {"module": model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}}, "ds_version": "0.19.8"}

@@ -139,8 +139,8 @@ def test_train_argv_of_each_kind_of_run(tmp_path: Path) -> None:
     towers = {"real": {"arch": "efficientnet_lite0", "weights": "/w/effnet.safetensors", "embeddings": "/w/emb"}}
     towers["matched"] = {"arch": "vit_scene_tiny", "weights": "/w/matched.safetensors"}
     lu = study.train_argv(study.Run("LU", "real", 1), towers, study.FULL, tmp_path, tmp_path)
-    assert "--model.text_tower=minilm_l6" in lu and "--model.image_tower=efficientnet_lite0" in lu
-    assert "--model.image_pretrained=/w/effnet.safetensors" in lu and "--train.seed=1" in lu
+    assert "--model.text.tower=minilm_l6" in lu and "--model.image.tower=efficientnet_lite0" in lu
+    assert "--model.image.pretrained=/w/effnet.safetensors" in lu and "--train.seed=1" in lu
     # The real tower's precomputed embeddings serve where it is the locked image tower only (3T's
     # third tower takes the 64 px inputs of the image tower, not the embeddings' 224 px).
     assert "--data.embeddings=/w/emb" in lu
@@ -148,8 +148,8 @@ def test_train_argv_of_each_kind_of_run(tmp_path: Path) -> None:
         argv = study.train_argv(study.Run(setting, "real", 0), towers, study.FULL, tmp_path, tmp_path)
         assert not any(a.startswith("--data.embeddings") for a in argv), setting
     three = study.train_argv(study.Run("3T", "matched", 0), towers, study.FULL, tmp_path, tmp_path)
-    assert "--model.third_pretrained=/w/matched.safetensors" in three and "--model.image_tower=vit_scene_tiny" in three
-    assert "--eval.alphas=0,0.25,0.5,0.75,1" in three and "--model.text_tower=bert_scene_tiny" in three
+    assert "--model.third.pretrained=/w/matched.safetensors" in three and "--model.image.tower=vit_scene_tiny" in three
+    assert "--eval.alphas=0,0.25,0.5,0.75,1" in three and "--model.text.tower=bert_scene_tiny" in three
     uu = study.train_argv(study.Run("uu", "none", 0), towers, study.FULL, tmp_path, tmp_path)
     assert not any("pretrained" in a for a in uu)
 
@@ -207,10 +207,12 @@ def test_report_only_aggregates_existing_results(tmp_path: Path, capsys: pytest.
 def test_third_tower_built_for_other_inputs_is_named_in_a_warning() -> None:
     """Found by the study: EfficientNet-Lite0 (224 px) as 3T's third tower behind the 64 px scene
     tower ran silently on 64 px images, the image tower's inputs."""
-    from tritower.model import ModelConfig
+    from tritower.model import ModelConfig, TowerConfig
 
-    common = dict(image_tower="vit_scene_tiny", text_tower="bert_scene_tiny", setting="3T", third_pretrained="/w.st")
-    (warning,) = ModelConfig(**common, third_tower="efficientnet_lite0").parsed.warnings
+    common = dict(image=TowerConfig(tower="vit_scene_tiny"), text=TowerConfig(tower="bert_scene_tiny"), setting="3T")
+    (warning,) = ModelConfig(third=TowerConfig("efficientnet_lite0", "/w.st"), **common).parsed.warnings
     assert "model.third.tower=efficientnet_lite0 was trained on 224 px images" in warning
     assert "3T feeds it the image tower's inputs (64 px" in warning
-    assert ModelConfig(**common).parsed.warnings == ()  # the scene tower as its own third tower: same inputs
+    assert (
+        ModelConfig(third=TowerConfig(pretrained="/w.st"), **common).parsed.warnings == ()
+    )  # the scene tower as its own third tower: same inputs

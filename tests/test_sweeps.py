@@ -31,7 +31,6 @@ from launching import REPO, Run, free_port
 from tritower.launch.cli import ALIASES, load_config
 from tritower.launch.config import TrainConfig
 from tritower.launch.ds_config import build_ds_config
-from tritower.model.sections import TOWER_FIELDS
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 COMMAND = ["deepspeed", "launch/train.py", "--zero", "zero_configs/z3.json", "${args}"]
@@ -127,16 +126,17 @@ def expand(command: list[str], program: str, params: dict, json_file: Path) -> l
     return expanded
 
 
-def config_keys() -> set[str]:
-    """Every ``section.field`` of TrainConfig, plus ``experiment`` and the aliases."""
-    cfg = TrainConfig()
-    keys = {"experiment", *ALIASES}
-    for section in dataclasses.fields(cfg):
-        value = getattr(cfg, section.name)
+def config_keys(section: object = None, prefix: str = "") -> set[str]:
+    """Every dotted field of TrainConfig (the per-tower ``model.image.pretrained`` too), plus
+    ``experiment`` and the aliases."""
+    section = TrainConfig() if section is None else section
+    keys = {"experiment", *ALIASES} if not prefix else set()
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
         if dataclasses.is_dataclass(value):
-            keys |= {f"{section.name}.{f.name}" for f in dataclasses.fields(value)}
-    # The model's per-tower sections (``model.image.pretrained``), the form the sweeps use.
-    keys |= {f"model.{role}.{option}" for role, options in TOWER_FIELDS.items() for option in options}
+            keys |= config_keys(value, f"{prefix}{item.name}.")
+        else:
+            keys.add(f"{prefix}{item.name}")
     return keys
 
 
@@ -221,12 +221,11 @@ def test_every_expanded_command_is_accepted(path: Path, tmp_path: Path) -> None:
         # The ZeRO policy filling (batch split, warm-up vs steps) is the launch's next check.
         build_ds_config(cfg, world_size=2)
         for key, value in params.items():
-            if key.count(".") in (1, 2):
-                section, name = key.split(".", 1)
-                owner = getattr(cfg, section)
-                if "." in name:  # model.<tower>.<option>
-                    role, name = name.split(".")
-                    owner = cfg.model.section(role)
+            if "." in key:
+                *path, name = key.split(".")
+                owner = cfg
+                for part in path:
+                    owner = getattr(owner, part)
                 got = getattr(owner, name)
                 assert got == value or math.isclose(got, value, rel_tol=1e-12), (key, got, value)
 

@@ -93,6 +93,7 @@ def test_config_rules_and_sigmoid_bias(tmp_path: Path) -> None:
 
     from tritower.model import (
         ModelConfig,
+        TowerConfig,
         build_clip,
         build_image_tower,
         parameter_counts,
@@ -103,8 +104,8 @@ def test_config_rules_and_sigmoid_bias(tmp_path: Path) -> None:
 
     vit = tmp_path / "vit.safetensors"
     save_file(build_image_tower("vit_test").vit.state_dict(), str(vit))
-    common = dict(image_tower="vit_test", text_tower="bert_test", embed_dim=16)
-    cfg = ModelConfig(setting="3T", third_pretrained=str(vit), init_logit_scale_3t=0.5, **common)
+    common = dict(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test"), embed_dim=16)
+    cfg = ModelConfig(third=TowerConfig(pretrained=str(vit)), setting="3T", init_logit_scale_3t=0.5, **common)
     model = build_clip(cfg, vocab_size=VOCAB, logit_bias=-10.0)
     torch.testing.assert_close(model.logit_scale_3t.data, torch.full([2], 0.5))
     assert model.logit_bias.shape == (1,) and model.logit_bias.item() == -10.0  # [1]: never 0-dim
@@ -122,12 +123,12 @@ def test_config_rules_and_sigmoid_bias(tmp_path: Path) -> None:
     assert {id(model.logit_bias), id(model.logit_scale_3t)} <= no_decay
     assert parameter_counts(model, trainable)["logit_scale"] == (1 + 2 + 1, 0)
     assert "logit_bias" in model(*batch(), third_embeddings=torch.randn(6, 32))
-    default = build_clip(ModelConfig(setting="3T", third_pretrained=str(vit), **common), vocab_size=VOCAB)
+    default = build_clip(ModelConfig(third=TowerConfig(pretrained=str(vit)), setting="3T", **common), vocab_size=VOCAB)
     torch.testing.assert_close(default.logit_scale_3t.data, default.logit_scale.data.expand(2))
     with pytest.raises(ValueError, match="init_logit_scale_3t"):
         ModelConfig(setting="uu", init_logit_scale_3t=1.0, **common)
     with pytest.raises(ValueError, match="init_logit_scale_3t"):
-        ModelConfig(setting="3T", third_pretrained=str(vit), init_logit_scale_3t=5.0, **common)
+        ModelConfig(third=TowerConfig(pretrained=str(vit)), setting="3T", init_logit_scale_3t=5.0, **common)
 
 
 def test_planner_counts_the_model_heads() -> None:
@@ -239,7 +240,7 @@ def fake_checkpoint(root: Path, model, cfg) -> Path:
 
     tag = root / "checkpoints" / "step00000003"
     tag.mkdir(parents=True)
-    third = LockedTower(torch.nn.Identity(), cfg.third_tower or cfg.image_tower, source=cfg.third_pretrained)
+    third = LockedTower(torch.nn.Identity(), cfg.third.tower or cfg.image.tower, source=cfg.third.pretrained)
     torch.save(
         {
             "module": model.state_dict(),
@@ -260,7 +261,7 @@ def test_export_plain_and_alpha_mixture(tmp_path: Path) -> None:
 
     from tritower.inference import load_export
     from tritower.launch.tools.export import ExportError, export
-    from tritower.model import ModelConfig, build_clip, build_image_tower, build_third_tower
+    from tritower.model import ModelConfig, TowerConfig, build_clip, build_image_tower, build_third_tower
 
     torch.manual_seed(1)
     save_file(build_image_tower("vit_test").vit.state_dict(), str(tmp_path / "vit.safetensors"))
@@ -268,11 +269,11 @@ def test_export_plain_and_alpha_mixture(tmp_path: Path) -> None:
         "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]) + "\n"
     )
     cfg = ModelConfig(
-        image_tower="vit_test",
-        text_tower="bert_test",
+        image=TowerConfig(tower="vit_test"),
+        text=TowerConfig(tower="bert_test"),
+        third=TowerConfig(pretrained=str(tmp_path / "vit.safetensors")),
         embed_dim=16,
         setting="3T",
-        third_pretrained=str(tmp_path / "vit.safetensors"),
     )
     model = build_clip(cfg, vocab_size=VOCAB).eval()  # "trained": a different seed than the export's rebuild
     checkpoint = fake_checkpoint(tmp_path / "run", model, cfg)
@@ -313,9 +314,9 @@ def test_export_plain_and_alpha_mixture(tmp_path: Path) -> None:
             tmp_path / "bad",
             vocab=vocab,
             alpha=0.4,
-            pretrained={"third_pretrained": str(tmp_path / "other.safetensors")},
+            pretrained={"third": str(tmp_path / "other.safetensors")},
         )
-    uu = ModelConfig(image_tower="vit_test", text_tower="bert_test", embed_dim=16)
+    uu = ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test"), embed_dim=16)
     with pytest.raises(ExportError, match="3T"):
         export(
             fake_checkpoint(tmp_path / "uu", build_clip(uu, vocab_size=VOCAB), uu),

@@ -119,8 +119,8 @@ def settings_results(tmp_path_factory: pytest.TempPathFactory, pretrained: dict,
         "--train.log_every=5",
         "--optim.warmup_steps=1",
         "--checkpoint.save_at_end=false",
-        f"--model.image_pretrained={pretrained['image']}",
-        f"--model.text_pretrained={pretrained['text']}",
+        f"--model.image.pretrained={pretrained['image']}",
+        f"--model.text.pretrained={pretrained['text']}",
         "--eval.at_end=false",
     ]
     # The probe drops a *_pretrained path where the case's letter is u (from scratch).
@@ -221,10 +221,10 @@ def test_two_rank_zero3_run_through_the_launcher(setting: str, train, pretrained
     """``deepspeed launch/train.py`` on 2 CPU ranks, ZeRO-3, built-in data: trains, evaluates, saves,
     and the checkpoint records the locked towers' identities."""
     overrides = {
-        "Lu": [f"--model.image_pretrained={pretrained['image']}"],
+        "Lu": [f"--model.image.pretrained={pretrained['image']}"],
         # UU with the real pretrained MiniLM text tower and its own WordPiece vocabulary.
-        "UU": [f"--model.image_pretrained={pretrained['image']}", "--model.text_tower=minilm_l6"],
-        "3T": [f"--model.third_pretrained={pretrained['image']}", "--eval.alphas=0,0.5,1"],
+        "UU": [f"--model.image.pretrained={pretrained['image']}", "--model.text.tower=minilm_l6"],
+        "3T": [f"--model.third.pretrained={pretrained['image']}", "--eval.alphas=0,0.5,1"],
     }[setting]
     launched = train(
         f"--model.setting={setting}",
@@ -301,7 +301,7 @@ def test_precomputed_embeddings_give_the_on_the_fly_trajectory(
     )
     common = [
         "--model.setting=Lu",
-        f"--model.image_pretrained={pretrained['image']}",
+        f"--model.image.pretrained={pretrained['image']}",
         "--train.steps=6",
         "--train.log_every=1",
         "--checkpoint.save_at_end=false",
@@ -354,7 +354,7 @@ def test_embeddings_of_another_tower_are_refused(train, pretrained: dict, tmp_pa
     with pytest.raises(AssertionError) as failure:
         train(
             "--model.setting=Lu",
-            f"--model.image_pretrained={other}",
+            f"--model.image.pretrained={other}",
             f"--data.embeddings={embeddings}",
             f"--data.cache_dir={tmp_path / 'cache'}",
             "--data.builtin_train_samples=200",
@@ -368,11 +368,11 @@ def test_resume_with_a_changed_locked_tower_is_refused(train, pretrained: dict, 
     """The checkpoint records each locked tower's sha256; resuming with another file fails clearly."""
     from tritower.model import build_image_tower
 
-    train("--model.setting=Lu", f"--model.image_pretrained={pretrained['image']}", "--train.steps=3", ranks=1)
+    train("--model.setting=Lu", f"--model.image.pretrained={pretrained['image']}", "--train.steps=3", ranks=1)
     other = tmp_path / "other.safetensors"
     torch.manual_seed(5)
     save_file(build_image_tower("vit_test").vit.state_dict(), str(other))
     with pytest.raises(AssertionError) as failure:
-        train("--model.setting=Lu", f"--model.image_pretrained={other}", "--train.steps=5", "--resume=auto", ranks=1)
+        train("--model.setting=Lu", f"--model.image.pretrained={other}", "--train.steps=5", "--resume=auto", ranks=1)
     message = str(failure.value)
     assert "config error" in message and "locked image_tower" in message and "pass the original file" in message

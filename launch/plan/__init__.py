@@ -5,6 +5,6 @@
 """
 
 from tritower.launch.plan.command import main
-from tritower.launch.plan.planner import SETTINGS, PlanRequest, build_towers, head_parameters, plan, to_json
+from tritower.launch.plan.planner import PlanRequest, build_towers, head_parameters, plan, to_json
 
-__all__ = ["SETTINGS", "PlanRequest", "build_towers", "head_parameters", "main", "plan", "to_json"]
+__all__ = ["PlanRequest", "build_towers", "head_parameters", "main", "plan", "to_json"]

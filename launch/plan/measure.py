@@ -23,7 +23,8 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 from tritower.launch.cli import parse_options
 from tritower.launch.config import ConfigError
@@ -72,12 +73,12 @@ def measure(
     import torch
 
     from tritower.losses import clip_loss
-    from tritower.model import ModelConfig, build_clip, image_tower_spec, text_tower_spec
+    from tritower.model import ModelConfig, TowerConfig, build_clip, image_tower_spec, text_tower_spec
 
     torch.manual_seed(0)
     vocab = 1000
     model = build_clip(
-        ModelConfig(image_tower=image, text_tower=text, embed_dim=embed_dim), vocab_size=vocab
+        ModelConfig(image=TowerConfig(tower=image), text=TowerConfig(tower=text), embed_dim=embed_dim), vocab_size=vocab
     ).train()  # transformers checkpoints in train mode only
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -178,12 +179,14 @@ def measure_deepspeed(
     import deepspeed
 
     from tritower.losses import clip_loss
-    from tritower.model import ModelConfig, build_clip, image_tower_spec, text_tower_spec
+    from tritower.model import ModelConfig, TowerConfig, build_clip, image_tower_spec, text_tower_spec
 
     torch.manual_seed(0)
     gc.collect()
     base = _status_bytes("VmRSS")
-    model = build_clip(ModelConfig(image_tower=image, text_tower=text, embed_dim=embed_dim), vocab_size=vocab).train()
+    model = build_clip(
+        ModelConfig(image=TowerConfig(tower=image), text=TowerConfig(tower=text), embed_dim=embed_dim), vocab_size=vocab
+    ).train()
     zero = {
         "stage": stage,
         "reduce_bucket_size": bucket,
@@ -289,7 +292,7 @@ class MeasureOptions:
     (1, 2 or 3); 0: the forward+backward activations only."""
     vocab: int = 1000
     """Token table rows."""
-    device: str = field(default="cpu", metadata={"choices": ("cpu", "cuda")})
+    device: Literal["cpu", "cuda"] = "cpu"
     """cuda: bf16 model, peak from ``torch.cuda.max_memory_allocated``."""
     checkpointing: str = "off,on"
     """Comma-separated activation-checkpointing modes to measure, in order: off, on."""

@@ -12,6 +12,7 @@ tower's architecture). ``--json`` prints the plan as JSON. Sizes are GiB (2^30 b
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from tritower.launch.plan.activations import (
     TowerShape,
@@ -30,8 +31,8 @@ from tritower.launch.plan.states import (
     model_states,
     tower_parameters,
 )
+from tritower.model.config import SETTINGS
 
-SETTINGS = ("LU", "Lu", "UU", "Uu", "uu", "UL", "uL", "LL", "3T")
 GIB = 2.0**30
 
 
@@ -50,9 +51,9 @@ class PlanRequest:
     """GPUs in the run."""
     gpu_memory: float
     """Memory per GPU, GiB."""
-    setting: str = field(default="uu", metadata={"choices": SETTINGS})
+    setting: Literal[SETTINGS] = "uu"
     """LiT setting (image letter, text letter: L locked, U pretrained-unlocked, u from scratch) or 3T."""
-    precision: str = field(default="bf16", metadata={"choices": ("bf16", "fp16", "fp32")})
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Training precision."""
     gpus_per_node: int = 8
     """GPUs per node: the nodes of DeepSpeed's own estimate (its host-memory figures)."""

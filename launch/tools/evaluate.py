@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from tritower.data import DataConfig, ensure_builtin_data, expand_shards, tokenize
+from tritower.data.atomic import write_json_atomic
 from tritower.data.eval_formats import expected_samples, open_eval_source
 from tritower.data.eval_set import iter_eval_batches
 from tritower.data.samples import BadDataStats
@@ -42,7 +43,6 @@ from tritower.evaluation.features import ProgressReporter
 from tritower.inference import ExportedModel, load_export
 from tritower.launch.cli import parse_options
 from tritower.launch.config import ConfigError
-from tritower.launch.run_io import write_json_atomic
 
 COMMAND = "python -m tritower.launch.tools.evaluate"
 

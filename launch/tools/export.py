@@ -31,7 +31,7 @@ error naming the keys: nothing is exported with random weights.
 Three Towers (setting 3T): by default the export is a plain CLIP, the main towers f and g and
 their heads only (the 3T heads and the third tower are training-time parts). ``--alpha A`` exports
 the alpha mixture instead (``tritower.evaluation.three_towers``): f, g, the 3T heads and the
-third tower h (from ``model.third_pretrained``, checked against the sha256 the run recorded), and
+third tower h (from ``model.third.pretrained``, checked against the sha256 the run recorded), and
 the loaded model's ``similarity`` is exactly A <f(x), g(t)> + (1-A) <h_g(h(x)), g_h(g(t))>.
 """
 
@@ -44,6 +44,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -68,6 +69,7 @@ from tritower.model import (
     trainable_rules,
 )
 from tritower.model.architecture import FORMAT
+from tritower.model.config import migrate_model
 from tritower.model.precision import dtype_of
 from tritower.model.settings import THREE_TOWER_PARAMETERS
 
@@ -125,7 +127,7 @@ def export(
 ) -> dict:
     """Export one checkpoint tag into ``out``; returns the written ``config.json`` as a dict.
 
-    ``vocab`` overrides the run's tokenizer source; ``pretrained`` ({"image_pretrained": path,
+    ``vocab`` overrides the run's tokenizer source; ``pretrained`` ({"image": path,
     ...}) overrides where locked towers' pretrained files are now. ``alpha`` (3T runs only)
     exports the alpha mixture with the third tower instead of the plain CLIP (module docstring).
     ``format="open_clip"`` writes an open_clip ``local-dir:`` folder (``export_open_clip``) and
@@ -142,7 +144,10 @@ def export(
     saved = tensors.client_state.get("config")
     if not saved:
         raise ExportError(f"{folder / tag} carries no training config in its client state")
-    cfg = model_config_from({**saved["model"], **(pretrained or {})})
+    model = migrate_model(saved["model"])
+    for role, moved in (pretrained or {}).items():
+        model[role] = {**model.get(role, {}), "pretrained": moved}
+    cfg = model_config_from(model)
     if alpha is not None and not cfg.parsed.three_towers:
         raise ExportError(f"--alpha applies to Three Towers runs (model.setting=3T) only; this run is {cfg.setting!r}")
     if alpha is not None and not 0.0 <= alpha <= 1.0:
@@ -235,7 +240,7 @@ def write_export(
         state.update({f"third_tower.{k}": v for k, v in tower.state_dict().items()})
         three_towers = {
             "alpha": check_alpha(alpha),
-            "third_tower": cfg.third_tower or cfg.image_tower,
+            "third_tower": cfg.third.tower or cfg.image.tower,
             "third_width": tower.width,
             "third_source": getattr(third_tower, "source", ""),
         }
@@ -246,7 +251,7 @@ def write_export(
     weights = {k: (v.to(target_dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
     # The run's image inputs: model.image.image_size/mean/std overrides included.
-    image_spec, text_spec = cfg.parsed.image_spec, text_tower_spec(cfg.text_tower)
+    image_spec, text_spec = cfg.parsed.image_spec, text_tower_spec(cfg.text.tower)
     pretrained_text = cfg.parsed.text.is_pretrained
     config = {
         "format": FORMAT,
@@ -277,13 +282,13 @@ def write_export(
 
 
 def parse_pretrained(items: list[str]) -> dict[str, str]:
-    """``image=PATH`` / ``text=PATH`` -> {"image_pretrained": PATH, ...}."""
+    """``image=PATH`` / ``text=PATH`` -> {"image": PATH, ...}."""
     result = {}
     for item in items:
         tower, _, path = item.partition("=")
         if tower not in ("image", "text", "third") or not path:
             raise ExportError(f"--pretrained {item!r}: write image=PATH, text=PATH or third=PATH")
-        result[f"{tower}_pretrained"] = path
+        result[tower] = path
     return result
 
 
@@ -297,7 +302,7 @@ class ExportOptions:
     """Output folder."""
     tag: str | None = None
     """Tag to export; None: the folder's ``latest``."""
-    dtype: str = field(default="fp32", metadata={"choices": EXPORT_PRECISIONS})
+    dtype: Literal[EXPORT_PRECISIONS] = "fp32"
     """Precision of the written weights."""
     vocab: str | None = None
     """Tokenizer source, if the run's has moved."""
@@ -306,7 +311,7 @@ class ExportOptions:
     alpha: float | None = None
     """3T runs only: export the alpha mixture of the main towers and the third tower, score =
     A <f, g> + (1-A) <h_g(h), g_h(g)>; None: a plain CLIP (f and g)."""
-    format: str = field(default="native", metadata={"choices": EXPORT_FORMATS})
+    format: Literal[EXPORT_FORMATS] = "native"
     """``native`` (``tritower.inference.load_export``) or ``open_clip`` (a folder for open_clip's
     ``create_model_and_transforms('local-dir:OUT')``)."""
 

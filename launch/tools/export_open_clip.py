@@ -95,13 +95,13 @@ def check_expressible(cfg: ModelConfig, alpha: float | None = None, pooling: str
             "holds one image and one text tower, the mixture needs the third tower h and the 3T heads "
             f"and concatenated features; export without --alpha for the plain CLIP (f, g), or {NATIVE}"
         )
-    image, text = image_tower_spec(cfg.image_tower), text_tower_spec(cfg.text_tower)
+    image, text = image_tower_spec(cfg.image.tower), text_tower_spec(cfg.text.tower)
     if image.timm_class:
         raise OpenClipExportError(
-            f"image tower {cfg.image_tower!r} is built from the class {image.timm_class} directly, not "
+            f"image tower {cfg.image.tower!r} is built from the class {image.timm_class} directly, not "
             "from a timm registry name, and open_clip's TimmModel builds registry names only; " + NATIVE
         )
-    pooling = pooling or cfg.text_pooling or text.pooling
+    pooling = pooling or cfg.text.pooling or text.pooling
     if text.arch in HF_MODEL_TYPE:
         if pooling not in HF_POOLERS:
             raise OpenClipExportError(
@@ -325,7 +325,7 @@ def write_open_clip(
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     # The run's image inputs: model.image.image_size/mean/std overrides included.
-    image_spec, text_spec = cfg.parsed.image_spec, text_tower_spec(cfg.text_tower)
+    image_spec, text_spec = cfg.parsed.image_spec, text_tower_spec(cfg.text.tower)
     context_length = text_spec.context_length
     tokenizer = build_text_tokenizer(vocab_source)
     vision_cfg = _image_cfg(model, image_spec, out)

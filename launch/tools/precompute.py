@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -45,11 +45,15 @@ from tritower.data.embeddings import (
 from tritower.data.samples import BadDataStats, decode_image, image_field, read_shard
 from tritower.data.shards import expand_shards, load_shard_sizes
 from tritower.data.transforms import TrainTransform, view_rng
-from tritower.launch.cli import apply_override, parse_options
-from tritower.launch.config import ConfigError
+from tritower.launch.cli import parse, parse_options
+from tritower.launch.config import ConfigError, TrainConfig
 from tritower.model.precision import PRECISIONS, autocast_dtype
 
 STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
+
+
+COMMAND = "python -m tritower.launch.tools.precompute"
+FORWARD_DTYPES, STORED_DTYPES = tuple(sorted(PRECISIONS)), tuple(sorted(STORE_DTYPES))
 
 
 @dataclass
@@ -59,7 +63,7 @@ class PrecomputeConfig:
     tower: str
     """Image tower name from the registry (the locked tower, or the 3T third tower)."""
     checkpoint: str
-    """Its local weights file (as ``model.image_pretrained`` / ``model.third_pretrained``)."""
+    """Its local weights file (as ``model.image.pretrained`` / ``model.third.pretrained``)."""
     shards: str
     """Training shards: as ``data.train_shards`` (brace pattern, ``.txt`` list, ``::`` sources)
     or ``builtin`` for the built-in scenes of ``experiment``."""
@@ -75,9 +79,9 @@ class PrecomputeConfig:
     """Images (sample views) per forward pass."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Where the tower runs."""
-    dtype: str = field(default="fp32", metadata={"choices": sorted(PRECISIONS)})
+    dtype: Literal[FORWARD_DTYPES] = "fp32"
     """Precision of the forward pass: fp32, or bf16 / fp16 autocast."""
-    store_dtype: str = field(default="fp16", metadata={"choices": sorted(STORE_DTYPES)})
+    store_dtype: Literal[STORED_DTYPES] = "fp16"
     """Storage of the embeddings: fp16 (half the bytes) or fp32 (exact)."""
     num_workers: int = 2
     """Processes reading, decoding and cropping; 0 reads in the main process."""
@@ -166,9 +170,8 @@ def experiment_data(cfg: PrecomputeConfig) -> DataConfig:
     """``cfg.experiment``'s data section with the ``--data.FIELD=VALUE`` overrides, checked."""
     from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
 
-    train = get_experiment(cfg.experiment or DEFAULT_EXPERIMENT)
-    for key, value in cfg.data_overrides:
-        apply_override(train, key, value)
+    overrides = [f"--{key}={value}" for key, value in cfg.data_overrides]
+    train = parse(TrainConfig, overrides, default=get_experiment(cfg.experiment or DEFAULT_EXPERIMENT), prog=COMMAND)
     try:
         train.data.__post_init__()
     except ValueError as error:
@@ -321,7 +324,7 @@ def parse_args(argv: list[str] | None) -> PrecomputeConfig:
     cfg = parse_options(
         PrecomputeConfig,
         argv,
-        command="python -m tritower.launch.tools.precompute",
+        command=COMMAND,
         example="--tower vit_scene_tiny --checkpoint runs/pretrain_image/image_tower.safetensors "
         "--shards builtin --out runs/emb",
         sections={"data": "data_overrides"},

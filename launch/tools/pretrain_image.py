@@ -12,8 +12,8 @@ from the start, the tower learned colour and hardly any shape (33.7% held-out, d
 
 Writes ``<out>/image_tower.safetensors`` (the timm module's weights plus ``head.*``, the
 classifier, which the loader drops) and ``<out>/image_tower.json`` naming the registry tower;
-then train with ``--model.setting=Lu --model.image_tower=<tower>
---model.image_pretrained=<out>/image_tower.safetensors``.
+then train with ``--model.setting=Lu --model.image.tower=<tower>
+--model.image.pretrained=<out>/image_tower.safetensors``.
 
 Plain PyTorch in one process (no DeepSpeed): it is a small tool for small towers.
 """
@@ -272,7 +272,7 @@ def _save(cfg: PretrainImageConfig, tower: nn.Module, classifier: nn.Linear, num
 
 def parse_args(argv: list[str]) -> PretrainImageConfig:
     """``--field=value`` / ``--data.field=value`` overrides of PretrainImageConfig (``launch/cli.py``)."""
-    cfg = parse_overrides(PretrainImageConfig(), argv)
+    cfg = parse_overrides(PretrainImageConfig(), argv, prog="python -m tritower.launch.tools.pretrain_image")
     try:
         cfg.data.__post_init__()  # re-validate after overrides
     except ValueError as error:

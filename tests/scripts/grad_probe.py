@@ -62,8 +62,8 @@ def main() -> None:
         micro_size = int(micro_size or 0)
         towers_args = {
             "": [],
-            "Lu": ["--model.setting=Lu", f"--model.image_pretrained={checkpoint}"],
-            "3T": ["--model.setting=3T", f"--model.third_pretrained={checkpoint}"],
+            "Lu": ["--model.setting=Lu", f"--model.image.pretrained={checkpoint}"],
+            "3T": ["--model.setting=3T", f"--model.third.pretrained={checkpoint}"],
         }[setting]
         cfg = load_config(
             [

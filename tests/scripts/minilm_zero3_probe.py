@@ -43,7 +43,7 @@ def main() -> None:
             "clip_test",
             "--zero",
             options.zero,
-            "--model.text_tower=minilm_l6",
+            "--model.text.tower=minilm_l6",
             "--model.setting=uU",
             "--data.batch_size=4",
         ]

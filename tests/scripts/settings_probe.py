@@ -69,8 +69,8 @@ def main() -> None:
         common = [
             arg
             for arg in options.common
-            if not (arg.startswith("--model.image_pretrained") and letters.image == "u")
-            and not (arg.startswith("--model.text_pretrained") and letters.text == "u")
+            if not (arg.startswith("--model.image.pretrained") and letters.image == "u")
+            and not (arg.startswith("--model.text.pretrained") and letters.text == "u")
         ]
         cfg = load_config(
             [*common, f"--model.setting={setting}", f"--train.run_name={name}", *[f"--{field}" for field in fields]]
@@ -80,7 +80,7 @@ def main() -> None:
         in_engine = {n for n, _ in trainer.engine.module.named_parameters()}
         requires_grad = {n for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
         record = {"groups": {}, "table": trainer.towers.table}
-        delay = cfg.model.image_unlock_after_steps
+        delay = cfg.model.image.unlock_after_steps
         if delay:
             # Train up to the unlock step, record what changed, then go on to the end.
             steps, cfg.train.steps = cfg.train.steps, delay
