@@ -155,7 +155,7 @@ def test_train_script_rejects_typo_before_starting() -> None:
         timeout=120,
     )
     assert result.returncode == 2
-    assert "did you mean 'optim.lr'" in result.stderr
+    assert "did you mean --optim.lr?" in result.stderr
     assert "Traceback" not in result.stderr
 
 
