@@ -7,7 +7,23 @@ folders import as ``tritower.launch``, ``tritower.model``, ... and no top-level 
 
 from setuptools import setup
 
-SUBPACKAGES = ["launch", "launch.plan", "launch.tools", "model", "data", "losses", "evaluation", "inference"]
+SUBPACKAGES = [
+    "launch",
+    "launch.checkpoint",
+    "launch.engine",
+    "launch.lifecycle",
+    "launch.loop",
+    "launch.metrics",
+    "launch.optim",
+    "launch.towers",
+    "launch.plan",
+    "launch.tools",
+    "model",
+    "data",
+    "losses",
+    "evaluation",
+    "inference",
+]
 
 setup(
     name="tritower",

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from tritower.launch.console import matmul_gflops  # the machine's reference rate, as every run prints it
+from tritower.launch.metrics.console import matmul_gflops  # the machine's reference rate, as every run prints it
 
 
 def generate(root: Path, images: int, classes: int, size: int = 224, per_shard: int = 5000) -> float:

@@ -40,10 +40,10 @@ import torch
 from tower_settings import _release_heap, _status_kb
 
 from tritower.launch.cli import load_config
-from tritower.launch.dist_env import from_environ
-from tritower.launch.engine import build_engine, init_distributed
-from tritower.launch.gradcache import gradcache_backward, split_batch
-from tritower.launch.model_setup import TowerInputs, build_towers
+from tritower.launch.engine.engine import build_engine, init_distributed
+from tritower.launch.engine.gradcache import gradcache_backward, split_batch
+from tritower.launch.lifecycle.dist_env import from_environ
+from tritower.launch.towers.model_setup import TowerInputs, build_towers
 from tritower.losses import build_objective
 from tritower.model import image_tower_spec, text_tower_spec
 

@@ -297,11 +297,10 @@ def train_in_process(argv: list[str]) -> dict:
     process group of the study's first run lives on (DeepSpeed keeps its groups for the
     process's life) and holds that port. Returns the trainer's final metrics."""
     from tritower.launch.cli import load_config
-    from tritower.launch.console import setup_console
-    from tritower.launch.dist_env import from_environ
-    from tritower.launch.ds_config import build_ds_config
-    from tritower.launch.run_setup import check_zero_policy
-    from tritower.launch.trainer import run
+    from tritower.launch.engine.ds_config import build_ds_config, check_zero_policy
+    from tritower.launch.lifecycle.dist_env import from_environ
+    from tritower.launch.loop.trainer import run
+    from tritower.launch.metrics.console import setup_console
 
     cfg = load_config(argv)
     setup_console(cfg)
@@ -334,7 +333,7 @@ def run_one(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache:
 
 def _gflops() -> float:
     """The machine's reference rate now (1024x1024 float32 matmul, this process's threads)."""
-    from tritower.launch.console import matmul_gflops
+    from tritower.launch.metrics.console import matmul_gflops
 
     return matmul_gflops(repeats=5)
 

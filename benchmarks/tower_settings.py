@@ -5,7 +5,7 @@ embeddings, 3T and 3T with precomputed third-tower embeddings, next to the FLOP 
     python benchmarks/tower_settings.py --device cuda --precision bf16 --image-tower \\
         vit_base_patch16_224 --text-tower bert_base --vocab-size 30522 --batch 128 --out gpu.json
 
-Every setting is built as the trainer builds it (``launch/model_setup.py``: ``build_towers`` with the
+Every setting is built as the trainer builds it (``launch/towers/model_setup.py``: ``build_towers`` with the
 regex lock rules, ``split_locked`` and the per-tower parameter groups) from the same towers and
 one fixed batch, and stepped with ``torch.optim.AdamW`` over its groups, single process, no
 DeepSpeed. A step: the locked towers encode under inference mode (``TowerInputs``, as in the
@@ -54,8 +54,9 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from tritower.data.config import DataConfig
-from tritower.launch.config import DeepSpeedConfig, TrainConfig
-from tritower.launch.model_setup import TowerInputs, build_towers
+from tritower.launch.config import TrainConfig
+from tritower.launch.engine.config import DeepSpeedConfig
+from tritower.launch.towers.model_setup import TowerInputs, build_towers
 from tritower.losses import LossConfig, build_objective
 from tritower.model import (
     LockedTower,

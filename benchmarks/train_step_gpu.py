@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tritower.launch.cli import load_config
-from tritower.launch.gradcache import gradcache_backward, split_batch
+from tritower.launch.engine.gradcache import gradcache_backward, split_batch
 from tritower.model import build_image_tower, image_tower_spec, text_tower_spec
 from tritower.model.precision import dtype_of
 
@@ -167,8 +167,8 @@ def config(ctx: object, experiment: str, towers: tuple[str, str], *overrides: st
 
 def build(ctx: object, cfg: object) -> tuple:
     """(engine, towers, TowerInputs, objective, kernel report) as the trainer builds them."""
-    from tritower.launch.engine import build_engine, init_distributed
-    from tritower.launch.model_setup import TowerInputs, build_towers
+    from tritower.launch.engine.engine import build_engine, init_distributed
+    from tritower.launch.towers.model_setup import TowerInputs, build_towers
     from tritower.losses import build_objective
 
     init_distributed()

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from tritower.data.config import DataConfig
 from tritower.evaluation.config import EvalConfig
+from tritower.launch.checkpoint.config import CheckpointConfig
+from tritower.launch.engine.config import DeepSpeedConfig
+from tritower.launch.loop.config import TrainLoopConfig
+from tritower.launch.metrics.config import LogConfig, WandbConfig
+from tritower.launch.optim.config import OptimConfig
 from tritower.losses.config import LossConfig
 from tritower.model.config import ModelConfig
 
@@ -27,140 +33,6 @@ def closest(name: str, options: list[str]) -> str:
     """`` (did you mean 'X'?)`` for the option closest to a misspelt ``name``; "" for none."""
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
     return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-@dataclass
-class OptimConfig:
-    """The optimizer (AdamW, LAMB or Adafactor) and its learning-rate schedule (linear warm-up,
-    then cosine, linear, constant or rsqrt, then an optional cooldown); see launch/optimizers.py."""
-
-    name: Literal["adamw", "lamb", "adafactor"] = "adamw"
-    """``adamw`` (CLIP), ``lamb`` (EVA-CLIP; DeepSpeed's FusedLamb on CUDA, timm's Lamb elsewhere)
-    or ``adafactor`` (LiT, big_vision: transformers' Adafactor with momentum ``beta1``)."""
-    schedule: Literal["cosine", "linear", "constant", "rsqrt"] = "cosine"
-    """After warm-up: ``cosine`` or ``linear`` decay to ``lr * min_lr_ratio``, ``constant``, or
-    ``rsqrt`` (``1/sqrt(1 + t/rsqrt_timescale)``). AdamW + cosine without cooldown is DeepSpeed's
-    WarmupCosineLR; every other combination a torch LambdaLR passed to the engine."""
-    cooldown_steps: int = 0
-    """Linear cooldown of the learning rate to 0 over the last N steps (0: none)."""
-    rsqrt_timescale: int = 0
-    """``schedule=rsqrt``: steps after warm-up at which the rate is 1/sqrt(2) of the peak; 0 =
-    ``warmup_steps``."""
-    adafactor_clip_threshold: float = 1.0
-    """``name=adafactor``: update clipping (RMS of an update capped at this; 0 disables)."""
-    lr: float = 5e-4
-    """Peak learning rate, reached at the end of warm-up."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay on matrices; biases, norms and the temperature get none."""
-    beta1: float = 0.9
-    """AdamW/LAMB beta1; Adafactor's momentum (0: none)."""
-    beta2: float = 0.98
-    """AdamW/LAMB beta2 (0.98 as in CLIP, for stability at large batch); Adafactor ignores it
-    (its second-moment decay is 1 - t^-0.8)."""
-    eps: float = 1e-6
-    """AdamW/LAMB epsilon."""
-    warmup_steps: int = 30
-    """Steps of linear warm-up from 0 to ``lr``."""
-    min_lr_ratio: float = 0.0
-    """Cosine decay ends at ``lr * min_lr_ratio``."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clipping (0 disables)."""
-    unlock_warmup_steps: int = 0
-    """Delayed unlocking (``model.*_unlock_after_steps``): steps of the unlocked tower's own linear
-    learning-rate warm-up from 0, starting at its unlock step; 0 = ``warmup_steps``."""
-
-
-@dataclass
-class TrainLoopConfig:
-    """Length of the run, seeding and progress output."""
-
-    steps: int = 200
-    """Optimizer steps in the run."""
-    seed: int = 0
-    """Seed for model initialisation, data order and augmentation."""
-    max_nonfinite_in_row: int = 5
-    """A NaN/Inf loss skips its step and is counted; this many in a row checkpoint and stop."""
-    micro_batch_size: int = 0
-    """Per-rank micro-batch for exact accumulation (GradCache): each rank's share of
-    ``data.batch_size`` is encoded in pieces of this size, keeping every negative of the global
-    batch at the activation memory of one piece. 0 = the whole per-rank batch at once."""
-    coalesce_grad_reduction: bool = False
-    """With GradCache micro-batches under ZeRO-2/3: keep each micro-batch's gradients on the rank
-    and reduce-scatter them once per optimizer step (DeepSpeed's ``engine.coalesce_grad_reduction``,
-    0.19.1+) instead of at every micro-batch's backward. M times fewer gradient bytes on the wire
-    for one unpartitioned gradient copy per rank, and the one reduction no longer overlaps the
-    backward; see docs/gpu.md for the measurement and the default. Ignored where it changes
-    nothing (ZeRO-0/1 reduce once per step already) or where DeepSpeed does not support it."""
-    log_every: int = 10
-    """Print a progress line (and log to wandb) every N steps."""
-    output_dir: str = "runs"
-    """Parent folder of run folders."""
-    run_name: str = ""
-    """Run folder name under ``output_dir`` ("" = experiment name)."""
-    compile: Literal["", "inductor", "aot_eager", "eager"] = ""
-    """``torch.compile`` the towers in the engine (``nn.Module.compile``: parameter names and
-    checkpoints unchanged) with this backend: ``inductor`` (kernels; minutes of compilation on a
-    CPU), ``aot_eager`` or ``eager`` (graph capture only, for checking); "" = off."""
-
-
-@dataclass
-class DeepSpeedConfig:
-    """Which ZeRO policy file to use and the numeric precision of training."""
-
-    zero: str = "zero_configs/z3.json"
-    """ZeRO/precision policy JSON (``--zero`` on the command line). Relative paths are tried
-    from the working directory, then from the installed package."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """``fp32``, ``bf16`` or ``fp16`` (fp16 uses dynamic loss scaling; GPUs only)."""
-    use_apex: bool = True
-    """Use NVIDIA apex's fused LayerNorm where apex is installed and the run is on CUDA."""
-
-
-@dataclass
-class CheckpointConfig:
-    """Saving and loading DeepSpeed checkpoints."""
-
-    save_at_end: bool = True
-    """Write a checkpoint (all ranks, through the engine) after the last step."""
-    every_steps: int = 0
-    """Also checkpoint every N optimizer steps (0: off)."""
-    every_minutes: float = 0.0
-    """Also checkpoint when this many minutes passed since the last one (0: off); rank 0's clock
-    decides for all ranks."""
-    keep_last: int = 3
-    """Keep the newest K checkpoints; older ones are deleted unless marked keep (0: keep all)."""
-    keep_every_steps: int = 0
-    """Mark checkpoints at multiples of N steps as keep: never deleted (0: none)."""
-    resume: str = ""
-    """``--resume auto``: continue from this run's ``latest`` (or start fresh when there is none);
-    ``--resume PATH``: a run's ``checkpoints`` folder (its ``latest``) or one step folder in it."""
-
-
-@dataclass
-class WandbConfig:
-    """Weights & Biases logging (global rank 0 only)."""
-
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    """``online``, ``offline`` (local run files, no network needed) or ``disabled``."""
-    project: str = "tritower"
-    """wandb project."""
-    entity: str = ""
-    """wandb entity (team or user); "" = the default."""
-
-
-@dataclass
-class LogConfig:
-    """Local logs beside wandb, through DeepSpeed's own monitors (global rank 0 writes them)."""
-
-    tensorboard: bool = False
-    """Write TensorBoard event files to ``<run folder>/tensorboard/`` (``tensorboard --logdir runs``):
-    the ``train/`` values of every logged step, and DeepSpeed's ``Train/Samples/lr`` every step."""
-    csv: bool = False
-    """Write the same values as CSV files, one per value, to ``<run folder>/csv/``."""
-    curves: bool = True
-    """At the end of a run, draw its curves (loss, learning rate, logit scale, each eval metric
-    against step) from ``train_log.jsonl`` to ``<run folder>/curves.png`` (``launch/tools/report.py``;
-    global rank 0; a failure to draw is a warning, never a failed run)."""
 
 
 @dataclass
@@ -223,6 +95,18 @@ def validate(cfg: TrainConfig) -> None:
             f"exceed train.steps={cfg.train.steps}"
         )
     _validate_three_towers(cfg)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """The run folder's name: ``train.run_name``, else one per wandb sweep run, else the experiment.
+
+    Under a sweep agent every run gets its own folder (named after ``WANDB_RUN_ID``, which the agent
+    sets for each process), so runs never resume from each other's checkpoints.
+    """
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    sweep_run = os.environ.get("WANDB_RUN_ID")
+    return f"{cfg.experiment}-{sweep_run}" if sweep_run else cfg.experiment
 
 
 def _closed_fields(section: object, prefix: str = "") -> list[tuple[str, object, tuple]]:

@@ -168,7 +168,7 @@ def lit_vitg14_bert_large() -> TrainConfig:
 
     The locked tower takes no optimizer state, so its embeddings can also come precomputed
     (``launch/tools/precompute.py``, ``--data.embeddings``). Under ZeRO-2/3 Adafactor keeps an
-    unfactored second moment of each flat partition (launch/optimizers.py): ZeRO-0/1 memory if
+    unfactored second moment of each flat partition (launch/optim/optimizers.py): ZeRO-0/1 memory if
     the factored form matters. The paper's longest runs saw 18B image-text pairs; 60k steps of
     32k (2B pairs) is the starting point here.
     """

@@ -16,9 +16,9 @@ from tritower.data.embeddings import EmbeddingsError
 from tritower.data.samples import DataQualityError
 from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
-from tritower.launch.dist_env import check_master_port, from_environ
-from tritower.launch.ds_config import build_ds_config
-from tritower.launch.preemption import (
+from tritower.launch.engine.ds_config import build_ds_config
+from tritower.launch.lifecycle.dist_env import check_master_port, from_environ
+from tritower.launch.lifecycle.preemption import (
     CONFIG_EXIT_CODE,
     Preempted,
     exit_rank,
@@ -35,16 +35,16 @@ def main(argv: list[str]) -> int:
     env = from_environ()
     try:
         cfg = load_config(argv)
-        from tritower.launch.console import setup_console  # library noise off; say what the start costs
+        from tritower.launch.metrics.console import setup_console  # library noise off; say what the start costs
 
         setup_console(cfg)
         # Fill the ZeRO policy now, so a wrong JSON fails before data or towers are built.
-        from tritower.launch.run_setup import check_zero_policy
+        from tritower.launch.engine.ds_config import check_zero_policy
 
         check_zero_policy(build_ds_config(cfg, env.world_size), cfg.deepspeed.zero)
         check_master_port()
-        from tritower.launch.engine import meet_all_ranks
-        from tritower.launch.trainer import run
+        from tritower.launch.engine.engine import meet_all_ranks
+        from tritower.launch.loop.trainer import run
 
         run(cfg)
         meet_all_ranks()
@@ -76,5 +76,5 @@ if __name__ == "__main__":
         code = 130
     except BaseException:
         traceback.print_exc()
-    record_exit(code)  # for launch/supervise.py, where the launchers lose it
+    record_exit(code)  # for launch/lifecycle/supervise.py, where the launchers lose it
     exit_rank(code)

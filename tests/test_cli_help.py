@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from tritower.launch.cli import load_config, parse_options
-from tritower.launch.config import ConfigError, OptimConfig, TrainLoopConfig
+from tritower.launch.config import ConfigError
 from tritower.launch.experiments import get_experiment
+from tritower.launch.loop.config import TrainLoopConfig
+from tritower.launch.optim.config import OptimConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import yaml
 from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
 from tritower.launch.config_file import write_config_file
-from tritower.launch.ds_config import build_ds_config
+from tritower.launch.engine.ds_config import build_ds_config
 from tritower.launch.experiments import EXPERIMENTS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ and a setup error is printed once per job, by whichever rank can say it.
 Two real gloo ranks (plain processes, a TCP store) each hold a data loader whose worker ignores
 SIGTERM (as the trainer's do), register an atexit handler, print without a newline and leave
 through ``exit_rank``: the code each returns, the handlers' files and the unflushed text are what
-the trainer's launcher and ``launch/supervise.py`` depend on, and neither may hang on its worker.
+the trainer's launcher and ``launch/lifecycle/supervise.py`` depend on, and neither may hang on its worker.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tritower.data.webdataset import _outlive_sigterm
-from tritower.launch.preemption import exit_rank
+from tritower.launch.lifecycle.preemption import exit_rank
 
 rank, folder, code = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -59,7 +59,7 @@ def test_exit_rank_keeps_code_handlers_and_output(tmp_path: Path) -> None:
 
 
 def test_a_setup_error_is_said_by_rank_0_at_once_and_by_another_rank_after_a_wait(capsys, monkeypatch) -> None:
-    from tritower.launch import preemption
+    from tritower.launch.lifecycle import preemption
 
     waits = []
     monkeypatch.setattr(preemption.time, "sleep", waits.append)

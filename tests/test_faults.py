@@ -43,8 +43,8 @@ def _start(
 ) -> subprocess.Popen:
     deepspeed = Path(sys.executable).parent / "deepspeed"
     command = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN)]
-    if supervised:  # the user-facing command that exits 75 (launch/supervise.py)
-        command = [sys.executable, "-m", "tritower.launch.supervise", *command]
+    if supervised:  # the user-facing command that exits 75 (launch/lifecycle/supervise.py)
+        command = [sys.executable, "-m", "tritower.launch.lifecycle.supervise", *command]
     command += [*COMMON, f"--data.cache_dir={cache}", f"--train.output_dir={out}", *args]
     environment = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     environment |= {"OMP_NUM_THREADS": "1", **(env or {})}
@@ -214,7 +214,7 @@ def _children(pid: int) -> list[int]:
 
 
 # The user-facing command's exit status: DeepSpeed's own for signals to its processes (what each
-# does is in launch/supervise.py), 75 through launch/supervise.py. A launcher answers SIGTERM and
+# does is in launch/lifecycle/supervise.py), 75 through launch/lifecycle/supervise.py. A launcher answers SIGTERM and
 # SIGINT by exiting 1 and dies of SIGUSR1, upon which the command reports 0 (it passes only
 # positive codes on); the command dies of SIGTERM/SIGUSR1 and ends SIGINT with a KeyboardInterrupt.
 @pytest.mark.parametrize(

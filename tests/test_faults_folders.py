@@ -2,7 +2,7 @@
 pruning spares the tag just written and the one ``latest`` names, manifests make ``--resume auto``
 fall back past an incomplete tag, the run-folder lock names its holder and a stale one is taken
 over, ``wandb.mode=online`` without a key fails before anything is built, resume settings are
-checked from the manifest (item 7), and ``launch/supervise.py`` reports the ranks' exit code."""
+checked from the manifest (item 7), and ``launch/lifecycle/supervise.py`` reports the ranks' exit code."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tritower.launch.checkpointer import check_manifest, data_identity, pick_resume, prune, write_manifest
+from tritower.launch.checkpoint.checkpointer import check_manifest, data_identity, pick_resume, prune, write_manifest
 from tritower.launch.experiments import get_experiment
-from tritower.launch.run_io import RunLock, check_wandb_login
-from tritower.launch.supervise import ranks_exit_code
+from tritower.launch.lifecycle.supervise import ranks_exit_code
+from tritower.launch.metrics.run_io import RunLock, check_wandb_login
 
 
 def _tag(folder: Path, step: int, *, manifest: bool = True, world_size: int = 2) -> Path:
@@ -121,7 +121,7 @@ def test_wandb_online_without_a_key_fails_naming_the_fix(tmp_path: Path, monkeyp
 
 def test_a_busy_master_port_fails_at_once_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from tritower.launch.config import ConfigError
-    from tritower.launch.dist_env import check_master_port
+    from tritower.launch.lifecycle.dist_env import check_master_port
 
     with socket.socket() as holder:
         holder.bind(("", 0))
@@ -151,7 +151,7 @@ def test_a_busy_master_port_fails_at_once_naming_it(monkeypatch: pytest.MonkeyPa
 def test_an_unwritable_checkpoint_folder_and_a_reused_folder_fail_naming_the_fix(tmp_path: Path) -> None:
     from tritower.launch.config import ConfigError
     from tritower.launch.experiments import clip_test
-    from tritower.launch.run_setup import _check_run_folder
+    from tritower.launch.loop.run_setup import _check_run_folder
 
     cfg = clip_test()
     (tmp_path / "file").write_text("")  # runs as root here: a path under a file is what cannot be written

@@ -120,7 +120,7 @@ def test_comparisons_and_targets_arithmetic() -> None:
 
 
 def test_cuda_gets_torch_fused_adamw_unless_the_policy_chooses() -> None:
-    from tritower.launch.engine import _prefer_fused_adamw
+    from tritower.launch.engine.engine import _prefer_fused_adamw
 
     def policy(**params: object) -> dict:
         return {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, **params}}, "zero_optimization": {"stage": 3}}

@@ -8,7 +8,11 @@ The rules (docs/architecture.md):
 - ``data/`` imports nothing from ``model/``, ``losses/``, ``evaluation/``, ``launch/``, ``inference/``;
 - ``evaluation/`` imports nothing from ``launch/`` or ``inference/``;
 - ``inference/`` (what joins model and data for users) imports nothing from ``launch/``;
-- none of the library folders (model, losses, data, evaluation, inference) imports DeepSpeed.
+- none of the library folders (model, losses, data, evaluation, inference) imports DeepSpeed;
+- inside ``launch/``, the components (``optim``, ``checkpoint``, ``metrics``, ``engine``,
+  ``lifecycle``, ``towers``) import no tool (``launch/tools/``), nor the planner
+  (``launch/plan/``), nor the app above them (the loop, ``cli``, ``experiments``, ``train``);
+  tools and the planner import components, never the reverse.
 """
 
 from __future__ import annotations
@@ -105,6 +109,29 @@ def test_imports_follow_the_layers():
             elif folder(target) in FORBIDDEN.get(source, set()):
                 breaches.append(f"{where}: {source}/ imports {target}")
     assert not breaches, "layer breaches:\n" + "\n".join(sorted(set(breaches)))
+
+
+COMPONENTS = {"optim", "checkpoint", "metrics", "engine", "lifecycle", "towers"}
+ABOVE_COMPONENTS = ("tritower.launch.tools", "tritower.launch.plan", "tritower.launch.loop",
+                    "tritower.launch.cli", "tritower.launch.experiments", "tritower.launch.train")  # fmt: skip
+
+
+def component(module: str) -> str:
+    """``optim`` for ``tritower.launch.optim.schedule``; "" outside the components."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[1] == "launch" and parts[2] in COMPONENTS else ""
+
+
+def test_components_import_nothing_above_them():
+    modules, edges = graph()
+    breaches = [
+        f"{modules[name].relative_to(REPO)}:{line}: {name} imports {target}"
+        for name, targets in edges.items()
+        if component(name)
+        for target, line in targets
+        if target.startswith(ABOVE_COMPONENTS)
+    ]
+    assert not breaches, "component breaches:\n" + "\n".join(sorted(breaches))
 
 
 def test_no_import_cycles_between_modules():

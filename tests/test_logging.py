@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from tritower.launch.cli import load_config
-from tritower.launch.console import matmul_gflops, quiet_libraries, speed_line
-from tritower.launch.engine import add_monitors
+from tritower.launch.metrics.console import matmul_gflops, quiet_libraries, speed_line
+from tritower.launch.metrics.monitors import add_monitors
 
 
 def test_noise_is_filtered_and_other_warnings_are_not() -> None:

@@ -9,9 +9,10 @@ import math
 import pytest
 
 from tritower.launch.cli import load_config
-from tritower.launch.config import ConfigError, OptimConfig
-from tritower.launch.ds_config import build_ds_config
-from tritower.launch.optimizers import deepspeed_schedule, lr_factor
+from tritower.launch.config import ConfigError
+from tritower.launch.engine.ds_config import build_ds_config
+from tritower.launch.optim.config import OptimConfig
+from tritower.launch.optim.optimizers import deepspeed_schedule, lr_factor
 
 
 def _opt(**fields) -> OptimConfig:
@@ -90,7 +91,7 @@ def test_policy_for_client_optimizers_and_schedules(
 def test_cuda_fused_adamw_preference_leaves_lamb_and_client_optimizers_alone() -> None:
     import torch
 
-    from tritower.launch.engine import _prefer_fused_adamw
+    from tritower.launch.engine.engine import _prefer_fused_adamw
 
     cuda = torch.device("cuda")
     lamb = _prefer_fused_adamw(build_ds_config(load_config(["--optim.name=lamb"]), 2, "cuda"), cuda)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tritower.launch.cli import load_config
-from tritower.launch.model_setup import build_towers, compile_towers
+from tritower.launch.towers.model_setup import build_towers, compile_towers
 from tritower.model import build_image_tower
 
 

@@ -225,7 +225,7 @@ def test_pretrained_problems_are_one_config_error_before_the_engine(tmp_path: Pa
     from rank 0 (exit 2); a missing path stays FileNotFoundError, which it prints the same way."""
     from tritower.launch.cli import load_config
     from tritower.launch.config import ConfigError
-    from tritower.launch.model_setup import build_towers
+    from tritower.launch.towers.model_setup import build_towers
 
     wide = tmp_path / "wide.safetensors"
     save_file(build_image_tower("vit_scene_tiny").vit.state_dict(), str(wide))

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tritower.launch.progress import eval_record, step_record
-from tritower.launch.run_io import write_curves
-from tritower.launch.tools.report import curves_figure, draw_curves, main
+from tritower.launch.metrics.curves import curves_figure, draw_curves
+from tritower.launch.metrics.progress import eval_record, step_record
+from tritower.launch.metrics.run_io import write_curves
+from tritower.launch.tools.report import main
 
 # From a real run's train_log.jsonl (steps 2-8; the eval metrics of step 8 shortened to four),
 # then a NaN step the trainer skipped, a delayed unlock, and a resume that logged step 8 again.

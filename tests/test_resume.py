@@ -133,7 +133,7 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path: Path, d
 
 
 def test_sigusr1_checkpoints_and_exits_with_requeue_code(tmp_path: Path, data_cache: Path) -> None:
-    from tritower.launch.preemption import REQUEUE_EXIT_CODE
+    from tritower.launch.lifecycle.preemption import REQUEUE_EXIT_CODE
 
     run = tmp_path / "runs" / "run"
     process = _launch(["--train.steps=400", "--train.run_name=run"], data_cache, tmp_path / "runs")
@@ -161,7 +161,7 @@ def test_nonfinite_losses_are_skipped_counted_then_stop_without_a_checkpoint(tmp
         "--checkpoint.every_steps=0",
     ]
     code, output = _finish(_launch(args, data_cache, tmp_path / "runs"))
-    assert code == 3, output[-3000:]  # tritower.launch.preemption.DIVERGED_EXIT_CODE
+    assert code == 3, output[-3000:]  # tritower.launch.lifecycle.preemption.DIVERGED_EXIT_CODE
     assert "non-finite" in output and "3 in a row" in output
     assert "3 non-finite losses in a row" in output and "Traceback" not in output
     # No checkpoint is written inside a non-finite streak; none was written before it either.

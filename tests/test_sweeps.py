@@ -30,7 +30,7 @@ from launching import REPO, Run, free_port
 
 from tritower.launch.cli import ALIASES, load_config
 from tritower.launch.config import TrainConfig
-from tritower.launch.ds_config import build_ds_config
+from tritower.launch.engine.ds_config import build_ds_config
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 COMMAND = ["deepspeed", "launch/train.py", "--zero", "zero_configs/z3.json", "${args}"]

@@ -106,8 +106,8 @@ def test_mean_std_override_reaches_the_training_batches(data_cache: Path) -> Non
     """A training batch of the built-in scenes, normalised with the override: undoing exactly that
     normalisation gives whole 8-bit pixel values, undoing the tower's own (0.5, 0.5) does not."""
     from tritower.data import build_text_tokenizer
-    from tritower.launch.dist_env import DistEnv
-    from tritower.launch.run_setup import build_loaders, resolve_data
+    from tritower.launch.lifecycle.dist_env import DistEnv
+    from tritower.launch.loop.run_setup import build_loaders, resolve_data
 
     cfg = load_config(
         ["--experiment=clip_test", f"--data.cache_dir={data_cache}", "--model.image.mean=0.2,0.3,0.4",

@@ -11,7 +11,7 @@ mkdir -p logs
 
 RUN_NAME="${RUN_NAME:-${SLURM_JOB_NAME:-tritower}}"
 ZERO="${ZERO:-zero_configs/z3.json}"
-REQUEUE_EXIT_CODE=75  # tritower.launch.preemption.REQUEUE_EXIT_CODE
+REQUEUE_EXIT_CODE=75  # tritower.launch.lifecycle.preemption.REQUEUE_EXIT_CODE
 
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"

@@ -48,7 +48,7 @@ from typing import Literal
 
 import torch
 
-from tritower.launch.checkpointer import locate
+from tritower.launch.checkpoint.checkpointer import locate
 from tritower.launch.cli import parse_options
 from tritower.launch.config import ConfigError
 from tritower.launch.tools.checkpoint_merge import (

@@ -21,10 +21,10 @@ from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
 from tritower.launch.cli import load_config
-from tritower.launch.dist_env import from_environ
-from tritower.launch.engine import build_engine, init_distributed
-from tritower.launch.gradcache import gradcache_backward, split_batch
-from tritower.launch.model_setup import TowerInputs, build_towers
+from tritower.launch.engine.engine import build_engine, init_distributed
+from tritower.launch.engine.gradcache import gradcache_backward, split_batch
+from tritower.launch.lifecycle.dist_env import from_environ
+from tritower.launch.towers.model_setup import TowerInputs, build_towers
 from tritower.losses import build_objective
 from tritower.model import build_image_tower
 
@@ -102,6 +102,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from tritower.launch.preemption import exit_rank
+    from tritower.launch.lifecycle.preemption import exit_rank
 
     exit_rank(0)  # skip the teardown where gloo threads can abort a finished rank (see there)

@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 from tritower.data import build_text_tokenizer, tokenize
 from tritower.launch.cli import load_config
-from tritower.launch.dist_env import from_environ
-from tritower.launch.engine import build_engine, init_distributed
-from tritower.launch.model_setup import build_towers
+from tritower.launch.engine.engine import build_engine, init_distributed
+from tritower.launch.lifecycle.dist_env import from_environ
+from tritower.launch.towers.model_setup import build_towers
 
 CAPTIONS = [
     "a red circle above a blue square",
@@ -77,6 +77,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from tritower.launch.preemption import exit_rank
+    from tritower.launch.lifecycle.preemption import exit_rank
 
     exit_rank(0)  # skip the teardown where gloo threads can abort a finished rank (see there)

@@ -20,7 +20,7 @@ import json
 import torch
 
 from tritower.launch.cli import load_config
-from tritower.launch.trainer import Trainer
+from tritower.launch.loop.trainer import Trainer
 from tritower.model import parse_setting
 
 

@@ -1,4 +1,4 @@
-"""DeepSpeed lives here (with launch/checkpointer.py): process group and engine construction.
+"""DeepSpeed lives here (with launch/checkpoint/checkpointer.py): process group and engine construction.
 
 ``model/``, ``losses/``, ``data/`` and ``evaluation/`` never import DeepSpeed; this module hands
 them an engine that behaves like the model (``engine(...)``, ``engine.module.encode_image``).
@@ -10,23 +10,23 @@ import atexit
 import contextlib
 import glob
 import os
-from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
 
-from tritower.launch import dist_env
 from tritower.launch.config import ConfigError, TrainConfig
-from tritower.launch.ds_config import build_ds_config
-from tritower.launch.fused import describe_optimizer, use_fused_layer_norm
-from tritower.launch.optimizers import (
+from tritower.launch.engine.ds_config import build_ds_config
+from tritower.launch.engine.fused import describe_optimizer, use_fused_layer_norm
+from tritower.launch.lifecycle import dist_env
+from tritower.launch.metrics.monitors import add_monitors
+from tritower.launch.optim.optimizers import (
     build_client_optimizer,
     client_optimizer_needed,
     client_scheduler,
     deepspeed_schedule,
 )
-from tritower.launch.optimizers import describe as describe_schedule
+from tritower.launch.optim.optimizers import describe as describe_schedule
 
 
 def init_distributed() -> None:
@@ -99,28 +99,6 @@ def build_engine(
     return engine, report
 
 
-def add_monitors(ds_config: dict, cfg: TrainConfig) -> dict:
-    """DeepSpeed's TensorBoard and CSV monitors (``log.tensorboard``, ``log.csv``) writing into the run
-    folder; a policy file may also hold its own ``tensorboard``/``csv_monitor`` sections."""
-    from tritower.launch.run_setup import run_name
-
-    run_dir = str(Path(cfg.train.output_dir) / run_name(cfg))
-    for enabled, key, folder in (
-        (cfg.log.tensorboard, "tensorboard", "tensorboard"),
-        (cfg.log.csv, "csv_monitor", "csv"),
-    ):
-        if enabled:
-            ds_config[key] = {"enabled": True, "output_path": run_dir, "job_name": folder}
-    return ds_config
-
-
-def write_monitor_events(engine: deepspeed.DeepSpeedEngine, values: dict[str, float], step: int) -> None:
-    """The trainer's logged values into DeepSpeed's monitors (TensorBoard, CSV), x-axis = step."""
-    monitor = getattr(engine, "monitor", None)
-    if monitor is not None and monitor.enabled and dist_env.from_environ().is_main:
-        monitor.write_events([(name, float(value), step) for name, value in values.items()])
-
-
 def _prefer_fused_adamw(ds_config: dict, device: torch.device) -> dict:
     """On CUDA, torch's fused AdamW (``fused=True``: one kernel over all tensors, built into torch)
     unless the policy file chooses ``optimizer.params.torch_adam`` itself.
@@ -133,7 +111,7 @@ def _prefer_fused_adamw(ds_config: dict, device: torch.device) -> dict:
     zero = ds_config.get("zero_optimization", {})
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
     if ds_config.get("optimizer", {}).get("type") not in ("AdamW", "Adam"):
-        return ds_config  # LAMB, or a client optimizer (Adafactor): launch/optimizers.py
+        return ds_config  # LAMB, or a client optimizer (Adafactor): launch/optim/optimizers.py
     params = ds_config["optimizer"].setdefault("params", {})
     if device.type == "cuda" and not offloaded and "torch_adam" not in params:
         params.update(torch_adam=True, fused=True)

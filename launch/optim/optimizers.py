@@ -2,7 +2,7 @@
 
 ``optim.name``:
 
-* ``adamw`` (CLIP, open_clip): DeepSpeed builds it from the config (``launch/ds_config.py``).
+* ``adamw`` (CLIP, open_clip): DeepSpeed builds it from the config (``launch/engine/ds_config.py``).
 * ``lamb`` (EVA-CLIP): on CUDA DeepSpeed's own ``Lamb`` (``FusedLamb``, a CUDA op JIT-compiled on
   first use); off CUDA, where that op cannot build, timm's ``Lamb`` (the same update in PyTorch)
   as a client optimizer.
@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tritower.launch.config import OptimConfig
+from tritower.launch.optim.config import OptimConfig
 
 if TYPE_CHECKING:  # torch is imported where an optimizer is built: ds_config stays light to import
     import torch

@@ -32,7 +32,7 @@ from tritower.evaluation import (
 from tritower.evaluation.config import EvalSetSpec
 from tritower.evaluation.features import ProgressReporter
 from tritower.launch.config import ConfigError, TrainConfig
-from tritower.launch.model_setup import Towers, build_eval_tower
+from tritower.launch.towers.model_setup import Towers, build_eval_tower
 from tritower.model import CLIPWithLocked, LockedTowers, text_tower_spec
 
 __all__ = ["COUNTS", "RunEvaluator"]  # COUNTS: for the trainer's eval line

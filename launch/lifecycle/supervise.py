@@ -1,6 +1,6 @@
 """Run the ``deepspeed`` command so that its exit status says what the ranks did:
 
-    python -m tritower.launch.supervise deepspeed --num_gpus 8 launch/train.py --zero zero_configs/z3.json ...
+    python -m tritower.launch.lifecycle.supervise deepspeed --num_gpus 8 launch/train.py --zero zero_configs/z3.json ...
 
 It exits 75 (``REQUEUE_EXIT_CODE``) when a stop signal made every rank checkpoint and exit 75.
 ``deepspeed`` alone cannot: after SIGTERM/SIGINT its per-node launcher (``deepspeed.launcher.launch``)
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tritower.launch.preemption import EXIT_DIR_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
+from tritower.launch.lifecycle.preemption import EXIT_DIR_VARIABLE, REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36

@@ -4,7 +4,6 @@ replace, and the identities of its locked towers."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from tritower.data.embeddings import EmbeddingsMeta
 from tritower.data.eval_formats import EvalSource
 from tritower.evaluation.config import EvalSetSpec
 from tritower.launch.config import ConfigError, TrainConfig
-from tritower.launch.dist_env import DistEnv
-from tritower.model import LockedTowers, file_sha256, image_tower_spec, text_tower_spec
+from tritower.launch.lifecycle.dist_env import DistEnv
+from tritower.model import file_sha256, image_tower_spec, text_tower_spec
 
 
 @dataclass
@@ -42,18 +41,6 @@ def resolve_data(cfg: DataConfig, tokenizer_in_tower: bool = False) -> DataSourc
         )
     # The spec string goes to the loader as is: weighted mixing ("a.tar::b.tar") needs it whole.
     return DataSources(cfg.train_shards, expand_shards(cfg.eval_shards) if cfg.eval_shards else [], cfg.vocab)
-
-
-def run_name(cfg: TrainConfig) -> str:
-    """The run folder's name: ``train.run_name``, else one per wandb sweep run, else the experiment.
-
-    Under a sweep agent every run gets its own folder (named after ``WANDB_RUN_ID``, which the agent
-    sets for each process), so runs never resume from each other's checkpoints.
-    """
-    if cfg.train.run_name:
-        return cfg.train.run_name
-    sweep_run = os.environ.get("WANDB_RUN_ID")
-    return f"{cfg.experiment}-{sweep_run}" if sweep_run else cfg.experiment
 
 
 @dataclass
@@ -92,8 +79,8 @@ def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFold
 
 
 def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFolder:
-    from tritower.launch.checkpointer import check_manifest, complete_tags, data_identity, pick_resume
-    from tritower.launch.run_io import RunLock, check_wandb_login
+    from tritower.launch.checkpoint.checkpointer import check_manifest, complete_tags, data_identity, pick_resume
+    from tritower.launch.metrics.run_io import RunLock, check_wandb_login
 
     check_wandb_login(cfg.wandb.mode)
     checkpoints = run_dir / "checkpoints"
@@ -125,22 +112,6 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
     return folder
 
 
-def check_zero_policy(ds_config: dict, path: str) -> None:
-    """DeepSpeed validates ``zero_optimization`` only inside ``deepspeed.initialize``, after the
-    towers are built, with a pydantic traceback per rank: validate it now, naming the key."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    from pydantic import ValidationError
-
-    try:
-        DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise ConfigError(
-            f"{path}: zero_optimization is not valid for DeepSpeed ({problems}); fix the key (see DeepSpeed's "
-            "ZeRO config docs)"
-        ) from None
-
-
 def check_embeddings(cfg: TrainConfig, role: str) -> EmbeddingsMeta:
     """The precomputed embeddings must come from the tower this config locks (name, file, width)."""
     from tritower.data.embeddings import load_meta
@@ -163,18 +134,6 @@ def check_embeddings(cfg: TrainConfig, role: str) -> EmbeddingsMeta:
             f"{tower.name} from {tower.pretrained!r}: {error}"
         ) from None
     return meta
-
-
-def locked_identities(
-    locked: LockedTowers, meta: EmbeddingsMeta | None, role: str, embeddings: str
-) -> dict[str, dict[str, str]]:
-    """What each locked tower was loaded from (file and sha256), precomputed ones included
-    (``role`` is the tower ``meta``'s embeddings replace: ``image`` or ``third``)."""
-    identities = locked.identities()
-    if meta is not None:
-        name = "image_tower" if role == "image" else "third_tower"
-        identities[name] = {"tower": meta.tower, "source": meta.source, "sha256": meta.sha256, "embeddings": embeddings}
-    return identities
 
 
 def build_loaders(

@@ -21,8 +21,8 @@ import os
 import time
 import warnings
 
-from tritower.launch import dist_env
 from tritower.launch.config import TrainConfig
+from tritower.launch.lifecycle import dist_env
 
 # Substrings of DeepSpeed log records that are dropped.
 DEEPSPEED_NOISE = (

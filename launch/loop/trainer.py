@@ -19,23 +19,30 @@ from pathlib import Path
 import torch
 
 from tritower.data.atomic import write_json_atomic
-from tritower.launch import dist_env
-from tritower.launch.checkpointer import Checkpointer, gather_per_rank, rng_state, set_rng_state
-from tritower.launch.config import ConfigError, TrainConfig
-from tritower.launch.config_file import write_config_file
-from tritower.launch.divergence import DivergenceGuard
-from tritower.launch.ds_config import micro_batches_per_step
-from tritower.launch.engine import build_engine, init_distributed, write_monitor_events
-from tritower.launch.gradcache import gradcache_backward, split_batch
-from tritower.launch.model_setup import (
-    TowerInputs,
-    apply_unlock_schedule,
-    build_towers,
-    text_tokenizer_source,
-    unlock_events,
+from tritower.launch.checkpoint.checkpointer import (
+    Checkpointer,
+    gather_per_rank,
+    locked_identities,
+    rng_state,
+    set_rng_state,
 )
-from tritower.launch.preemption import Diverged, Preempted, StopRequest
-from tritower.launch.progress import (
+from tritower.launch.config import ConfigError, TrainConfig, run_name
+from tritower.launch.config_file import write_config_file
+from tritower.launch.engine.ds_config import micro_batches_per_step
+from tritower.launch.engine.engine import build_engine, init_distributed
+from tritower.launch.engine.gradcache import gradcache_backward, split_batch
+from tritower.launch.lifecycle import dist_env
+from tritower.launch.lifecycle.preemption import Diverged, Preempted, StopRequest
+from tritower.launch.loop.divergence import DivergenceGuard
+from tritower.launch.loop.run_eval import RunEvaluator
+from tritower.launch.loop.run_setup import (
+    build_loaders,
+    check_embeddings,
+    prepare_run_folder,
+    resolve_data,
+)
+from tritower.launch.metrics.monitors import write_monitor_events
+from tritower.launch.metrics.progress import (
     agree_on_flags,
     data_quality,
     eval_line,
@@ -44,15 +51,13 @@ from tritower.launch.progress import (
     step_record,
     wandb_values,
 )
-from tritower.launch.run_eval import RunEvaluator
-from tritower.launch.run_io import WandbLogger, write_curves
-from tritower.launch.run_setup import (
-    build_loaders,
-    check_embeddings,
-    locked_identities,
-    prepare_run_folder,
-    resolve_data,
-    run_name,
+from tritower.launch.metrics.run_io import WandbLogger, write_curves
+from tritower.launch.towers.model_setup import (
+    TowerInputs,
+    apply_unlock_schedule,
+    build_towers,
+    text_tokenizer_source,
+    unlock_events,
 )
 from tritower.losses import NonFiniteInputError, build_objective
 from tritower.model.precision import dtype_of

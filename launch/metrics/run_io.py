@@ -28,7 +28,7 @@ def write_curves(run_dir: Path, enabled: bool) -> None:
     if not enabled:
         return
     try:
-        from tritower.launch.tools.report import draw_curves
+        from tritower.launch.metrics.curves import draw_curves
 
         print(f"curves: {draw_curves([run_dir], run_dir / 'curves.png')}", flush=True)
     except Exception as error:  # anything at all: the run itself has succeeded

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tritower.launch.checkpointer import gather_per_rank
-from tritower.launch.run_eval import COUNTS
-from tritower.launch.run_io import format_duration
+from tritower.evaluation import COUNTS
+from tritower.launch.checkpoint.checkpointer import gather_per_rank
+from tritower.launch.metrics.run_io import format_duration
 
 
 def data_quality(loader: object) -> dict:

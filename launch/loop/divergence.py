@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tritower.launch.checkpointer import Checkpointer
+from tritower.launch.checkpoint.checkpointer import Checkpointer
 
 
 class DivergenceGuard:

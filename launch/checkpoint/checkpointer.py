@@ -40,7 +40,9 @@ from tritower.model.config import migrate_model
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-    from tritower.launch.config import CheckpointConfig
+    from tritower.data.embeddings import EmbeddingsMeta
+    from tritower.launch.checkpoint.config import CheckpointConfig
+    from tritower.model.locked import LockedTowers
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"
@@ -405,3 +407,15 @@ class Checkpointer:
                 f"settings changed ({detail}); resume with the shards it was trained on, or start a "
                 "new run (a new --train.run_name, without --resume)"
             ) from None
+
+
+def locked_identities(
+    locked: LockedTowers, meta: EmbeddingsMeta | None, role: str, embeddings: str
+) -> dict[str, dict[str, str]]:
+    """What each locked tower was loaded from (file and sha256), precomputed ones included
+    (``role`` is the tower ``meta``'s embeddings replace: ``image`` or ``third``)."""
+    identities = locked.identities()
+    if meta is not None:
+        name = "image_tower" if role == "image" else "third_tower"
+        identities[name] = {"tower": meta.tower, "source": meta.source, "sha256": meta.sha256, "embeddings": embeddings}
+    return identities

@@ -11,7 +11,7 @@ ends it at once, and the launcher (``deepspeed.launcher.launch``) dies of SIGUSR
 SIGTERM/SIGINT by sending SIGTERM to the ranks, SIGKILL 30 s later, then exits 1. So every rank
 also watches its ancestors (``LauncherWatch``): when its launcher, or the ``deepspeed`` command
 above it, is gone, the rank stops exactly as for a signal. The exit status those processes report
-is still DeepSpeed's; ``launch/supervise.py`` runs the command so that the status a scheduler reads
+is still DeepSpeed's; ``launch/lifecycle/supervise.py`` runs the command so that the status a scheduler reads
 is the ranks' own (each rank records it with ``record_exit``).
 """
 
@@ -32,12 +32,12 @@ DIVERGED_EXIT_CODE = 3  # too many non-finite losses in a row: resume the named 
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EXIT_DIR_VARIABLE = "TRITOWER_EXIT_DIR"
-"""Set by ``launch/supervise.py``: the folder where every rank records its exit code."""
+"""Set by ``launch/lifecycle/supervise.py``: the folder where every rank records its exit code."""
 
 
 def record_exit(code: int) -> None:
     """Write this rank's exit code (and the world size) to ``$TRITOWER_EXIT_DIR/rank<N>``, where
-    ``launch/supervise.py`` reads every rank's: the launchers above the ranks lose it after a
+    ``launch/lifecycle/supervise.py`` reads every rank's: the launchers above the ranks lose it after a
     signal. Nothing without the variable."""
     folder = os.environ.get(EXIT_DIR_VARIABLE)
     if folder:

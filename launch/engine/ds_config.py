@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tritower.launch.config import ConfigError, OptimConfig, TrainConfig
-from tritower.launch.optimizers import client_optimizer_needed, deepspeed_schedule
+from tritower.launch.config import ConfigError, TrainConfig
+from tritower.launch.optim.config import OptimConfig
+from tritower.launch.optim.optimizers import client_optimizer_needed, deepspeed_schedule
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,9 +174,9 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
 def _other_optimizer_or_schedule(
     policy: dict[str, Any], opt: OptimConfig, device_type: str, offloaded: bool, origin: Path
 ) -> dict[str, Any]:
-    """The policy for anything but the default AdamW + WarmupCosineLR (``launch/optimizers.py``):
+    """The policy for anything but the default AdamW + WarmupCosineLR (``launch/optim/optimizers.py``):
     DeepSpeed's Lamb on CUDA; a client optimizer (Adafactor; Lamb elsewhere) and a client
-    LambdaLR schedule are passed to ``deepspeed.initialize`` by ``launch/engine.py``."""
+    LambdaLR schedule are passed to ``deepspeed.initialize`` by ``launch/engine/engine.py``."""
     if offloaded and opt.name != "adamw":
         raise ConfigError(
             f"{origin} offloads the optimizer to the CPU, which runs DeepSpeed's CPU Adam only; "
@@ -194,3 +195,19 @@ def _other_optimizer_or_schedule(
     elif device_type != "cuda" and not offloaded:
         policy["optimizer"].setdefault("params", {})["torch_adam"] = True
     return policy
+
+
+def check_zero_policy(ds_config: dict, path: str) -> None:
+    """DeepSpeed validates ``zero_optimization`` only inside ``deepspeed.initialize``, after the
+    towers are built, with a pydantic traceback per rank: validate it now, naming the key."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ConfigError(
+            f"{path}: zero_optimization is not valid for DeepSpeed ({problems}); fix the key (see DeepSpeed's "
+            "ZeRO config docs)"
+        ) from None

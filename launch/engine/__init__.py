@@ -1,0 +1,2 @@
+"""The DeepSpeed engine and its policy: the ``deepspeed`` section, the filled ZeRO config, fused
+kernels and exact accumulation (GradCache)."""

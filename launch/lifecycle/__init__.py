@@ -1,0 +1,1 @@
+"""The process lifecycle: rank environment, signals, exit codes and the launcher watch."""
