@@ -13,7 +13,6 @@ span sections (``launch/config.py: validate``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import sys
 import typing
@@ -21,7 +20,7 @@ import typing
 import tyro
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
-from tritower.launch.config import ConfigError, TrainConfig, validate
+from tritower.launch.config import ConfigError, TrainConfig, closest, validate
 from tritower.launch.config_file import file_arguments, read_config_file
 from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
 from tritower.model.config import LEGACY_KEYS
@@ -95,9 +94,8 @@ def _refuse_unknown(argv: list[str], names: dict[str, typing.Any]) -> None:
     for token in argv:
         key = token[2:].partition("=")[0].replace("-", "_")
         if token.startswith("--") and key not in names and key != "help":
-            fields = [name for name, kind in names.items() if not dataclasses.is_dataclass(kind)]
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.0)
-            raise ConfigError(f"unknown option --{key} (did you mean --{close[0]}?); see --help")
+            fields = [f"--{name}" for name, kind in names.items() if not dataclasses.is_dataclass(kind)]
+            raise ConfigError(f"unknown option --{key}{closest(f'--{key}', fields)}; see --help")
 
 
 def _bool_options(cls: type, prefix: str = "") -> set[str]:

@@ -12,11 +12,10 @@ files they are the per-tower sections (``--model.image.tower``, ``--model.image.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 
-from tritower.launch.config import ConfigError, TrainConfig
+from tritower.launch.config import ConfigError, TrainConfig, closest
 
 DEFAULT_EXPERIMENT = "clip_tiny"
 
@@ -207,7 +206,7 @@ EXPERIMENTS: dict[str, Callable[[], TrainConfig]] = {
 def get_experiment(name: str) -> TrainConfig:
     """A fresh config for the named experiment; unknown names fail naming the closest one."""
     if name not in EXPERIMENTS:
-        close = difflib.get_close_matches(name, list(EXPERIMENTS), n=1, cutoff=0.0)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown experiment '{name}'{hint}; known: {', '.join(EXPERIMENTS)}")
+        raise ConfigError(
+            f"unknown experiment '{name}'{closest(name, list(EXPERIMENTS))}; known: {', '.join(EXPERIMENTS)}"
+        )
     return EXPERIMENTS[name]()

@@ -380,9 +380,3 @@ def _explain_text_mismatch(folder: Path, weights: Path, model_class: type, kwarg
     }
     expected = {k: v for k, v in expected.items() if not k.startswith(_DROPPED_TEXT)}
     check_fits(expected, found, weights, what)
-
-
-def pretrained_identity(tower: nn.Module, name: str) -> dict[str, str]:
-    """{"tower", "source", "sha256"} of a tower loaded by this module (for checkpoints)."""
-    source = getattr(tower, "source", "")
-    return {"tower": name, "source": source, "sha256": file_sha256(source) if source else ""}

@@ -169,7 +169,7 @@ def test_precompute_data_overrides_and_dashed_flags() -> None:
         overwrite=True, experiment="clip_test", store_dtype="fp32", device=cfg.device,
         data_overrides=[("data.cache_dir", "/tmp/c"), ("data.builtin_train_samples", "24")],
     )  # fmt: skip
-    with pytest.raises(ConfigError, match=r"unknown option --data.cache_dirr .did you mean --data.cache_dir"):
+    with pytest.raises(ConfigError, match=r"unknown option --data.cache_dirr .did you mean '--data.cache_dir'"):
         parse_args([*needed, "--data.cache_dirr=/tmp"])
     with pytest.raises(ConfigError, match=r"unknown experiment 'clip_tst'.*did you mean 'clip_test'"):
         parse_args([*needed, "--experiment=clip_tst"])
@@ -210,9 +210,9 @@ def test_usage_errors_exit_2_naming_the_option(module: str, argv: list[str], mes
 @pytest.mark.parametrize(
     "module, argv, message",
     [
-        ("tritower.launch.tools.evaluate", ["--export", "e", "--out-dri", "d"], "did you mean --out_dir?"),
-        ("tritower.launch.tools.export", ["--checkpoint", "c", "--out", "o", "--tga=x"], "did you mean --tag?"),
-        ("tritower.launch.plan.measure", ["--embed_dimm=3"], "did you mean --embed_dim?"),
+        ("tritower.launch.tools.evaluate", ["--export", "e", "--out-dri", "d"], "did you mean '--out_dir'?"),
+        ("tritower.launch.tools.export", ["--checkpoint", "c", "--out", "o", "--tga=x"], "did you mean '--tag'?"),
+        ("tritower.launch.plan.measure", ["--embed_dimm=3"], "did you mean '--embed_dim'?"),
         ("tritower.launch.tools.evaluate", ["--export", "e", "--checkpoint", "c"], "not both"),
     ],
 )

@@ -62,9 +62,9 @@ def test_overrides_both_forms_and_launcher_local_rank() -> None:
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--optm.lr=1e-3"], "unknown option --optm.lr (did you mean --optim.lr?)"),
-        (["--optim.lrr=1e-3"], "unknown option --optim.lrr (did you mean --optim.lr?)"),
-        (["--steps=3"], "unknown option --steps (did you mean --train.steps?)"),
+        (["--optm.lr=1e-3"], "unknown option --optm.lr (did you mean '--optim.lr'?)"),
+        (["--optim.lrr=1e-3"], "unknown option --optim.lrr (did you mean '--optim.lr'?)"),
+        (["--steps=3"], "unknown option --steps (did you mean '--train.steps'?)"),
         (["--experiment", "clip_tinyy"], "unknown experiment 'clip_tinyy' (did you mean 'clip_tiny'?)"),
     ],
 )
@@ -154,7 +154,7 @@ def test_train_script_rejects_typo_before_starting() -> None:
         timeout=120,
     )
     assert result.returncode == 2
-    assert "did you mean --optim.lr?" in result.stderr
+    assert "did you mean '--optim.lr'?" in result.stderr
     assert "Traceback" not in result.stderr
 
 

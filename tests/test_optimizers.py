@@ -63,9 +63,8 @@ def test_the_default_policy_holds_adamw_and_no_schedule(tmp_path) -> None:
 def test_warmup_matches_open_clip_and_every_schedule_shares_it() -> None:
     """open_clip's ``assign_learning_rate`` warm-up (``lr * (step + 1) / warmup``) is the warm-up of
     every schedule, cooldown or not."""
-    from open_clip_train.scheduler import cosine_lr
-
     import torch
+    from open_clip_train.scheduler import cosine_lr
 
     optimizer, lrs = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), []
     schedule = cosine_lr(optimizer, 1.0, 10, 110)

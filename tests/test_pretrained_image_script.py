@@ -128,9 +128,9 @@ def test_shape_logits_sum_the_colours_of_each_shape() -> None:
 def test_bad_option_is_rejected(usage_error) -> None:
     from tritower.launch.config import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown option --stpes .did you mean --steps.."):
+    with pytest.raises(ConfigError, match="unknown option --stpes .did you mean '--steps'.."):
         parse_args(["--stpes=3"])
-    with pytest.raises(ConfigError, match="did you mean --data.builtin_image_size"):
+    with pytest.raises(ConfigError, match="did you mean '--data.builtin_image_size'"):
         parse_args(["--data.builtin_image_sise=32"])
     with pytest.raises(ConfigError, match=r"shape_fraction must be in \[0, 1\), got 1.0"):
         parse_args(["--shape_fraction=1"])

@@ -176,7 +176,7 @@ def test_command_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         (["--runs={tmp}/good", "--labels=a,b"], "2 label(s) for 1 run(s): give one label per run"),
         (["--runs={tmp}/good", "--metrics=loss,top1"], "'top1' matches nothing these runs logged; they logged: loss,"),
         (["--runs="], "no run given: pass --runs="),
-        (["--run={tmp}/good"], "unknown option --run (did you mean --runs?)"),
+        (["--run={tmp}/good"], "unknown option --run (did you mean '--runs'?)"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture, argv, message) -> None:

@@ -116,10 +116,18 @@ def test_kill_at_random_step_then_resume_matches_uninterrupted(tmp_path: Path, d
         assert torch.equal(final_ref[name], final_got[name]), name
 
 
+KILL_IN_SAVE = {
+    "KILL_IN_SAVE_STEP": "6",
+    "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO / "tests" / "scripts" / "kill_in_save"), os.environ.get("PYTHONPATH")])
+    ),
+}
+
+
 def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path: Path, data_cache: Path) -> None:
     run = tmp_path / "runs" / "run"
     args = ["--train.steps=8", "--train.run_name=run"]
-    code, output = _finish(_launch(args, data_cache, tmp_path / "runs", {"TRITOWER_FAULT_KILL_IN_SAVE": "6"}))
+    code, output = _finish(_launch(args, data_cache, tmp_path / "runs", KILL_IN_SAVE))
     assert code != 0
     checkpoints = run / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step00000003"

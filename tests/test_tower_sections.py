@@ -74,9 +74,9 @@ def test_options_that_do_not_apply_are_refused_naming_why(argv: list[str], expec
 
 
 def test_misspelt_tower_options_name_the_closest() -> None:
-    with pytest.raises(ConfigError, match="did you mean --model.image.tower"):
+    with pytest.raises(ConfigError, match="did you mean '--model.image.tower'"):
         load_config(["--model.image.towr=vit_test"])
-    with pytest.raises(ConfigError, match="did you mean --model.image.tower"):
+    with pytest.raises(ConfigError, match="did you mean '--model.image.tower'"):
         load_config(["--model.imgae.tower=vit_test"])
 
 

@@ -163,9 +163,6 @@ def save(
         shutil.rmtree(folder / partial, ignore_errors=True)  # a leftover of a killed save
     dist.barrier()
     engine.save_checkpoint(str(folder), tag=partial, client_state=client_state, save_latest=False)
-    if os.environ.get("TRITOWER_FAULT_KILL_IN_SAVE") == str(step):
-        # Fault injection for tests: die like a preempted node in the middle of a save.
-        os.kill(os.getpid(), 9)
     dist.barrier()  # every rank's shards are on disk before the tag becomes visible
     if is_main:
         write_manifest(folder / partial, {"tag": tag, "step": step, **(manifest or {})})
@@ -215,18 +212,6 @@ def locate(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
     if not any((path / tag).glob("*model_states.pt")):
         raise FileNotFoundError(f"no checkpoint tag {tag!r} in {path} (found: {complete_tags(path)})")
     return path, tag
-
-
-def resolve_resume(resume: str, checkpoints: Path) -> tuple[Path, str] | None:
-    """Where to resume from: ``auto`` (this run's latest, if any), a checkpoints folder, or a tag.
-
-    Returns (checkpoints folder, tag), or None to start fresh (``auto`` with nothing saved).
-    """
-    if not resume:
-        return None
-    if resume == "auto" and not (checkpoints / "latest").is_file():
-        return None
-    return locate(checkpoints if resume == "auto" else resume)
 
 
 def pick_resume(resume: str, checkpoints: Path) -> tuple[tuple[Path, str] | None, dict, list[str]]:
@@ -349,10 +334,6 @@ class Checkpointer:
     def from_config(cls, folder: Path, engine: DeepSpeedEngine, cfg: CheckpointConfig) -> Checkpointer:
         """A checkpointer with the ``checkpoint`` section's retention (``keep_last``, ``keep_every_steps``)."""
         return cls(folder, engine, keep_last=cfg.keep_last, keep_every_steps=cfg.keep_every_steps)
-
-    def resume_target(self, resume: str) -> tuple[Path, str] | None:
-        """What ``--resume`` names (``auto``: this run's latest), or None to start fresh."""
-        return resolve_resume(resume, self.folder)
 
     def save(self, step: int, client_state: dict, protect: tuple[str, ...] = ()) -> Path:
         """Write tag ``step`` (kept for good if ``keep_every_steps`` divides it); returns its

@@ -9,12 +9,11 @@ other than the training config's is an error naming both values.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from pathlib import Path
 from typing import Any
 
-from tritower.launch.config import ConfigError, TrainConfig
+from tritower.launch.config import ConfigError, TrainConfig, closest
 from tritower.launch.optim.config import OptimConfig
 from tritower.launch.optim.optimizers import client_optimizer_needed
 
@@ -74,11 +73,9 @@ def load_policy(path: str) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"{resolved} must hold a JSON object (a ZeRO policy), found {type(policy).__name__}")
     for key in policy:
         if key not in ALLOWED_KEYS:
-            close = difflib.get_close_matches(key, sorted(ALLOWED_KEYS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"{resolved}: unknown top-level key '{key}'{hint}. A ZeRO policy holds only "
-                'zero_optimization, precision and "auto" trainer fields.'
+                f"{resolved}: unknown top-level key '{key}'{closest(key, sorted(ALLOWED_KEYS))}. A ZeRO policy "
+                'holds only zero_optimization, precision and "auto" trainer fields.'
             )
     stage = policy.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):

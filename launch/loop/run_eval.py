@@ -22,7 +22,6 @@ from tritower.data.eval_formats import EvalSource, expected_samples
 from tritower.data.eval_set import EvalBatch, iter_eval_batches
 from tritower.data.samples import BadDataStats
 from tritower.evaluation import (
-    COUNTS,
     EvalSetError,
     ProbeOptions,
     evaluate_alphas_batches,
@@ -34,8 +33,6 @@ from tritower.evaluation.features import ProgressReporter
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.towers.model_setup import Towers, build_eval_tower
 from tritower.model import CLIPWithLocked, LockedTowers, text_tower_spec
-
-__all__ = ["COUNTS", "RunEvaluator"]  # COUNTS: for the trainer's eval line
 
 
 class RunEvaluator:

@@ -29,9 +29,6 @@ from tritower.launch.optim.schedule import describe_schedule
 if TYPE_CHECKING:  # torch is imported where an optimizer is built: ds_config stays light to import
     import torch
 
-OPTIMIZERS = ("adamw", "lamb", "adafactor")
-SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
-
 
 def client_optimizer_needed(opt: OptimConfig, device_type: str) -> bool:
     """Whether the optimizer is built here (Adafactor; LAMB off CUDA) rather than by DeepSpeed."""
