@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 KINDS = ("softmax", "sigmoid")
+SIGLIP_INIT_BIAS = -10.0
+"""SigLIP's initial logit bias b = -10 (Zhai et al., 2023), where the sigmoid loss starts."""
 IMPLS = ("naive", "tiled", "triton")
 SCOPES = ("global", "local")
 

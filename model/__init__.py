@@ -6,16 +6,7 @@ Imports no DeepSpeed, so it can be used and tested on its own.
 """
 
 from .clip import CLIPModel, build_clip
-from .config import (
-    LIT_SETTINGS,
-    SETTINGS,
-    ModelConfig,
-    ParsedModel,
-    TowerConfig,
-    TowerOptions,
-    TowerSetting,
-    parse_setting,
-)
+from .config import ModelConfig, ParsedModel, TowerConfig, TowerOptions
 from .locked import CLIPWithLocked, LockedTower, LockedTowers, build_third_tower, split_locked
 from .mixture import ThreeTowersMixture, check_alpha, mix_embeddings
 from .pretrained import file_sha256, load_image_tower, load_state_dict, load_text_tower
@@ -27,6 +18,7 @@ from .registry import (
     text_tower_spec,
     tower_spec,
 )
+from .setting import LIT_SETTINGS, SETTINGS, TowerSetting, parse_setting
 from .settings import (
     apply_trainable,
     parameter_counts,

@@ -29,7 +29,7 @@ from tritower.launch.plan.states import (
     model_states,
     tower_parameters,
 )
-from tritower.model.config import SETTINGS
+from tritower.model.setting import SETTINGS
 
 TOLERANCE_DEEPSPEED = 0.05
 TOLERANCE_MEASURED = 0.20

@@ -31,7 +31,7 @@ from tritower.launch.plan.states import (
     model_states,
     tower_parameters,
 )
-from tritower.model.config import SETTINGS
+from tritower.model.setting import SETTINGS
 
 GIB = 2.0**30
 

@@ -59,6 +59,7 @@ from tritower.launch.tools.checkpoint_merge import (
     model_config_from,
     read_checkpoint,
 )
+from tritower.losses.config import SIGLIP_INIT_BIAS
 from tritower.model import (
     ModelConfig,
     build_clip,
@@ -168,7 +169,7 @@ def export(
     # locked head frozen as the identity, say) identical to the run's.
     torch.manual_seed(saved.get("train", {}).get("seed", 0))
     # A SigLIP run's model holds a learnable logit_bias (its value comes from the checkpoint).
-    logit_bias = -10.0 if (saved.get("loss") or {}).get("kind") == "sigmoid" else None
+    logit_bias = SIGLIP_INIT_BIAS if (saved.get("loss") or {}).get("kind") == "sigmoid" else None
     model = build_clip(cfg, vocab_size=cfg.vocab_size or len(tokenizer), logit_bias=logit_bias)
     third_tower = build_third_tower(cfg) if alpha is not None else None
     check_locked_identities(model, tensors.client_state.get("locked") or {}, third_tower)

@@ -48,9 +48,7 @@ class PretrainImageConfig:
     tower: str = "vit_scene_tiny"
     """Image tower name from the registry."""
     steps: int = 400
-    """Optimizer steps. With the other defaults, 400 of 128 reached 88.7% held-out top-1 on the
-    30 colour x shape classes (300: 80.2%); before ``shape_fraction`` and ``single_shape_only``,
-    300 reached 33.7% (docs/study.md, "The matched tower")."""
+    """Optimizer steps (the defaults' held-out accuracy: docs/study.md, "The matched tower")."""
     batch_size: int = 128
     """Images per step."""
     lr: float = 2e-3
@@ -75,24 +73,14 @@ class PretrainImageConfig:
     need, which makes a deficient tower (the mismatched towers of the Three Towers paper).
     User shards take their labels as they are (``colour_shape``)."""
     single_shape_only: bool = True
-    """Built-in scenes only: supervise with the training scenes that hold one shape (75% of them)
-    and skip the two-shape ones. A two-shape scene's label names its *first* shape, and which
-    shape is first is drawn at random, not tied to position or size, so the image cannot tell
-    which of its two objects the label means: those samples are labelled by a coin toss (a step
-    then trains on about 3/4 of its ``batch_size`` images). Measured
-    effect, one seed each: 120 steps on the 30 classes 30.1% -> 36.6% held-out; with
-    ``shape_fraction=0.67`` at 300 steps 70.5% -> 63.6% (the difference is colour relearnt in the
-    last 100 steps, shape 79% and 80%); with the defaults at 400 steps 89.9% -> 88.7%. So its benefit
-    is not established (docs/study.md); ``False`` is as good on that evidence.
-    User shards are read as they are."""
+    """Built-in scenes only: supervise with the training scenes that hold one shape (75% of them).
+    A two-shape scene's label names its first shape, drawn at random, so the image cannot tell
+    which object it means. User shards are read as they are (measured effect: docs/study.md)."""
     shape_fraction: float = 0.5
     """Built-in scenes, ``labels=colour_shape`` only: the first ``shape_fraction`` of the steps
-    supervise only the shape, through the shape marginal of the 30 colour x shape logits
-    (``shape_logits``); the rest the 30 classes. Trained on the 30 classes from the start, the
-    tower learns colour at once and shape hardly at all (120 steps: 30.1% held-out, colour right
-    99.7%, shape 30.4%; 300 steps: 33.7%), while on the shape labels alone shape is learned
-    (46% after 120 steps, 95% after 300). Learned first, shape stays, and colour is learned again
-    in the second half (400 steps: colour 99.9%, shape 88.8%). 0 = the 30 classes from the start."""
+    supervise only the shape (the shape marginal of the 30 colour x shape logits), the rest the 30
+    classes, because trained on the 30 classes from the start the tower learns colour and hardly
+    any shape (docs/study.md). 0 = the 30 classes from the start."""
     data: DataConfig = field(default_factory=DataConfig)
     """Shards and loader settings; empty ``train_shards`` = the built-in scenes. User shards
     need an integer class label under ``data.label_key`` (default the json's ``label``) and ``data.vocab`` (the loader

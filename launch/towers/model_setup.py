@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tritower.launch.config import ConfigError, TrainConfig
+from tritower.losses.config import SIGLIP_INIT_BIAS
 from tritower.model import (
     CLIPModel,
     LockedTower,
@@ -85,7 +86,7 @@ def text_tokenizer_source(cfg: TrainConfig, builtin_vocab: str) -> str:
 def build_towers(cfg: TrainConfig, vocab_size: int) -> Towers:
     """The model for the engine, its locked towers and parameter groups (same on every rank)."""
     precomputed = precomputed_role(cfg)
-    logit_bias = {"logit_bias": -10.0} if cfg.loss.kind == "sigmoid" else {}
+    logit_bias = {"logit_bias": SIGLIP_INIT_BIAS} if cfg.loss.kind == "sigmoid" else {}
     model_cfg = cfg.model
     try:  # pretrained weights load here, before the engine: a file that does not fit is one line
         without = {"without": ("image",)} if precomputed == "image" else {}
