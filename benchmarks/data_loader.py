@@ -10,7 +10,6 @@ Run: ``python benchmarks/data_loader.py --samples 2000 --out /tmp/data_loader.js
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -19,12 +18,14 @@ import random
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 from transformers import PreTrainedTokenizerBase
 
+from tritower.benchmarks.cli import Ints, parse_benchmark
 from tritower.data.config import DataConfig
 from tritower.data.samples import BadDataStats, decode_sample, read_shard
 from tritower.data.scenes import caption_words
@@ -33,6 +34,28 @@ from tritower.data.transforms import CLIP_MEAN, CLIP_STD, TrainTransform
 from tritower.data.webdataset import build_train_loader
 
 WORDS = "a photo of the small large red blue dog cat on in with and street beach".split()
+
+
+@dataclass
+class DataLoaderOptions:
+    """Options of the data-loader benchmark (``--field value`` or ``--field=value``)."""
+
+    samples: int = 2000
+    """Samples written to the shards (224 px JPEGs, ~35 KB each at quality 95)."""
+    per_shard: int = 250
+    """Samples per tar shard: enough shards for every worker to read its own."""
+    quality: int = 95
+    """JPEG quality; it sets the bytes read and decoded per sample (~35 KB at 95)."""
+    batch: int = 64
+    """Per-rank batch of the loader."""
+    batches: int = 20
+    """Timed batches per setting, after each setting's start-up batches."""
+    workers: Ints = (0, 1, 2)
+    """DataLoader worker counts measured (0 = in-process), e.g. ``--workers 0 1 2 4 8``."""
+    vocab: str = ""
+    """``vocab.txt`` or a model folder for the tokenizer (default: a built-in caption vocabulary)."""
+    out: str = ""
+    """Write the results as JSON here (default: the table only)."""
 
 
 def photo_like_jpeg(rng: np.random.Generator, size: int, quality: int) -> bytes:
@@ -102,17 +125,8 @@ def loader_rate(shards: list[str], tokenizer: PreTrainedTokenizerBase, workers: 
     return rate
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2000, help="samples written to shards")
-    parser.add_argument("--per-shard", type=int, default=250, help="samples per tar shard")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (~35 KB at 95)")
-    parser.add_argument("--batch", type=int, default=64, help="per-rank batch")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per setting")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--vocab", default="", help="vocab.txt or model dir (default: built-in)")
-    parser.add_argument("--out", default="", help="write the results as JSON here")
-    options = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    options = parse_benchmark(DataLoaderOptions, argv, command="python benchmarks/data_loader.py")
 
     with tempfile.TemporaryDirectory() as folder:
         if options.vocab:

@@ -24,7 +24,6 @@ Run: ``python benchmarks/eval_streaming.py --images 50000 --ranks 2 --sizes 5000
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -32,6 +31,7 @@ import platform
 import resource
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,31 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from tritower.benchmarks.cli import Ints, parse_benchmark
 from tritower.launch.metrics.console import matmul_gflops  # the machine's reference rate, as every run prints it
+
+
+@dataclass
+class EvalStreamingOptions:
+    """Options of the streamed-evaluation benchmark (``--field value`` or ``--field=value``)."""
+
+    images: int = 50000
+    """Images of the generated classification set (written once under ``--root``)."""
+    classes: int = 1000
+    """Classes of the generated set (ImageNet-1k's count: the zero-shot classifier's size)."""
+    ranks: int = 2
+    """gloo CPU ranks the evaluation is sharded over."""
+    sizes: Ints = (5000, 50000)
+    """Prefixes of the set evaluated, each in fresh processes (``--sizes 5000,20000,50000``;
+    ``--sizes ""``: none)."""
+    retrieval_sizes: Ints = ()
+    """N of the retrieval memory part, N x N random pairs each (default: the part is not run)."""
+    batch_size: int = 256
+    """Images per evaluation batch on each rank: what a rank holds at once."""
+    root: str = "/tmp/tritower-eval-streaming"
+    """Folder of the generated set, reused when it exists."""
+    out: str = ""
+    """Write the results as JSON here (default: the printed lines only)."""
 
 
 def generate(root: Path, images: int, classes: int, size: int = 224, per_shard: int = 5000) -> float:
@@ -233,23 +257,14 @@ def retrieval_main(count: int, fixed_rows: int, queue: mp.Queue) -> None:
     queue.put({"wall_s": round(wall, 2), "peak_above_start_mib": round(memory_mib()["hwm"] - before, 1)} | metrics)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=50000)
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--sizes", default="5000,50000", help="prefixes of the set evaluated, comma-separated")
-    parser.add_argument("--retrieval-sizes", default="", help="N of the retrieval memory part (none by default)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--root", default="/tmp/tritower-eval-streaming")
-    parser.add_argument("--out", default=None)
-    options = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    options = parse_benchmark(EvalStreamingOptions, argv, command="python benchmarks/eval_streaming.py")
     root = Path(options.root)
     generated = generate(root, options.images, options.classes)
     gflops = matmul_gflops(repeats=20)
     print(f"reference rate: 1024x1024 float32 matmul at {gflops:.0f} GFLOP/s", flush=True)
     rows = []
-    for size in (int(s) for s in options.sizes.split(",") if s):
+    for size in options.sizes:
         print(f"{size} images on {options.ranks} ranks:", flush=True)
         per_rank = measure(root, options.ranks, size, options.batch_size)
         rows.append({"images": size, "ranks": per_rank})
@@ -262,7 +277,7 @@ def main() -> None:
             flush=True,
         )
     retrieval = []
-    for count in (int(s) for s in options.retrieval_sizes.split(",") if s):
+    for count in options.retrieval_sizes:
         (blocked,) = _spawned(retrieval_main, [(count, 0)])
         (fixed,) = _spawned(retrieval_main, [(count, 1024)])
         same = all(blocked[k] == fixed[k] for k in blocked if "_R@" in k)

@@ -20,14 +20,15 @@ Parts (docs/gpu.md: what each measures, and the targets):
 * ``accum``: one 32k-global-batch GradCache step of ViT-B/16 + BERT-base on one GPU.
 
 Each part is a process of its own (``--part NAME``), killed at its budget; what it recorded until
-then (``Recorder``) is kept, so one slow part cannot eat the others' time. This parent imports
-nothing but the standard library. ``--dry-run``: every part with tiny towers, fp32, gloo and the
-Triton interpreter on the CPU; what only a GPU measures (memory, MFU, targets) is null with why.
+then (``Recorder``) is kept, so one slow part cannot eat the others' time. This parent reads its
+options with the config tree's parser (``benchmarks/cli.py``, which imports torch, timm and
+transformers) and leaves the device to the parts. ``--dry-run``: every part with tiny towers,
+fp32, gloo and the Triton interpreter on the CPU; what only a GPU measures (memory, MFU, targets)
+is null with why.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -39,6 +40,9 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from tritower.benchmarks.cli import listed, parse_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,6 +126,36 @@ DRY = Plan(
     suite_budget=900,
 )
 PARTS = ("uu", "lu", "loss", "accum")
+Parts = listed(str, PARTS)
+"""Names of parts, several: ``--parts uu lu``."""
+
+
+@dataclass
+class SuiteOptions:
+    """Options of the GPU suite (``--field value`` or ``--field=value``)."""
+
+    out: str
+    """The JSON file to write: every part's record, the comparisons and the targets."""
+    dry_run: bool = False
+    """Tiny towers, fp32, gloo and the Triton interpreter on the CPU: the suite's code runs, nothing is measured."""
+    zero: str = str(REPO / "zero_configs" / "z3.json")
+    """The ZeRO policy file of the training parts."""
+    peak_tflops: float = 0.0
+    """Dense bf16 peak TFLOP/s the MFU is computed against (0 = the datasheet's for the GPU found)."""
+    parts: Parts = PARTS
+    """Parts to run, in the suite's order, e.g. ``--parts uu lu``."""
+    max_seconds: float = 0.0
+    """Seconds for all parts together (0 = the plan's budget)."""
+    work_dir: str = str(REPO / ".gpu" / "work")
+    """Folder of the weights file, each part's JSON and each part's log."""
+    part: Literal["", "uu", "lu", "loss", "accum", "uu_fit"] = ""
+    """Internal, set by the suite for a part's own process: the part it runs."""
+    part_out: str = ""
+    """Internal: the part's JSON file (its ``Recorder``)."""
+    part_deadline: float = 0.0
+    """Internal: ``time.time()`` at which the suite kills the part."""
+    fit_batch: int = 0
+    """Internal: ``uu_fit``'s batch, 85% of the probe that did not fit."""
 
 
 class Recorder:
@@ -150,7 +184,7 @@ class Context:
     """What a part gets: the plan, the options, its recorder and its deadline."""
 
     plan: Plan
-    options: argparse.Namespace
+    options: SuiteOptions
     record: Recorder
     deadline: float
     """``time.time()`` at which the parent kills the part."""
@@ -165,7 +199,7 @@ class Context:
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def run_in_this_process(options: argparse.Namespace) -> int:
+def run_in_this_process(options: SuiteOptions) -> int:
     """The ``--part`` side: run one part, record how it ended."""
     from loss_triton_gpu import part_loss
     from train_step_gpu import part_accum, part_lu, part_uu
@@ -187,7 +221,7 @@ def run_in_this_process(options: argparse.Namespace) -> int:
     return 0
 
 
-def run_part(name: str, plan: Plan, options: argparse.Namespace, deadline: float) -> dict:
+def run_part(name: str, plan: Plan, options: SuiteOptions, deadline: float) -> dict:
     """Run part ``name`` as its own process under its budget; its record, status and wall time."""
     budget = min(plan.budgets[name], deadline - time.time())
     if budget < 10:
@@ -367,25 +401,8 @@ def print_report(report: dict) -> None:
         print(f"{verdict:<5} {target['target']}: {_cell(target['value'], '.3g')}")
 
 
-def parse_options(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="the JSON file to write")
-    parser.add_argument("--dry-run", action="store_true", help="tiny towers, fp32, on the CPU: the suite runs")
-    parser.add_argument("--zero", default=str(REPO / "zero_configs" / "z3.json"), help="the ZeRO policy")
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak for MFU (default: datasheet)")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--max-seconds", type=float, default=0.0, help="all parts together (default: the plan's)")
-    parser.add_argument("--work-dir", default=str(REPO / ".gpu" / "work"), help="weights file, per-part JSON and logs")
-    # The side of one part, started by run_part.
-    parser.add_argument("--part", choices=(*PARTS, "uu_fit"), help=argparse.SUPPRESS)
-    parser.add_argument("--part-out", help=argparse.SUPPRESS)
-    parser.add_argument("--part-deadline", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--fit-batch", type=int, default=0, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    options = parse_options(argv)
+    options = parse_benchmark(SuiteOptions, argv, command="benchmarks/gpu_suite.sh", example="--out gpu_suite.json")
     if options.part:
         sys.exit(run_in_this_process(options))
     plan = DRY if options.dry_run else GPU

@@ -7,7 +7,8 @@
 #                                                    # installs what it lacks, runs every part
 #
 # The GPU machine has torch, triton, timm, transformers, safetensors, numpy, pyyaml, ... but not
-# deepspeed (nor its hjson and pydantic) or webdataset (nor braceexpand). They are installed with
+# deepspeed (nor its hjson and pydantic), webdataset (nor braceexpand) or tyro, which parses every
+# command's options (nor its docstring_parser and typeguard). They are installed with
 # pip --no-index --no-deps --target .gpu/site and put first on PYTHONPATH, beside a
 # .gpu/path/tritower -> repository symlink (the repository root is the package). Versions come
 # from constraints.txt. wandb is not installed there: the suite never logs to it.
@@ -22,6 +23,7 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 # What the GPU machine lacks; typing_extensions too: pydantic needs a newer one than torch does.
 PACKAGES="hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions webdataset braceexpand"
+PACKAGES="$PACKAGES tyro docstring_parser typeguard"
 
 pinned() {  # name==version from constraints.txt
   grep -iE "^$1==" "$ROOT/constraints.txt" | head -n 1

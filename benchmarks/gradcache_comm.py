@@ -24,7 +24,6 @@ one measured optimizer step: ``gradcache_backward`` over M micro-batches per ran
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -33,12 +32,14 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
 import torch
-from tower_settings import _release_heap, _status_kb
 
+from tritower.benchmarks.cli import Words, parse_benchmark
+from tritower.benchmarks.tower_settings_runner import release_heap, status_kb
 from tritower.launch.cli import load_config
 from tritower.launch.engine.engine import build_engine, init_distributed
 from tritower.launch.engine.gradcache import gradcache_backward, split_batch
@@ -48,6 +49,30 @@ from tritower.losses import build_objective
 from tritower.model import image_tower_spec, text_tower_spec
 
 MIB = 2**20
+
+
+@dataclass
+class GradCacheCommOptions:
+    """Options of the GradCache communication benchmark (``--field value`` or ``--field=value``)."""
+
+    zero: Words = ("zero_configs/z1.json", "zero_configs/z2.json", "zero_configs/z3.json")
+    """ZeRO policy files measured, each per micro-batch and coalesced (``--zero a.json b.json``)."""
+    image_tower: str = "vit_test"
+    """Registry image tower, trained (setting Uu)."""
+    text_tower: str = "minilm_l6"
+    """Registry text tower: one with enough parameters for its gradients to show in memory."""
+    vocab_size: int = 30522
+    """Text token table rows (MiniLM's vocabulary)."""
+    global_batch: int = 32
+    """Samples per optimizer step over all ranks."""
+    micro_batches: int = 4
+    """GradCache micro-batches per rank (M): the reductions coalescing saves grow with it."""
+    out: str = ""
+    """Write the results as JSON here (default: the printed rows and table only)."""
+    local_rank: int = 0
+    """Set by the ``deepspeed`` launcher; the rank is read from the environment."""
+
+
 # cdb method -> (kind, name and position of the argument whose bytes are the payload). The
 # backend's methods sit behind a (*args, **kwargs) decorator: no signature to bind against.
 COLLECTIVES = {
@@ -104,7 +129,7 @@ def grad_bytes(module: torch.nn.Module) -> int:
     return sum(_bytes(p.grad) for p in module.parameters() if p.grad is not None)
 
 
-def run_case(options: argparse.Namespace, zero: str, coalesce: bool, counter: CommCounter) -> dict:
+def run_case(options: GradCacheCommOptions, zero: str, coalesce: bool, counter: CommCounter) -> dict:
     env = from_environ()
     per_rank = options.global_batch // env.world_size
     cfg = load_config(
@@ -151,14 +176,14 @@ def run_case(options: argparse.Namespace, zero: str, coalesce: bool, counter: Co
 
     step()  # untimed: optimizer state, ZeRO buffers
     cuda = engine.device.type == "cuda"
-    _release_heap()
+    release_heap()
     if cuda:
         torch.cuda.reset_peak_memory_stats(engine.device)
         before = torch.cuda.memory_allocated(engine.device)
     else:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # VmHWM := current RSS
-        before = _status_kb("VmRSS") * 1024
+        before = status_kb("VmRSS") * 1024
     held[0] = 0
     counter.reset()
     counter.active = True
@@ -166,7 +191,7 @@ def run_case(options: argparse.Namespace, zero: str, coalesce: bool, counter: Co
     loss = step()
     seconds = time.perf_counter() - started
     counter.active = False
-    extra = torch.cuda.max_memory_allocated(engine.device) - before if cuda else _status_kb("VmHWM") * 1024 - before
+    extra = torch.cuda.max_memory_allocated(engine.device) - before if cuda else status_kb("VmHWM") * 1024 - before
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     row = {
         "zero": Path(zero).stem,
@@ -202,17 +227,8 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zero", nargs="+", default=[f"zero_configs/z{stage}.json" for stage in (1, 2, 3)])
-    parser.add_argument("--image-tower", default="vit_test")
-    parser.add_argument("--text-tower", default="minilm_l6", help="a tower with enough parameters to see memory")
-    parser.add_argument("--vocab-size", type=int, default=30522)
-    parser.add_argument("--global-batch", type=int, default=32)
-    parser.add_argument("--micro-batches", type=int, default=4, help="GradCache micro-batches per rank (M)")
-    parser.add_argument("--out", default="", help="write the results as JSON here")
-    parser.add_argument("--local_rank", type=int, default=0)
-    options = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    options = parse_benchmark(GradCacheCommOptions, argv, command="deepspeed benchmarks/gradcache_comm.py")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     init_distributed()
     env = from_environ()

@@ -18,17 +18,50 @@ attempted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+
+from tritower.benchmarks.cli import Ints, Words, listed, parse_benchmark
 
 GIB = 2**30
 # 65536x1024 is left out by default: ~6 min of tiled on one core; pass it to --single to run it.
-DEFAULT_SINGLE = [f"{b}x{d}" for d in (512, 1024) for b in (4096, 8192, 16384, 32768)] + ["65536x512"]
+DEFAULT_SINGLE = tuple(f"{b}x{d}" for d in (512, 1024) for b in (4096, 8192, 16384, 32768)) + ("65536x512",)
+
+Impls = listed(str, ("naive", "tiled", "triton"))
+"""``clip_loss`` implementations, several: ``--impls naive tiled``."""
+
+
+@dataclass
+class LossMemoryOptions:
+    """Options of the CPU loss benchmark (``--field value`` or ``--field=value``)."""
+
+    out: str = ""
+    """JSON file for the results (default: the printed rows and table only)."""
+    single: Words = DEFAULT_SINGLE
+    """``BxD`` (global batch x embedding width) of the one-process runs; ``--single`` alone: none."""
+    tile: int = 1024
+    """``tile_size`` of the tiled loss."""
+    ranked: Words = ("16384x512", "32768x512")
+    """``BxD`` of the multi-rank runs (naive only at the first); ``--ranked`` alone: none."""
+    worlds: Ints = (2, 4)
+    """Rank counts of the multi-rank runs (gloo on this machine); ``--worlds`` alone: none."""
+    impls: Impls = ("naive", "tiled")
+    """Loss implementations measured (``clip_loss(impl=...)``)."""
+    repeats: int = 1
+    """Fresh processes per configuration; the table shows the fastest, the largest peak."""
+    mem_budget_gib: float | None = None
+    """Judge naive runs against this much memory instead of MemAvailable (e.g. 24 to reproduce
+    the 2-core, 24 GiB development machine)."""
+    threads: int = 1
+    """Torch threads per process (per rank); see docs/loss.md."""
+    child: Words = ()
+    """Internal: ``IMPL B D TILE WORLD THREADS`` of one configuration, run in this fresh process
+    (``run_config`` starts it); prints its result as one JSON line."""
 
 
 def _status_kb(field: str) -> int:
@@ -120,35 +153,11 @@ def run_config(impl: str, batch: int, dim: int, tile: int, world: int, threads: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="JSON file for the results")
-    parser.add_argument(
-        "--single", nargs="*", default=DEFAULT_SINGLE, help="BxD global batch x embedding size for one process"
-    )
-    parser.add_argument("--tile", type=int, default=1024)
-    parser.add_argument(
-        "--ranked",
-        nargs="*",
-        default=["16384x512", "32768x512"],
-        help="BxD global batch for the multi-rank runs (naive only at the first)",
-    )
-    parser.add_argument("--worlds", type=int, nargs="*", default=[2, 4])
-    parser.add_argument("--impls", nargs="+", default=["naive", "tiled"])
-    parser.add_argument(
-        "--repeats", type=int, default=1, help="fresh processes per config; the table shows the fastest"
-    )
-    parser.add_argument(
-        "--mem-budget-gib",
-        type=float,
-        default=None,
-        help="judge naive runs against this much memory instead of MemAvailable "
-        "(e.g. 24 to reproduce the 2-core, 24 GiB development machine)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (per rank); see docs/loss.md")
-    parser.add_argument("--child", nargs=6, metavar=("IMPL", "B", "D", "TILE", "WORLD", "THREADS"))
-    opts = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_benchmark(LossMemoryOptions, argv, command="python benchmarks/loss_memory.py")
     if opts.child:
+        if len(opts.child) != 6:
+            raise SystemExit("loss_memory: --child takes IMPL B D TILE WORLD THREADS")
         impl, *numbers = opts.child
         print(json.dumps(child(impl, *(int(n) for n in numbers))))
         return

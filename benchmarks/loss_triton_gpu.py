@@ -8,22 +8,44 @@ analytic gradient, independent of ``tritower.losses``), then times forward+backw
     PYTHONPATH=<dir holding a tritower -> repo symlink> \
         python benchmarks/loss_triton_gpu.py --out loss_triton_gpu.json
 
+The options are parsed with tyro: a bare GPU machine gets it (and its docstring_parser and
+typeguard) with the suite's wheels (``benchmarks/gpu_suite.sh``, ``.gpu/site`` on ``PYTHONPATH``).
+
 ``part_loss`` is the loss part of ``benchmarks/gpu_suite.py`` (B = 32k..256k, D = 1024, bf16).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from tritower.benchmarks.cli import Words, parse_benchmark
 from tritower.losses import clip_loss
 
-DEFAULT_SIZES = ["70x40", "1000x77", "4096x512", "16384x512", "32768x1024"]
+DEFAULT_SIZES = ("70x40", "1000x77", "4096x512", "16384x512", "32768x1024")
+
+
+@dataclass
+class LossTritonOptions:
+    """Options of the Triton loss check on a CUDA GPU (``--field value`` or ``--field=value``)."""
+
+    out: str
+    """JSON file for the results."""
+    sizes: Words = DEFAULT_SIZES
+    """``BxD`` entries (global batch x embedding width), e.g. ``--sizes 16384x512 32768x1024``."""
+    dtypes: Words = ("float32", "bfloat16")
+    """Feature dtypes (``torch`` names), each checked against float64 and timed."""
+    tile: int = 4096
+    """``tile_size`` of the tiled and Triton losses."""
+    repeats: int = 3
+    """Timed forward+backward passes per impl; the median is reported."""
+    tf32: bool = False
+    """Allow TF32 for float32 matmuls (faster naive/tiled fp32, less exact)."""
 
 
 def reference_float64(
@@ -146,15 +168,8 @@ def part_loss(ctx: object) -> None:
         del image, text, scale
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON file for the results")
-    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="BxD entries")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--tile", type=int, default=4096, help="tile_size of tiled/triton")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls")
-    opts = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_benchmark(LossTritonOptions, argv, command="python benchmarks/loss_triton_gpu.py")
     if opts.tf32:
         torch.set_float32_matmul_precision("high")
     rows = []

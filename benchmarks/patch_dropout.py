@@ -13,14 +13,35 @@ rounds is reported, and the ratio to keeping every patch is the number to compar
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+from tritower.benchmarks.cli import parse_benchmark
 from tritower.model import build_image_tower
+
+
+@dataclass
+class PatchDropoutOptions:
+    """Options of the patch-dropout benchmark (``--field value`` or ``--field=value``)."""
+
+    tower: str = "vit_scene_tiny"
+    """Image tower from the registry (a ViT: patch dropout drops its patch tokens)."""
+    batch: int = 128
+    """Images per step."""
+    keep: str = "1.0,0.75,0.5,0.25"
+    """Comma-separated fractions of patch tokens kept; the first is the base of the speed-ups."""
+    steps: int = 6
+    """Timed rounds; each fraction's median step is reported."""
+    warmup: int = 2
+    """Untimed rounds first (allocator and kernel caches settle)."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda[:N]``."""
+    out: str = ""
+    """Write the results as JSON here (default: the table only)."""
 
 
 def step_time(tower: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
@@ -34,16 +55,8 @@ def step_time(tower: torch.nn.Module, optimizer: torch.optim.Optimizer, images: 
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tower", default="vit_scene_tiny", help="image tower from the registry (a ViT)")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--keep", default="1.0,0.75,0.5,0.25", help="fractions of patch tokens kept")
-    parser.add_argument("--steps", type=int, default=6, help="timed rounds (median)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="", help="write the results as JSON here")
-    options = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    options = parse_benchmark(PatchDropoutOptions, argv, command="python benchmarks/patch_dropout.py")
 
     keeps = [float(k) for k in options.keep.split(",")]
     torch.manual_seed(0)

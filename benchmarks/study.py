@@ -1,4 +1,4 @@
-"""The LiT / Three Towers study at toy scale (issue 15): every tower setting at one fixed budget,
+"""The LiT / Three Towers study at toy scale: every tower setting at one fixed budget,
 over seeds, through the real trainer, against three kinds of pretrained image tower.
 
     nice -n 5 python benchmarks/study.py --out runs/study                  # full: 3 seeds (docs/study.md)
@@ -25,7 +25,6 @@ chart ``<out>/study_bars.png`` (``--json``/``--figure`` put them elsewhere).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -35,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tritower.benchmarks.cli import parse_benchmark
 from tritower.benchmarks.study_report import (
     ALPHAS,
     SHARED_SETTINGS,
@@ -44,6 +44,7 @@ from tritower.benchmarks.study_report import (
     format_expectations,
     format_table,
 )
+from tritower.benchmarks.study_towers import data_args, prepare_tower
 
 SETTINGS = ("uu", "Lu", "LU", "3T", "Uu", "UU", "UL", "uL", "LL")
 TOWERS = ("matched", "mismatched", "real")
@@ -55,7 +56,6 @@ QUICK_TOWERS = ("matched", "mismatched")
 # scene tower's whole step, unlocked ones several times that. By default it takes the settings the
 # expectations need (LiT and 3T); --real-all runs the rest.
 REAL_SETTINGS = ("Lu", "LU", "3T")
-TOWER_LABELS = {"matched": "colour_shape", "mismatched": "shape"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -111,6 +111,40 @@ TOY = Budget(
 )
 
 
+@dataclass
+class StudyOptions:
+    """Options of the study (``--field value`` or ``--field=value``)."""
+
+    out: str = "runs/study"
+    """Study folder: the towers, the runs, their results and the aggregate."""
+    quick: bool = False
+    """One seed, settings uu,Lu,3T,Uu,uL, towers matched,mismatched (about 10 min on 2 cores)."""
+    seeds: str = ""
+    """Comma-separated seeds (default 0,1,2; with ``--quick`` 0)."""
+    settings: str = ""
+    """Comma-separated subset of uu,Lu,LU,3T,Uu,UU,UL,uL,LL (default: all; ``--quick``: its five)."""
+    towers: str = ""
+    """Comma-separated subset of matched,mismatched,real (default: all; ``--quick``: the scene towers)."""
+    real_all: bool = False
+    """EfficientNet-Lite0 in every setting, not only Lu,LU,3T (at 224 px it is the costliest tower)."""
+    toy: bool = False
+    """Tiny towers and data: the code path in seconds per run, for tests; not for its numbers."""
+    steps: int = 0
+    """Override the per-run steps, warm-up a tenth of them (0 = the budget's)."""
+    pretrain_steps: int = 0
+    """Override the pretraining steps of the matched and mismatched towers (0 = the budget's)."""
+    eval_samples: int = -1
+    """Held-out images of each run's evaluation (-1 = the budget's, 0 = all)."""
+    threads: int = 0
+    """Torch threads (0 = torch's default, the cores; 1 avoids stalls on a machine shared with other jobs)."""
+    report_only: bool = False
+    """Train nothing: the table, checks and figure from the runs that have results."""
+    json: str = ""
+    """Aggregate JSON (default ``<out>/study.json``)."""
+    figure: str = ""
+    """Bar chart PNG (default ``<out>/study_bars.png``)."""
+
+
 @dataclass(frozen=True)
 class Run:
     """One training run of the study."""
@@ -140,110 +174,6 @@ def plan(settings: list[str], towers: list[str], seeds: list[int], real_all: boo
     return runs
 
 
-def _data_args(budget: Budget, cache: Path) -> list[str]:
-    return [f"--data.cache_dir={cache}", *(f"--data.{k}={v}" for k, v in budget.data.items())]
-
-
-def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
-    """Makes (once) and describes one pretrained image tower: its weights, architecture, its
-    held-out accuracy on its own labels and a linear probe on the captions' 30 colour x shape labels."""
-    folder = out / "towers" / kind
-    info_path = folder / "tower.json"
-    if info_path.exists():
-        return json.loads(info_path.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    if kind == "real":
-        from tritower.launch.tools.convert_efficientnet import main as convert
-
-        weights = folder / "efficientnet_lite0.safetensors"
-        if convert(["--out", str(weights)]) != 0:
-            raise RuntimeError("convert_efficientnet failed (see its message above)")
-        info = {"arch": "efficientnet_lite0", "labels": "ImageNet-1k", "own_accuracy": None}
-        info["embeddings"] = precompute_embeddings(weights, folder / "embeddings", budget, cache)
-    else:
-        from tritower.launch.tools.pretrain_image import SIDECAR, parse_args, pretrain
-
-        argv = [
-            f"--tower={budget.image_tower}",
-            f"--labels={TOWER_LABELS[kind]}",
-            f"--steps={budget.pretrain_steps}",
-            f"--batch_size={budget.pretrain_batch}",
-            f"--warmup_steps={max(1, budget.pretrain_steps // 10)}",
-            f"--out={folder}",
-            *_data_args(budget, cache),
-        ]
-        config = parse_args(argv)
-        previous = folder / SIDECAR
-        # A tower pretrained into this folder with the same options (by an interrupted study, or by
-        # pretrain_image itself with --out=<folder>) is reused: pretraining is the costliest step.
-        sidecar = json.loads(previous.read_text()) if previous.exists() else None
-        if sidecar is None or any(sidecar["config"].get(k) != v for k, v in _pretrain_options(config).items()):
-            sidecar = pretrain(config)
-        weights = folder / "image_tower.safetensors"
-        info = {"arch": budget.image_tower, "labels": TOWER_LABELS[kind], "own_accuracy": sidecar["held_out_accuracy"]}
-        info["command"] = "python launch/tools/pretrain_image.py " + " ".join(argv)
-    info |= {"weights": str(weights), "probe_top1": probe_accuracy(info["arch"], weights, budget, cache)}
-    info["prepare_s"] = round(time.time() - started, 1)
-    info_path.write_text(json.dumps(info, indent=1) + "\n")
-    return info
-
-
-def precompute_embeddings(weights: Path, folder: Path, budget: Budget, cache: Path) -> str:
-    """EfficientNet-Lite0's embeddings of the training scenes, once per study
-    (``launch/tools/precompute.py``, one fixed 224 px crop per scene): its runs then never run
-    the locked tower on training images (``Lu``, ``LU``, ``LL``: the tower is not even built). A run's budget
-    is under one epoch of the 20,000 scenes, so one crop per scene is what random crops would
-    have given it too. Evaluation still runs the tower on the held-out images."""
-    from tritower.launch.tools.precompute import main as precompute
-
-    if (folder / "meta.json").exists():
-        return str(folder)
-    argv = ["--tower=efficientnet_lite0", f"--checkpoint={weights}", "--shards=builtin", "--experiment=clip_tiny"]
-    argv += [f"--out={folder}", "--num_workers=1", "--overwrite", *_data_args(budget, cache)]
-    if precompute(argv) != 0:
-        raise RuntimeError("precompute failed (see its message above)")
-    return str(folder)
-
-
-def _pretrain_options(config: object) -> dict:
-    """The options that make two pretrained towers the same tower."""
-    keys = (
-        "tower",
-        "labels",
-        "steps",
-        "batch_size",
-        "lr",
-        "warmup_steps",
-        "seed",
-        "single_shape_only",
-        "shape_fraction",
-    )
-    return {k: getattr(config, k) for k in keys}
-
-
-def probe_accuracy(arch: str, weights: Path, budget: Budget, cache: Path) -> float:
-    """Logistic-regression probe on the tower's features of the held-out scenes (half fit, half
-    scored) over the 30 colour x shape classes: how much of what the captions say the tower sees."""
-    import torch
-
-    from tritower.data import build_tokenizer, ensure_builtin_data, load_eval_set
-    from tritower.data.config import DataConfig
-    from tritower.evaluation.linear_probe import logistic_probe_metrics
-    from tritower.model import image_tower_spec, load_image_tower
-
-    data = DataConfig(cache_dir=str(cache), **{k: type(getattr(DataConfig(), k))(v) for k, v in budget.data.items()})
-    builtin = ensure_builtin_data(data)
-    spec = image_tower_spec(arch)
-    evalset = load_eval_set(
-        builtin.eval_shards, build_tokenizer(str(builtin.vocab_path)), spec.image_size, spec.mean, spec.std, 8
-    )
-    tower = load_image_tower(arch, weights).eval()
-    with torch.no_grad():
-        features = torch.cat([tower(chunk) for chunk in evalset.images.split(128)])
-    return logistic_probe_metrics(features, evalset.labels, C=10.0)["linear_probe_top1"]
-
-
 def train_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache: Path) -> list[str]:
     """The trainer's command line of one run (what ``deepspeed launch/train.py`` would take)."""
     image, text = run.setting[0], run.setting[1]
@@ -265,7 +195,7 @@ def train_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cac
         f"--eval.max_samples={budget.eval_samples}",
         "--checkpoint.save_at_end=false",
         "--wandb.mode=disabled",
-        *_data_args(budget, cache),
+        *data_args(budget, cache),
     ]
     if run.setting == "3T":
         tower = towers[run.tower]
@@ -353,28 +283,9 @@ def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
     return names
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/study", help="study folder (towers, runs, results)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"1 seed, settings {','.join(QUICK_SETTINGS)}, towers {','.join(QUICK_TOWERS)}",
-    )
-    parser.add_argument("--seeds", default="", help="comma-separated seeds (default 0,1,2; --quick: 0)")
-    parser.add_argument("--settings", default="", help=f"comma-separated subset of {','.join(SETTINGS)}")
-    parser.add_argument("--towers", default="", help=f"comma-separated subset of {','.join(TOWERS)}")
-    parser.add_argument("--real-all", action="store_true", help=f"EfficientNet-Lite0 beyond {','.join(REAL_SETTINGS)}")
-    parser.add_argument("--toy", action="store_true", help="tiny towers and data: the code path, for tests")
-    parser.add_argument("--steps", type=int, default=0, help="override the per-run steps")
-    parser.add_argument("--pretrain-steps", type=int, default=0, help="override the towers' pretraining steps")
-    parser.add_argument("--eval-samples", type=int, default=-1, help="held-out images per run's evaluation")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, the cores)")
-    parser.add_argument("--report-only", action="store_true", help="train nothing: report the runs that have results")
-    parser.add_argument("--json", default="", help="aggregate JSON (default <out>/study.json)")
-    parser.add_argument("--figure", default="", help="bar chart PNG (default <out>/study_bars.png)")
-    options = parser.parse_args(argv)
-
+def main(argv: list[str] | None = None) -> int:
+    options = parse_benchmark(StudyOptions, argv, command="python benchmarks/study.py", example="--quick --out runs/q")
+    argv = sys.argv[1:] if argv is None else argv
     budget = TOY if options.toy else FULL
     if options.steps:
         budget = replace(budget, steps=options.steps, warmup=max(1, options.steps // 10))

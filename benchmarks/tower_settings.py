@@ -35,214 +35,66 @@ docs/tower_settings_benchmark.md.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from tritower.data.config import DataConfig
-from tritower.launch.config import TrainConfig
-from tritower.launch.engine.config import DeepSpeedConfig
-from tritower.launch.towers.model_setup import TowerInputs, build_towers
-from tritower.losses import LossConfig, build_objective
-from tritower.model import (
-    LockedTower,
-    ModelConfig,
-    TowerConfig,
-    build_image_tower,
-    build_text_tower,
-    image_tower_spec,
-    parse_setting,
-    text_tower_spec,
-)
+from tritower.benchmarks.cli import listed, parse_benchmark
+from tritower.benchmarks.tower_settings_runner import REFERENCE, SETTINGS, Runner, clock, step_extra_bytes
+from tritower.model import LockedTower, build_image_tower, build_text_tower, image_tower_spec, text_tower_spec
 
 MIB = 2**20
-# data.embeddings only has to be non-empty for build_towers to leave the tower out.
-PRECOMPUTED_SOURCE = "benchmark: fixed random tensor"
+Settings = listed(str, tuple(SETTINGS))
+"""Names of settings, several: ``--settings Lu 3T_precomputed``."""
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One benchmarked configuration and its cost in the FLOP model."""
+@dataclass
+class TowerSettingsOptions:
+    """Options of the tower-settings benchmark (``--field value`` or ``--field=value``)."""
 
-    name: str
-    """Key in the results (``Uu``, ``Lu``, ``Lu_precomputed``, ``3T``, ``3T_precomputed``)."""
-    setting: str
-    """``model.setting``."""
-    precomputed: bool
-    """The locked image tower (Lu) or third tower (3T) comes as precomputed embeddings."""
-    trained: tuple[str, ...]
-    """Towers that train: 3 forward passes each."""
-    locked: tuple[str, ...]
-    """Towers run locked, under inference mode: 1 forward pass each."""
-
-    def model_cost(self, forward: dict[str, float]) -> float:
-        """The FLOP model's cost of one step from each tower's forward cost (seconds or FLOPs):
-        3 per trained tower, 1 per locked one, 0 per precomputed one."""
-        return 3 * sum(forward[t] for t in self.trained) + sum(forward[t] for t in self.locked)
-
-
-SETTINGS = {
-    s.name: s
-    for s in (
-        Setting("Uu", "Uu", False, ("image", "text"), ()),
-        Setting("Lu", "Lu", False, ("text",), ("image",)),
-        Setting("Lu_precomputed", "Lu", True, ("text",), ()),
-        Setting("3T", "3T", False, ("image", "text"), ("third",)),
-        Setting("3T_precomputed", "3T", True, ("image", "text"), ()),
-    )
-}
-REFERENCE = "Uu"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _clock(device: torch.device) -> float:
-    _sync(device)
-    return time.perf_counter()
-
-
-def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class Runner:
-    """One setting's model, locked towers, optimizer and batch; ``step`` is one training step."""
-
-    def __init__(
-        self,
-        setting: Setting,
-        opts: argparse.Namespace,
-        weights: dict[str, str],
-        shared_batch: dict[str, torch.Tensor],
-        device: torch.device,
-    ) -> None:
-        self.setting, self.device = setting, device
-        parsed = parse_setting(setting.setting)
-        image_weights = weights[opts.image_tower] if parsed.pretrained("image") else ""
-        third = TowerConfig(opts.third_tower, weights[opts.third_tower]) if parsed.three_towers else TowerConfig()
-        model_cfg = ModelConfig(
-            image=TowerConfig(opts.image_tower, image_weights),
-            text=TowerConfig(opts.text_tower),
-            third=third,
-            embed_dim=opts.embed_dim,
-            setting=setting.setting,
-        )
-        self.cfg = TrainConfig(
-            model=model_cfg,
-            data=DataConfig(embeddings=PRECOMPUTED_SOURCE if setting.precomputed else ""),
-            deepspeed=DeepSpeedConfig(precision=opts.precision),
-            loss=LossConfig(),
-        )
-        torch.manual_seed(opts.seed)
-        towers = build_towers(self.cfg, vocab_size=opts.vocab_size)
-        self.towers, self.model = towers, towers.model.to(device).train()
-        towers.locked.to(device)
-        optim = self.cfg.optim
-        self.optimizer = torch.optim.AdamW(towers.groups, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-        # Parameters stay fp32 (no DeepSpeed to cast them); bf16 is autocast on the trainable
-        # forward here and inside LockedTower.encode (build_towers sets it from the precision).
-        self.inputs = TowerInputs(self.cfg, towers, self.model, device, torch.float32)
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if opts.precision == "bf16" else contextlib.nullcontext()
-        )
-        self.objective = build_objective(self.cfg.loss, three_towers=self.cfg.model.parsed.three_towers)
-        self.batch = dict(shared_batch)
-        if setting.precomputed:
-            tower = opts.third_tower if parsed.three_towers else opts.image_tower
-            generator = torch.Generator().manual_seed(opts.seed + 1)
-            self.batch["embedding"] = torch.randn(opts.batch, image_tower_spec(tower).width, generator=generator).to(
-                device
-            )
-        self.index = 0
-        self.loss = float("nan")
-
-    def step(self) -> dict[str, float]:
-        """One training step; seconds of its phases (locked towers, forward + loss, backward,
-        optimizer) and ``total``."""
-        marks = [_clock(self.device)]
-        kwargs = self.inputs(self.batch, self.index)  # the locked towers run here
-        marks.append(_clock(self.device))
-        with self.autocast:
-            out = self.model(**kwargs)
-        # fp32 loss whatever the towers' precision, as the trainer's compute_loss.
-        out = {key: value.float() for key, value in out.items()}
-        loss = self.objective(out)["loss"]
-        marks.append(_clock(self.device))
-        loss.backward()
-        marks.append(_clock(self.device))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        marks.append(_clock(self.device))
-        self.index += 1
-        self.loss = float(loss.detach())
-        phases = ("locked", "forward", "backward", "optimizer")
-        times = {phase: b - a for phase, a, b in zip(phases, marks, marks[1:])}
-        times["total"] = marks[-1] - marks[0]
-        return times
-
-    def state_bytes(self) -> int:
-        """Parameters, buffers and optimizer state of the model and its locked towers."""
-        modules = [self.model, *self.towers.locked.modules().values()]
-        state = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        state += [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        return _tensor_bytes(state)
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, locked) parameters; a precomputed tower counts as neither."""
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        locked = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
-        locked += sum(p.numel() for m in self.towers.locked.modules().values() for p in m.parameters())
-        return trainable, locked
-
-
-# -- memory ------------------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _release_heap() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # glibc only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def step_extra_bytes(runner: Runner) -> int:
-    """Memory one step adds on top of what exists before it (see the module docstring)."""
-    device = runner.device
-    if device.type == "cuda":
-        gc.collect()
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        runner.step()
-        return torch.cuda.max_memory_allocated(device) - before
-    _release_heap()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
-    before = _status_kb("VmRSS") * 1024
-    runner.step()
-    return _status_kb("VmHWM") * 1024 - before
+    image_tower: str = "vit_scene_tiny"
+    """Registry image tower; Lu and 3T lock a freshly initialised copy saved as its weights."""
+    text_tower: str = "bert_scene_tiny"
+    """Registry text tower, trained from scratch in every setting."""
+    third_tower: str = ""
+    """3T's third tower, an image tower from the registry (default: the image tower)."""
+    batch: int = 256
+    """Samples per step (at least 2: the contrastive loss needs negatives)."""
+    steps: int = 40
+    """Timed rounds; each setting's median step is reported."""
+    warmup: int = 3
+    """Untimed rounds first (allocator and kernel caches settle)."""
+    threads: int = len(os.sched_getaffinity(0))
+    """Torch intra-op threads (default: the CPUs this process may use)."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda[:N]``."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: autocast on the trainable forward and the locked towers; the loss stays fp32."""
+    vocab_size: int = 1024
+    """Text token table rows."""
+    embed_dim: int = 128
+    """``model.embed_dim``: width of the joint embedding."""
+    settings: Settings = tuple(SETTINGS)
+    """Settings to run, e.g. ``--settings Lu 3T`` (Uu always runs: the ratios are to it)."""
+    tolerance: float = 0.15
+    """Allowed relative error of each setting's step-time ratio to Uu against the FLOP model's."""
+    no_flops: bool = False
+    """Skip the FLOP count (FlopCounterMode runs one more step of every setting)."""
+    seed: int = 0
+    """Seed of the towers' initialisation and of the batch."""
+    out: str = ""
+    """Write the results as JSON here (default: the tables only)."""
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -254,7 +106,7 @@ def save_image_weights(name: str, folder: Path) -> str:
 
 
 def forward_probes(
-    opts: argparse.Namespace, batch: dict[str, torch.Tensor], device: torch.device
+    opts: TowerSettingsOptions, batch: dict[str, torch.Tensor], device: torch.device
 ) -> dict[str, tuple[LockedTower, tuple[torch.Tensor, ...]]]:
     """{tower role: (tower, inputs)}: each tower alone, run as a locked tower (F of the model)."""
     autocast = torch.bfloat16 if opts.precision == "bf16" else None
@@ -280,9 +132,9 @@ def forward_probes(
 
 
 def time_forward(tower: LockedTower, inputs: tuple[torch.Tensor, ...], device: torch.device) -> float:
-    start = _clock(device)
+    start = clock(device)
     tower.encode(*inputs)
-    return _clock(device) - start
+    return clock(device) - start
 
 
 def count_flops(run: Callable[[], object]) -> int:
@@ -291,51 +143,20 @@ def count_flops(run: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def parse_options(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-tower", default="vit_scene_tiny", help="registry image tower")
-    parser.add_argument("--text-tower", default="bert_scene_tiny", help="registry text tower")
-    parser.add_argument("--third-tower", default="", help="3T's third tower ('' = image tower)")
-    parser.add_argument("--batch", type=int, default=256, help="samples per step")
-    parser.add_argument("--steps", type=int, default=40, help="timed rounds (median)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="torch intra-op threads (default: the CPUs this process may use)",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument(
-        "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="bf16: autocast on the trainable forward and the locked towers",
-    )
-    parser.add_argument("--vocab-size", type=int, default=1024, help="text token table rows")
-    parser.add_argument("--embed-dim", type=int, default=128, help="model.embed_dim")
-    parser.add_argument(
-        "--settings",
-        nargs="+",
-        default=list(SETTINGS),
-        choices=list(SETTINGS),
-        help=f"settings to run ({REFERENCE} is always run: ratios are to it)",
-    )
-    parser.add_argument("--tolerance", type=float, default=0.15, help="allowed relative error of each ratio to Uu")
-    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="", help="write the results as JSON here")
-    opts = parser.parse_args(argv)
+def options_from(argv: list[str] | None) -> TowerSettingsOptions:
+    """The options of ``argv``: the third tower filled in, the reference setting added."""
+    opts = parse_benchmark(TowerSettingsOptions, argv, command="python benchmarks/tower_settings.py")
     opts.third_tower = opts.third_tower or opts.image_tower
-    opts.settings = [name for name in SETTINGS if name == REFERENCE or name in opts.settings]
+    opts.settings = tuple(name for name in SETTINGS if name == REFERENCE or name in opts.settings)
     if opts.steps < 1 or opts.warmup < 0 or opts.batch < 2:
-        parser.error("need --steps >= 1, --warmup >= 0 and --batch >= 2")
+        print("tower_settings: error: need --steps >= 1, --warmup >= 0 and --batch >= 2", file=sys.stderr)
+        raise SystemExit(2)
     return opts
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the benchmark, prints the tables, writes ``--out``; returns the results."""
-    opts = parse_options(argv)
+    opts = options_from(argv)
     torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
     load_before = os.getloadavg()[0]
