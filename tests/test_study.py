@@ -1,4 +1,4 @@
-"""The LiT / 3T study (issue 15, ``benchmarks/study.py``): its aggregation and the papers'
+"""The LiT / 3T study (``benchmarks/study.py``): its aggregation and the papers'
 expectations against hand-computed numbers, its plan, and (launch) the quick code path end to end
 at toy size through the real trainer: the code path, not its numbers.
 
