@@ -27,7 +27,7 @@ KINDS: tuple[str, ...] = ("zeroshot", "retrieval", "linear_probe")
 AUTO_KINDS: tuple[str, ...] = ("zeroshot", "retrieval")
 """What ``auto`` runs when the set supports it (probes only when asked for: they fit models)."""
 
-COUNTS = frozenset({"eval_samples", "eval_bad", "zeroshot_unlabelled"})
+COUNTS = frozenset({"eval_samples", "eval_bad", "eval_nonfinite", "zeroshot_unlabelled"})
 """Metric names that are sample counts, not fractions (printed as integers)."""
 
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -105,8 +105,14 @@ def plan_kinds(
 def metrics_of(
     features: SetFeatures, kinds: tuple[str, ...], classifier: torch.Tensor | None, probe: ProbeOptions
 ) -> dict[str, float]:
-    """Every metric of ``kinds`` from a set's features (``classifier``: [C, D] zero-shot weights)."""
-    metrics: dict[str, float] = {}
+    """Every metric of ``kinds`` from a set's features (``classifier``: [C, D] zero-shot weights).
+
+    Non-finite features (a diverged model) are not scored: every metric they enter is NaN, and
+    ``eval_nonfinite`` counts the feature rows (images, captions, classes) that were not finite."""
+    rows = [features.image, features.text] + ([classifier] if classifier is not None else [])
+    metrics: dict[str, float] = {
+        "eval_nonfinite": float(sum(int((~torch.isfinite(r)).any(dim=1).sum()) for r in rows if r.numel()))
+    }
     if "zeroshot" in kinds:
         assert classifier is not None
         metrics.update(topk_accuracy(features.image, classifier, features.labels))

@@ -47,15 +47,20 @@ class DivergenceGuard:
     def must_stop(self) -> bool:
         return self.in_row >= self.max_in_row
 
-    def stop(self, step: int, checkpointer: Checkpointer, is_main: bool, lr: float) -> tuple[dict, str]:
+    def stop(
+        self, step: int, checkpointer: Checkpointer, is_main: bool, lr: float, ended: bool = False
+    ) -> tuple[dict, str]:
         """Mark the suspect tag (rank 0) and return the ``train_log.jsonl`` record and the one-line
-        message of the stop."""
+        message of the stop. ``ended``: the last step came inside a streak shorter than the limit;
+        such a run did not finish either (its weights gave a non-finite loss last)."""
         first = step - self.in_row + 1
         good = checkpointer.folder / self.verified_tag if self.verified_tag else None
         if is_main and self.last_tag and self.last_tag != self.verified_tag:
             checkpointer.mark_suspect(self.last_tag, f"its weights gave the non-finite loss of step {first}", good)
         record = {"step": step, "event": "diverged", "good_checkpoint": str(good) if good else None}
         reason = f"{self.in_row} non-finite losses in a row (steps {first}-{step})"
+        if ended:
+            reason = f"the run ended inside a streak of {reason}, so its last weights are not good"
         return record, f"tritower: stopped: {reason}; {divergence_advice(good, lr)}. Exit code 3."
 
 

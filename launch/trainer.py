@@ -217,9 +217,13 @@ class Trainer:
         """Count a skipped step; too many in a row stop the run (exit code 3), naming the newest
         checkpoint whose weights gave a finite loss and how to resume from it (``divergence.py``)."""
         self.log(self.guard.nonfinite(self.step, loss))
-        if not self.guard.must_stop:
-            return
-        record, message = self.guard.stop(self.step, self.checkpointer, self.env.is_main, self.cfg.optim.lr)
+        if self.guard.must_stop:
+            self.diverge()
+
+    def diverge(self, ended: bool = False) -> None:
+        """Stop as diverged (exit code 3): too many non-finite losses in a row, or (``ended``) the
+        last step inside a shorter streak: no checkpoint, no final evaluation, no metrics.json."""
+        record, message = self.guard.stop(self.step, self.checkpointer, self.env.is_main, self.cfg.optim.lr, ended)
         self.append_log(record)
         if self.env.is_main:
             print(message, file=sys.stderr, flush=True)
@@ -301,6 +305,8 @@ class Trainer:
                 self.wandb.finish({"preempted_at_step": self.step})
                 raise Preempted(agreed=True)
         wall = time.time() - started
+        if self.guard.inside_streak:  # the last weights gave a non-finite loss: not a finished run
+            self.diverge(ended=True)
         # The last checkpoint comes before the last evaluation: an evaluation that fails cannot cost the run.
         if cfg.checkpoint.save_at_end and self.last_save[0] != self.step:
             self.save("end of training")

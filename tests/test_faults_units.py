@@ -1,0 +1,60 @@
+"""Faults and bad input found without starting a process: what evaluation does with the features
+of a diverged model, the checks ``validate`` makes, what a resume compares, the health rule of
+the divergence guard, and the run-folder lock under a race.
+
+Each test reproduces one failure a probe of 2-rank runs found; the launches that need real ranks
+are in ``test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tritower.evaluation import ProbeOptions, metrics_of, retrieval_metrics, topk_accuracy
+from tritower.evaluation.features import SetFeatures
+from tritower.evaluation.linear_probe import fewshot_metrics, logistic_probe_metrics
+
+# ---- NaN features are not scored -------------------------------------------------------------
+
+
+def _features(n: int = 12, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1)
+    text = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1)
+    return image, text
+
+
+def test_nan_features_score_nan_not_one() -> None:
+    """A diverged model's features are NaN: every comparison with NaN is false, which made each
+    query a certain hit (top-1 1.000, every R@k 1.000)."""
+    image, text = _features()
+    nan = torch.full_like(image, float("nan"))
+    for name, value in retrieval_metrics(nan, nan, torch.arange(len(nan))).items():
+        assert math.isnan(value), (name, value)
+    labels = torch.arange(len(image)) % 3
+    classifier = torch.full((3, image.shape[1]), float("nan"))
+    for name, value in topk_accuracy(nan, classifier, labels).items():
+        if name != "zeroshot_unlabelled":
+            assert math.isnan(value), (name, value)
+    assert all(math.isnan(v) for v in fewshot_metrics(nan, labels, (1, 2)).values())
+    assert math.isnan(logistic_probe_metrics(nan, labels)["linear_probe_top1"])
+    # One NaN image among finite ones: that image's queries are not scored, so the mean is NaN too.
+    image[3, 0] = float("nan")
+    assert math.isnan(retrieval_metrics(image, text, torch.arange(len(image)))["image_to_text_R@1"])
+
+
+def test_metrics_count_the_nonfinite_feature_rows() -> None:
+    image, text = _features()
+    image[[1, 5]] = float("inf")
+    text[2, 0] = float("nan")
+    labels = torch.arange(len(image)) % 3
+    classifier = torch.nn.functional.normalize(torch.randn(3, image.shape[1]), dim=1)
+    features = SetFeatures(image=image, labels=labels, text=text, caption_to_image=torch.arange(len(image)))
+    metrics = metrics_of(features, ("zeroshot", "retrieval"), classifier, ProbeOptions())
+    assert metrics["eval_nonfinite"] == 3
+    assert math.isnan(metrics["zeroshot_top1"]) and math.isnan(metrics["text_to_image_R@5"])
+    finite = SetFeatures(image=_features()[0], labels=labels, text=_features()[1], caption_to_image=torch.arange(12))
+    clean = metrics_of(finite, ("retrieval",), None, ProbeOptions())
+    assert clean["eval_nonfinite"] == 0 and 0 <= clean["image_to_text_R@1"] <= 1
