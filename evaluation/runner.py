@@ -9,6 +9,7 @@ cannot support is skipped with its reason.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from tritower.data.eval_formats import imagenet_classnames
 from tritower.data.eval_set import EvalBatch, in_memory_batches
 from tritower.data.samples import BadDataStats
 from tritower.evaluation.features import ProgressReporter, SetFeatures, encode_set
@@ -89,6 +91,12 @@ def plan_kinds(
         "linear_probe": None if has_labels else "no labels in its samples",
     }
     label = f"eval set {name!r}" if name else "the eval set (data.eval_shards)"
+    duplicated = sorted(n for n, count in Counter(classnames).items() if count > 1)
+    if duplicated and list(classnames) != imagenet_classnames():  # CLIP's own list has two: kept as CLIP has them
+        raise EvalSetError(
+            f"{label}: class names {', '.join(map(repr, duplicated[:5]))} appear more than once: zero-shot would "
+            "score identical prompts as ties. Give each class its own name (classnames.txt, one per line)"
+        )
     if requested is not None:
         for kind in requested:
             if kind not in KINDS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 
 from tritower.data.config import DataConfig
@@ -219,8 +220,9 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be a positive finite number, got {cfg.optim.lr}")
+    _validate_ranges(cfg)
     if cfg.train.micro_batch_size < 0:
         raise ConfigError(f"train.micro_batch_size must be >= 0, got {cfg.train.micro_batch_size}")
     if cfg.optim.warmup_steps < 0 or cfg.eval.every_steps < 0:
@@ -233,6 +235,34 @@ def validate(cfg: TrainConfig) -> None:
             f"exceed train.steps={cfg.train.steps}"
         )
     _validate_three_towers(cfg)
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    """Numbers that torch or the checkpointer would take and fail on later (or silently misuse),
+    and a run name that would put the run folder outside ``train.output_dir``."""
+    o, c = cfg.optim, cfg.checkpoint
+    for key, value in {"optim.beta1": o.beta1, "optim.beta2": o.beta2}.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    for key, value in {"optim.eps": o.eps, "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
+                       "optim.min_lr_ratio": o.min_lr_ratio, "checkpoint.every_minutes": c.every_minutes}.items():  # fmt: skip
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+    for key, value in {"checkpoint.every_steps": c.every_steps, "checkpoint.keep_last": c.keep_last,
+                       "checkpoint.keep_every_steps": c.keep_every_steps}.items():  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
+    if cfg.train.max_nonfinite_in_row < 1:
+        raise ConfigError(
+            f"train.max_nonfinite_in_row must be >= 1 (non-finite losses in a row that stop the run), "
+            f"got {cfg.train.max_nonfinite_in_row}"
+        )
+    name = cfg.train.run_name
+    if name and (name in (".", "..") or "/" in name or "\\" in name or name != name.strip()):
+        raise ConfigError(
+            f"train.run_name={name!r} must be one folder name (no '/', no '..'): the run folder is "
+            "train.output_dir/train.run_name; pass --train.output_dir to put runs elsewhere"
+        )
 
 
 def _validate_three_towers(cfg: TrainConfig) -> None:

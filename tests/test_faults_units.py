@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 
 from tritower.evaluation import ProbeOptions, metrics_of, retrieval_metrics, topk_accuracy
@@ -58,3 +60,42 @@ def test_metrics_count_the_nonfinite_feature_rows() -> None:
     finite = SetFeatures(image=_features()[0], labels=labels, text=_features()[1], caption_to_image=torch.arange(12))
     clean = metrics_of(finite, ("retrieval",), None, ProbeOptions())
     assert clean["eval_nonfinite"] == 0 and 0 <= clean["image_to_text_R@1"] <= 1
+
+
+# ---- values validate() refuses, before anything is built -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("--optim.lr=nan", "optim.lr"),
+        ("--optim.lr=inf", "optim.lr"),
+        ("--optim.beta2=1.5", "optim.beta2"),
+        ("--optim.beta1=-0.1", "optim.beta1"),
+        ("--optim.eps=nan", "optim.eps"),
+        ("--checkpoint.every_steps=-1", "checkpoint.every_steps"),
+        ("--checkpoint.keep_last=-1", "checkpoint.keep_last"),
+        ("--checkpoint.every_minutes=-5", "checkpoint.every_minutes"),
+        ("--train.max_nonfinite_in_row=0", "train.max_nonfinite_in_row"),
+        ("--train.run_name=../x", "train.run_name"),
+        ("--train.run_name=a/b", "train.run_name"),
+        ("--train.run_name=..", "train.run_name"),
+    ],
+)
+def test_values_torch_or_the_checkpointer_would_misuse_are_refused(override: str, named: str) -> None:
+    from tritower.launch.cli import load_config
+    from tritower.launch.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        load_config(["--experiment=clip_test", override])
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_duplicate_class_names_are_refused_except_clips_own_imagenet_list() -> None:
+    from tritower.data.eval_formats import imagenet_classnames
+    from tritower.evaluation import EvalSetError, plan_kinds
+
+    sets = dict(has_captions=False, has_labels=True, templates=["a photo of a {}."])
+    with pytest.raises(EvalSetError, match="'cat' appear more than once"):
+        plan_kinds("pets", None, classnames=["cat", "dog", "cat"], **sets)
+    assert plan_kinds("in1k", None, classnames=imagenet_classnames(), **sets).kinds == ("zeroshot",)
