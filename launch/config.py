@@ -244,12 +244,13 @@ def _validate_ranges(cfg: TrainConfig) -> None:
     for key, value in {"optim.beta1": o.beta1, "optim.beta2": o.beta2}.items():
         if not 0 <= value < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
-    for key, value in {"optim.eps": o.eps, "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
-                       "optim.min_lr_ratio": o.min_lr_ratio, "checkpoint.every_minutes": c.every_minutes}.items():  # fmt: skip
+    finite = {"optim.eps": o.eps, "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}
+    finite |= {"optim.min_lr_ratio": o.min_lr_ratio, "checkpoint.every_minutes": c.every_minutes}
+    for key, value in finite.items():
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
-    for key, value in {"checkpoint.every_steps": c.every_steps, "checkpoint.keep_last": c.keep_last,
-                       "checkpoint.keep_every_steps": c.keep_every_steps}.items():  # fmt: skip
+    counts = {"checkpoint.every_steps": c.every_steps, "checkpoint.keep_last": c.keep_last}
+    for key, value in (counts | {"checkpoint.keep_every_steps": c.keep_every_steps}).items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
     if cfg.train.max_nonfinite_in_row < 1:

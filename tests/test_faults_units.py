@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 import torch
 
 from tritower.evaluation import ProbeOptions, metrics_of, retrieval_metrics, topk_accuracy
