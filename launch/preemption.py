@@ -182,6 +182,17 @@ class Preempted(SystemExit):
         self.agreed = agreed
 
 
+
+
+
+class AlreadyFinished(SystemExit):
+    """Raised (after its line is printed) when ``--resume`` names a run that already finished:
+    exit code 0, nothing trained or written (a requeued job of a finished run ends here)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
 class Diverged(SystemExit):
     """Raised (after its message is printed) when too many losses in a row were non-finite."""
 

@@ -64,6 +64,9 @@ class RunFolder:
     """(checkpoints folder, tag) to resume from, or None to start fresh."""
     warnings: list[str] = field(default_factory=list)
     """Things to say: a stale lock taken over, newer incomplete checkpoints skipped."""
+    finished: str = ""
+    """Set when ``--resume`` names a run that already finished (its ``metrics.json`` reached
+    ``train.steps``): the line saying so. Nothing is trained or written then."""
 
 
 def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFolder:
@@ -116,6 +119,10 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
             f"run folder {run_dir} already holds checkpoints of an earlier run ({', '.join(tags[-3:]) or 'latest'}): "
             "pass --resume auto to continue it, or a new --train.run_name to start another run"
         )
+    if cfg.checkpoint.resume:
+        folder.finished = finished_run(run_dir, cfg.train.steps)
+        if folder.finished:
+            return folder
     folder.resume, manifest, notes = pick_resume(cfg.checkpoint.resume, checkpoints)
     folder.warnings += notes
     if folder.resume is not None and manifest:
@@ -123,6 +130,24 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
         config = cfg.to_dict()
         check_manifest(manifest, where, world_size=world_size, model=config["model"], data=data_identity(config))
     return folder
+
+
+def finished_run(run_dir: Path, steps: int) -> str:
+    """The line for a run whose ``metrics.json`` says it reached ``steps`` already ("" if not):
+    resuming it (a requeued job, ``--resume auto`` typed again) must not overwrite its result."""
+    import json
+
+    try:
+        done = int(json.loads((run_dir / "metrics.json").read_text()).get("step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return ""
+    if done < steps:
+        return ""
+    return (
+        f"run {run_dir} finished at step {done} (its result is {run_dir / 'metrics.json'}): nothing to do, "
+        f"nothing written. Pass a --train.steps above {done} to train it further, or a new "
+        "--train.run_name to start another run"
+    )
 
 
 def check_zero_policy(ds_config: dict, path: str) -> None:

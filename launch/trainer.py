@@ -33,7 +33,7 @@ from tritower.launch.model_setup import (
     text_tokenizer_source,
     unlock_events,
 )
-from tritower.launch.preemption import Diverged, Preempted, StopRequest
+from tritower.launch.preemption import AlreadyFinished, Diverged, Preempted, StopRequest
 from tritower.launch.progress import (
     agree_on_flags,
     data_quality,
@@ -71,6 +71,9 @@ class Trainer:
         # Every check that needs no engine, before the towers are built: the folder is writable
         # and this run's alone, and what --resume names is complete and fits this run.
         folder = prepare_run_folder(cfg, self.run_dir, self.env)
+        if folder.finished:
+            self.log(f"tritower: {folder.finished}")
+            raise AlreadyFinished()
         for warning in [*folder.warnings, *self.parsed.warnings]:  # parsed: image overrides unlike the weights' own
             self.log(f"tritower: warning: {warning}")
         if self.env.is_main:

@@ -157,6 +157,13 @@ def test_a_reused_folder_is_refused_and_a_held_one_names_its_holder(tmp_path: Pa
     assert code == 0, output[-3000:]
     assert f"took over the stale lock of pid {dead}" in output and "resumed from" in output
 
+    # Resuming the finished run (a requeued job, --resume auto typed again) keeps its result.
+    result = (run / "metrics.json").read_text()
+    code, output = _run(["--train.steps=5", "--resume=auto"], data_cache, out)
+    assert code == 0, output[-3000:]
+    assert "finished at step 5" in _one_message(output, "nothing to do")
+    assert (run / "metrics.json").read_text() == result and "parameters per tower" not in output
+
 
 # ---- 6 and 7. resume falls back; mismatches fail early, once --------------------------------
 
