@@ -182,7 +182,12 @@ class Preempted(SystemExit):
         self.agreed = agreed
 
 
+class EvalFailed(SystemExit):
+    """Raised at the end of a run (its checkpoint and metrics.json written, its line printed) when
+    an evaluation failed on bad eval input: exit code 2, fix the set and evaluate the checkpoint."""
 
+    def __init__(self) -> None:
+        super().__init__(CONFIG_EXIT_CODE)
 
 
 class AlreadyFinished(SystemExit):

@@ -33,7 +33,7 @@ from tritower.launch.model_setup import (
     text_tokenizer_source,
     unlock_events,
 )
-from tritower.launch.preemption import AlreadyFinished, Diverged, Preempted, StopRequest
+from tritower.launch.preemption import AlreadyFinished, Diverged, EvalFailed, Preempted, StopRequest
 from tritower.launch.progress import (
     agree_on_flags,
     data_quality,
@@ -120,6 +120,7 @@ class Trainer:
                 self.log(line)
 
         self.step = 0
+        self.eval_failures: list[tuple[int, str]] = []  # (step, error) of evaluations that failed
         self.guard = DivergenceGuard(cfg.train.max_nonfinite_in_row)
         self.checkpointer = Checkpointer.from_config(self.run_dir / "checkpoints", self.engine, cfg.checkpoint)
         wandb_id = self.restore(*folder.resume) if folder.resume is not None else None
@@ -237,7 +238,18 @@ class Trainer:
         if self.evaluator is None:
             return {}
         started = time.time()
-        metrics = self.evaluator()
+        try:
+            metrics = self.evaluator()
+        except ValueError as error:
+            # Bad eval input (a label beyond the class names, ...) is found in the gathered features,
+            # on every rank alike: every rank goes on training; the run ends with exit code 2.
+            self.eval_failures.append((self.step, str(error)))
+            self.log(
+                f"tritower: warning: evaluation at step {self.step} failed ({error}): not scored; training goes on "
+                "and its checkpoints are unaffected"
+            )
+            self.append_log({"step": self.step, "event": "eval_failed", "error": str(error)})
+            return {}
         self.log(eval_line(self.step, metrics, time.time() - started))
         self.append_log(eval_record(self.step, metrics))
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
@@ -322,12 +334,30 @@ class Trainer:
         final |= {"samples_per_s": round(trained * batch / wall, 1) if trained else 0.0}
         final |= {"nonfinite_steps": self.guard.total, "data_samples": quality["good"], "data_bad": quality["bad"]}
         final |= metrics
+        if self.eval_failures:
+            final |= {"eval_failed": len(self.eval_failures), "eval_error": self.eval_failures[-1][1]}
         if self.env.is_main:
             print(json.dumps(final), flush=True)
             write_json_atomic(self.run_dir / "metrics.json", final)
             write_curves(self.run_dir, cfg.log.curves)
         self.wandb.finish(final)
+        if self.eval_failures:
+            self.say_eval_failed()
+            raise EvalFailed()
         return final
+
+    def say_eval_failed(self) -> None:
+        """The one line of a run whose training finished but whose evaluation failed (exit code 2)."""
+        steps = ", ".join(str(step) for step, _ in self.eval_failures)
+        saved = f"{self.run_dir / 'checkpoints'}, {self.run_dir / 'metrics.json'} (training values only)"
+        if self.env.is_main:
+            print(
+                f"tritower: error: evaluation failed at step(s) {steps} ({self.eval_failures[-1][1]}); the training "
+                f"itself finished and is saved ({saved}): fix the eval set, then evaluate the checkpoint with "
+                "launch/tools/evaluate.py. Exit code 2.",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -270,3 +270,23 @@ def test_a_signal_to_any_process_of_the_run_checkpoints_and_stops_every_rank(
     # No rank's traceback (the deepspeed command's own KeyboardInterrupt after Ctrl-C is DeepSpeed's).
     assert not re.search(r"\[rank\d\]: Traceback", output), output[-3000:]
     assert status == code, output[-3000:]
+
+
+# ---- an evaluation that fails cannot lose the run ----------------------------------------------
+
+
+def test_an_eval_set_with_labels_beyond_its_class_names_costs_no_training(tmp_path: Path, data_cache: Path) -> None:
+    from test_eval_formats import clip_benchmark_sets
+
+    cls, _ = clip_benchmark_sets(tmp_path / "sets", n=6)
+    (cls / "classnames.txt").write_text("red\ngreen\n")  # its labels are 0, 1 and 2
+    run = tmp_path / "runs" / "run"
+    args = ["--train.steps=4", "--eval.every_steps=2", "--eval.at_end=true", f"--eval.sets=bad={cls}:zeroshot"]
+    code, output = _run([*args, "--checkpoint.every_steps=0"], data_cache, tmp_path / "runs")
+    assert code == 2, output[-3000:]
+    line = _one_message(output, "tritower: error: evaluation failed")
+    assert "at step(s) 2, 4" in line and "label 2 but only 2 class names" in line
+    assert len([x for x in output.splitlines() if "evaluation at step" in x and "training goes on" in x]) == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 4 and metrics["eval_failed"] == 2 and math.isfinite(metrics["loss"])
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000004"
