@@ -49,6 +49,19 @@ ARCHITECTURE_FIELDS = ("setting", "image_tower", "text_tower", "third_tower", "e
 """``model.*`` fields that shape the engine's parameters: a resume must not change them."""
 STREAM_FIELDS = ("data.train_shards", "data.train_weights", "data.resampled", "data.num_workers", "data.views",
                  "data.view_seed", "data.embeddings", "train.seed")  # fmt: skip
+TRAINING_FIELDS = ("zero_stage", "optim.name", "deepspeed.precision", "data.batch_size")
+"""What the saved optimizer state and data position are laid out for: DeepSpeed cannot load
+another ZeRO stage's partitions, another optimizer's state or another precision's master
+weights (it fails with an AssertionError or a KeyError), and another global batch would put
+every rank's data position at other samples."""
+
+
+def training_identity(config: dict, zero_stage: int) -> dict:
+    """``TRAINING_FIELDS`` of ``config`` (``TrainConfig.to_dict()``), by their command-line names."""
+    fields = {name: config[name.split(".")[0]].get(name.split(".")[1]) for name in TRAINING_FIELDS[1:]}
+    return {"zero_stage": zero_stage, **fields}
+
+
 """Settings a saved data position is only valid for (the loader's own check, made before any
 loader exists): the shards, how they are drawn and split over workers, and their seed."""
 BUILTIN_FIELDS = (
@@ -258,10 +271,13 @@ def pick_resume(resume: str, checkpoints: Path) -> tuple[tuple[Path, str] | None
     return None, {}, []
 
 
-def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict, data: dict | None = None) -> None:
+def check_manifest(
+    manifest: dict, where: str, *, world_size: int, model: dict, data: dict | None = None, training: dict | None = None
+) -> None:
     """What a resume can check before any engine exists: the same world size, the same model
-    architecture (``ARCHITECTURE_FIELDS``) and, given ``data`` (``data_identity`` of this run), the
-    same training data stream. ValueError naming the mismatch and the fix."""
+    architecture (``ARCHITECTURE_FIELDS``), given ``training`` (``training_identity`` of this run)
+    the same ZeRO stage, optimizer, precision and global batch, and given ``data`` (``data_identity``
+    of this run) the same training data stream. ValueError naming the mismatch and the fix."""
     saved_world = manifest.get("world_size", world_size)
     if saved_world != world_size:
         raise ValueError(
@@ -276,6 +292,15 @@ def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict, 
         raise ValueError(
             f"{where} was trained with another model ({'; '.join(changed)}): pass its model "
             "settings to resume it, or start a new run (a new --train.run_name, without --resume)"
+        )
+    saved_training = manifest.get("training", {})
+    changed = [f"{name}={saved_training[name]!r} there, {now!r} here" for name, now in (training or {}).items()
+               if name in saved_training and saved_training[name] != now]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{where} was trained with other settings ({'; '.join(changed)}): its optimizer state and data "
+            "position only load with those; pass them to resume it, or export its weights and start a new run "
+            "from them (docs/export.md)"
         )
     saved_data = manifest.get("data", {})
     changed = [f"{name}={saved_data[name]!r} there, {now!r} here" for name, now in (data or {}).items()
@@ -340,6 +365,7 @@ class Checkpointer:
         manifest["model"] = {key: model.get(key) for key in ARCHITECTURE_FIELDS}
         if "config" in client_state:
             manifest["data"] = data_identity(client_state["config"])
+            manifest["training"] = training_identity(client_state["config"], self.engine.zero_optimization_stage())
         tag = save(
             self.engine, self.folder, step, client_state, keep_last=self.keep_last, keep=keep, manifest=manifest,
             protect=protect,
@@ -357,7 +383,15 @@ class Checkpointer:
         """Load tag ``folder/tag`` into the engine after checking it fits this run: the same world
         size (data positions and RNG streams are per rank) and the same locked-tower files.
         Returns the trainer's client state; ValueError naming the mismatch and the fix."""
-        state = load(self.engine, folder, tag)
+        try:
+            state = load(self.engine, folder, tag)
+        except (AssertionError, KeyError, RuntimeError) as error:  # a tag without a manifest's training fields
+            detail = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            raise ValueError(
+                f"DeepSpeed could not load {folder / tag} into this run ({detail}): it was most likely written "
+                "with another ZeRO stage, optimizer or precision; resume with its settings (its config.yaml), or "
+                "export its weights and start a new run from them (docs/export.md)"
+            ) from None
         saved_world = state.get("world_size", world_size)
         if saved_world != world_size:
             raise ValueError(

@@ -95,7 +95,14 @@ def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFold
 
 
 def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFolder:
-    from tritower.launch.checkpointer import check_manifest, complete_tags, data_identity, pick_resume
+    from tritower.launch.checkpointer import (
+        check_manifest,
+        complete_tags,
+        data_identity,
+        pick_resume,
+        training_identity,
+    )
+    from tritower.launch.ds_config import build_ds_config
     from tritower.launch.run_io import RunLock, check_wandb_login
 
     check_wandb_login(cfg.wandb.mode)
@@ -128,7 +135,10 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
     if folder.resume is not None and manifest:
         where = str(folder.resume[0] / folder.resume[1])
         config = cfg.to_dict()
-        check_manifest(manifest, where, world_size=world_size, model=config["model"], data=data_identity(config))
+        stage = build_ds_config(cfg, world_size).get("zero_optimization", {}).get("stage", 0)
+        training = training_identity(config, int(stage))
+        data = data_identity(config)
+        check_manifest(manifest, where, world_size=world_size, model=config["model"], data=data, training=training)
     return folder
 
 

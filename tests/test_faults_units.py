@@ -98,3 +98,27 @@ def test_duplicate_class_names_are_refused_except_clips_own_imagenet_list() -> N
     with pytest.raises(EvalSetError, match="'cat' appear more than once"):
         plan_kinds("pets", None, classnames=["cat", "dog", "cat"], **sets)
     assert plan_kinds("in1k", None, classnames=imagenet_classnames(), **sets).kinds == ("zeroshot",)
+
+
+# ---- a resume with other training settings is refused from the manifest -------------------------
+
+
+def test_resume_with_another_zero_stage_optimizer_precision_or_batch_is_refused(tmp_path) -> None:  # noqa: ANN001
+    from tritower.launch.checkpointer import check_manifest, training_identity
+    from tritower.launch.experiments import get_experiment
+
+    config = get_experiment("clip_test").to_dict()
+    manifest = {"world_size": 2, "model": {}, "training": training_identity(config, 2)}
+    check_manifest(manifest, "tag", world_size=2, model={}, training=training_identity(config, 2))
+    changes = {
+        "zero_stage=2 there, 3 here": (config, 3),
+        "optim.name='adamw' there, 'lamb' here": ({**config, "optim": {**config["optim"], "name": "lamb"}}, 2),
+        "deepspeed.precision='fp32' there, 'bf16' here": (
+            {**config, "deepspeed": {**config["deepspeed"], "precision": "bf16"}}, 2
+        ),
+        "data.batch_size=32 there, 64 here": ({**config, "data": {**config["data"], "batch_size": 64}}, 2),
+    }  # fmt: skip
+    for marker, (changed, stage) in changes.items():
+        with pytest.raises(ValueError, match="was trained with other settings") as error:
+            check_manifest(manifest, "tag", world_size=2, model={}, training=training_identity(changed, stage))
+        assert marker in str(error.value)
