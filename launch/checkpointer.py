@@ -253,6 +253,10 @@ def pick_resume(resume: str, checkpoints: Path) -> tuple[tuple[Path, str] | None
             return (folder, tag), {}, [f"{folder / tag} has no {MANIFEST}: loading it unchecked"]
         return (folder, tag), read_manifest(folder / tag), []
     skipped = []
+    latest = checkpoints / "latest"
+    named = latest.read_text().strip() if latest.is_file() else ""
+    if named and not (checkpoints / named).is_dir():  # its folder deleted (by hand, a cleanup job)
+        skipped.append(f"{latest} names {named}, which is missing")
     for tag in reversed(complete_tags(checkpoints)):
         if (checkpoints / tag / SUSPECT).is_file():
             reason = (checkpoints / tag / SUSPECT).read_text().strip()

@@ -189,6 +189,8 @@ TRAIN_USAGE = (
 def _split_help(argv: list[str]) -> tuple[list[str], str | None]:
     """(argv without ``--help``/``-h`` [SECTION], the section asked for: "" = all, None = no help)."""
     for i, token in enumerate(argv):
+        if token.startswith("--help="):  # --help=SECTION, the --key=value form of every other option
+            return argv[:i] + argv[i + 1 :], token.split("=", 1)[1]
         if token in HELP_FLAGS:
             rest = argv[i + 1 :]
             section = rest[0] if rest and not rest[0].startswith("-") else ""

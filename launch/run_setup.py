@@ -219,12 +219,13 @@ def build_loaders(
     env: DistEnv,
     per_rank_batch: int,
     needs_images: bool,
+    eval_sets: list[tuple[EvalSetSpec, EvalSource]] | None = None,
 ) -> tuple[TrainLoader, list[tuple[EvalSetSpec, EvalSource]]]:
     """This rank's training loader, preprocessed for the image tower and tokenised for the text
     tower, and the run's eval sets (``data.eval_shards`` under the name "", then ``eval.sets``),
-    found and checked but not read: evaluation streams them (``run_eval.py``)."""
+    found and checked but not read: evaluation streams them (``run_eval.py``); ``eval_sets``: those
+    ``check_inputs`` opened already."""
     from tritower.data import build_train_loader
-    from tritower.data.eval_formats import open_eval_source
 
     image_spec = cfg.model.parsed.image_spec  # input size, mean, std: overrides included
     loader = build_train_loader(
@@ -241,6 +242,29 @@ def build_loaders(
         std=image_spec.std,
         context_length=text_tower_spec(cfg.model.text_tower).context_length,
     )
+    return loader, open_eval_sets(cfg, sources) if eval_sets is None else eval_sets
+
+
+def check_inputs(cfg: TrainConfig, sources: DataSources) -> list[tuple[EvalSetSpec, EvalSource]]:
+    """What can fail on input before any tower is built: fp16 without a GPU, training shards of
+    which none exists, eval sets that cannot be opened. Returns the opened eval sets."""
+    import torch
+
+    from tritower.data import resolve_sources
+    from tritower.data.shards import check_local_shards
+
+    if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("deepspeed.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    if cfg.data.train_shards not in ("", "builtin"):
+        check_local_shards(resolve_sources(sources.train_shards))
+    return open_eval_sets(cfg, sources)
+
+
+def open_eval_sets(cfg: TrainConfig, sources: DataSources) -> list[tuple[EvalSetSpec, EvalSource]]:
+    """The run's eval sets (``data.eval_shards`` under the name "", then ``eval.sets``), found and
+    checked but not read: evaluation streams them (``run_eval.py``)."""
+    from tritower.data.eval_formats import open_eval_source
+
     specs = [EvalSetSpec("", "", cfg.eval.legacy_kinds())] if sources.eval_shards else []
     specs += cfg.eval.set_specs()
     eval_sets = []

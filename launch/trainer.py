@@ -48,6 +48,7 @@ from tritower.launch.run_io import WandbLogger, write_curves, write_json_atomic
 from tritower.launch.run_setup import (
     build_loaders,
     check_embeddings,
+    check_inputs,
     locked_identities,
     prepare_run_folder,
     resolve_data,
@@ -82,6 +83,7 @@ class Trainer:
         self.log(f"tritower: experiment {cfg.experiment}, world size {self.env.world_size}, run folder {self.run_dir}")
 
         sources = resolve_data(cfg.data, tokenizer_in_tower=self.parsed.text.is_pretrained)
+        opened = check_inputs(cfg, sources)  # missing shards, eval sets, fp16 on a CPU: before the towers
         self.tokenizer = build_text_tokenizer(text_tokenizer_source(cfg, sources.vocab))
 
         # Same seed on every rank: the towers must start identical before ZeRO partitions them.
@@ -110,7 +112,7 @@ class Trainer:
                 f"{self.per_rank_batch // self.micro_batches} per rank, global batch {cfg.data.batch_size}"
             )
         self.train_loader, eval_sets = build_loaders(
-            cfg, sources, self.tokenizer, self.env, self.per_rank_batch, self.inputs.needs_images()
+            cfg, sources, self.tokenizer, self.env, self.per_rank_batch, self.inputs.needs_images(), opened
         )
         self.evaluator = None
         if eval_sets:

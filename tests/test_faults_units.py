@@ -122,3 +122,90 @@ def test_resume_with_another_zero_stage_optimizer_precision_or_batch_is_refused(
         with pytest.raises(ValueError, match="was trained with other settings") as error:
             check_manifest(manifest, "tag", world_size=2, model={}, training=training_identity(changed, stage))
         assert marker in str(error.value)
+
+
+# ---- minor: a missing latest tag, a cut file on export, early input checks, --help=SECTION ------
+
+
+def _fake_tag(checkpoints, step: int):  # noqa: ANN001, ANN202
+    from tritower.launch.checkpointer import write_manifest
+
+    tag = checkpoints / f"step{step:08d}"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+    write_manifest(tag, {"step": step, "world_size": 2, "model": {}})
+    return tag
+
+
+def test_resume_auto_warns_when_the_tag_latest_names_was_deleted(tmp_path) -> None:  # noqa: ANN001
+    from tritower.launch.checkpointer import pick_resume
+
+    checkpoints = tmp_path / "checkpoints"
+    _fake_tag(checkpoints, 2)
+    (checkpoints / "latest").write_text("step00000004")  # its folder deleted by hand
+    target, _, warnings = pick_resume("auto", checkpoints)
+    assert target == (checkpoints, "step00000002")
+    assert any("names step00000004, which is missing" in w for w in warnings), warnings
+    assert any("resuming from the newest complete checkpoint" in w for w in warnings), warnings
+
+
+def test_export_of_a_tag_with_a_cut_file_names_the_file(tmp_path) -> None:  # noqa: ANN001
+    from tritower.launch.tools.export import ExportError, export
+
+    tag = _fake_tag(tmp_path / "checkpoints", 2)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 10)  # cut short
+    with pytest.raises(ExportError, match="mp_rank_00_model_states.pt has 10 bytes, its manifest says 100"):
+        export(tag, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_that_fail_are_found_before_the_towers_are_built(tmp_path) -> None:  # noqa: ANN001
+    from tritower.launch.config import ConfigError
+    from tritower.launch.experiments import get_experiment
+    from tritower.launch.run_setup import DataSources, check_inputs
+
+    cfg = get_experiment("clip_test")
+    sources = DataSources(train_shards=str(tmp_path / "missing-{000..003}.tar"), eval_shards=[], vocab="v.txt")
+    cfg.data.train_shards = sources.train_shards
+    with pytest.raises(FileNotFoundError, match="none of the 4 local shards exists"):
+        check_inputs(cfg, sources)
+    cfg.data.train_shards, sources.train_shards = "builtin", "builtin"
+    cfg.eval.sets = f"gone={tmp_path / 'no-such-set'}"
+    with pytest.raises(ConfigError, match="eval.sets gone"):
+        check_inputs(cfg, sources)
+    cfg.eval.sets = ""
+    if not torch.cuda.is_available():
+        cfg.deepspeed.precision = "fp16"
+        with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+            check_inputs(cfg, sources)
+
+
+def test_help_takes_the_section_in_the_equals_form_too(capsys) -> None:  # noqa: ANN001
+    from tritower.launch.cli import load_config
+
+    with pytest.raises(SystemExit) as stop:
+        load_config(["--help=train"])
+    assert stop.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "max_nonfinite_in_row" in out and "eval.split" not in out
+
+
+# ---- the health rule: a loss stuck at ln(batch) or a collapsed logit scale is not good ----------
+
+
+def test_a_collapsed_step_never_proves_a_checkpoint_good_and_is_warned_about() -> None:
+    from tritower.launch.divergence import DivergenceGuard, chance_loss
+
+    chance = chance_loss("softmax", False, 32)
+    assert chance == pytest.approx(3.4657359, abs=1e-6)  # ln 32
+    assert chance_loss("sigmoid", False, 32) is None and chance_loss("softmax", True, 32) is None
+    guard = DivergenceGuard(5, chance, collapse_warn_steps=3)
+    assert guard.finite("step00000002", 3.53, 14.3, 3) is None  # clip_test's first loss: 0.06 above ln 32
+    assert guard.verified_tag == "step00000002"
+    # Stuck at ln 32 exactly (precomputed embeddings x 1e30), then a logit scale near 0: collapsed.
+    lines = [guard.finite("step00000004", math.log(32), 14.3, 5), guard.finite("step00000004", 3.0, 0.0, 6)]
+    lines.append(guard.finite("step00000006", math.log(32) + 5e-4, 5.0, 7))
+    assert guard.verified_tag == "step00000002"  # the last good checkpoint stays the one before
+    assert guard.collapsed_total == 3 and lines[:2] == [None, None]
+    assert "stayed at" in lines[2] and "ln(batch) = 3.4657" in lines[2] and "step00000002" in lines[2]
+    assert guard.finite("step00000008", 2.9, 15.0, 9) is None and guard.verified_tag == "step00000008"
