@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+
+from tritower.data.samples import DataQualityError
+from tritower.launch.train import own_message, stop_line
 
 pytestmark = pytest.mark.launch
 
