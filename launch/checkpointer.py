@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tritower.launch.run_io import write_text_atomic
+from tritower.launch.run_io import disk_full, full_disk_error, write_text_atomic
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -172,13 +172,34 @@ def save(
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder / partial, ignore_errors=True)  # a leftover of a killed save
     dist.barrier()
-    engine.save_checkpoint(str(folder), tag=partial, client_state=client_state, save_latest=False)
+    failed = None
+    try:
+        engine.save_checkpoint(str(folder), tag=partial, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as error:  # a full disk: torch raises RuntimeError without an errno
+        if not disk_full(error, folder):
+            raise
+        failed = error
     if os.environ.get("TRITOWER_FAULT_KILL_IN_SAVE") == str(step):
         # Fault injection for tests: die like a preempted node in the middle of a save.
         os.kill(os.getpid(), 9)
-    dist.barrier()  # every rank's shards are on disk before the tag becomes visible
+    # Every rank's shards are on disk before the tag becomes visible; a rank whose disk is full says
+    # so in the same collective, so all ranks stop together instead of waiting on it.
+    if _any_rank(failed is not None):
+        if is_main:
+            shutil.rmtree(folder / partial, ignore_errors=True)  # the space it took; latest is untouched
+        raise full_disk_error(folder, f"checkpoint {tag} (on this or another rank)")
     if is_main:
-        write_manifest(folder / partial, {"tag": tag, "step": step, **(manifest or {})})
+        try:
+            write_manifest(folder / partial, {"tag": tag, "step": step, **(manifest or {})})
+        except OSError as error:
+            if not disk_full(error, folder):
+                raise
+            failed = error
+    if _any_rank(failed is not None):  # the manifest, last before the tag becomes visible
+        if is_main:
+            shutil.rmtree(folder / partial, ignore_errors=True)
+        raise full_disk_error(folder, f"the manifest of checkpoint {tag}")
+    if is_main:
         if (folder / tag).exists():  # saving the same step twice (e.g. end right after a periodic save)
             shutil.rmtree(folder / tag)
         os.replace(folder / partial, folder / tag)
@@ -188,6 +209,13 @@ def save(
         prune(folder, keep_last, protect=(tag, *protect))
     dist.barrier()
     return tag
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: one all-reduce of one number)."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def prune(folder: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[str]:
@@ -370,11 +398,26 @@ class Checkpointer:
         if "config" in client_state:
             manifest["data"] = data_identity(client_state["config"])
             manifest["training"] = training_identity(client_state["config"], self.engine.zero_optimization_stage())
+        self.check_space(tag_for(step))
         tag = save(
             self.engine, self.folder, step, client_state, keep_last=self.keep_last, keep=keep, manifest=manifest,
             protect=protect,
         )  # fmt: skip
         return self.folder / tag
+
+    def check_space(self, tag: str) -> None:
+        """Refuse a save the disk cannot hold, on every rank together, before anything is written:
+        a rank that met a full disk inside DeepSpeed's save would leave the others waiting in its
+        collectives. Needed: the newest tag's size (its manifest), else 20 bytes a parameter
+        (weights, fp32 master copy, two Adam moments). OSError ENOSPC naming the space."""
+        tags = complete_tags(self.folder)
+        try:
+            needed = sum(json.loads((self.folder / tags[-1] / MANIFEST).read_text())["files"].values())
+        except (IndexError, OSError, ValueError, KeyError):
+            needed = 20 * sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        free = shutil.disk_usage(self.folder if self.folder.exists() else self.folder.parent).free
+        if _any_rank(free < needed * 1.1):
+            raise full_disk_error(self.folder, f"checkpoint {tag} (about {needed / 2**20:.1f} MiB needed)")
 
     def mark_suspect(self, tag: str, reason: str, good: Path | None) -> None:
         """Mark ``tag`` as holding bad weights (a ``suspect`` file saying why: ``--resume auto``

@@ -4,6 +4,7 @@ replace, and the identities of its locked towers."""
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,9 +111,16 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
     try:
         checkpoints.mkdir(parents=True, exist_ok=True)
         probe = checkpoints / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        try:
+            probe.write_text(" " * 4096)  # a block: a full disk refuses it
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(
+                f"disk full (ENOSPC): cannot write to {checkpoints}: free space there or pass another "
+                "--train.output_dir; the checkpoints already there are intact"
+            ) from None
         raise ConfigError(
             f"cannot write checkpoints to {checkpoints} ({error.strerror or error}): pass a writable --train.output_dir"
         ) from None
