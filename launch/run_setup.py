@@ -285,4 +285,4 @@ def open_eval_sets(cfg: TrainConfig, sources: DataSources) -> list[tuple[EvalSet
             label = f"eval.sets {spec.name}" if spec.name else "data.eval_shards"
             raise ConfigError(f"{label}: {error}") from None
         eval_sets.append((spec, source))
-    return loader, eval_sets
+    return eval_sets
