@@ -22,7 +22,7 @@ from tritower.launch import dist_env
 from tritower.launch.checkpointer import Checkpointer, gather_per_rank, rng_state, set_rng_state
 from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.config_file import write_config_file
-from tritower.launch.divergence import DivergenceGuard
+from tritower.launch.divergence import DivergenceGuard, chance_loss
 from tritower.launch.ds_config import micro_batches_per_step
 from tritower.launch.engine import build_engine, init_distributed, write_monitor_events
 from tritower.launch.gradcache import gradcache_backward, split_batch
@@ -123,7 +123,11 @@ class Trainer:
 
         self.step = 0
         self.eval_failures: list[tuple[int, str]] = []  # (step, error) of evaluations that failed
-        self.guard = DivergenceGuard(cfg.train.max_nonfinite_in_row)
+        chance = chance_loss(cfg.loss.kind, self.parsed.three_towers, cfg.data.batch_size)
+        self.guard = DivergenceGuard(cfg.train.max_nonfinite_in_row, chance, cfg.train.collapse_warn_steps)
+        self.watchdog = HangWatchdog(
+            self.run_dir / "heartbeats", self.env.rank, self.env.world_size, cfg.train.hang_timeout_s
+        )
         self.checkpointer = Checkpointer.from_config(self.run_dir / "checkpoints", self.engine, cfg.checkpoint)
         wandb_id = self.restore(*folder.resume) if folder.resume is not None else None
         self.wandb = WandbLogger(cfg, self.run_dir, enabled=self.env.is_main, run_id=wandb_id)
@@ -152,9 +156,11 @@ class Trainer:
         per_rank = gather_per_rank({"data": self.train_loader.state_dict(), "rng": rng_state(self.device)})
         state = {"step": self.step, "samples_seen": self.step * self.cfg.data.batch_size, "config": self.cfg.to_dict()}
         state |= {"world_size": self.env.world_size, "nonfinite_total": self.guard.total}
+        state |= {"collapsed_total": self.guard.collapsed_total}
         state |= {"data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank]}
         state |= {"wandb_id": self.wandb.run_id, "locked": self.locked_identities()}
-        written = self.checkpointer.save(self.step, state, protect=self.guard.protected)
+        with self.watchdog.paused():
+            written = self.checkpointer.save(self.step, state, protect=self.guard.protected)
         self.guard.last_tag, self.last_save = written.name, (self.step, time.time())
         self.log(f"checkpoint written ({reason}): {written}")
 
@@ -167,6 +173,7 @@ class Trainer:
             raise ConfigError(str(error)) from None
         self.step = int(state.get("step", 0))
         self.guard.total = int(state.get("nonfinite_total", 0))
+        self.guard.collapsed_total = int(state.get("collapsed_total", 0))
         if "rng" in state:
             set_rng_state(state["rng"][self.env.rank], self.device)
         self.guard.last_tag = tag if folder == self.checkpointer.folder else None
@@ -293,9 +300,13 @@ class Trainer:
             loss, terms = result.pop("loss"), result
             self.step += 1
             window_steps += 1
+            self.watchdog.beat(self.step)
+            self.watchdog.start(self.step)  # once: from the end of the first step
             if math.isfinite(loss):
                 last_loss = loss
-                self.guard.finite(judged)
+                warning = self.guard.finite(judged, loss, scale, self.step)
+                if warning:
+                    self.log(warning)
             else:
                 self.count_nonfinite(loss)
             if self.step % cfg.train.log_every == 0 or self.step == steps:
@@ -334,7 +345,8 @@ class Trainer:
         final = {"experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale}
         final |= {"world_size": self.env.world_size, "global_batch": batch, "train_wall_s": round(wall, 2)}
         final |= {"samples_per_s": round(trained * batch / wall, 1) if trained else 0.0}
-        final |= {"nonfinite_steps": self.guard.total, "data_samples": quality["good"], "data_bad": quality["bad"]}
+        final |= {"nonfinite_steps": self.guard.total, "collapsed_steps": self.guard.collapsed_total}
+        final |= {"data_samples": quality["good"], "data_bad": quality["bad"]}
         final |= metrics
         if self.eval_failures:
             final |= {"eval_failed": len(self.eval_failures), "eval_error": self.eval_failures[-1][1]}
