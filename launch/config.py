@@ -254,6 +254,7 @@ def _validate_ranges(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     finite = {"optim.eps": o.eps, "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}
     finite |= {"optim.min_lr_ratio": o.min_lr_ratio, "checkpoint.every_minutes": c.every_minutes}
+    finite |= {"train.hang_timeout_s": cfg.train.hang_timeout_s}
     for key, value in finite.items():
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value}")

@@ -54,6 +54,7 @@ from tritower.launch.run_setup import (
     resolve_data,
     run_name,
 )
+from tritower.launch.watchdog import HangWatchdog
 from tritower.losses import NonFiniteInputError, build_objective
 from tritower.model.precision import dtype_of
 
@@ -248,7 +249,8 @@ class Trainer:
             return {}
         started = time.time()
         try:
-            metrics = self.evaluator()
+            with self.watchdog.paused():
+                metrics = self.evaluator()
         except ValueError as error:
             # Bad eval input (a label beyond the class names, ...) is found in the gathered features,
             # on every rank alike: every rank goes on training; the run ends with exit code 2.
@@ -296,7 +298,10 @@ class Trainer:
         while self.step < steps:
             self.log_unlocks()
             judged = self.guard.last_tag  # this step's loss is the first made with that checkpoint's weights
-            result, scale = self.train_step(next(batches))
+            self.watchdog.phase = "data"
+            batch_now = next(batches)
+            self.watchdog.phase = "step"
+            result, scale = self.train_step(batch_now)
             loss, terms = result.pop("loss"), result
             self.step += 1
             window_steps += 1
