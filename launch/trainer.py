@@ -237,6 +237,7 @@ class Trainer:
     def diverge(self, ended: bool = False) -> None:
         """Stop as diverged (exit code 3): too many non-finite losses in a row, or (``ended``) the
         last step inside a shorter streak: no checkpoint, no final evaluation, no metrics.json."""
+        self.watchdog.close()
         record, message = self.guard.stop(self.step, self.checkpointer, self.env.is_main, self.cfg.optim.lr, ended)
         self.append_log(record)
         if self.env.is_main:
@@ -335,8 +336,10 @@ class Trainer:
                 self.append_log(
                     {"step": self.step, "event": "stopped", "reason": reason, "exit_code": Preempted().code}
                 )
+                self.watchdog.close()
                 self.wandb.finish({"preempted_at_step": self.step})
                 raise Preempted(agreed=True)
+        self.watchdog.close()
         wall = time.time() - started
         if self.guard.inside_streak:  # the last weights gave a non-finite loss: not a finished run
             self.diverge(ended=True)

@@ -45,6 +45,7 @@ class HangWatchdog:
         """What the main thread is in: ``data`` (drawing the next batch) or ``step`` (the step's
         compute and collectives); the trainer sets it."""
         self.thread: threading.Thread | None = None
+        self.closed = False
 
     def start(self, step: int) -> None:
         """Start watching from ``step`` (the trainer calls it once the first step is done: the first
@@ -59,6 +60,10 @@ class HangWatchdog:
     def beat(self, step: int) -> None:
         """Step ``step`` finished on this rank."""
         self.step, self.progress_at = step, time.time()
+
+    def close(self) -> None:
+        """The loop is over (finished, stopped, diverged): the ranks' last steps no longer line up."""
+        self.closed = True
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -108,7 +113,7 @@ class HangWatchdog:
         while True:
             time.sleep(self.interval)
             self._write()
-            if self.pause_depth or time.time() - self.progress_at < self.timeout_s:
+            if self.closed or self.pause_depth or time.time() - self.progress_at < self.timeout_s:
                 continue
             now = time.time()
             ranks, why = self.stuck(self.read(), now)

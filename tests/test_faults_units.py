@@ -209,3 +209,21 @@ def test_a_collapsed_step_never_proves_a_checkpoint_good_and_is_warned_about() -
     assert guard.collapsed_total == 3 and lines[:2] == [None, None]
     assert "stayed at" in lines[2] and "ln(batch) = 3.4657" in lines[2] and "step00000002" in lines[2]
     assert guard.finite("step00000008", 2.9, 15.0, 9) is None and guard.verified_tag == "step00000008"
+
+
+def test_the_watchdog_names_the_stale_the_waiting_for_data_or_the_behind_rank(tmp_path) -> None:  # noqa: ANN001
+    from tritower.launch.watchdog import HangWatchdog
+
+    dog = HangWatchdog(tmp_path, rank=0, world_size=3, timeout_s=8)  # beats every 2 s, stale after 6 s
+    now = 1000.0
+
+    def beat(step: int, age: float, phase: str = "step") -> dict:
+        return {"step": step, "phase": phase, "beat_at": now - age, "progress_at": now - 9}
+
+    ranks, why = dog.stuck({0: beat(7, 1), 1: beat(7, 30), 2: beat(7, 1)}, now)  # rank 1 SIGSTOPped
+    assert ranks == [1] and "its process has stopped (rank 1: no heartbeat for 30 s)" in why
+    assert dog.stuck({0: beat(7, 1), 2: beat(7, 1)}, now)[0] == [1]  # no heartbeat at all
+    ranks, why = dog.stuck({0: beat(7, 1), 1: beat(7, 1, "data"), 2: beat(7, 1)}, now)
+    assert ranks == [1] and "drawing the batch of step 8" in why
+    ranks, why = dog.stuck({0: beat(7, 1), 1: beat(7, 1), 2: beat(6, 1)}, now)
+    assert ranks == [2] and "at step 6, the others at step 7" in why
