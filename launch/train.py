@@ -37,7 +37,9 @@ from tritower.launch.preemption import (
 def main(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 configuration/input/run-folder/resume problem (one line says which
     and the fix), 3 diverged (non-finite losses; the message names the checkpoint to resume),
-    75 stopped by a signal or a lost launcher after writing a checkpoint (requeue)."""
+    75 stopped by a signal or a lost launcher after writing a checkpoint (requeue), by the hang
+    watchdog or a killed data worker (requeue: the newest checkpoint resumes), 1 another rank's
+    process ended (its own line says why) or a real bug (its traceback)."""
     env = from_environ()
     try:
         cfg = load_config(argv)
