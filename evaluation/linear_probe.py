@@ -59,8 +59,11 @@ def fewshot_metrics(
     l2: float = 1.0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``fewshot_{n}shot_top1`` for each n in ``shots`` (NaN when no class has n + 1 samples)."""
+    """``fewshot_{n}shot_top1`` for each n in ``shots`` (NaN when no class has n + 1 samples, or
+    when a feature is not finite: such features are not scored)."""
     labels = labels.long()
+    if not torch.isfinite(features).all():
+        return {f"fewshot_{n}shot_top1": float("nan") for n in shots}
     num_classes = int(labels.max()) + 1 if (labels >= 0).any() else 0
     metrics = {}
     for n in shots:
@@ -107,10 +110,11 @@ def fit_logistic(
 def logistic_probe_metrics(
     features: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, train_fraction: float = 0.5, seed: int = 0
 ) -> dict[str, float]:
-    """``linear_probe_top1``: test accuracy of the full-data logistic-regression probe."""
+    """``linear_probe_top1``: test accuracy of the full-data logistic-regression probe (NaN when a
+    feature is not finite)."""
     labels = labels.long()
     train, test = split_fraction(labels, train_fraction, seed)
-    if len(train) == 0 or len(test) == 0 or len(torch.unique(labels[train])) < 2:
+    if not torch.isfinite(features).all() or len(train) == 0 or len(test) == 0 or len(torch.unique(labels[train])) < 2:
         return {"linear_probe_top1": float("nan")}
     num_classes = int(labels.max()) + 1
     x = torch.nn.functional.normalize(features.double(), dim=1)

@@ -15,6 +15,10 @@ A model whose features are all equal thus scores chance (k / N for one positive 
 as "rank = number of strictly higher scores" does, and a caption duplicated across images is
 credited only its fair share of the top k. ``pessimistic=True`` instead counts every tied negative
 against the query (hit iff a + t < k).
+
+A query with any non-finite score (NaN or Inf features: a diverged model) is not scored: its hit
+probability is NaN, so every mean over it is NaN. Comparisons with NaN are all false, which would
+otherwise make such a query a certain hit at every k.
 """
 
 from __future__ import annotations
@@ -69,4 +73,4 @@ def hit_probabilities(
             )
             none_positive = torch.where(slots > i, none_positive * factor, none_positive)
         out[:, column] = torch.where(slots > 0, 1.0 - none_positive, torch.zeros_like(none_positive))
-    return out
+    return out.masked_fill(~torch.isfinite(scores).all(dim=1, keepdim=True), float("nan"))

@@ -9,6 +9,7 @@ cannot support is skipped with its reason.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from tritower.data.eval_formats import imagenet_classnames
 from tritower.data.eval_set import EvalBatch, in_memory_batches
 from tritower.data.samples import BadDataStats
 from tritower.evaluation.features import ProgressReporter, SetFeatures, encode_set
@@ -27,7 +29,7 @@ KINDS: tuple[str, ...] = ("zeroshot", "retrieval", "linear_probe")
 AUTO_KINDS: tuple[str, ...] = ("zeroshot", "retrieval")
 """What ``auto`` runs when the set supports it (probes only when asked for: they fit models)."""
 
-COUNTS = frozenset({"eval_samples", "eval_bad", "zeroshot_unlabelled"})
+COUNTS = frozenset({"eval_samples", "eval_bad", "eval_nonfinite", "zeroshot_unlabelled"})
 """Metric names that are sample counts, not fractions (printed as integers)."""
 
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -89,6 +91,12 @@ def plan_kinds(
         "linear_probe": None if has_labels else "no labels in its samples",
     }
     label = f"eval set {name!r}" if name else "the eval set (data.eval_shards)"
+    duplicated = sorted(n for n, count in Counter(classnames).items() if count > 1)
+    if duplicated and list(classnames) != imagenet_classnames():  # CLIP's own list has two: kept as CLIP has them
+        raise EvalSetError(
+            f"{label}: class names {', '.join(map(repr, duplicated[:5]))} appear more than once: zero-shot would "
+            "score identical prompts as ties. Give each class its own name (classnames.txt, one per line)"
+        )
     if requested is not None:
         for kind in requested:
             if kind not in KINDS:
@@ -105,8 +113,14 @@ def plan_kinds(
 def metrics_of(
     features: SetFeatures, kinds: tuple[str, ...], classifier: torch.Tensor | None, probe: ProbeOptions
 ) -> dict[str, float]:
-    """Every metric of ``kinds`` from a set's features (``classifier``: [C, D] zero-shot weights)."""
-    metrics: dict[str, float] = {}
+    """Every metric of ``kinds`` from a set's features (``classifier``: [C, D] zero-shot weights).
+
+    Non-finite features (a diverged model) are not scored: every metric they enter is NaN, and
+    ``eval_nonfinite`` counts the feature rows (images, captions, classes) that were not finite."""
+    rows = [features.image, features.text] + ([classifier] if classifier is not None else [])
+    metrics: dict[str, float] = {
+        "eval_nonfinite": float(sum(int((~torch.isfinite(r)).any(dim=1).sum()) for r in rows if r.numel()))
+    }
     if "zeroshot" in kinds:
         assert classifier is not None
         metrics.update(topk_accuracy(features.image, classifier, features.labels))

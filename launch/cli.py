@@ -141,6 +141,10 @@ def normalise(argv: list[str]) -> list[str]:
         if key == "local_rank":
             i += 1 if eq else 2
             continue
+        if key == "help":  # --help=SECTION (the older one-section form) prints the whole help
+            out.append("--help")
+            i += 1
+            continue
         if key in ALIASES:
             key = ALIASES[key]
         elif key.startswith("model.") and key[6:] in LEGACY_KEYS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -81,8 +82,9 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be a positive finite number, got {cfg.optim.lr}")
+    _validate_ranges(cfg)
     if cfg.train.micro_batch_size < 0:
         raise ConfigError(f"train.micro_batch_size must be >= 0, got {cfg.train.micro_batch_size}")
     if cfg.optim.warmup_steps < 0 or cfg.eval.every_steps < 0:
@@ -119,6 +121,65 @@ def _closed_fields(section: object, prefix: str = "") -> list[tuple[str, object,
         elif typing.get_origin(kind) is Literal:
             found.append((f"{prefix}{name}", value, typing.get_args(kind)))
     return found
+
+
+def _validate_three_towers(cfg: TrainConfig) -> None:
+    """Fields that only mean something under setting 3T, and what 3T does not support yet."""
+    three_towers = cfg.model.parsed.three_towers
+    weights = {
+        "loss.weight_main": cfg.loss.weight_main,
+        "loss.weight_image_third": cfg.loss.weight_image_third,
+        "loss.weight_text_third": cfg.loss.weight_text_third,
+    }
+    if not three_towers:
+        changed = [key for key, value in weights.items() if value != 1.0]
+        if changed or cfg.eval.alphas:
+            raise ConfigError(
+                f"{', '.join(changed + (['eval.alphas'] if cfg.eval.alphas else []))} "
+                f"apply to model.setting=3T only, not {cfg.model.setting!r}"
+            )
+        return
+    if cfg.loss.kind != "softmax":
+        raise ConfigError(
+            f"loss.kind={cfg.loss.kind!r} is not supported with model.setting=3T yet; use loss.kind=softmax"
+        )
+    if not any(weights.values()):
+        raise ConfigError(
+            "loss.weight_main, loss.weight_image_third and loss.weight_text_third are "
+            "all 0: the 3T loss would be identically 0"
+        )
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    """Numbers that torch or the checkpointer would take and fail on later (or silently misuse),
+    and a run name that would put the run folder outside ``train.output_dir``."""
+    o, c = cfg.optim, cfg.checkpoint
+    for key, value in {"optim.beta1": o.beta1, "optim.beta2": o.beta2}.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    finite = {"optim.eps": o.eps, "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}
+    finite |= {"optim.min_lr_ratio": o.min_lr_ratio, "checkpoint.every_minutes": c.every_minutes}
+    finite |= {"train.hang_timeout_s": cfg.train.hang_timeout_s}
+    for key, value in finite.items():
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+    counts = {"checkpoint.every_steps": c.every_steps, "checkpoint.keep_last": c.keep_last}
+    for key, value in (counts | {"checkpoint.keep_every_steps": c.keep_every_steps}).items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
+    if cfg.train.collapse_warn_steps < 1:
+        raise ConfigError(f"train.collapse_warn_steps must be >= 1, got {cfg.train.collapse_warn_steps}")
+    if cfg.train.max_nonfinite_in_row < 1:
+        raise ConfigError(
+            f"train.max_nonfinite_in_row must be >= 1 (non-finite losses in a row that stop the run), "
+            f"got {cfg.train.max_nonfinite_in_row}"
+        )
+    name = cfg.train.run_name
+    if name and (name in (".", "..") or "/" in name or "\\" in name or name != name.strip()):
+        raise ConfigError(
+            f"train.run_name={name!r} must be one folder name (no '/', no '..'): the run folder is "
+            "train.output_dir/train.run_name; pass --train.output_dir to put runs elsewhere"
+        )
 
 
 def _validate_three_towers(cfg: TrainConfig) -> None:

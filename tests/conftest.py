@@ -86,11 +86,27 @@ def pytest_runtest_call(item: pytest.Item):
 
 @pytest.fixture(autouse=True)
 def remove_leftover_shm_buffers():
-    """A rank killed by a test cannot unlink its DeepSpeed CPU all-reduce buffer (RAM in /dev/shm)."""
+    """A rank killed by a test cannot unlink its DeepSpeed CPU all-reduce buffer (RAM in /dev/shm).
+    Only buffers no live process maps are removed: another session's ranks (a second pytest on the
+    machine) create theirs at any moment and wait forever for a peer's buffer removed under them."""
     before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     yield
-    for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
+    for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before - _mapped_shm_buffers():
         path.unlink(missing_ok=True)
+
+
+def _mapped_shm_buffers() -> set[Path]:
+    """The DeepSpeed all-reduce buffers some live process has mapped (from /proc/*/maps)."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        mapped |= {
+            Path(line.split(maxsplit=5)[-1]) for line in text.splitlines() if "deepspeed_allreduce_buffer_" in line
+        }
+    return mapped
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ start-up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -157,6 +158,13 @@ def test_a_reused_folder_is_refused_and_a_held_one_names_its_holder(tmp_path: Pa
     assert code == 0, output[-3000:]
     assert f"took over the stale lock of pid {dead}" in output and "resumed from" in output
 
+    # Resuming the finished run (a requeued job, --resume auto typed again) keeps its result.
+    result = (run / "metrics.json").read_text()
+    code, output = _run(["--train.steps=5", "--resume=auto"], data_cache, out)
+    assert code == 0, output[-3000:]
+    assert "finished at step 5" in _one_message(output, "nothing to do")
+    assert (run / "metrics.json").read_text() == result and "parameters per tower" not in output
+
 
 # ---- 6 and 7. resume falls back; mismatches fail early, once --------------------------------
 
@@ -184,6 +192,11 @@ def test_resume_falls_back_past_an_incomplete_tag_and_mismatches_fail_early(tmp_
         f"data.train_shards={str(shard_list)!r} there, {scenes.train_shards[0]!r} here": dict(
             ranks=2, args=[f"--data.train_shards={scenes.train_shards[0]}", f"--data.vocab={scenes.vocab_path}"]
         ),
+        # What DeepSpeed itself cannot load (AssertionError, KeyError) or would load wrongly (a batch).
+        "zero_stage=2 there, 3 here": dict(ranks=2, args=[*data, "--zero=zero_configs/z3.json"]),
+        "optim.name='adamw' there, 'lamb' here": dict(ranks=2, args=[*data, "--optim.name=lamb"]),
+        "deepspeed.precision='fp32' there, 'bf16' here": dict(ranks=2, args=[*data, "--deepspeed.precision=bf16"]),
+        "data.batch_size=32 there, 64 here": dict(ranks=2, args=[*data, "--data.batch_size=64"]),
     }
     for marker, case in early.items():
         code, output = _run(["--train.steps=8", "--resume=auto", *case["args"]], data_cache, out, ranks=case["ranks"])
@@ -263,3 +276,106 @@ def test_a_signal_to_any_process_of_the_run_checkpoints_and_stops_every_rank(
     # No rank's traceback (the deepspeed command's own KeyboardInterrupt after Ctrl-C is DeepSpeed's).
     assert not re.search(r"\[rank\d\]: Traceback", output), output[-3000:]
     assert status == code, output[-3000:]
+
+
+# ---- an evaluation that fails cannot lose the run ----------------------------------------------
+
+
+def test_an_eval_set_with_labels_beyond_its_class_names_costs_no_training(tmp_path: Path, data_cache: Path) -> None:
+    from test_eval_formats import clip_benchmark_sets
+
+    cls, _ = clip_benchmark_sets(tmp_path / "sets", n=6)
+    (cls / "classnames.txt").write_text("red\ngreen\n")  # its labels are 0, 1 and 2
+    run = tmp_path / "runs" / "run"
+    args = ["--train.steps=4", "--eval.every_steps=2", "--eval.at_end=true", f"--eval.sets=bad={cls}:zeroshot"]
+    code, output = _run([*args, "--checkpoint.every_steps=0"], data_cache, tmp_path / "runs")
+    assert code == 2, output[-3000:]
+    line = _one_message(output, "tritower: error: evaluation failed")
+    assert "at step(s) 2, 4" in line and "label 2 but only 2 class names" in line
+    assert len([x for x in output.splitlines() if "evaluation at step" in x and "training goes on" in x]) == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 4 and metrics["eval_failed"] == 2 and math.isfinite(metrics["loss"])
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+
+# ---- a full disk -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A 2 MiB tmpfs: a few of clip_test's checkpoints fill it. Mounting needs root (CI's
+    containers and this machine run as root)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_says_disk_full_in_one_line_and_keeps_the_checkpoints(small_disk: Path, data_cache: Path) -> None:
+    args = ["--train.steps=12", "--checkpoint.every_steps=1", "--checkpoint.keep_last=0"]
+    code, output = _run(args, data_cache, small_disk)
+    assert code == 2, output[-3000:]
+    line = _one_message(output, "disk full (ENOSPC)")
+    assert "--resume auto continues from the newest" in line
+    checkpoints = small_disk / "run" / "checkpoints"
+    for tag in _tags(checkpoints):  # every tag left is complete
+        assert (checkpoints / f"step{tag:08d}" / "manifest.json").is_file()
+    assert not list(checkpoints.glob("*.partial"))  # the failed save gave its space back
+
+    with open(small_disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:  # whatever space is left, taken
+            filler.write(b"\0" * 4096)
+    code, output = _run([*args, "--resume=auto"], data_cache, small_disk)
+    assert code == 2, output[-3000:]
+    assert "cannot write to" in _one_message(output, "disk full (ENOSPC)")  # before any tower is built
+
+
+# ---- a rank that hangs, a data worker killed ------------------------------------------------------
+
+
+def _rank_pid(launcher: int, local_rank: int) -> int:
+    (pid,) = [p for p in _children(launcher) if f"--local_rank={local_rank}" in Path(f"/proc/{p}/cmdline").read_text()]
+    return pid
+
+
+@pytest.mark.parametrize("fault", ["SIGSTOP a rank", "kill a data worker"])
+def test_a_hung_rank_or_a_killed_data_worker_stops_every_rank_with_one_line(
+    fault: str, tmp_path: Path, data_cache: Path
+) -> None:
+    run = tmp_path / "runs" / "run"
+    args = ["--train.steps=400", "--train.hang_timeout_s=6", "--checkpoint.every_steps=2", "--data.num_workers=1"]
+    process = _start(args, data_cache, tmp_path / "runs")
+    deadline = time.time() + 300
+    while not [r for r in read_log(run) if r.get("step", 0) >= 3]:
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    (launcher,) = _children(process.pid)
+    rank0, rank1 = _rank_pid(launcher, 0), _rank_pid(launcher, 1)
+    if fault == "SIGSTOP a rank":
+        os.kill(rank1, signal.SIGSTOP)
+        _wait_gone(rank0, timeout=120)  # the watchdog of rank 0 saw rank 1's heartbeat stop
+        os.kill(rank1, signal.SIGKILL)  # what the launcher does 30 s after its SIGTERM to a stopped process
+        marker, named = "made no progress for 6 s", "rank 1 made no progress"
+    else:
+        (worker,) = _children(rank1)
+        os.kill(worker, signal.SIGKILL)  # as the out-of-memory killer does
+        marker, named = "a data-loader worker died", "rank 1: a data-loader worker died"
+    status, output = _finish(process, timeout=300)
+    assert status == 75, output[-3000:]
+    assert named in _one_message(output, marker)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / latest / "manifest.json").is_file()  # the newest checkpoint is intact
+
+
+def test_a_collapsed_run_is_counted_and_warned_about(tmp_path: Path, data_cache: Path) -> None:
+    """A logit scale of exp(-30): every logit 0, the loss ln 32 exactly, no NaN anywhere."""
+    args = ["--train.steps=3", "--model.init_logit_scale=-30", "--train.collapse_warn_steps=2"]
+    code, output = _run(args, data_cache, tmp_path / "runs")
+    assert code == 0, output[-3000:]
+    line = _one_message(output, "the loss has stayed at")
+    assert "ln(batch) = 3.4657" in line and "for 2 steps" in line and "the last good one is none yet" in line
+    metrics = json.loads((tmp_path / "runs" / "run" / "metrics.json").read_text())
+    assert metrics["collapsed_steps"] == 3 and metrics["loss"] == pytest.approx(math.log(32), abs=1e-5)

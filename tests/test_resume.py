@@ -175,3 +175,12 @@ def test_nonfinite_losses_are_skipped_counted_then_stop_without_a_checkpoint(tmp
     # No checkpoint is written inside a non-finite streak; none was written before it either.
     assert "no checkpoint of this run was written before them" in output
     assert not (run / "checkpoints" / "latest").exists()
+
+    # A run whose last steps are non-finite, fewer in a row than the limit, has not finished
+    # either: it stops as diverged (3), with no evaluation of its NaN weights and no metrics.json.
+    ended = tmp_path / "runs" / "ended"
+    short = ["--train.steps=4", "--train.run_name=ended", "--train.max_nonfinite_in_row=5", "--eval.at_end=true"]
+    code, output = _finish(_launch([*args[2:4], *short], data_cache, tmp_path / "runs"))
+    assert code == 3, output[-3000:]
+    assert "the run ended inside a streak of" in output and "Traceback" not in output, output[-3000:]
+    assert not (ended / "metrics.json").exists() and "eval @ step" not in output

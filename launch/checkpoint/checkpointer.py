@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from tritower.data.atomic import write_text_atomic
+from tritower.launch.metrics.run_io import disk_full, full_disk_error
 from tritower.model.config import migrate_model
 
 if TYPE_CHECKING:
@@ -54,6 +55,19 @@ STREAM_FIELDS = ("data.train_shards", "data.train_weights", "data.resampled", "d
                  "data.view_seed", "data.embeddings", "train.seed")  # fmt: skip
 """Settings a saved data position is only valid for (the loader's own check, made before any
 loader exists): the shards, how they are drawn and split over workers, and their seed."""
+TRAINING_FIELDS = ("zero_stage", "optim.name", "deepspeed.precision", "data.batch_size")
+"""What the saved optimizer state and data position are laid out for: DeepSpeed cannot load
+another ZeRO stage's partitions, another optimizer's state or another precision's master
+weights (it fails with an AssertionError or a KeyError), and another global batch would put
+every rank's data position at other samples."""
+
+
+def training_identity(config: dict, zero_stage: int) -> dict:
+    """``TRAINING_FIELDS`` of ``config`` (``TrainConfig.to_dict()``), by their command-line names."""
+    fields = {name: config[name.split(".")[0]].get(name.split(".")[1]) for name in TRAINING_FIELDS[1:]}
+    return {"zero_stage": zero_stage, **fields}
+
+
 BUILTIN_FIELDS = (
     "data.builtin_train_samples",
     "data.builtin_seed",
@@ -162,10 +176,31 @@ def save(
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder / partial, ignore_errors=True)  # a leftover of a killed save
     dist.barrier()
-    engine.save_checkpoint(str(folder), tag=partial, client_state=client_state, save_latest=False)
-    dist.barrier()  # every rank's shards are on disk before the tag becomes visible
+    failed = None
+    try:
+        engine.save_checkpoint(str(folder), tag=partial, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as error:  # a full disk: torch raises RuntimeError without an errno
+        if not disk_full(error, folder):
+            raise
+        failed = error
+    # Every rank's shards are on disk before the tag becomes visible; a rank whose disk is full says
+    # so in the same collective, so all ranks stop together instead of waiting on it.
+    if _any_rank(failed is not None):
+        if is_main:
+            shutil.rmtree(folder / partial, ignore_errors=True)  # the space it took; latest is untouched
+        raise full_disk_error(folder, f"checkpoint {tag} (on this or another rank)")
     if is_main:
-        write_manifest(folder / partial, {"tag": tag, "step": step, **(manifest or {})})
+        try:
+            write_manifest(folder / partial, {"tag": tag, "step": step, **(manifest or {})})
+        except OSError as error:
+            if not disk_full(error, folder):
+                raise
+            failed = error
+    if _any_rank(failed is not None):  # the manifest, last before the tag becomes visible
+        if is_main:
+            shutil.rmtree(folder / partial, ignore_errors=True)
+        raise full_disk_error(folder, f"the manifest of checkpoint {tag}")
+    if is_main:
         if (folder / tag).exists():  # saving the same step twice (e.g. end right after a periodic save)
             shutil.rmtree(folder / tag)
         os.replace(folder / partial, folder / tag)
@@ -175,6 +210,13 @@ def save(
         prune(folder, keep_last, protect=(tag, *protect))
     dist.barrier()
     return tag
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: one all-reduce of one number)."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def prune(folder: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[str]:
@@ -228,6 +270,10 @@ def pick_resume(resume: str, checkpoints: Path) -> tuple[tuple[Path, str] | None
             return (folder, tag), {}, [f"{folder / tag} has no {MANIFEST}: loading it unchecked"]
         return (folder, tag), read_manifest(folder / tag), []
     skipped = []
+    latest = checkpoints / "latest"
+    named = latest.read_text().strip() if latest.is_file() else ""
+    if named and not (checkpoints / named).is_dir():  # its folder deleted (by hand, a cleanup job)
+        skipped.append(f"{latest} names {named}, which is missing")
     for tag in reversed(complete_tags(checkpoints)):
         if (checkpoints / tag / SUSPECT).is_file():
             reason = (checkpoints / tag / SUSPECT).read_text().strip()
@@ -267,10 +313,13 @@ def nested(fields: dict) -> dict:
     return out
 
 
-def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict, data: dict | None = None) -> None:
+def check_manifest(
+    manifest: dict, where: str, *, world_size: int, model: dict, data: dict | None = None, training: dict | None = None
+) -> None:
     """What a resume can check before any engine exists: the same world size, the same model
-    architecture (``ARCHITECTURE_FIELDS``) and, given ``data`` (``data_identity`` of this run), the
-    same training data stream. ValueError naming the mismatch and the fix."""
+    architecture (``ARCHITECTURE_FIELDS``), given ``training`` (``training_identity`` of this run)
+    the same ZeRO stage, optimizer, precision and global batch, and given ``data`` (``data_identity``
+    of this run) the same training data stream. ValueError naming the mismatch and the fix."""
     saved_world = manifest.get("world_size", world_size)
     if saved_world != world_size:
         raise ValueError(
@@ -285,6 +334,15 @@ def check_manifest(manifest: dict, where: str, *, world_size: int, model: dict, 
         raise ValueError(
             f"{where} was trained with another model ({'; '.join(changed)}): pass its model "
             "settings to resume it, or start a new run (a new --train.run_name, without --resume)"
+        )
+    saved_training = manifest.get("training", {})
+    changed = [f"{name}={saved_training[name]!r} there, {now!r} here" for name, now in (training or {}).items()
+               if name in saved_training and saved_training[name] != now]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{where} was trained with other settings ({'; '.join(changed)}): its optimizer state and data "
+            "position only load with those; pass them to resume it, or export its weights and start a new run "
+            "from them (docs/export.md)"
         )
     saved_data = manifest.get("data", {})
     changed = [f"{name}={saved_data[name]!r} there, {now!r} here" for name, now in (data or {}).items()
@@ -345,11 +403,27 @@ class Checkpointer:
         manifest["model"] = nested(architecture(model))
         if "config" in client_state:
             manifest["data"] = data_identity(client_state["config"])
+            manifest["training"] = training_identity(client_state["config"], self.engine.zero_optimization_stage())
+        self.check_space(tag_for(step))
         tag = save(
             self.engine, self.folder, step, client_state, keep_last=self.keep_last, keep=keep, manifest=manifest,
             protect=protect,
         )  # fmt: skip
         return self.folder / tag
+
+    def check_space(self, tag: str) -> None:
+        """Refuse a save the disk cannot hold, on every rank together, before anything is written:
+        a rank that met a full disk inside DeepSpeed's save would leave the others waiting in its
+        collectives. Needed: the newest tag's size (its manifest), else 20 bytes a parameter
+        (weights, fp32 master copy, two Adam moments). OSError ENOSPC naming the space."""
+        tags = complete_tags(self.folder)
+        try:
+            needed = sum(json.loads((self.folder / tags[-1] / MANIFEST).read_text())["files"].values())
+        except (IndexError, OSError, ValueError, KeyError):
+            needed = 20 * sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        free = shutil.disk_usage(self.folder if self.folder.exists() else self.folder.parent).free
+        if _any_rank(free < needed * 1.1):
+            raise full_disk_error(self.folder, f"checkpoint {tag} (about {needed / 2**20:.1f} MiB needed)")
 
     def mark_suspect(self, tag: str, reason: str, good: Path | None) -> None:
         """Mark ``tag`` as holding bad weights (a ``suspect`` file saying why: ``--resume auto``
@@ -362,7 +436,15 @@ class Checkpointer:
         """Load tag ``folder/tag`` into the engine after checking it fits this run: the same world
         size (data positions and RNG streams are per rank) and the same locked-tower files.
         Returns the trainer's client state; ValueError naming the mismatch and the fix."""
-        state = load(self.engine, folder, tag)
+        try:
+            state = load(self.engine, folder, tag)
+        except (AssertionError, KeyError, RuntimeError) as error:  # a tag without a manifest's training fields
+            detail = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            raise ValueError(
+                f"DeepSpeed could not load {folder / tag} into this run ({detail}): it was most likely written "
+                "with another ZeRO stage, optimizer or precision; resume with its settings (its config.yaml), or "
+                "export its weights and start a new run from them (docs/export.md)"
+            ) from None
         saved_world = state.get("world_size", world_size)
         if saved_world != world_size:
             raise ValueError(

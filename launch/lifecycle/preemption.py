@@ -182,6 +182,22 @@ class Preempted(SystemExit):
         self.agreed = agreed
 
 
+class EvalFailed(SystemExit):
+    """Raised at the end of a run (its checkpoint and metrics.json written, its line printed) when
+    an evaluation failed on bad eval input: exit code 2, fix the set and evaluate the checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__(CONFIG_EXIT_CODE)
+
+
+class AlreadyFinished(SystemExit):
+    """Raised (after its line is printed) when ``--resume`` names a run that already finished:
+    exit code 0, nothing trained or written (a requeued job of a finished run ends here)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
 class Diverged(SystemExit):
     """Raised (after its message is printed) when too many losses in a row were non-finite."""
 

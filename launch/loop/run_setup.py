@@ -4,6 +4,7 @@ replace, and the identities of its locked towers."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,9 @@ class RunFolder:
     """(checkpoints folder, tag) to resume from, or None to start fresh."""
     warnings: list[str] = field(default_factory=list)
     """Things to say: a stale lock taken over, newer incomplete checkpoints skipped."""
+    finished: str = ""
+    """Set when ``--resume`` names a run that already finished (its ``metrics.json`` reached
+    ``train.steps``): the line saying so. Nothing is trained or written then."""
 
 
 def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFolder:
@@ -79,7 +83,14 @@ def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFold
 
 
 def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFolder:
-    from tritower.launch.checkpoint.checkpointer import check_manifest, complete_tags, data_identity, pick_resume
+    from tritower.launch.checkpoint.checkpointer import (
+        check_manifest,
+        complete_tags,
+        data_identity,
+        pick_resume,
+        training_identity,
+    )
+    from tritower.launch.engine.ds_config import build_ds_config
     from tritower.launch.metrics.run_io import RunLock, check_wandb_login
 
     check_wandb_login(cfg.wandb.mode)
@@ -87,9 +98,16 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
     try:
         checkpoints.mkdir(parents=True, exist_ok=True)
         probe = checkpoints / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        try:
+            probe.write_text(" " * 4096)  # a block: a full disk refuses it
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(
+                f"disk full (ENOSPC): cannot write to {checkpoints}: free space there or pass another "
+                "--train.output_dir; the checkpoints already there are intact"
+            ) from None
         raise ConfigError(
             f"cannot write checkpoints to {checkpoints} ({error.strerror or error}): pass a writable --train.output_dir"
         ) from None
@@ -103,13 +121,38 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
             f"run folder {run_dir} already holds checkpoints of an earlier run ({', '.join(tags[-3:]) or 'latest'}): "
             "pass --resume auto to continue it, or a new --train.run_name to start another run"
         )
+    if cfg.checkpoint.resume:
+        folder.finished = finished_run(run_dir, cfg.train.steps)
+        if folder.finished:
+            return folder
     folder.resume, manifest, notes = pick_resume(cfg.checkpoint.resume, checkpoints)
     folder.warnings += notes
     if folder.resume is not None and manifest:
         where = str(folder.resume[0] / folder.resume[1])
         config = cfg.to_dict()
-        check_manifest(manifest, where, world_size=world_size, model=config["model"], data=data_identity(config))
+        stage = build_ds_config(cfg, world_size).get("zero_optimization", {}).get("stage", 0)
+        training = training_identity(config, int(stage))
+        data = data_identity(config)
+        check_manifest(manifest, where, world_size=world_size, model=config["model"], data=data, training=training)
     return folder
+
+
+def finished_run(run_dir: Path, steps: int) -> str:
+    """The line for a run whose ``metrics.json`` says it reached ``steps`` already ("" if not):
+    resuming it (a requeued job, ``--resume auto`` typed again) must not overwrite its result."""
+    import json
+
+    try:
+        done = int(json.loads((run_dir / "metrics.json").read_text()).get("step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return ""
+    if done < steps:
+        return ""
+    return (
+        f"run {run_dir} finished at step {done} (its result is {run_dir / 'metrics.json'}): nothing to do, "
+        f"nothing written. Pass a --train.steps above {done} to train it further, or a new "
+        "--train.run_name to start another run"
+    )
 
 
 def check_embeddings(cfg: TrainConfig, role: str) -> EmbeddingsMeta:
@@ -143,12 +186,13 @@ def build_loaders(
     env: DistEnv,
     per_rank_batch: int,
     needs_images: bool,
+    eval_sets: list[tuple[EvalSetSpec, EvalSource]] | None = None,
 ) -> tuple[TrainLoader, list[tuple[EvalSetSpec, EvalSource]]]:
     """This rank's training loader, preprocessed for the image tower and tokenised for the text
     tower, and the run's eval sets (``data.eval_shards`` under the name "", then ``eval.sets``),
-    found and checked but not read: evaluation streams them (``run_eval.py``)."""
+    found and checked but not read: evaluation streams them (``run_eval.py``); ``eval_sets``: those
+    ``check_inputs`` opened already."""
     from tritower.data import build_train_loader
-    from tritower.data.eval_formats import open_eval_source
 
     image_spec = cfg.model.parsed.image_spec  # input size, mean, std: overrides included
     loader = build_train_loader(
@@ -165,6 +209,29 @@ def build_loaders(
         std=image_spec.std,
         context_length=text_tower_spec(cfg.model.text.tower).context_length,
     )
+    return loader, open_eval_sets(cfg, sources) if eval_sets is None else eval_sets
+
+
+def check_inputs(cfg: TrainConfig, sources: DataSources) -> list[tuple[EvalSetSpec, EvalSource]]:
+    """What can fail on input before any tower is built: fp16 without a GPU, training shards of
+    which none exists, eval sets that cannot be opened. Returns the opened eval sets."""
+    import torch
+
+    from tritower.data import resolve_sources
+    from tritower.data.shards import check_local_shards
+
+    if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("deepspeed.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    if cfg.data.train_shards not in ("", "builtin"):
+        check_local_shards(resolve_sources(sources.train_shards))
+    return open_eval_sets(cfg, sources)
+
+
+def open_eval_sets(cfg: TrainConfig, sources: DataSources) -> list[tuple[EvalSetSpec, EvalSource]]:
+    """The run's eval sets (``data.eval_shards`` under the name "", then ``eval.sets``), found and
+    checked but not read: evaluation streams them (``run_eval.py``)."""
+    from tritower.data.eval_formats import open_eval_source
+
     specs = [EvalSetSpec("", "", cfg.eval.legacy_kinds())] if sources.eval_shards else []
     specs += cfg.eval.set_specs()
     eval_sets = []
@@ -177,4 +244,4 @@ def build_loaders(
             label = f"eval.sets {spec.name}" if spec.name else "data.eval_shards"
             raise ConfigError(f"{label}: {error}") from None
         eval_sets.append((spec, source))
-    return loader, eval_sets
+    return eval_sets

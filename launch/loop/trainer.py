@@ -32,12 +32,14 @@ from tritower.launch.engine.ds_config import micro_batches_per_step
 from tritower.launch.engine.engine import build_engine, init_distributed
 from tritower.launch.engine.gradcache import gradcache_backward, split_batch
 from tritower.launch.lifecycle import dist_env
-from tritower.launch.lifecycle.preemption import Diverged, Preempted, StopRequest
-from tritower.launch.loop.divergence import DivergenceGuard
+from tritower.launch.lifecycle.preemption import AlreadyFinished, Diverged, EvalFailed, Preempted, StopRequest
+from tritower.launch.lifecycle.watchdog import HangWatchdog
+from tritower.launch.loop.divergence import DivergenceGuard, chance_loss
 from tritower.launch.loop.run_eval import RunEvaluator
 from tritower.launch.loop.run_setup import (
     build_loaders,
     check_embeddings,
+    check_inputs,
     prepare_run_folder,
     resolve_data,
 )
@@ -77,6 +79,9 @@ class Trainer:
         # Every check that needs no engine, before the towers are built: the folder is writable
         # and this run's alone, and what --resume names is complete and fits this run.
         folder = prepare_run_folder(cfg, self.run_dir, self.env)
+        if folder.finished:
+            self.log(f"tritower: {folder.finished}")
+            raise AlreadyFinished()
         for warning in [*folder.warnings, *self.parsed.warnings]:  # parsed: image overrides unlike the weights' own
             self.log(f"tritower: warning: {warning}")
         if self.env.is_main:
@@ -85,6 +90,7 @@ class Trainer:
         self.log(f"tritower: experiment {cfg.experiment}, world size {self.env.world_size}, run folder {self.run_dir}")
 
         sources = resolve_data(cfg.data, tokenizer_in_tower=self.parsed.text.is_pretrained)
+        opened = check_inputs(cfg, sources)  # missing shards, eval sets, fp16 on a CPU: before the towers
         self.tokenizer = build_text_tokenizer(text_tokenizer_source(cfg, sources.vocab))
 
         # Same seed on every rank: the towers must start identical before ZeRO partitions them.
@@ -113,7 +119,7 @@ class Trainer:
                 f"{self.per_rank_batch // self.micro_batches} per rank, global batch {cfg.data.batch_size}"
             )
         self.train_loader, eval_sets = build_loaders(
-            cfg, sources, self.tokenizer, self.env, self.per_rank_batch, self.inputs.needs_images()
+            cfg, sources, self.tokenizer, self.env, self.per_rank_batch, self.inputs.needs_images(), opened
         )
         self.evaluator = None
         if eval_sets:
@@ -123,7 +129,12 @@ class Trainer:
                 self.log(line)
 
         self.step = 0
-        self.guard = DivergenceGuard(cfg.train.max_nonfinite_in_row)
+        self.eval_failures: list[tuple[int, str]] = []  # (step, error) of evaluations that failed
+        chance = chance_loss(cfg.loss.kind, self.parsed.three_towers, cfg.data.batch_size)
+        self.guard = DivergenceGuard(cfg.train.max_nonfinite_in_row, chance, cfg.train.collapse_warn_steps)
+        self.watchdog = HangWatchdog(
+            self.run_dir / "heartbeats", self.env.rank, self.env.world_size, cfg.train.hang_timeout_s
+        )
         self.checkpointer = Checkpointer.from_config(self.run_dir / "checkpoints", self.engine, cfg.checkpoint)
         wandb_id = self.restore(*folder.resume) if folder.resume is not None else None
         self.wandb = WandbLogger(cfg, self.run_dir, enabled=self.env.is_main, run_id=wandb_id)
@@ -152,9 +163,11 @@ class Trainer:
         per_rank = gather_per_rank({"data": self.train_loader.state_dict(), "rng": rng_state(self.device)})
         state = {"step": self.step, "samples_seen": self.step * self.cfg.data.batch_size, "config": self.cfg.to_dict()}
         state |= {"world_size": self.env.world_size, "nonfinite_total": self.guard.total}
+        state |= {"collapsed_total": self.guard.collapsed_total}
         state |= {"data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank]}
         state |= {"wandb_id": self.wandb.run_id, "locked": self.locked_identities()}
-        written = self.checkpointer.save(self.step, state, protect=self.guard.protected)
+        with self.watchdog.paused():
+            written = self.checkpointer.save(self.step, state, protect=self.guard.protected)
         self.guard.last_tag, self.last_save = written.name, (self.step, time.time())
         self.log(f"checkpoint written ({reason}): {written}")
 
@@ -167,6 +180,7 @@ class Trainer:
             raise ConfigError(str(error)) from None
         self.step = int(state.get("step", 0))
         self.guard.total = int(state.get("nonfinite_total", 0))
+        self.guard.collapsed_total = int(state.get("collapsed_total", 0))
         if "rng" in state:
             set_rng_state(state["rng"][self.env.rank], self.device)
         self.guard.last_tag = tag if folder == self.checkpointer.folder else None
@@ -223,9 +237,14 @@ class Trainer:
         """Count a skipped step; too many in a row stop the run (exit code 3), naming the newest
         checkpoint whose weights gave a finite loss and how to resume from it (``divergence.py``)."""
         self.log(self.guard.nonfinite(self.step, loss))
-        if not self.guard.must_stop:
-            return
-        record, message = self.guard.stop(self.step, self.checkpointer, self.env.is_main, self.cfg.optim.lr)
+        if self.guard.must_stop:
+            self.diverge()
+
+    def diverge(self, ended: bool = False) -> None:
+        """Stop as diverged (exit code 3): too many non-finite losses in a row, or (``ended``) the
+        last step inside a shorter streak: no checkpoint, no final evaluation, no metrics.json."""
+        self.watchdog.close()
+        record, message = self.guard.stop(self.step, self.checkpointer, self.env.is_main, self.cfg.optim.lr, ended)
         self.append_log(record)
         if self.env.is_main:
             print(message, file=sys.stderr, flush=True)
@@ -236,7 +255,19 @@ class Trainer:
         if self.evaluator is None:
             return {}
         started = time.time()
-        metrics = self.evaluator()
+        try:
+            with self.watchdog.paused():
+                metrics = self.evaluator()
+        except ValueError as error:
+            # Bad eval input (a label beyond the class names, ...) is found in the gathered features,
+            # on every rank alike: every rank goes on training; the run ends with exit code 2.
+            self.eval_failures.append((self.step, str(error)))
+            self.log(
+                f"tritower: warning: evaluation at step {self.step} failed ({error}): not scored; training goes on "
+                "and its checkpoints are unaffected"
+            )
+            self.append_log({"step": self.step, "event": "eval_failed", "error": str(error)})
+            return {}
         self.log(eval_line(self.step, metrics, time.time() - started))
         self.append_log(eval_record(self.step, metrics))
         self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
@@ -274,13 +305,20 @@ class Trainer:
         while self.step < steps:
             self.log_unlocks()
             judged = self.guard.last_tag  # this step's loss is the first made with that checkpoint's weights
-            result, scale = self.train_step(next(batches))
+            self.watchdog.phase = "data"
+            batch_now = next(batches)
+            self.watchdog.phase = "step"
+            result, scale = self.train_step(batch_now)
             loss, terms = result.pop("loss"), result
             self.step += 1
             window_steps += 1
+            self.watchdog.beat(self.step)
+            self.watchdog.start(self.step)  # once: from the end of the first step
             if math.isfinite(loss):
                 last_loss = loss
-                self.guard.finite(judged)
+                warning = self.guard.finite(judged, loss, scale, self.step)
+                if warning:
+                    self.log(warning)
             else:
                 self.count_nonfinite(loss)
             if self.step % cfg.train.log_every == 0 or self.step == steps:
@@ -304,9 +342,13 @@ class Trainer:
                 self.append_log(
                     {"step": self.step, "event": "stopped", "reason": reason, "exit_code": Preempted().code}
                 )
+                self.watchdog.close()
                 self.wandb.finish({"preempted_at_step": self.step})
                 raise Preempted(agreed=True)
+        self.watchdog.close()
         wall = time.time() - started
+        if self.guard.inside_streak:  # the last weights gave a non-finite loss: not a finished run
+            self.diverge(ended=True)
         # The last checkpoint comes before the last evaluation: an evaluation that fails cannot cost the run.
         if cfg.checkpoint.save_at_end and self.last_save[0] != self.step:
             self.save("end of training")
@@ -317,14 +359,33 @@ class Trainer:
         final = {"experiment": cfg.experiment, "step": self.step, "loss": last_loss, "logit_scale": scale}
         final |= {"world_size": self.env.world_size, "global_batch": batch, "train_wall_s": round(wall, 2)}
         final |= {"samples_per_s": round(trained * batch / wall, 1) if trained else 0.0}
-        final |= {"nonfinite_steps": self.guard.total, "data_samples": quality["good"], "data_bad": quality["bad"]}
+        final |= {"nonfinite_steps": self.guard.total, "collapsed_steps": self.guard.collapsed_total}
+        final |= {"data_samples": quality["good"], "data_bad": quality["bad"]}
         final |= metrics
+        if self.eval_failures:
+            final |= {"eval_failed": len(self.eval_failures), "eval_error": self.eval_failures[-1][1]}
         if self.env.is_main:
             print(json.dumps(final), flush=True)
             write_json_atomic(self.run_dir / "metrics.json", final)
             write_curves(self.run_dir, cfg.log.curves)
         self.wandb.finish(final)
+        if self.eval_failures:
+            self.say_eval_failed()
+            raise EvalFailed()
         return final
+
+    def say_eval_failed(self) -> None:
+        """The one line of a run whose training finished but whose evaluation failed (exit code 2)."""
+        steps = ", ".join(str(step) for step, _ in self.eval_failures)
+        saved = f"{self.run_dir / 'checkpoints'}, {self.run_dir / 'metrics.json'} (training values only)"
+        if self.env.is_main:
+            print(
+                f"tritower: error: evaluation failed at step(s) {steps} ({self.eval_failures[-1][1]}); the training "
+                f"itself finished and is saved ({saved}): fix the eval set, then evaluate the checkpoint with "
+                "launch/tools/evaluate.py. Exit code 2.",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def run(cfg: TrainConfig) -> dict:

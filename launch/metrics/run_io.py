@@ -4,8 +4,11 @@ run folder's lock (rank 0 only)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -19,6 +22,35 @@ if TYPE_CHECKING:
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+FULL_BELOW_BYTES = 64 << 20
+"""A failed write with less than this free on its file system is taken for a full disk: torch.save
+reports a full disk without an errno ("unexpected pos ...", from "basic_ios::clear: iostream error")."""
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error``, raised while writing under ``folder``, comes from a full disk (or quota)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, OSError | RuntimeError):
+        return False
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return False
+    return usage.free < FULL_BELOW_BYTES
+
+
+def full_disk_error(folder: Path, what: str) -> OSError:
+    """The one-line ENOSPC error of a save that met a full disk."""
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return OSError(
+        errno.ENOSPC,
+        f"disk full (ENOSPC) while writing {what} ({free / 2**20:.1f} MiB free): free space there or pass another "
+        "--train.output_dir; every checkpoint written before is intact and --resume auto continues from the newest",
+        str(folder),
+    )
 
 
 def write_curves(run_dir: Path, enabled: bool) -> None:
@@ -59,7 +91,13 @@ def check_wandb_login(mode: str) -> None:
 
 
 class WandbLogger:
-    """wandb on global rank 0; a no-op elsewhere or with ``--wandb.mode=disabled``."""
+    """wandb on global rank 0; a no-op elsewhere or with ``--wandb.mode=disabled``.
+
+    Logging is a convenience: once wandb fails (its service process died, from the same signal
+    that preempts the run, or a lost connection), ``log`` and ``finish`` print one warning and the
+    logger turns itself off, so no stop path (75, 3) or finished run (0) changes its exit code.
+    wandb's own exit hook, which would fail the same way, is removed with it (``wandb.teardown``
+    unregisters it first)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, enabled: bool, run_id: str | None = None) -> None:
         """``run_id`` comes from the checkpoint on resume, so the resumed run continues the same
@@ -87,13 +125,34 @@ class WandbLogger:
 
     def log(self, values: dict, step: int) -> None:
         if self.run is not None:
-            self.run.log(values, step=step)
+            self._safely("log", lambda: self.run.log(values, step=step))
 
     def finish(self, summary: dict) -> None:
-        if self.run is not None:
+        def finish() -> None:
             for key, value in summary.items():
                 self.run.summary[key] = value
             self.run.finish()
+
+        if self.run is not None:
+            self._safely("finish", finish)
+            self.run = None
+
+    def _safely(self, what: str, action: object) -> None:
+        try:
+            action()
+        except Exception as error:  # anything wandb raises: the run must not fail for its logger
+            import wandb
+
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            print(
+                f"tritower: warning: wandb {what} failed ({message}); wandb logging is off for the rest of this "
+                "process, the run itself is unaffected (train_log.jsonl has every value)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.run = None
+            with contextlib.suppress(Exception):
+                wandb.teardown()  # unregisters wandb's exit hook, which would raise the same error
 
 
 def _start_time(pid: int) -> str:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from typing import Literal
 
 import torch
 
-from tritower.launch.checkpoint.checkpointer import locate
+from tritower.launch.checkpoint.checkpointer import MANIFEST, locate, read_manifest
 from tritower.launch.cli import parse_options
 from tritower.launch.config import ConfigError
 from tritower.launch.tools.checkpoint_merge import (
@@ -141,7 +142,18 @@ def export(
         raise ExportError(f"--format {format!r}: one of {EXPORT_FORMATS}")
 
     folder, tag = locate(checkpoint, tag)
-    tensors = read_checkpoint(folder, tag)
+    if (folder / tag / MANIFEST).is_file():  # a file lost or cut since the save: name it
+        try:
+            read_manifest(folder / tag)
+        except ValueError as error:
+            raise ExportError(f"cannot export {folder / tag}: {error}; export another tag") from None
+    try:
+        tensors = read_checkpoint(folder, tag)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # no manifest to name the file
+        detail = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        raise ExportError(
+            f"cannot read {folder / tag} ({detail}): a file of it is damaged; export another tag"
+        ) from None
     saved = tensors.client_state.get("config")
     if not saved:
         raise ExportError(f"{folder / tag} carries no training config in its client state")
