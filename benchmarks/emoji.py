@@ -89,7 +89,7 @@ def run_one(setting: str, seed: int, out: Path) -> dict:
     train_in_process(argv)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     result = {"setting": setting, "seed": seed, "key": key, "metrics": metrics, "argv": argv}
-    result |= {"step_s": _step_seconds(run_dir, 128), "run_s": round(time.time() - started, 1)}
+    result |= {"step_s": _step_seconds(run_dir, 64), "run_s": round(time.time() - started, 1)}
     result["gflops_before"] = round(gflops, 1)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / f"{key}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -143,7 +143,8 @@ def draw_retrievals(out: Path, figure: Path, settings: list[str]) -> dict:
     from tritower.inference import load_export
     from tritower.launch.tools.export import export
 
-    samples = [decode_sample(s, "txt", BadDataStats()) for s in read_shard(str(out / "data" / "heldout" / "00000.tar"))]
+    stats = BadDataStats()
+    samples = [decode_sample(s, "txt", stats) for s in read_shard(str(out / "data" / "heldout" / "00000.tar"), stats)]
     images, names = [s[0] for s in samples], [s[1] for s in samples]
     chosen = sorted(random.Random(0).sample(range(len(images)), min(FIGURE_EMOJI, len(images))))
     picks: dict[str, list[list[str]]] = {}
@@ -180,10 +181,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {SETTINGS}")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the runs that have results")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, the cores)")
     parser.add_argument("--json", default="", help="aggregate JSON (default <out>/emoji.json)")
     parser.add_argument("--figure", default="", help="retrieval figure PNG (default <out>/emoji_retrievals.png)")
     options = parser.parse_args(argv)
     from tritower.launch.console import matmul_gflops
+
+    if options.threads:
+        # On a machine shared with other jobs one thread avoids stalls at every parallel region's
+        # barrier while a sibling thread waits for a core (benchmarks/study.py measured ~3x).
+        import torch
+
+        torch.set_num_threads(options.threads)
 
     out = Path(options.out).resolve()
     seeds = [int(s) for s in options.seeds.split(",")]

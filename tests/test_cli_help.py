@@ -95,6 +95,7 @@ TOOLS = [
     ("tritower.launch.tools.evaluate", "EvaluateOptions"),
     ("tritower.launch.tools.precompute", "PrecomputeConfig"),
     ("tritower.launch.tools.convert_efficientnet", "ConvertOptions"),
+    ("tritower.launch.tools.emoji_shards", "EmojiShardsOptions"),
     ("tritower.launch.plan.command", "PlanOptions"),
     ("tritower.launch.plan.measure", "MeasureOptions"),
 ]
