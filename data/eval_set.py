@@ -70,17 +70,19 @@ def load_eval_set(
     templates: list[str] | None = None,
     max_samples: int = 0,
     shard_retries: int = 0,
+    interpolation: str = "bicubic",
 ) -> EvalSet:
-    """Loads held-out shards (resize + centre crop, one tokenised caption per image).
+    """Loads held-out shards (shorter side resized, centre crop, one tokenised caption per image).
 
     ``classnames``/``templates`` default to ``classnames.txt``/``templates.txt`` next to the
     shards (the built-in generator writes them). ``max_samples`` > 0 keeps the first ones.
     ``shard_retries``: extra tries of a remote shard that fails at once (see ``read_shard``).
+    ``interpolation``: the resize's filter (``EvalTransform``; the tower spec's).
     """
     sources = resolve_sources(shards)
     check_local_shards(sources)
     urls = [url for source in sources for url in source.urls]
-    transform = EvalTransform(image_size, mean, std)
+    transform = EvalTransform(image_size, mean, std, interpolation)
     stats = BadDataStats()
     images, captions, labels, keys = [], [], [], []
     for url in urls:
@@ -153,10 +155,12 @@ def iter_eval_batches(
     rank: int = 0,
     world_size: int = 1,
     max_samples: int = 0,
+    interpolation: str = "bicubic",
 ) -> Iterator[EvalBatch]:
     """This rank's share of ``source`` (see ``iter_eval_samples``) in batches of ``batch_size``:
-    at most one batch of images is held at a time."""
-    transform = EvalTransform(image_size, mean, std)
+    at most one batch of images is held at a time. Images go through ``EvalTransform`` (shorter
+    side resized with ``interpolation``, centre crop)."""
+    transform = EvalTransform(image_size, mean, std, interpolation)
     samples = iter_eval_samples(source, stats, rank=rank, world_size=world_size, max_samples=max_samples)
     while True:
         chunk = list(itertools.islice(samples, batch_size))

@@ -1,5 +1,9 @@
 """Image transforms for training (random resized crop) and evaluation (resize + centre crop).
 
+Evaluation resizes the shorter side to the tower's size and centre-crops it, with torchvision's
+own ``resize``/``center_crop`` (exactly open_clip's ``preprocess`` with ``resize_mode="shortest"``,
+timm's ``create_transform(crop_pct=1.0)`` and so clip_benchmark's inputs: the same pixels).
+
 Implemented on PIL directly (crop, then resize, as torchvision does); the crop is drawn from
 an explicit ``random.Random`` so that a sample's augmentation depends only on the seed and its
 position in the data stream (exact resume reproduces it bit for bit).
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode, functional
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -74,13 +79,6 @@ def epoch_view(seed: int, epoch: int, key: str, views: int) -> int:
     return random.Random(f"{seed}/view-of/{epoch}/{key}").randrange(views)
 
 
-def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The largest centred square."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
 def to_normalised_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 HWC RGB image -> float32 CHW tensor, ``(x / 255 - mean) / std``.
 
@@ -118,17 +116,34 @@ class TrainTransform:
         return to_normalised_tensor(resized, self.mean, self.std)
 
 
-class EvalTransform:
-    """Resize the shorter side to ``image_size``, centre crop, normalise (deterministic)."""
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+"""Resampling filters an eval transform takes (timm's and open_clip's names, PIL's filters)."""
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+
+class EvalTransform:
+    """Resize the shorter side to ``image_size`` (``interpolation``), centre crop, normalise.
+
+    The resize and the crop are torchvision's (``resize(image, size)`` keeps the aspect ratio,
+    the longer side becoming ``int(size * long / short)``; ``center_crop`` rounds the offsets),
+    as open_clip, timm (crop_pct 1) and clip_benchmark preprocess: a non-square image gives the
+    same pixels in all of them. An image already of the tower's size is left as it is. The
+    normalisation is ``to_normalised_tensor``'s (within float32 rounding of torchvision's
+    ``ToTensor`` + ``Normalize``).
+    """
+
+    def __init__(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic"
+    ) -> None:
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
+        self.interpolation = interpolation
+        self._mode = InterpolationMode(interpolation)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        # RGB first, as every image loader here (and torchvision's, webdataset's "pil") decodes.
         image = image.convert("RGB")
-        size = (self.image_size, self.image_size)
-        if image.size != size:
-            box = centre_crop_box(image.width, image.height)
-            image = image.crop(box).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        image = functional.resize(image, self.image_size, interpolation=self._mode)
+        image = functional.center_crop(image, [self.image_size, self.image_size])
         return to_normalised_tensor(image, self.mean, self.std)

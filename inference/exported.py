@@ -14,7 +14,8 @@ its features are [sqrt(A) f(x), sqrt(1-A) h_g(h(x))] and [sqrt(A) g(t), sqrt(1-A
 ``similarity(..., scaled=False)`` is exactly A <f(x), g(t)> + (1-A) <h_g(h(x)), g_h(g(t))>.
 
 Images go through the evaluation transform the run was evaluated with (shorter side resized to
-the tower's size, centre crop, the tower's mean/std: ``tritower.data.transforms.EvalTransform``);
+the tower's size with its interpolation, centre crop, the tower's mean/std:
+``tritower.data.transforms.EvalTransform``, the pixels open_clip's ``preprocess`` makes);
 captions through the exported tokenizer (``tritower.data.build_text_tokenizer``, padded or
 truncated to the tower's context length: ``tritower.data.tokenize``).
 """
@@ -52,7 +53,10 @@ class ExportedModel:
         self.context_length = int(config["context_length"])
         self.tokenizer = build_text_tokenizer(folder / config["tokenizer"]["path"])
         prep = config["image_preprocessing"]
-        self.transform = EvalTransform(prep["image_size"], prep["mean"], prep["std"])
+        # Exports written before the interpolation was recorded resized bicubic.
+        self.transform = EvalTransform(
+            prep["image_size"], prep["mean"], prep["std"], prep.get("interpolation", "bicubic")
+        )
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> (input_ids, attention_mask), int64 [N, context_length] each."""

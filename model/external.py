@@ -74,8 +74,8 @@ def image_spec_at(spec: ImageTowerSpec, image_size: int) -> ImageTowerSpec:
 @functools.cache
 def timm_spec(timm_name: str) -> ImageTowerSpec:
     """The spec of any timm model, read off the model itself (built on the meta device, so no
-    memory is allocated and nothing is downloaded): width = ``num_features``; image size, mean
-    and std from timm's pretrained config of that name (what its published weights expect);
+    memory is allocated and nothing is downloaded): width = ``num_features``; image size, mean,
+    std and interpolation from timm's pretrained config of that name (what its published weights expect);
     the unlockable units and final norm from timm's own parameter-group matcher
     (``group_matcher(coarse=True)``: ``blocks.N`` / ``stages.N`` / ``layerN`` and the modules
     it groups after the last unit). The tower's module is ``.trunk``."""
@@ -121,6 +121,7 @@ def timm_spec(timm_name: str) -> ImageTowerSpec:
         int(model.num_features),
         mean,
         std,
+        interpolation=str(config.get("interpolation") or "bicubic"),
         patch_size=int(getattr(getattr(model, "patch_embed", None), "patch_size", (0,))[0]),
         block_prefix=f"trunk.{prefix}" if units else "",
         block_start=start if units else 0,

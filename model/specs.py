@@ -43,6 +43,8 @@ class ImageTowerSpec:
     """Per-channel normalisation mean the data pipeline must apply."""
     std: tuple[float, float, float]
     """Per-channel normalisation std the data pipeline must apply."""
+    interpolation: str = "bicubic"
+    """Resampling of the evaluation resize (timm's pretrained config's; bicubic as CLIP's)."""
     patch_size: int = 0
     """Patch side in pixels (ViT, Mixer); 0 where it does not apply."""
     depth: int = 0

@@ -32,6 +32,7 @@ TOOLS = [
     ("tritower.launch.tools.precompute", "PrecomputeConfig"),
     ("tritower.launch.tools.convert_efficientnet", "ConvertOptions"),
     ("tritower.launch.tools.report", "ReportOptions"),
+    ("tritower.launch.tools.emoji_shards", "EmojiShardsOptions"),
     ("tritower.launch.plan.command", "PlanOptions"),
     ("tritower.launch.plan.measure", "MeasureOptions"),
 ]

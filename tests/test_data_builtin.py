@@ -12,6 +12,7 @@ import multiprocessing
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -249,7 +250,14 @@ def test_random_resized_crop_box_stays_in_range() -> None:
         pixels = crop(image, random.Random(seed))
         assert pixels.shape == (3, 32, 32)
         assert pixels[:, :, 0].mean() < 0.2 and pixels[:, :, -1].mean() > 0.8
-    # Eval: a centred square of a wide image, resized.
+    # Eval: the shorter side resized (90x30 -> 48x16, bicubic), then the centred 16x16 (columns 16..31),
+    # as open_clip and timm preprocess; the reference is PIL's resize and crop written out here.
     wide = Image.new("RGB", (90, 30), (0, 0, 0))
     wide.paste((255, 255, 255), (30, 0, 60, 30))  # the centre third is white
-    assert EvalTransform(16, (0.0,) * 3, (1.0,) * 3)(wide).min() > 0.99
+    expected = np.asarray(wide.resize((48, 16), Image.Resampling.BICUBIC).crop((16, 0, 32, 16)), dtype=np.float64)
+    ours = EvalTransform(16, (0.0,) * 3, (1.0,) * 3)(wide).double().numpy().transpose(1, 2, 0)  # CHW -> HWC
+    assert np.abs(ours - expected / 255.0).max() < 1e-6
+    tall = wide.transpose(Image.Transpose.ROTATE_90)  # 30x90: rows 16..31 of the 16x48 resize
+    expected = np.asarray(tall.resize((16, 48), Image.Resampling.BICUBIC).crop((0, 16, 16, 32)), dtype=np.float64)
+    ours = EvalTransform(16, (0.0,) * 3, (1.0,) * 3)(tall).double().numpy().transpose(1, 2, 0)
+    assert np.abs(ours - expected / 255.0).max() < 1e-6

@@ -123,24 +123,68 @@ def _tokenizer(source: str):
     return build_text_tokenizer(source)
 
 
-def test_preprocess_matches_eval_transform(
-    vocabularies: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def real_photos() -> list[Image.Image]:
+    """scikit-learn's two sample photos (640x427, real JPEGs) and crops of them: portrait,
+    landscape and small, none square."""
+    from sklearn.datasets import load_sample_images
+
+    china, flower = (Image.fromarray(array) for array in load_sample_images().images)
+    crops = [china.crop((10, 5, 310, 425)), flower.crop((100, 50, 600, 251)), china.crop((3, 7, 48, 77))]
+    return [china, flower, *crops]
+
+
+@pytest.mark.parametrize("image_tower", ["vit_test", "efficientnet_lite0"])
+def test_non_square_images_preprocess_and_embed_alike(
+    image_tower: str, vocabularies: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """open_clip's preprocess from the exported ``preprocess_cfg`` equals tritower's EvalTransform
-    on images of the tower's size; on other sizes the two resize rules differ (docs/export.md)."""
-    cfg = ModelConfig(image=TowerConfig(tower="vit_test"), text=TowerConfig(tower="bert_test"))
-    model = build_clip(cfg, vocab_size=len(_tokenizer(vocabularies["builtin"])))
-    write_open_clip(model, cfg, tmp_path / "oc", vocabularies["builtin"], verify=False)
-    _, preprocess, _ = load_open_clip(tmp_path / "oc", tmp_path / "elsewhere", monkeypatch)
-    pictures, pixels = images_for("vit_test")
-    exact = torch.stack([preprocess(p) for p in pictures])
-    assert (exact - pixels).abs().max() <= 1e-6
-    spec = image_tower_spec("vit_test")
-    rng = np.random.default_rng(1)
-    other = Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8))  # not square, not 32
-    gap = (preprocess(other) - EvalTransform(spec.image_size, spec.mean, spec.std)(other)).abs().max()
-    assert preprocess(other).shape == (3, 32, 32) and gap > 0  # a documented difference, not a bug
-    print(f"non-square 70x45 image: max |open_clip - EvalTransform| = {gap.item():.3f} (normalised units)")
+    """On non-square real photos, tritower's inference API (``load_export(...).preprocess``),
+    open_clip's ``preprocess`` of the open_clip export, timm's ``create_transform`` (crop_pct 1,
+    the tower's interpolation) and clip_benchmark's own webdataset reader (fed open_clip's
+    preprocess, as its CLI does) give the same tensors, and both exports the same features."""
+    import timm.data
+    from clip_benchmark.datasets.builder import build_wds_dataset
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset
+
+    cfg = ModelConfig(image=TowerConfig(image_tower), text=TowerConfig("bert_test"))
+    torch.manual_seed(0)
+    model = build_clip(cfg, vocab_size=len(_tokenizer(vocabularies["builtin"]))).eval()
+    write_open_clip(model, cfg, tmp_path / "oc", vocabularies["builtin"])
+    write_export(model, cfg, tmp_path / "native", vocabularies["builtin"])
+    native = load_export(tmp_path / "native")
+    loaded, preprocess, _ = load_open_clip(tmp_path / "oc", tmp_path / "elsewhere", monkeypatch)
+    spec = image_tower_spec(image_tower)
+    photos = real_photos()
+
+    ours = native.preprocess(photos)
+    theirs = torch.stack([preprocess(p) for p in photos])
+    timm_transform = timm.data.create_transform(
+        input_size=(3, spec.image_size, spec.image_size), interpolation=spec.interpolation, mean=spec.mean,
+        std=spec.std, crop_pct=1.0, crop_mode="center",
+    )  # fmt: skip
+    by_timm = torch.stack([timm_transform(p) for p in photos])
+
+    class Photos(list):
+        classes = ["china", "flower"]
+        templates = ["a photo of {c}."]
+
+    loader = torch.utils.data.DataLoader
+    with pytest.MonkeyPatch.context() as patch:  # clip_benchmark's converter, its DataLoader in this process
+        patch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: loader(*a, **(k | {"num_workers": 0})))
+        convert_dataset(Photos((p, 0) for p in photos), "test", str(tmp_path / "wds"), transform=PIL_to_bytes("png"),
+                        max_count=10, verbose=False)  # fmt: skip
+    read = build_wds_dataset("photos", transform=preprocess, split="test", data_dir=str(tmp_path / "wds"))
+    by_clip_benchmark = torch.stack([image for image, _ in read])
+
+    assert ours.shape == (len(photos), 3, spec.image_size, spec.image_size)
+    for name, other in (("open_clip", theirs), ("timm", by_timm), ("clip_benchmark", by_clip_benchmark)):
+        gap = (ours - other).abs().max().item()
+        print(f"{image_tower}: max |tritower - {name}| = {gap:.2e} (normalised pixels)")
+        assert gap <= 2e-6, (name, gap)  # float32 rounding of the normalisation only
+    assert torch.equal(theirs, by_clip_benchmark) and torch.equal(theirs, by_timm)
+    with torch.no_grad():
+        features_gap = (loaded.encode_image(theirs, normalize=True) - native.encode_image(photos)).abs().max().item()
+    print(f"{image_tower}: max |open_clip - tritower| image features = {features_gap:.2e}")
+    assert features_gap <= TOLERANCE
 
 
 def test_exports_carry_the_mean_std_override(

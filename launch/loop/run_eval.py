@@ -128,6 +128,7 @@ class RunEvaluator:
             self.context_length,
             batch_size=self.cfg.eval.batch_size,
             stats=stats,
+            interpolation=spec.interpolation,
             rank=rank,
             world_size=world,
             max_samples=self.cfg.eval.max_samples,

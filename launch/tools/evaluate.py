@@ -103,6 +103,7 @@ def run_evaluation(
         batch_size=batch_size,
         stats=stats,
         max_samples=max_samples,
+        interpolation=prep.get("interpolation", "bicubic"),  # exports before it was recorded: bicubic
     )
     metrics = evaluate_batches(
         exported.model,

@@ -322,10 +322,15 @@ def write_open_clip(
     from tritower.model.precision import dtype_of
 
     check_expressible(cfg, alpha, model.text_tower.pooling)
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     # The run's image inputs: model.image.image_size/mean/std overrides included.
     image_spec, text_spec = cfg.parsed.image_spec, text_tower_spec(cfg.text.tower)
+    if image_spec.interpolation not in ("bicubic", "bilinear"):  # open_clip/transform.py asserts these
+        raise OpenClipExportError(
+            f"{image_spec.name} resizes with {image_spec.interpolation!r}; open_clip's preprocess knows "
+            f"bicubic and bilinear only; {NATIVE}"
+        )
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
     context_length = text_spec.context_length
     tokenizer = build_text_tokenizer(vocab_source)
     vision_cfg = _image_cfg(model, image_spec, out)
@@ -345,13 +350,12 @@ def write_open_clip(
     config = {
         "model_cfg": model_cfg,
         "preprocess_cfg": {
-            # tritower's EvalTransform crops the centre square, then resizes it; open_clip resizes
-            # the shorter side, then crops (docs/export.md: equal on images of the tower's size).
+            # open_clip's Resize(size) + CenterCrop(size): tritower's EvalTransform, the same pixels.
             "size": image_spec.image_size,
             "mode": "RGB",
             "mean": list(image_spec.mean),
             "std": list(image_spec.std),
-            "interpolation": "bicubic",
+            "interpolation": image_spec.interpolation,
             "resize_mode": "shortest",
         },
         "tritower": {
