@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tritower.inference import load_export
-from tritower.launch.checkpoint.checkpointer import check_manifest
+from tritower.launch.checkpoint.manifest import check_manifest
 from tritower.launch.cli import load_config
 from tritower.launch.tools.export import export
 from tritower.model.config import ModelConfig, TowerConfig, migrate_model

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tritower.launch.checkpoint.checkpointer import check_manifest, data_identity, pick_resume, prune, write_manifest
+from tritower.launch.checkpoint.checkpointer import prune
+from tritower.launch.checkpoint.manifest import check_manifest, data_identity, pick_resume, write_manifest
 from tritower.launch.experiments import get_experiment
 from tritower.launch.lifecycle.supervise import ranks_exit_code
 from tritower.launch.metrics.run_io import RunLock, check_wandb_login

@@ -104,7 +104,7 @@ def test_duplicate_class_names_are_refused_except_clips_own_imagenet_list() -> N
 
 
 def test_resume_with_another_zero_stage_optimizer_precision_or_batch_is_refused(tmp_path) -> None:  # noqa: ANN001
-    from tritower.launch.checkpoint.checkpointer import check_manifest, training_identity
+    from tritower.launch.checkpoint.manifest import check_manifest, training_identity
     from tritower.launch.experiments import get_experiment
 
     config = get_experiment("clip_test").to_dict()
@@ -128,7 +128,7 @@ def test_resume_with_another_zero_stage_optimizer_precision_or_batch_is_refused(
 
 
 def _fake_tag(checkpoints, step: int):  # noqa: ANN001, ANN202
-    from tritower.launch.checkpoint.checkpointer import write_manifest
+    from tritower.launch.checkpoint.manifest import write_manifest
 
     tag = checkpoints / f"step{step:08d}"
     tag.mkdir(parents=True)
@@ -138,7 +138,7 @@ def _fake_tag(checkpoints, step: int):  # noqa: ANN001, ANN202
 
 
 def test_resume_auto_warns_when_the_tag_latest_names_was_deleted(tmp_path) -> None:  # noqa: ANN001
-    from tritower.launch.checkpoint.checkpointer import pick_resume
+    from tritower.launch.checkpoint.manifest import pick_resume
 
     checkpoints = tmp_path / "checkpoints"
     _fake_tag(checkpoints, 2)

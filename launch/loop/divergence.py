@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tritower.launch.checkpoint.checkpointer import Checkpointer, complete_tags
+from tritower.launch.checkpoint.checkpointer import Checkpointer
+from tritower.launch.checkpoint.manifest import complete_tags
 
 COLLAPSE_TOLERANCE = 1e-3
 """A loss closer than this to ln(global batch) is at chance (collapsed)."""

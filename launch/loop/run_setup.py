@@ -83,7 +83,7 @@ def prepare_run_folder(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> RunFold
 
 
 def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFolder:
-    from tritower.launch.checkpoint.checkpointer import (
+    from tritower.launch.checkpoint.manifest import (
         check_manifest,
         complete_tags,
         data_identity,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tritower.launch.checkpoint.checkpointer import check_locked
+from tritower.launch.checkpoint.manifest import check_locked
 from tritower.model import ModelConfig
 
 SHOWN = 8  # keys named per kind in an error

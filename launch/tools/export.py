@@ -49,7 +49,7 @@ from typing import Literal
 
 import torch
 
-from tritower.launch.checkpoint.checkpointer import MANIFEST, locate, read_manifest
+from tritower.launch.checkpoint.manifest import MANIFEST, locate, read_manifest
 from tritower.launch.cli import parse_options
 from tritower.launch.config import ConfigError
 from tritower.launch.tools.checkpoint_merge import (
