@@ -104,19 +104,27 @@ def test_divergence_keeps_the_good_checkpoint_and_its_advice_works(tmp_path: Pat
     code, output = _run([*args, "--optim.lr=1e3", "--train.max_nonfinite_in_row=3"], data_cache, tmp_path / "runs")
     assert code == 3, output[-3000:]
     message = _one_message(output, "tritower: stopped:")
-    losses = {r["step"]: r["loss"] for r in read_log(run) if "loss" in r}
-    first_bad = min(step for step, loss in losses.items() if not math.isfinite(loss))
+    records = [r for r in read_log(run) if "loss" in r]
+    losses = {r["step"]: r["loss"] for r in records}
+    # lr=1e3 drives the logit scale to 0 and the loss to ln 32 exactly, then (on most runs) to NaN:
+    # either way the run stops as diverged, naming the checkpoint from before the collapse.
+    first_bad = min((step for step, loss in losses.items() if not math.isfinite(loss)), default=17)
+    # The health rule: a collapsed step is no proof either (the checkpoint before it had collapsed).
+    first_unhealthy = min(
+        r["step"] for r in records
+        if not math.isfinite(r["loss"]) or abs(r["loss"] - math.log(32)) <= 1e-3 or r["logit_scale"] < 0.01
+    )  # fmt: skip
     checkpoints = run / "checkpoints"
     tags = _tags(checkpoints)
     assert tags and max(tags) < first_bad, (tags, first_bad)  # nothing saved inside the streak
-    # A tag holds the weights after its step's update: the tag of step first_bad - 1 made the first
-    # non-finite loss. The newest one before it is the good one; pruning (keep_last=2) spared it.
-    good_step = (first_bad - 2) // 2 * 2
+    # A tag holds the weights after its step's update: the tag of step first_unhealthy - 1 made the
+    # first unhealthy loss. The newest one before it is the good one; pruning (keep_last=2) spared it.
+    good_step = (first_unhealthy - 2) // 2 * 2
+    for tag in tags:  # every tag after the good one is marked suspect: --resume auto skips them
+        assert (checkpoints / f"step{tag:08d}" / "suspect").is_file() == (tag > good_step), tag
     good = checkpoints / f"step{good_step:08d}"
     assert good_step in tags and (good / "manifest.json").is_file(), (tags, first_bad)
     assert str(good) in message and (checkpoints / "latest").read_text().strip() == good.name
-    if (first_bad - 1) % 2 == 0:
-        assert (checkpoints / f"step{first_bad - 1:08d}" / "suspect").is_file()
 
     # Follow the advice as printed: resume from the named checkpoint with a lower learning rate.
     advice = re.search(r"--resume (\S+) --optim\.lr=", message)
@@ -124,8 +132,9 @@ def test_divergence_keeps_the_good_checkpoint_and_its_advice_works(tmp_path: Pat
     code, output = _run([*args, "--resume", advice.group(1), "--optim.lr=1e-4"], data_cache, tmp_path / "runs")
     assert code == 0, output[-3000:]
     assert f"resumed from {good} at step {good_step}" in output
-    resumed = [r["loss"] for r in read_log(run) if "loss" in r][len(losses) :]
-    assert len(resumed) == 16 - good_step and all(math.isfinite(loss) for loss in resumed), resumed
+    resumed = [r for r in read_log(run) if "loss" in r][len(records) :]
+    assert len(resumed) == 16 - good_step, resumed
+    assert all(math.isfinite(r["loss"]) and r["logit_scale"] > 1 for r in resumed), resumed  # healthy too
 
 
 # ---- 2 and 3. one run per folder; the last checkpoint before the last evaluation --------------
@@ -357,7 +366,8 @@ def test_a_hung_rank_or_a_killed_data_worker_stops_every_rank_with_one_line(
     if fault == "SIGSTOP a rank":
         os.kill(rank1, signal.SIGSTOP)
         _wait_gone(rank0, timeout=120)  # the watchdog of rank 0 saw rank 1's heartbeat stop
-        os.kill(rank1, signal.SIGKILL)  # what the launcher does 30 s after its SIGTERM to a stopped process
+        for pid in [*_children(rank1), rank1]:  # what the launcher does 30 s after its SIGTERM, in its order
+            os.kill(pid, signal.SIGKILL)
         marker, named = "made no progress for 6 s", "rank 1 made no progress"
     else:
         (worker,) = _children(rank1)
@@ -372,10 +382,13 @@ def test_a_hung_rank_or_a_killed_data_worker_stops_every_rank_with_one_line(
 
 def test_a_collapsed_run_is_counted_and_warned_about(tmp_path: Path, data_cache: Path) -> None:
     """A logit scale of exp(-30): every logit 0, the loss ln 32 exactly, no NaN anywhere."""
-    args = ["--train.steps=3", "--model.init_logit_scale=-30", "--train.collapse_warn_steps=2"]
-    code, output = _run(args, data_cache, tmp_path / "runs")
-    assert code == 0, output[-3000:]
+    args = ["--train.steps=4", "--model.init_logit_scale=-30", "--train.collapse_warn_steps=2"]
+    code, output = _run([*args, "--checkpoint.every_steps=2"], data_cache, tmp_path / "runs")
+    assert code == 3, output[-3000:]  # it ended collapsed: not a finished run
     line = _one_message(output, "the loss has stayed at")
     assert "ln(batch) = 3.4657" in line and "for 2 steps" in line and "the last good one is none yet" in line
-    metrics = json.loads((tmp_path / "runs" / "run" / "metrics.json").read_text())
-    assert metrics["collapsed_steps"] == 3 and metrics["loss"] == pytest.approx(math.log(32), abs=1e-5)
+    assert "steps 1-4 at chance" in _one_message(output, "the run ended collapsed")
+    run = tmp_path / "runs" / "run"
+    assert not (run / "metrics.json").exists() and (run / "checkpoints" / "step00000002" / "suspect").is_file()
+    losses = [r["loss"] for r in read_log(run) if "loss" in r]
+    assert losses == pytest.approx([math.log(32)] * 4, abs=1e-5)

@@ -5,11 +5,12 @@ others waiting for it in the next collective forever, and no collective can writ
 without it. So each rank runs a thread that writes a heartbeat every few seconds to
 ``<run>/heartbeats/rank<N>.json`` (step, time of its last finished step, time of the beat, host,
 pid; the run folder is on the file system all ranks share, as the checkpoints need). The trainer
-reports each finished step (``beat``); evaluation and checkpoint writing are not steps, so they
-pause the clock (``paused``). When a rank's own last step is older than the timeout, its thread
-reads every heartbeat and names the stuck rank: the one whose heartbeat itself went stale (its
-process stopped or frozen whole), else the one furthest behind (the others wait for it in the
-next step's collective). The lowest-numbered rank that is not stuck prints one line; every rank
+reports each finished step (``beat``); evaluation and checkpoint writing are not steps: inside
+them (``paused``) a rank has ``PAUSED_FACTOR`` times the timeout. When a rank's own last step is
+older than that, its thread reads every heartbeat and names the stuck rank: the one whose
+heartbeat itself went stale (its process stopped or frozen whole), else the one still drawing its
+data or furthest behind (the others wait for it in the next step's collective). The
+lowest-numbered rank that is not stuck prints one line; every rank
 whose thread fires exits with 75 (the main thread is blocked inside a collective, so the thread
 ends the process itself): the scheduler requeues, and ``--resume auto`` continues from the newest
 checkpoint, which no stop could add to. The launcher ends a rank that cannot even run its thread.
@@ -33,6 +34,10 @@ from pathlib import Path
 from tritower.data.atomic import write_text_atomic
 from tritower.launch.lifecycle.preemption import REQUEUE_EXIT_CODE, record_exit
 
+PAUSED_FACTOR = 4
+"""Evaluation and checkpoint writes get this many times the timeout (they take longer than a step,
+and a rank can hang inside them too)."""
+
 
 class HangWatchdog:
     """One rank's heartbeat thread and stuck-rank check (``timeout_s`` 0: off, nothing started)."""
@@ -54,6 +59,7 @@ class HangWatchdog:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         self.beat(step)
+        self._write()  # at once: a rank stopped before its thread's first beat is still on record
         self.thread = threading.Thread(target=self._run, name="tritower-watchdog", daemon=True)
         self.thread.start()
 
@@ -67,8 +73,9 @@ class HangWatchdog:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Evaluation or a checkpoint: no steps for a while, by design."""
+        """Evaluation or a checkpoint: no steps for a while, by design (``PAUSED_FACTOR`` x the timeout)."""
         self.pause_depth += 1
+        self.progress_at = time.time()
         try:
             yield
         finally:
@@ -113,7 +120,8 @@ class HangWatchdog:
         while True:
             time.sleep(self.interval)
             self._write()
-            if self.closed or self.pause_depth or time.time() - self.progress_at < self.timeout_s:
+            allowed = self.timeout_s * (PAUSED_FACTOR if self.pause_depth else 1)
+            if self.closed or time.time() - self.progress_at < allowed:
                 continue
             now = time.time()
             ranks, why = self.stuck(self.read(), now)

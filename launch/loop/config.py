@@ -17,9 +17,10 @@ class TrainLoopConfig:
     max_nonfinite_in_row: int = 5
     """A NaN/Inf loss skips its step and is counted; this many in a row checkpoint and stop."""
     hang_timeout_s: float = 1800.0
-    """Hang watchdog: a rank that finishes no step for this long (evaluation and checkpoints
-    excepted) stops every rank with exit code 75 and one line naming it (launch/lifecycle/watchdog.py);
-    0 = off. Counted from the end of the first step (which may compile kernels)."""
+    """Hang watchdog: a rank that finishes no step for this long (4 times as long inside an
+    evaluation or a checkpoint write) stops every rank with exit code 75 and one line naming it
+    (launch/lifecycle/watchdog.py); 0 = off. Counted from the end of the first step (which may
+    compile kernels)."""
     collapse_warn_steps: int = 20
     """Warn once when this many steps in a row are collapsed: loss within 1e-3 of ln(batch) or
     logit scale below 0.01 (the health rule, docs/training.md); such steps never prove a

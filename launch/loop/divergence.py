@@ -94,6 +94,11 @@ class DivergenceGuard:
         return f"step {step}: non-finite loss ({loss}), step skipped ({self.in_row} in a row, {self.total} in total)"
 
     @property
+    def ended_collapsed(self) -> bool:
+        """The last ``collapse_warn_steps`` steps or more were collapsed: a run ending so has not trained."""
+        return self.collapsed_in_row >= self.collapse_warn_steps
+
+    @property
     def must_stop(self) -> bool:
         return self.in_row >= self.max_in_row
 
@@ -106,13 +111,20 @@ class DivergenceGuard:
         first = step - self.in_row + 1
         good = checkpointer.folder / self.verified_tag if self.verified_tag else None
         if is_main and self.last_tag and self.last_tag != self.verified_tag:
-            checkpointer.mark_suspect(self.last_tag, f"its weights gave the non-finite loss of step {first}", good)
+            bad = f"the non-finite loss of step {first}" if self.in_row else "collapsed losses"
+            checkpointer.mark_suspect(self.last_tag, f"its weights gave {bad}", good)
             for tag in complete_tags(checkpointer.folder):  # newer than the last good one: never proven good
                 if tag != self.last_tag and (self.verified_tag is None or tag > self.verified_tag):
                     checkpointer.mark_suspect(tag, "written after the last good checkpoint (collapsed losses)", good)
         record = {"step": step, "event": "diverged", "good_checkpoint": str(good) if good else None}
         reason = f"{self.in_row} non-finite losses in a row (steps {first}-{step})"
-        if ended:
+        if ended and not self.in_row:
+            first = step - self.collapsed_in_row + 1
+            reason = (
+                f"the run ended collapsed: {self.collapsed_in_row} steps in a row (steps {first}-{step}) at chance "
+                "(loss at ln(batch) or logit scale near 0), so its last weights are not good"
+            )
+        elif ended:
             reason = f"the run ended inside a streak of {reason}, so its last weights are not good"
         return record, f"tritower: stopped: {reason}; {divergence_advice(good, lr)}. Exit code 3."
 

@@ -347,7 +347,7 @@ class Trainer:
                 raise Preempted(agreed=True)
         self.watchdog.close()
         wall = time.time() - started
-        if self.guard.inside_streak:  # the last weights gave a non-finite loss: not a finished run
+        if self.guard.inside_streak or self.guard.ended_collapsed:  # the last weights are not good: not finished
             self.diverge(ended=True)
         # The last checkpoint comes before the last evaluation: an evaluation that fails cannot cost the run.
         if cfg.checkpoint.save_at_end and self.last_save[0] != self.step:
