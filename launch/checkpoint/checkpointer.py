@@ -243,6 +243,16 @@ class Checkpointer:
         check_locked(state.get("locked", {}), locked, str(folder / tag))
         return state
 
+    def resume(self, folder: Path, tag: str, loader: object, device: torch.device, env: object, *,
+               locked: dict[str, dict[str, str]]) -> dict:  # fmt: skip
+        """``load`` a tag, then put ``loader`` on its data position and this rank's RNG streams on
+        their saved state (``env``: the rank environment); returns the trainer's client state."""
+        state = self.load(folder, tag, world_size=env.world_size, locked=locked)
+        self.restore_data_position(loader, state, folder / tag)
+        if "rng" in state:
+            set_rng_state(state["rng"][env.rank], device)
+        return state
+
     def restore_data_position(self, loader: object, state: dict, where: Path) -> None:
         """Put ``loader`` (``TrainLoader``) on the saved data position (no collective). The
         manifest check caught changed settings before the engine was built; what only the loader
@@ -271,3 +281,18 @@ def locked_identities(
         name = "image_tower" if role == "image" else "third_tower"
         identities[name] = {"tower": meta.tower, "source": meta.source, "sha256": meta.sha256, "embeddings": embeddings}
     return identities
+
+
+def trainer_state(
+    step: int, config: dict, world_size: int, counters: dict, loader: object, device: torch.device, *,
+    wandb_id: str | None, locked: dict[str, dict[str, str]],
+) -> dict:  # fmt: skip
+    """The trainer's client state of a checkpoint (a collective: every rank's data position and RNG
+    streams are gathered): the step, the samples seen, the run's config (``TrainConfig.to_dict()``),
+    the world size, the trainer's counters, per-rank data positions and RNG state, the wandb run id
+    and the locked towers' identities (what ``Checkpointer.resume`` reads back)."""
+    per_rank = gather_per_rank({"data": loader.state_dict(), "rng": rng_state(device)})
+    state = {"step": step, "samples_seen": step * config["data"]["batch_size"], "config": config}
+    state |= {"world_size": world_size, **counters}
+    state |= {"data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank]}
+    return state | {"wandb_id": wandb_id, "locked": locked}
