@@ -30,8 +30,9 @@ from tritower.data.config import DataConfig
 from tritower.data.samples import BadDataStats, decode_sample, read_shard
 from tritower.data.scenes import caption_words
 from tritower.data.tokenizer import build_tokenizer, tokenize, write_vocab
-from tritower.data.transforms import CLIP_MEAN, CLIP_STD, TrainTransform
+from tritower.data.transforms import TrainTransform
 from tritower.data.webdataset import build_train_loader
+from tritower.model.specs import CLIP_MEAN, CLIP_STD
 
 WORDS = "a photo of the small large red blue dog cat on in with and street beach".split()
 

@@ -50,12 +50,7 @@ def write_vocab(path: str | Path, words: Iterable[str]) -> None:
 def resolve_vocab(vocab_path_or_dir: str | Path) -> Path:
     """Finds the ``vocab.txt`` behind a file path, a model folder or ``package:<name>``."""
     spec = str(vocab_path_or_dir)
-    if spec.startswith("package:"):
-        found = importlib.util.find_spec(spec.removeprefix("package:"))
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"no installed package {spec.removeprefix('package:')!r}")
-        spec = list(found.submodule_search_locations)[0]
-    path = Path(spec).expanduser()
+    path = _package_folder(spec) if spec.startswith("package:") else Path(spec).expanduser()
     for candidate in (path, path / "vocab.txt", path / "model" / "vocab.txt"):
         if candidate.is_file():
             return candidate
@@ -101,15 +96,18 @@ def tokenize(
     return encoded["input_ids"].long(), encoded["attention_mask"].long()
 
 
+def _package_folder(source: str) -> Path:
+    """``package:<name>`` -> the folder of that installed Python package; FileNotFoundError if none."""
+    package = source.removeprefix("package:")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{source}: no installed package {package!r}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
 def _package_model_folder(source: str) -> Path:
     """A local path, or ``package:<name>`` -> that installed package's ``model/`` folder."""
-    if source.startswith("package:"):
-        package = source.removeprefix("package:")
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"{source}: no installed package {package!r}")
-        return Path(list(found.submodule_search_locations)[0]) / "model"
-    return Path(source).expanduser()
+    return _package_folder(source) / "model" if source.startswith("package:") else Path(source).expanduser()
 
 
 def build_text_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:

@@ -26,9 +26,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, functional
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 def random_resized_crop_box(
     width: int,

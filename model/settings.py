@@ -128,6 +128,12 @@ def parameter_table(model: nn.Module, trainable: dict[str, bool], locked: dict[s
     return "\n".join(lines)
 
 
+def decays(name: str, parameter: nn.Parameter) -> bool:
+    """Whether weight decay applies: matrices only; biases, norms (ndim < 2) and the learnable
+    temperature and bias of the loss get none (CLIP's, open_clip's rule)."""
+    return parameter.ndim >= 2 and not name.startswith(("logit_scale", "logit_bias"))
+
+
 def parameter_groups(
     model: nn.Module,
     trainable: dict[str, bool],
@@ -139,10 +145,9 @@ def parameter_groups(
 
     ``lr = base_lr * mult`` where mult is ``image_lr_mult`` for ``image_tower.*``,
     ``text_lr_mult`` for ``text_tower.*`` and 1 for heads and temperatures (heads of a U tower
-    start from scratch, so they keep the base rate). An explicit ``lr`` because DeepSpeed's
-    WarmupCosineLR scales each group's original lr. Parameters with ndim < 2 (biases, norms,
-    ``logit_scale``) get no weight decay. Extra keys ``name``, ``tower``, ``lr_mult`` are for
-    logs and delayed unlocking; torch optimizers keep them untouched.
+    start from scratch, so they keep the base rate). An explicit ``lr`` because the schedule
+    scales each group's original lr. Weight decay as ``decays`` says. Extra keys ``name``,
+    ``tower``, ``lr_mult`` are for logs and delayed unlocking; torch optimizers keep them untouched.
     """
     mults = {"image": cfg.parsed.image.lr_mult, "text": cfg.parsed.text.lr_mult, "other": 1.0}
     groups: dict[tuple[str, bool], dict] = {}
@@ -150,7 +155,7 @@ def parameter_groups(
         if not trainable[name]:
             continue
         tower = {"image_tower": "image", "text_tower": "text"}.get(name.split(".", 1)[0], "other")
-        decay = parameter.ndim >= 2 and not name.startswith(("logit_scale", "logit_bias"))
+        decay = decays(name, parameter)
         group = groups.setdefault(
             (tower, decay),
             {

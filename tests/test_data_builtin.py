@@ -27,8 +27,8 @@ from tritower.data.scenes import (
     ensure_builtin_data,
 )
 from tritower.data.tokenizer import build_tokenizer, tokenize
-from tritower.data.transforms import CLIP_MEAN, CLIP_STD
 from tritower.data.webdataset import build_train_loader, load_eval_set
+from tritower.model.specs import CLIP_MEAN, CLIP_STD
 
 SMALL = dict(builtin_train_samples=400, builtin_eval_samples=60, builtin_shard_size=50,
              builtin_image_size=32)  # fmt: skip

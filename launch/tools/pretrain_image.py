@@ -36,6 +36,7 @@ from tritower.launch.config import ConfigError
 from tritower.launch.optim.config import OptimConfig
 from tritower.launch.optim.schedule import lr_factor
 from tritower.model import build_image_tower, file_sha256, image_tower_spec
+from tritower.model.settings import decays
 
 CHECKPOINT = "image_tower.safetensors"
 SIDECAR = "image_tower.json"
@@ -166,8 +167,8 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
     tower = build_image_tower(cfg.tower)
     classifier = nn.Linear(spec.width, num_classes)
     model = nn.Sequential(tower, classifier).train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    decay = [p for name, p in model.named_parameters() if decays(name, p)]
+    no_decay = [p for name, p in model.named_parameters() if not decays(name, p)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
