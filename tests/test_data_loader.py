@@ -1,4 +1,4 @@
-"""The shard loader at scale (issue 5): splitting, exact resume, bad data, shard specs, mixing.
+"""The shard loader at scale: splitting, exact resume, bad data, shard specs, mixing.
 
 All on tiny synthetic shards (8 px images) so that the whole file runs in seconds on 2 cores.
 Run: ``pytest tests/test_data_loader.py -q``

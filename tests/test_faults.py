@@ -1,4 +1,4 @@
-"""Faults that must never lose a good checkpoint or leave a run half-alive (issue 13): divergence,
+"""Faults that must never lose a good checkpoint or leave a run half-alive: divergence,
 re-used and locked run folders, incomplete checkpoints, early one-line errors, signals to the
 ``deepspeed`` command and its launcher.
 

@@ -1,4 +1,4 @@
-"""Truncated shards are counted as ``truncated`` with the samples they lost (issue 13, item 4).
+"""Truncated shards are counted as ``truncated`` with the samples they lost.
 
 Shards are written with webdataset's ``ShardWriter`` (as img2dataset does) and cut: at a member
 boundary without the end-of-archive blocks (tarfile ends such a stream silently), inside a

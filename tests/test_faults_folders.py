@@ -1,4 +1,4 @@
-"""Run folders and checkpoint folders without launching anything (issue 13, items 2 and 6):
+"""Run folders and checkpoint folders without launching anything:
 pruning spares the tag just written and the one ``latest`` names, manifests make ``--resume auto``
 fall back past an incomplete tag, the run-folder lock names its holder and a stale one is taken
 over, ``wandb.mode=online`` without a key fails before anything is built, resume settings are
@@ -32,7 +32,7 @@ def _tag(folder: Path, step: int, *, manifest: bool = True, world_size: int = 2)
 
 
 def test_prune_spares_the_tag_just_written_and_latest(tmp_path: Path) -> None:
-    # Another run's steps 160/180/200 and this run's first save, step 4 (issue 13, item 2).
+    # Another run's steps 160/180/200 and this run's first save, step 4.
     for step in (160, 180, 200, 4):
         _tag(tmp_path, step)
     (tmp_path / "latest").write_text("step00000004")

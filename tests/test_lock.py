@@ -1,4 +1,4 @@
-"""Locked towers outside the trainable model (issue 3): no autograd graph under
+"""Locked towers outside the trainable model: no autograd graph under
 inference_mode, bitwise-unchanged weights after optimizer steps on the rest, split_locked,
 the embeddings path of CLIPModel.forward, the evaluation view, and 3T outputs.
 

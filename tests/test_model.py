@@ -87,7 +87,7 @@ def test_unknown_tower_names_closest_match() -> None:
 
 
 def test_registry_is_explicit() -> None:
-    # Every entry names its family explicitly (issue 3 added timm, t5, mt5 and clip_text).
+    # Every entry names its family explicitly (timm, t5, mt5 and clip_text included).
     from tritower.model.towers import IMAGE_ARCHS, TEXT_ARCHS
 
     for name in list_towers("image"):

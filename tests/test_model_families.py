@@ -1,4 +1,4 @@
-"""Tower families (issue 3): timm image towers beyond ViT (ResNet, Mixer), T5 / mT5 encoders
+"""Tower families: timm image towers beyond ViT (ResNet, Mixer), T5 / mT5 encoders
 and the CLIP text transformer, each built tiny and run forward; the SentencePiece-style
 tokenizer saved and reloaded from local files; end-of-text pooling against a reference.
 

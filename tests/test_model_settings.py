@@ -1,4 +1,4 @@
-"""Tower settings (issue 3): parsing the LiT matrix and 3T, validation, regex lock rules with
+"""Tower settings: parsing the LiT matrix and 3T, validation, regex lock rules with
 partial unlocking, the parameter table, learning-rate groups and delayed unlocking.
 
 Run: ``pytest tests/test_model_settings.py`` (CPU, seconds).

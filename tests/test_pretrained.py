@@ -1,4 +1,4 @@
-"""Pretrained towers from local files (issue 3): timm state dicts as .safetensors and .pth with
+"""Pretrained towers from local files: timm state dicts as .safetensors and .pth with
 a classifier head, the open_clip timm-trunk layout, mismatch errors naming keys and shapes, and
 the real MiniLM-L6 shipped in a PyPI package against transformers' own masked-mean output.
 

@@ -1,4 +1,4 @@
-"""``launch/tools/pretrain_image.py`` (issue 3): a few supervised steps on tiny built-in scenes, then
+"""``launch/tools/pretrain_image.py``: a few supervised steps on tiny built-in scenes, then
 the written checkpoint loads as a locked (L) image tower of a LiT model.
 
 Run: ``pytest tests/test_pretrained_image_script.py`` (CPU, ~10 s).

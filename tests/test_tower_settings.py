@@ -1,4 +1,4 @@
-"""Tower settings through the real trainer and DeepSpeed engine (issue 3).
+"""Tower settings through the real trainer and DeepSpeed engine.
 
 * Every LiT setting (plus partial and delayed unlocking) trains a few steps: locked parameters
   are bitwise unchanged and hold no optimizer state, everything that should train changed.
