@@ -35,7 +35,8 @@ def test_every_experiment_parses_and_fills_every_policy(name: str) -> None:
         assert ds["train_micro_batch_size_per_gpu"] * 2 == cfg.data.batch_size
         # Adafactor (a client optimizer) and LambdaLR schedules are not in the DeepSpeed config.
         assert ds.get("optimizer", {"params": {"lr": cfg.optim.lr}})["params"]["lr"] == cfg.optim.lr
-        assert "scheduler" not in ds  # the schedule is the trainer's (launch/optim/schedule.py)
+        if "scheduler" in ds:
+            assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.steps
         assert ds["bf16"]["enabled"] == (cfg.deepspeed.precision == "bf16")
         assert "auto" not in json.dumps(ds), f"{path.name} left an 'auto' unfilled"
 

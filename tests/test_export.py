@@ -100,7 +100,7 @@ def test_zero_stages_export_identical_weights(runs: dict[int, dict]) -> None:
 def _model_config(config: dict):
     from tritower.model import ModelConfig
 
-    return ModelConfig(**config["model"])
+    return ModelConfig.from_dict(config["model"])
 
 
 @pytest.mark.launch

@@ -12,7 +12,7 @@ from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
 from tritower.launch.engine.ds_config import build_ds_config
 from tritower.launch.optim.config import OptimConfig
-from tritower.launch.optim.schedule import lr_factor
+from tritower.launch.optim.optimizers import deepspeed_schedule, lr_factor
 
 
 def _opt(**fields) -> OptimConfig:
@@ -45,37 +45,25 @@ def test_cooldown_ramps_the_last_steps_to_zero() -> None:
     assert lr_factor(100, rsqrt, 110) == pytest.approx(0.5 / math.sqrt(1 + 90 / 10))
 
 
-def test_the_default_policy_holds_adamw_and_no_schedule(tmp_path) -> None:
+def test_default_stays_deepspeeds_warmup_cosine_byte_for_byte() -> None:
     cfg = load_config(["--experiment", "clip_tiny"])
+    assert deepspeed_schedule(cfg.optim)
     ds = build_ds_config(cfg, world_size=2, device_type="cpu")
     assert ds["optimizer"] == {
         "type": "AdamW",
         "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True},
     }
-    assert "scheduler" not in ds and "zero_allow_untested_optimizer" not in ds
-    policy = json.loads(open(cfg.deepspeed.zero).read()) | {"scheduler": {"type": "WarmupCosineLR"}}
-    (tmp_path / "mine.json").write_text(json.dumps(policy))
-    cfg.deepspeed.zero = str(tmp_path / "mine.json")
-    with pytest.raises(ConfigError, match="the learning-rate schedule comes from the training config"):
-        build_ds_config(cfg, world_size=2, device_type="cpu")
-
-
-def test_warmup_matches_open_clip_and_every_schedule_shares_it() -> None:
-    """open_clip's ``assign_learning_rate`` warm-up (``lr * (step + 1) / warmup``) is the warm-up of
-    every schedule, cooldown or not."""
-    import torch
-    from open_clip_train.scheduler import cosine_lr
-
-    optimizer, lrs = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), []
-    schedule = cosine_lr(optimizer, 1.0, 10, 110)
-    for step in range(110):
-        schedule(step)
-        lrs.append(optimizer.param_groups[0]["lr"])
-    ours = [lr_factor(s, _opt(schedule="cosine"), 110) for s in range(110)]
-    assert ours == pytest.approx(lrs, abs=1e-12)
-    for schedule_name in ("linear", "constant", "rsqrt"):
-        warmup = [lr_factor(s, _opt(schedule=schedule_name, cooldown_steps=1), 110) for s in range(10)]
-        assert warmup == pytest.approx(lrs[:10], abs=1e-12)
+    assert ds["scheduler"] == {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": 450,
+            "warmup_num_steps": 50,
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": 0.0,
+            "warmup_type": "linear",
+        },
+    }
+    assert "zero_allow_untested_optimizer" not in ds
 
 
 @pytest.mark.parametrize(

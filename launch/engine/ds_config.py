@@ -15,7 +15,7 @@ from typing import Any
 
 from tritower.launch.config import ConfigError, TrainConfig, closest
 from tritower.launch.optim.config import OptimConfig
-from tritower.launch.optim.optimizers import client_optimizer_needed
+from tritower.launch.optim.optimizers import client_optimizer_needed, deepspeed_schedule
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,15 +141,15 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
         ("optimizer.params.betas", [opt.beta1, opt.beta2], "optim.beta1/beta2"),
         ("optimizer.params.eps", opt.eps, "optim.eps"),
         ("optimizer.params.weight_decay", opt.weight_decay, "optim.weight_decay"),
+        ("scheduler.params.total_num_steps", cfg.train.steps, "train.steps"),
+        # DeepSpeed's WarmupCosineLR refuses 0 warm-up steps; 1 is the same schedule.
+        ("scheduler.params.warmup_num_steps", max(1, opt.warmup_steps), "optim.warmup_steps"),
+        ("scheduler.params.cos_min_ratio", opt.min_lr_ratio, "optim.min_lr_ratio"),
         ("bf16.enabled", cfg.deepspeed.precision == "bf16", "deepspeed.precision"),
         ("fp16.enabled", cfg.deepspeed.precision == "fp16", "deepspeed.precision"),
     ]
     policy.setdefault("optimizer", {"type": "AdamW"})
-    if "scheduler" in policy:
-        raise ConfigError(
-            f"{origin}: the learning-rate schedule comes from the training config (optim.schedule, "
-            "optim.warmup_steps, optim.min_lr_ratio, optim.cooldown_steps), not the policy; remove 'scheduler'"
-        )
+    policy.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
     if policy["optimizer"].get("type", "AdamW") not in ("AdamW", "Adam"):
         raise ConfigError(
             f"{origin}: optimizer.type must be AdamW (the trainer's optimizer), found {policy['optimizer']['type']!r}"
@@ -157,8 +157,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
     for dotted, value, source in fills:
         _fill(policy, dotted, value, source, origin)
     offloaded = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    if opt.name != "adamw":
-        return _other_optimizer(policy, opt, device_type, offloaded, origin)
+    if opt.name != "adamw" or not deepspeed_schedule(opt):
+        return _other_optimizer_or_schedule(policy, opt, device_type, offloaded, origin)
     if device_type != "cuda" and not offloaded:
         # Off CUDA, DeepSpeed's FusedAdam is a C++ op JIT-compiled on first use (60-90 s on 2 cores,
         # serialised across processes by a file lock); torch's AdamW is the same update, ready now.
@@ -168,17 +168,19 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
     return policy
 
 
-def _other_optimizer(
+def _other_optimizer_or_schedule(
     policy: dict[str, Any], opt: OptimConfig, device_type: str, offloaded: bool, origin: Path
 ) -> dict[str, Any]:
-    """The policy for an optimizer other than AdamW (``launch/optim/optimizers.py``): DeepSpeed's
-    Lamb on CUDA; a client optimizer (Adafactor; Lamb elsewhere) is passed to
-    ``deepspeed.initialize`` by ``launch/engine/engine.py``."""
+    """The policy for anything but the default AdamW + WarmupCosineLR (``launch/optim/optimizers.py``):
+    DeepSpeed's Lamb on CUDA; a client optimizer (Adafactor; Lamb elsewhere) and a client
+    LambdaLR schedule are passed to ``deepspeed.initialize`` by ``launch/engine/engine.py``."""
     if offloaded and opt.name != "adamw":
         raise ConfigError(
             f"{origin} offloads the optimizer to the CPU, which runs DeepSpeed's CPU Adam only; "
             f"optim.name={opt.name!r} needs a policy without offload_optimizer (z1/z2/z3.json)"
         )
+    if not deepspeed_schedule(opt):
+        policy.pop("scheduler", None)
     if opt.name == "lamb" and not client_optimizer_needed(opt, device_type):
         params = policy["optimizer"].setdefault("params", {})
         params.pop("torch_adam", None)

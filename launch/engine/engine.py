@@ -20,9 +20,13 @@ from tritower.launch.engine.ds_config import build_ds_config
 from tritower.launch.engine.fused import describe_optimizer, use_fused_layer_norm
 from tritower.launch.lifecycle import dist_env
 from tritower.launch.metrics.monitors import add_monitors
-from tritower.launch.optim.optimizers import build_client_optimizer, client_optimizer_needed
-from tritower.launch.optim.optimizers import describe as describe_optimizer_choice
-from tritower.launch.optim.schedule import build_scheduler
+from tritower.launch.optim.optimizers import (
+    build_client_optimizer,
+    client_optimizer_needed,
+    client_scheduler,
+    deepspeed_schedule,
+)
+from tritower.launch.optim.optimizers import describe as describe_schedule
 
 
 def init_distributed() -> None:
@@ -74,13 +78,13 @@ def build_engine(
         raise ConfigError("deepspeed.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
     report = [use_fused_layer_norm(model, device, cfg.deepspeed.use_apex)]
     groups = groups if groups is not None else _default_groups(model, cfg)
-    # Adafactor, and LAMB off CUDA, are built here; the schedule always (launch/optim/schedule.py).
+    # Adafactor, and LAMB off CUDA, are built here; any schedule but the default a LambdaLR.
     client = build_client_optimizer(groups, cfg.optim) if client_optimizer_needed(cfg.optim, device.type) else None
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=groups,
         optimizer=client,
-        lr_scheduler=build_scheduler(cfg.optim, cfg.train.steps),
+        lr_scheduler=None if deepspeed_schedule(cfg.optim) else client_scheduler(cfg.optim, cfg.train.steps),
         config=ds_config,
     )
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -88,7 +92,7 @@ def build_engine(
     engine.coalesce_micro_batches, coalescing = _coalescing(engine, cfg.train.coalesce_grad_reduction)
     report += [
         describe_optimizer(optimizer) + (" with fused=True" if fused else ""),
-        describe_optimizer_choice(cfg.optim, device.type),
+        describe_schedule(cfg.optim, device.type),
         f"ZeRO stage {stage}, precision {cfg.deepspeed.precision}, device {engine.device}",
         coalescing,
     ]

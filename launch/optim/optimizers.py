@@ -16,18 +16,28 @@ partitions, not the model's tensors: LAMB's trust ratio and Adafactor's update c
 computed per partition, and Adafactor keeps a full (unfactored) second moment of each 1-D
 partition. Under ZeRO-0 they are per tensor, as in the papers (docs/configuration.md).
 
-The learning-rate schedule is ``launch/optim/schedule.py``, the same for every optimizer.
+``optim.schedule``: linear warm-up over ``optim.warmup_steps``, then ``cosine`` (to
+``lr * optim.min_lr_ratio``), ``linear`` (the same end), ``constant`` or ``rsqrt``
+(``1/sqrt(1 + t/timescale)``, big_vision's), then an optional linear cooldown to 0 over the last
+``optim.cooldown_steps``. The default (AdamW, cosine, no cooldown) stays DeepSpeed's
+``WarmupCosineLR`` from the config, unchanged; every other combination is a ``LambdaLR``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tritower.launch.optim.config import OptimConfig
-from tritower.launch.optim.schedule import describe_schedule
 
 if TYPE_CHECKING:  # torch is imported where an optimizer is built: ds_config stays light to import
     import torch
+
+
+def deepspeed_schedule(opt: OptimConfig) -> bool:
+    """Whether DeepSpeed's ``WarmupCosineLR`` from the config is the schedule (the default)."""
+    return opt.schedule == "cosine" and opt.cooldown_steps == 0 and opt.name == "adamw"
 
 
 def client_optimizer_needed(opt: OptimConfig, device_type: str) -> bool:
@@ -58,6 +68,41 @@ def build_client_optimizer(groups: list[dict], opt: OptimConfig) -> torch.optim.
     raise ValueError(f"optim.name={opt.name!r} is built by DeepSpeed, not here")
 
 
+def lr_factor(step: int, opt: OptimConfig, total_steps: int) -> float:
+    """The schedule's factor of the peak ``lr`` at optimizer step ``step`` (0 = the first)."""
+    warmup, cooldown = opt.warmup_steps, opt.cooldown_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_steps = max(1, total_steps - warmup - cooldown)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    floor = opt.min_lr_ratio
+    if opt.schedule == "cosine":
+        factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif opt.schedule == "linear":
+        factor = floor + (1 - floor) * (1 - progress)
+    elif opt.schedule == "rsqrt":
+        timescale = opt.rsqrt_timescale or max(1, warmup)
+        factor = 1 / math.sqrt(1 + (step - warmup) / timescale)
+    else:
+        factor = 1.0
+    if cooldown and step >= total_steps - cooldown:
+        factor *= (total_steps - step) / cooldown
+    return factor
+
+
+def client_scheduler(
+    opt: OptimConfig, total_steps: int
+) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
+    """What ``deepspeed.initialize(lr_scheduler=...)`` calls with the optimizer it built."""
+
+    def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        from torch.optim.lr_scheduler import LambdaLR
+
+        return LambdaLR(optimizer, lambda step: lr_factor(step, opt, total_steps))
+
+    return build
+
+
 def describe(opt: OptimConfig, device_type: str) -> str:
     """One line for the start of a run: which optimizer implementation and schedule."""
     if opt.name == "adafactor":
@@ -66,4 +111,6 @@ def describe(opt: OptimConfig, device_type: str) -> str:
         which = "Lamb (DeepSpeed FusedLamb)" if device_type == "cuda" else "Lamb (timm, client optimizer: no CUDA)"
     else:
         which = "AdamW"
-    return f"optimizer {which}, {describe_schedule(opt)}"
+    schedule = "WarmupCosineLR (DeepSpeed)" if deepspeed_schedule(opt) else f"warm-up + {opt.schedule} (LambdaLR)"
+    cooldown = f", cooldown {opt.cooldown_steps} steps" if opt.cooldown_steps else ""
+    return f"optimizer {which}, schedule {schedule}{cooldown}"
