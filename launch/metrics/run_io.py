@@ -196,7 +196,7 @@ class RunLock:
         taken = ""
         for _ in range(2):
             try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 other = self._read()
                 if not self._stale(other):
@@ -208,11 +208,28 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
                 taken = f"took over the stale lock of pid {other.get('pid')} on {other.get('host')} ({self.path})"
                 continue
-            with os.fdopen(handle, "w") as out:
-                json.dump(self.holder, out)
             atexit.register(self.release)
             return taken
         raise RuntimeError(f"could not take {self.path}: another run started at the same moment")
+
+    def _create(self) -> None:
+        """Create the lock whole: its content goes to a file of this process first, which is then
+        hard-linked to the lock's name (FileExistsError if it exists). A lock created empty and
+        filled after (``O_EXCL``) is seen half-written by a run starting at the same instant, which
+        took it for a dead writer's and took it over: four runs started together all ran.
+        ``O_EXCL`` remains the fallback where the file system has no hard links."""
+        own = self.path.with_name(f".lock.{os.getpid()}.tmp")
+        own.write_text(json.dumps(self.holder))
+        try:
+            os.link(own, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here
+            handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(handle, "w") as out:
+                json.dump(self.holder, out)
+        finally:
+            own.unlink(missing_ok=True)
 
     def _read(self) -> dict:
         try:
