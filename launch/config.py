@@ -180,30 +180,3 @@ def _validate_ranges(cfg: TrainConfig) -> None:
             f"train.run_name={name!r} must be one folder name (no '/', no '..'): the run folder is "
             "train.output_dir/train.run_name; pass --train.output_dir to put runs elsewhere"
         )
-
-
-def _validate_three_towers(cfg: TrainConfig) -> None:
-    """Fields that only mean something under setting 3T, and what 3T does not support yet."""
-    three_towers = cfg.model.parsed.three_towers
-    weights = {
-        "loss.weight_main": cfg.loss.weight_main,
-        "loss.weight_image_third": cfg.loss.weight_image_third,
-        "loss.weight_text_third": cfg.loss.weight_text_third,
-    }
-    if not three_towers:
-        changed = [key for key, value in weights.items() if value != 1.0]
-        if changed or cfg.eval.alphas:
-            raise ConfigError(
-                f"{', '.join(changed + (['eval.alphas'] if cfg.eval.alphas else []))} "
-                f"apply to model.setting=3T only, not {cfg.model.setting!r}"
-            )
-        return
-    if cfg.loss.kind != "softmax":
-        raise ConfigError(
-            f"loss.kind={cfg.loss.kind!r} is not supported with model.setting=3T yet; use loss.kind=softmax"
-        )
-    if not any(weights.values()):
-        raise ConfigError(
-            "loss.weight_main, loss.weight_image_third and loss.weight_text_third are "
-            "all 0: the 3T loss would be identically 0"
-        )

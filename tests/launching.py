@@ -41,7 +41,7 @@ def deepspeed_launch(
     ``command=True`` types ``deepspeed --num_gpus ranks script args`` as a user does. Otherwise the
     launch starts what that command starts on one node, ``python -u -m deepspeed.launcher.launch``
     with the same world, master address and PYTHONPATH: the same ranks and environment, ~2.3 s
-    cheaper a launch (13.5 s vs 11.1 s median for a 4-step 2-rank run, ``farm-bench``), which is
+    cheaper a launch (13.5 s vs 11.1 s median for a 4-step 2-rank run, 5 timed runs each), which is
     minutes over the suite's launches. The command itself is exercised by the default run, the
     fault, resume, sweep and SLURM tests."""
     if Path(script) == TRAIN and not any(arg.startswith("--log.curves") for arg in args):
