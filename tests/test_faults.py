@@ -234,6 +234,17 @@ def test_resume_falls_back_past_an_incomplete_tag_and_mismatches_fail_early(tmp_
     assert "overlap_comn" in _one_message(output, "zero_optimization is not valid")
 
 
+def _wait_pending(pid: int, sig: int, timeout: float) -> None:
+    """Waits until ``sig`` is pending on the stopped process ``pid`` (ShdPnd/SigPnd of its /proc status)."""
+    deadline = time.time() + timeout
+    while True:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        if (int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)) & (1 << (sig - 1)):
+            return
+        assert time.time() < deadline, f"signal {sig} never reached process {pid} within {timeout} s"
+        time.sleep(0.2)
+
+
 # ---- 5. signals to the deepspeed command, its launcher, a rank --------------------------------
 
 
@@ -373,6 +384,7 @@ def test_a_hung_rank_or_a_killed_data_worker_stops_every_rank_with_one_line(
     if fault == "SIGSTOP a rank":
         os.kill(rank1, signal.SIGSTOP)
         _wait_gone(rank0, timeout=120)  # the watchdog of rank 0 saw rank 1's heartbeat stop
+        _wait_pending(rank1, signal.SIGTERM, timeout=60)  # the launcher saw rank 0's exit status first
         for pid in [*_children(rank1), rank1]:  # what the launcher does 30 s after its SIGTERM, in its order
             os.kill(pid, signal.SIGKILL)
         marker, named = "made no progress for 6 s", "rank 1 made no progress"
