@@ -18,13 +18,14 @@ from-scratch T5 tower on a new caption set).
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
+
+from ..sources import resolve_source
 
 # T5's special-token ids: pad 0, end of sequence 1, unknown 2.
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")
@@ -50,7 +51,7 @@ def write_vocab(path: str | Path, words: Iterable[str]) -> None:
 def resolve_vocab(vocab_path_or_dir: str | Path) -> Path:
     """Finds the ``vocab.txt`` behind a file path, a model folder or ``package:<name>``."""
     spec = str(vocab_path_or_dir)
-    path = _package_folder(spec) if spec.startswith("package:") else Path(spec).expanduser()
+    path = resolve_source(spec)
     for candidate in (path, path / "vocab.txt", path / "model" / "vocab.txt"):
         if candidate.is_file():
             return candidate
@@ -96,25 +97,11 @@ def tokenize(
     return encoded["input_ids"].long(), encoded["attention_mask"].long()
 
 
-def _package_folder(source: str) -> Path:
-    """``package:<name>`` -> the folder of that installed Python package; FileNotFoundError if none."""
-    package = source.removeprefix("package:")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"{source}: no installed package {package!r}")
-    return Path(list(found.submodule_search_locations)[0])
-
-
-def _package_model_folder(source: str) -> Path:
-    """A local path, or ``package:<name>`` -> that installed package's ``model/`` folder."""
-    return _package_folder(source) / "model" if source.startswith("package:") else Path(source).expanduser()
-
-
 def build_text_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer at ``source``: a WordPiece ``vocab.txt`` / BERT folder / ``package:<name>``
     (``build_tokenizer``) or a local SentencePiece/tokenizers folder (T5, RoBERTa's BPE, ...: any
     folder transformers' ``AutoTokenizer`` reads offline)."""
-    path = _package_model_folder(str(source))
+    path = resolve_source(source)
     files = ("spiece.model", "tokenizer.json", "vocab.json", "sentencepiece.bpe.model")
     has_sentencepiece = path.is_dir() and any((path / name).is_file() for name in files)
     if not has_sentencepiece or (path / "vocab.txt").is_file():

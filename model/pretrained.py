@@ -25,13 +25,13 @@ refused with the fix (export it first, or ``--resume`` the run).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..sources import resolve_source
 from .registry import image_spec_at, image_tower_spec, text_tower_spec
 from .towers import ImageTower, TextTower, build_image_tower, unwrap_clip_text
 
@@ -90,17 +90,6 @@ def check_weights_path(path: Path) -> None:
     if not path.is_file():
         what = "is a folder; give the weights file in it" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"pretrained weights {str(path)!r} {what}")
-
-
-def resolve_source(source: str) -> Path:
-    """A local path, or ``package:<name>`` -> that installed package's ``model/`` folder."""
-    if source.startswith("package:"):
-        package = source.removeprefix("package:")
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"{source}: no installed package {package!r}")
-        return Path(list(found.submodule_search_locations)[0]) / "model"
-    return Path(source).expanduser()
 
 
 def file_sha256(path: str | Path) -> str:

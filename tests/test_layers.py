@@ -9,6 +9,8 @@ The rules (docs/architecture.md):
 - ``evaluation/`` imports nothing from ``launch/`` or ``inference/``;
 - ``inference/`` (what joins model and data for users) imports nothing from ``launch/``;
 - none of the library folders (model, losses, data, evaluation, inference) imports DeepSpeed;
+- the modules at the package root below the folders (``sources``: what ``model/`` and ``data/``
+  share) import nothing of the project and no DeepSpeed;
 - inside ``launch/``, the components (``optim``, ``checkpoint``, ``metrics``, ``engine``,
   ``lifecycle``, ``towers``) import no tool (``launch/tools/``), nor the planner
   (``launch/plan/``), nor the app above them (the loop, ``cli``, ``experiments``, ``train``);
@@ -22,14 +24,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ["model", "losses", "data", "evaluation", "inference", "launch"]
+ROOT_MODULES = ["sources"]
 FORBIDDEN: dict[str, set[str]] = {
     "model": {"data", "evaluation", "launch", "inference"},
     "losses": {"model", "data", "evaluation", "launch", "inference"},
     "data": {"model", "losses", "evaluation", "launch", "inference"},
     "evaluation": {"launch", "inference"},
     "inference": {"launch"},
-}
-NO_DEEPSPEED = {"model", "losses", "data", "evaluation", "inference"}
+} | {root: set(PACKAGES) for root in ROOT_MODULES}
+NO_DEEPSPEED = {"model", "losses", "data", "evaluation", "inference", *ROOT_MODULES}
 
 
 def module_name(path: Path) -> str:
@@ -44,6 +47,8 @@ def all_modules() -> dict[str, Path]:
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             modules[module_name(path)] = path
+    for root in ROOT_MODULES:
+        modules[f"tritower.{root}"] = REPO / f"{root}.py"
     return modules
 
 

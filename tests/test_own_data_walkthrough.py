@@ -80,7 +80,8 @@ def test_lit_on_your_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.Mo
     from tritower.launch.tools import evaluate
     from tritower.launch.tools import export as export_tool
     from tritower.model import load_image_tower
-    from tritower.model.pretrained import PretrainedError, resolve_source
+    from tritower.model.pretrained import PretrainedError
+    from tritower.sources import resolve_source
 
     # open_clip's own model from a config of the size of timm's vit_xsmall_patch16_clip_224 (width
     # 256, 10 blocks, 4 heads, patch 16): a 34 MB file where open_clip's smallest ViT-M-32 is 412 MB.

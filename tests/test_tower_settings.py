@@ -191,7 +191,7 @@ def test_minilm_loaded_under_zero3_on_two_ranks_matches_transformers(tmp_path: P
     BertModel on the same files, masked-mean pooled, computed here in float64."""
     from transformers import BertModel
 
-    from tritower.model.pretrained import resolve_source
+    from tritower.sources import resolve_source
 
     out = tmp_path / "minilm.json"
     deepspeed_launch(
