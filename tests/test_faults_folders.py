@@ -17,8 +17,9 @@ import pytest
 from tritower.launch.checkpoint.checkpointer import prune
 from tritower.launch.checkpoint.manifest import check_manifest, data_identity, pick_resume, write_manifest
 from tritower.launch.experiments import get_experiment
+from tritower.launch.lifecycle.run_lock import RunLock
 from tritower.launch.lifecycle.supervise import ranks_exit_code
-from tritower.launch.metrics.run_io import RunLock, check_wandb_login
+from tritower.launch.metrics.wandb_logger import check_wandb_login
 
 
 def _tag(folder: Path, step: int, *, manifest: bool = True, world_size: int = 2) -> Path:

@@ -25,7 +25,7 @@ import os, signal, sys
 import psutil
 from tritower.launch.experiments import get_experiment
 from tritower.launch.lifecycle.preemption import REQUEUE_EXIT_CODE, exit_rank
-from tritower.launch.metrics.run_io import WandbLogger
+from tritower.launch.metrics.wandb_logger import WandbLogger
 
 cfg = get_experiment("clip_test")
 cfg.wandb.mode = "offline"
@@ -101,7 +101,7 @@ def test_a_rank_whose_peer_is_gone_says_one_line_not_gloos_traceback() -> None:
 
 
 def _take_lock(run_dir: str, start: object, results: object) -> None:
-    from tritower.launch.metrics.run_io import RunLock
+    from tritower.launch.lifecycle.run_lock import RunLock
 
     start.wait()  # every contender released at once
     try:

@@ -19,8 +19,7 @@ import pytest
 from PIL import Image
 
 from tritower.launch.metrics.curves import curves_figure, draw_curves
-from tritower.launch.metrics.progress import eval_record, step_record
-from tritower.launch.metrics.run_io import write_curves
+from tritower.launch.metrics.progress import eval_record, step_record, write_curves
 from tritower.launch.tools.report import main
 
 # From a real run's train_log.jsonl (steps 2-8; the eval metrics of step 8 shortened to four),

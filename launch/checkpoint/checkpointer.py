@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from tritower.data.atomic import write_text_atomic
+from tritower.launch.checkpoint.disk import disk_full, full_disk_error
 from tritower.launch.checkpoint.manifest import (
     MANIFEST,
     PARTIAL_SUFFIX,
@@ -47,7 +48,6 @@ from tritower.launch.checkpoint.manifest import (
     training_identity,
     write_manifest,
 )
-from tritower.launch.metrics.run_io import disk_full, full_disk_error
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

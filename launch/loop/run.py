@@ -31,7 +31,7 @@ from tritower.launch.loop.run_setup import (
     resolve_data,
 )
 from tritower.launch.metrics.progress import eval_line, eval_record
-from tritower.launch.metrics.run_io import WandbLogger
+from tritower.launch.metrics.wandb_logger import WandbLogger
 from tritower.launch.towers.model_setup import TowerInputs, build_towers, text_tokenizer_source
 from tritower.losses import build_objective
 from tritower.model.precision import dtype_of

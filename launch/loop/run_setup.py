@@ -91,7 +91,8 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
         training_identity,
     )
     from tritower.launch.engine.ds_config import build_ds_config
-    from tritower.launch.metrics.run_io import RunLock, check_wandb_login
+    from tritower.launch.lifecycle.run_lock import RunLock
+    from tritower.launch.metrics.wandb_logger import check_wandb_login
 
     check_wandb_login(cfg.wandb.mode)
     checkpoints = run_dir / "checkpoints"

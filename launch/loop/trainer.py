@@ -30,8 +30,8 @@ from tritower.launch.metrics.progress import (
     progress_line,
     step_record,
     wandb_values,
+    write_curves,
 )
-from tritower.launch.metrics.run_io import write_curves
 from tritower.launch.towers.model_setup import (
     apply_unlock_schedule,
     unlock_events,

@@ -1,15 +1,37 @@
 """What a run reports while it trains: bad-data counts summed over ranks, the progress line, the
-``train_log.jsonl`` records of a logged step and of an evaluation, and the wandb values of a
-logged step."""
+``train_log.jsonl`` records of a logged step and of an evaluation, the wandb values of a logged
+step, and the curves figure at the end."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from tritower.evaluation import COUNTS
 from tritower.launch.checkpoint.checkpointer import gather_per_rank
-from tritower.launch.metrics.run_io import format_duration
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def write_curves(run_dir: Path, enabled: bool) -> None:
+    """``log.curves``: draw the run's curves from its ``train_log.jsonl`` to ``<run>/curves.png``
+    (global rank 0, at the end). A figure is a convenience: any failure to draw it is one warning
+    line, never a failed run after the training and its checkpoint are done."""
+    if not enabled:
+        return
+    try:
+        from tritower.launch.metrics.curves import draw_curves
+
+        print(f"curves: {draw_curves([run_dir], run_dir / 'curves.png')}", flush=True)
+    except Exception as error:  # anything at all: the run itself has succeeded
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        print(f"warning: could not draw {run_dir / 'curves.png'} ({message}); the run is fine", file=sys.stderr)
 
 
 def data_quality(loader: object) -> dict:
