@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from tritower.launch.cli import load_config
 from tritower.launch.config import ConfigError
 from tritower.launch.engine.ds_config import build_ds_config
 from tritower.launch.optim.config import OptimConfig
-from tritower.launch.optim.optimizers import deepspeed_schedule, lr_factor
+from tritower.launch.optim.optimizers import client_scheduler, lr_factor
 
 
 def _opt(**fields) -> OptimConfig:
@@ -23,8 +25,9 @@ def test_warmup_then_each_schedule_by_hand() -> None:
     total = 110
     for schedule in ("cosine", "linear", "constant", "rsqrt"):
         opt = _opt(schedule=schedule)
-        assert [lr_factor(s, opt, total) for s in range(3)] == [0.1, 0.2, 0.3]
-        assert lr_factor(9, opt, total) == 1.0 and lr_factor(10, opt, total) == 1.0
+        # DeepSpeed's warm-up: update i runs at max(i - 1, 0) / warmup_steps of the peak.
+        assert [lr_factor(s, opt, total) for s in (0, 1, 2, 9, 10)] == [0.0, 0.0, 0.1, 0.8, 0.9]
+    assert lr_factor(11, _opt(schedule="constant"), total) == 1.0
     # 100 steps of decay after the 10 of warm-up: halfway is step 60.
     assert lr_factor(60, _opt(schedule="cosine"), total) == pytest.approx(0.5)
     assert lr_factor(60, _opt(schedule="linear"), total) == pytest.approx(0.5)
@@ -45,25 +48,72 @@ def test_cooldown_ramps_the_last_steps_to_zero() -> None:
     assert lr_factor(100, rsqrt, 110) == pytest.approx(0.5 / math.sqrt(1 + 90 / 10))
 
 
-def test_default_stays_deepspeeds_warmup_cosine_byte_for_byte() -> None:
+def _two_groups() -> torch.optim.Optimizer:
+    weights, bias = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    return torch.optim.AdamW([{"params": [weights], "lr": 5e-4}, {"params": [bias], "lr": 5e-5}])
+
+
+@pytest.mark.parametrize("warmup, total, floor", [(50, 450, 0.0), (3, 12, 0.0), (10, 100, 0.1), (2, 2, 0.0)])
+def test_cosine_is_deepspeeds_warmup_cosine_float_for_float(warmup: int, total: int, floor: float) -> None:
+    """DeepSpeed's own WarmupCosineLR (linear warm-up), the default's schedule before there was one
+    implementation, is the reference: every group's lr equal at every update, past the end too."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    reference, ours = _two_groups(), _two_groups()
+    deepspeed_lr = WarmupCosineLR(
+        reference, total_num_steps=total, warmup_num_steps=warmup, cos_min_ratio=floor, warmup_type="linear"
+    )
+    schedule = client_scheduler(_opt(warmup_steps=warmup, min_lr_ratio=floor), total)(ours)
+    for update in range(total + 3):
+        assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in reference.param_groups], update
+        reference.step(), deepspeed_lr.step(), ours.step(), schedule.step()
+
+
+def test_a_saved_warmup_cosine_state_continues_exactly() -> None:
+    """A checkpoint written while DeepSpeed's WarmupCosineLR was the schedule holds its state
+    (``last_batch_iteration``); loaded into the schedule, the next learning rates are DeepSpeed's."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    reference = _two_groups()
+    deepspeed_lr = WarmupCosineLR(
+        reference, total_num_steps=40, warmup_num_steps=5, cos_min_ratio=0.0, warmup_type="linear"
+    )
+    for _ in range(7):
+        reference.step(), deepspeed_lr.step()
+    ours = _two_groups()
+    schedule = client_scheduler(_opt(warmup_steps=5), 40)(ours)
+    schedule.load_state_dict(deepspeed_lr.state_dict())
+    for group, saved in zip(ours.param_groups, reference.param_groups, strict=True):
+        group["lr"] = saved["lr"]  # as the optimizer's own saved state restores it
+    assert schedule.get_last_lr() == [g["lr"] for g in reference.param_groups]
+    for update in range(8, 45):
+        reference.step(), deepspeed_lr.step(), ours.step(), schedule.step()
+        assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in reference.param_groups], update
+
+
+def test_the_policy_holds_no_schedule_and_an_old_schedule_block_must_agree(tmp_path: Path) -> None:
     cfg = load_config(["--experiment", "clip_tiny"])
-    assert deepspeed_schedule(cfg.optim)
     ds = build_ds_config(cfg, world_size=2, device_type="cpu")
     assert ds["optimizer"] == {
         "type": "AdamW",
         "params": {"lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True},
     }
-    assert ds["scheduler"] == {
-        "type": "WarmupCosineLR",
-        "params": {
-            "total_num_steps": 450,
-            "warmup_num_steps": 50,
-            "warmup_min_ratio": 0.0,
-            "cos_min_ratio": 0.0,
-            "warmup_type": "linear",
-        },
-    }
-    assert "zero_allow_untested_optimizer" not in ds
+    assert "scheduler" not in ds and "zero_allow_untested_optimizer" not in ds
+    old = json.loads(Path("zero_configs/z2.json").read_text())
+    block = {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_min_ratio": 0.0, "cos_min_ratio": "auto"}
+    for params, refused in [
+        ({**block, "warmup_type": "linear"}, None),
+        ({**block, "warmup_type": "linear", "warmup_num_steps": 7}, "optim.warmup_steps"),
+        ({**block, "warmup_type": "log"}, "--optim.schedule"),
+    ]:
+        policy = tmp_path / "policy.json"
+        policy.write_text(json.dumps({**old, "scheduler": {"type": "WarmupCosineLR", "params": params}}))
+        cfg = load_config(["--experiment", "clip_tiny", f"--deepspeed.zero={policy}"])
+        if refused is None:
+            assert "scheduler" not in build_ds_config(cfg, world_size=2, device_type="cpu")
+        else:
+            with pytest.raises(ConfigError, match=refused):
+                build_ds_config(cfg, world_size=2, device_type="cpu")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from typing import Any
 
 from tritower.launch.config import ConfigError, TrainConfig, closest
 from tritower.launch.optim.config import OptimConfig
-from tritower.launch.optim.optimizers import client_optimizer_needed, deepspeed_schedule
+from tritower.launch.optim.optimizers import client_optimizer_needed
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,15 +141,11 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
         ("optimizer.params.betas", [opt.beta1, opt.beta2], "optim.beta1/beta2"),
         ("optimizer.params.eps", opt.eps, "optim.eps"),
         ("optimizer.params.weight_decay", opt.weight_decay, "optim.weight_decay"),
-        ("scheduler.params.total_num_steps", cfg.train.steps, "train.steps"),
-        # DeepSpeed's WarmupCosineLR refuses 0 warm-up steps; 1 is the same schedule.
-        ("scheduler.params.warmup_num_steps", max(1, opt.warmup_steps), "optim.warmup_steps"),
-        ("scheduler.params.cos_min_ratio", opt.min_lr_ratio, "optim.min_lr_ratio"),
         ("bf16.enabled", cfg.deepspeed.precision == "bf16", "deepspeed.precision"),
         ("fp16.enabled", cfg.deepspeed.precision == "fp16", "deepspeed.precision"),
     ]
     policy.setdefault("optimizer", {"type": "AdamW"})
-    policy.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
+    _check_scheduler(policy.pop("scheduler", None), cfg, origin)
     if policy["optimizer"].get("type", "AdamW") not in ("AdamW", "Adam"):
         raise ConfigError(
             f"{origin}: optimizer.type must be AdamW (the trainer's optimizer), found {policy['optimizer']['type']!r}"
@@ -157,7 +153,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
     for dotted, value, source in fills:
         _fill(policy, dotted, value, source, origin)
     offloaded = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    if opt.name != "adamw" or not deepspeed_schedule(opt):
+    if opt.name != "adamw":
         return _other_optimizer_or_schedule(policy, opt, device_type, offloaded, origin)
     if device_type != "cuda" and not offloaded:
         # Off CUDA, DeepSpeed's FusedAdam is a C++ op JIT-compiled on first use (60-90 s on 2 cores,
@@ -168,19 +164,39 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str = "cuda"
     return policy
 
 
+def _check_scheduler(block: dict | None, cfg: TrainConfig, origin: Path) -> None:
+    """The schedule is ``optim.*`` (one implementation, ``launch/optim/optimizers.py``), never the
+    policy's. A policy that still carries DeepSpeed's ``WarmupCosineLR`` block (as older copies of
+    ``zero_configs/`` do) is accepted where it agrees with ``optim.*`` ("auto" or equal values);
+    anything else is refused, naming the field to change."""
+    if block is None:
+        return
+    if block.get("type") != "WarmupCosineLR" or block.get("params", {}).get("warmup_type", "log") != "linear":
+        raise ConfigError(
+            f"{origin} sets a DeepSpeed scheduler ({block.get('type')!r}); the schedule is set by --optim.schedule, "
+            '--optim.warmup_steps, --optim.min_lr_ratio and --optim.cooldown_steps: remove "scheduler" from the JSON'
+        )
+    holder = {"scheduler": copy.deepcopy(block)}
+    for dotted, value, source in [
+        ("scheduler.params.total_num_steps", cfg.train.steps, "train.steps"),
+        ("scheduler.params.warmup_num_steps", cfg.optim.warmup_steps, "optim.warmup_steps"),
+        ("scheduler.params.cos_min_ratio", cfg.optim.min_lr_ratio, "optim.min_lr_ratio"),
+        ("scheduler.params.warmup_min_ratio", 0.0, "the warm-up's start (0)"),
+    ]:
+        _fill(holder, dotted, value, source, origin)
+
+
 def _other_optimizer_or_schedule(
     policy: dict[str, Any], opt: OptimConfig, device_type: str, offloaded: bool, origin: Path
 ) -> dict[str, Any]:
-    """The policy for anything but the default AdamW + WarmupCosineLR (``launch/optim/optimizers.py``):
-    DeepSpeed's Lamb on CUDA; a client optimizer (Adafactor; Lamb elsewhere) and a client
-    LambdaLR schedule are passed to ``deepspeed.initialize`` by ``launch/engine/engine.py``."""
+    """The policy for an optimizer other than AdamW (``launch/optim/optimizers.py``): DeepSpeed's
+    Lamb on CUDA; a client optimizer (Adafactor; Lamb elsewhere), passed to ``deepspeed.initialize``
+    by ``launch/engine/engine.py``."""
     if offloaded and opt.name != "adamw":
         raise ConfigError(
             f"{origin} offloads the optimizer to the CPU, which runs DeepSpeed's CPU Adam only; "
             f"optim.name={opt.name!r} needs a policy without offload_optimizer (z1/z2/z3.json)"
         )
-    if not deepspeed_schedule(opt):
-        policy.pop("scheduler", None)
     if opt.name == "lamb" and not client_optimizer_needed(opt, device_type):
         params = policy["optimizer"].setdefault("params", {})
         params.pop("torch_adam", None)

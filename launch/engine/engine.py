@@ -24,7 +24,6 @@ from tritower.launch.optim.optimizers import (
     build_client_optimizer,
     client_optimizer_needed,
     client_scheduler,
-    deepspeed_schedule,
 )
 from tritower.launch.optim.optimizers import describe as describe_schedule
 
@@ -84,7 +83,7 @@ def build_engine(
         model=model,
         model_parameters=groups,
         optimizer=client,
-        lr_scheduler=None if deepspeed_schedule(cfg.optim) else client_scheduler(cfg.optim, cfg.train.steps),
+        lr_scheduler=client_scheduler(cfg.optim, cfg.train.steps),
         config=ds_config,
     )
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)

@@ -7,8 +7,8 @@ before DeepSpeed is imported:
 * drops library messages that tell a user nothing: torch's ``FutureWarning`` that
   ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` are deprecated (DeepSpeed's ZeRO calls
   them every step), DeepSpeed's
-  "Attempting to get learning rate from scheduler before it has started" (its WarmupCosineLR
-  reads the rate once at construction) and "Setting accelerator to CPU ... unable to detect it"
+  "Attempting to get learning rate from scheduler before it has started" (from a policy's own
+  scheduler, should one be built) and "Setting accelerator to CPU ... unable to detect it"
   (the run's ``kernels:`` line names the device);
 * announces, in one line, the first-run JIT compilation of DeepSpeed's CPU ops (about a minute);
 * prints the machine's matrix-multiply rate, the number every time in the README is quoted with.

@@ -16,8 +16,8 @@ class OptimConfig:
     or ``adafactor`` (LiT, big_vision: transformers' Adafactor with momentum ``beta1``)."""
     schedule: Literal["cosine", "linear", "constant", "rsqrt"] = "cosine"
     """After warm-up: ``cosine`` or ``linear`` decay to ``lr * min_lr_ratio``, ``constant``, or
-    ``rsqrt`` (``1/sqrt(1 + t/rsqrt_timescale)``). AdamW + cosine without cooldown is DeepSpeed's
-    WarmupCosineLR; every other combination a torch LambdaLR passed to the engine."""
+    ``rsqrt`` (``1/sqrt(1 + t/rsqrt_timescale)``). One implementation for every choice
+    (``launch/optim/optimizers.py: lr_factor``)."""
     cooldown_steps: int = 0
     """Linear cooldown of the learning rate to 0 over the last N steps (0: none)."""
     rsqrt_timescale: int = 0

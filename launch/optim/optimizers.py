@@ -19,8 +19,10 @@ partition. Under ZeRO-0 they are per tensor, as in the papers (docs/configuratio
 ``optim.schedule``: linear warm-up over ``optim.warmup_steps``, then ``cosine`` (to
 ``lr * optim.min_lr_ratio``), ``linear`` (the same end), ``constant`` or ``rsqrt``
 (``1/sqrt(1 + t/timescale)``, big_vision's), then an optional linear cooldown to 0 over the last
-``optim.cooldown_steps``. The default (AdamW, cosine, no cooldown) stays DeepSpeed's
-``WarmupCosineLR`` from the config, unchanged; every other combination is a ``LambdaLR``.
+``optim.cooldown_steps``. One function (``lr_factor``) is every schedule, stepped by the engine as
+a torch ``LambdaLR`` (``Schedule``). Its warm-up and cosine are DeepSpeed's ``WarmupCosineLR``
+(``warmup_type=linear``) float for float, which the default used to be: runs and checkpoints made
+with it continue bit-exactly (``Schedule.load_state_dict`` reads its saved state).
 """
 
 from __future__ import annotations
@@ -33,11 +35,7 @@ from tritower.launch.optim.config import OptimConfig
 
 if TYPE_CHECKING:  # torch is imported where an optimizer is built: ds_config stays light to import
     import torch
-
-
-def deepspeed_schedule(opt: OptimConfig) -> bool:
-    """Whether DeepSpeed's ``WarmupCosineLR`` from the config is the schedule (the default)."""
-    return opt.schedule == "cosine" and opt.cooldown_steps == 0 and opt.name == "adamw"
+    from torch.optim.lr_scheduler import LRScheduler
 
 
 def client_optimizer_needed(opt: OptimConfig, device_type: str) -> bool:
@@ -69,20 +67,25 @@ def build_client_optimizer(groups: list[dict], opt: OptimConfig) -> torch.optim.
 
 
 def lr_factor(step: int, opt: OptimConfig, total_steps: int) -> float:
-    """The schedule's factor of the peak ``lr`` at optimizer step ``step`` (0 = the first)."""
+    """The schedule's factor of the peak ``lr`` for optimizer step ``step`` (0 = the first update).
+
+    ``t = step - 1`` is DeepSpeed's ``WarmupCosineLR`` iteration count at that update (its first two
+    updates run at 0): warm-up ``max(t, 0) / warmup_steps`` while ``t < warmup_steps``, then the decay
+    over ``progress = (t - warmup_steps + 1) / (total_steps - warmup_steps - cooldown_steps)``,
+    written in DeepSpeed's order of float operations, so the default is bit-identical to it."""
     warmup, cooldown = opt.warmup_steps, opt.cooldown_steps
-    if step < warmup:
-        return (step + 1) / warmup
-    decay_steps = max(1, total_steps - warmup - cooldown)
-    progress = min(1.0, (step - warmup) / decay_steps)
+    t = step - 1
+    if t < warmup:
+        return max(t, 0) / warmup
+    progress = min(1.0, (t - warmup + 1) / max(1, total_steps - warmup - cooldown))
     floor = opt.min_lr_ratio
     if opt.schedule == "cosine":
-        factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        factor = max(0.0, floor + (1.0 - floor) * ((1 + math.cos(math.pi * progress)) / 2))
     elif opt.schedule == "linear":
-        factor = floor + (1 - floor) * (1 - progress)
+        factor = floor + (1.0 - floor) * (1 - progress)
     elif opt.schedule == "rsqrt":
         timescale = opt.rsqrt_timescale or max(1, warmup)
-        factor = 1 / math.sqrt(1 + (step - warmup) / timescale)
+        factor = 1 / math.sqrt(1 + (t - warmup + 1) / timescale)
     else:
         factor = 1.0
     if cooldown and step >= total_steps - cooldown:
@@ -92,13 +95,29 @@ def lr_factor(step: int, opt: OptimConfig, total_steps: int) -> float:
 
 def client_scheduler(
     opt: OptimConfig, total_steps: int
-) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
+) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]:
     """What ``deepspeed.initialize(lr_scheduler=...)`` calls with the optimizer it built."""
 
-    def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    def build(optimizer: torch.optim.Optimizer) -> LRScheduler:
         from torch.optim.lr_scheduler import LambdaLR
 
-        return LambdaLR(optimizer, lambda step: lr_factor(step, opt, total_steps))
+        class Schedule(LambdaLR):
+            """``lr_factor`` as a LambdaLR; also loads the state DeepSpeed's WarmupCosineLR saved
+            (``{"last_batch_iteration": k}``: ``k + 1`` updates done, this schedule's ``last_epoch``)."""
+
+            def load_state_dict(self, state_dict: dict) -> None:
+                if "last_batch_iteration" in state_dict and "last_epoch" not in state_dict:
+                    done = int(state_dict["last_batch_iteration"]) + 1
+                    factor = lr_factor(done, opt, total_steps)
+                    state_dict = {
+                        "last_epoch": done,
+                        "_step_count": done + 1,
+                        "_last_lr": [base * factor for base in self.base_lrs],
+                        "lr_lambdas": [None],
+                    }
+                super().load_state_dict(state_dict)
+
+        return Schedule(optimizer, lambda step: lr_factor(step, opt, total_steps))
 
     return build
 
@@ -111,6 +130,6 @@ def describe(opt: OptimConfig, device_type: str) -> str:
         which = "Lamb (DeepSpeed FusedLamb)" if device_type == "cuda" else "Lamb (timm, client optimizer: no CUDA)"
     else:
         which = "AdamW"
-    schedule = "WarmupCosineLR (DeepSpeed)" if deepspeed_schedule(opt) else f"warm-up + {opt.schedule} (LambdaLR)"
+    schedule = f"warm-up {opt.warmup_steps} steps + {opt.schedule}"
     cooldown = f", cooldown {opt.cooldown_steps} steps" if opt.cooldown_steps else ""
     return f"optimizer {which}, schedule {schedule}{cooldown}"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from torch import nn
 from tritower.data.config import DataConfig
 from tritower.launch.cli import parse_overrides
 from tritower.launch.config import ConfigError
+from tritower.launch.optim.config import OptimConfig
+from tritower.launch.optim.optimizers import client_scheduler
 from tritower.model import build_image_tower, file_sha256, image_tower_spec
 from tritower.model.settings import decays
 
@@ -85,13 +86,6 @@ class PretrainImageConfig:
     """Shards and loader settings; empty ``train_shards`` = the built-in scenes. User shards
     need an integer class label under ``data.label_key`` (default the json's ``label``) and ``data.vocab`` (the loader
     tokenises captions even though this command does not use them)."""
-
-
-def _schedule(cfg: PretrainImageConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 LABEL_SETS = ("colour_shape", "shape", "colour")
@@ -180,7 +174,8 @@ def pretrain(cfg: PretrainImageConfig) -> dict:
         lr=cfg.lr,
         betas=(0.9, 0.999),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(cfg, s))
+    # The trainer's one schedule implementation: warm-up, then cosine to 0.
+    scheduler = client_scheduler(OptimConfig(warmup_steps=cfg.warmup_steps, min_lr_ratio=0.0), cfg.steps)(optimizer)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     print(
         f"pretrain_image: {cfg.tower} ({sum(p.numel() for p in tower.parameters()):,} "
