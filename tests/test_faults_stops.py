@@ -6,7 +6,9 @@ two runs racing for one folder. Cheap processes, not full training launches, whe
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,10 +114,20 @@ def _take_lock(run_dir: str, start: object, results: object) -> None:
     start.wait()  # hold the lock until every contender has tried
 
 
-@pytest.mark.parametrize("round", range(6))  # a race: one round of 4 lost it 1 time in 2 to 4
-def test_two_runs_starting_in_one_folder_at_the_same_instant_get_one_lock(tmp_path: Path, round: int) -> None:
+@pytest.mark.parametrize("left_by", ["nobody", "a killed run"])
+@pytest.mark.parametrize("round", range(4))  # a race: one round of 4 lost it 1 time in 2 to 4
+def test_two_runs_starting_in_one_folder_at_the_same_instant_get_one_lock(
+    tmp_path: Path, round: int, left_by: str
+) -> None:
+    """Contenders released at one instant into a fresh folder, or into one whose lock a killed run
+    left (each finds it stale and takes it over): exactly one takes the lock."""
     import multiprocessing
 
+    if left_by == "a killed run":
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        lock = {"pid": dead.pid, "host": socket.gethostname(), "start": "1", "slurm_job": "", "since": "then"}
+        (tmp_path / "lock").write_text(json.dumps(lock))
     context = multiprocessing.get_context("fork")  # the contenders only take a file lock
     contenders = 4
     start, results = context.Barrier(contenders), context.Queue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import os
 import socket
@@ -48,24 +49,45 @@ class RunLock:
     def acquire(self) -> str:
         """Take the lock; returns a warning when a stale lock was taken over ("" otherwise).
         RuntimeError naming the holder when another live run holds it."""
-        taken = ""
-        for _ in range(2):
-            try:
-                self._create()
-            except FileExistsError:
-                other = self._read()
-                if not self._stale(other):
-                    raise RuntimeError(
-                        f"run folder {self.path.parent} is in use by another run (pid {other.get('pid')} on host "
-                        f"{other.get('host')}, since {other.get('since')}): wait for it to end, or pass another "
-                        f"--train.run_name; if that run is gone, delete {self.path}"
-                    ) from None
-                self.path.unlink(missing_ok=True)
-                taken = f"took over the stale lock of pid {other.get('pid')} on {other.get('host')} ({self.path})"
-                continue
-            atexit.register(self.release)
-            return taken
-        raise RuntimeError(f"could not take {self.path}: another run started at the same moment")
+        try:
+            self._create()
+        except FileExistsError:
+            taken = self._take_over()
+        else:
+            taken = ""
+        atexit.register(self.release)
+        return taken
+
+    def _take_over(self) -> str:
+        """Replace a stale lock by this run's, under ``.lock.takeover`` (``flock``: released by the
+        kernel when its holder dies, so it is never stale itself). Without it, contenders that all
+        read the same stale lock each removed it and each created their own: two ran."""
+        with open(self.path.with_name(".lock.takeover"), "a") as mutex:
+            fcntl.flock(mutex, fcntl.LOCK_EX)
+            while True:
+                try:
+                    other = json.loads(self.path.read_text())
+                except FileNotFoundError:  # its holder ended meanwhile: take it as a fresh run does
+                    try:
+                        self._create()
+                        return ""
+                    except FileExistsError:
+                        continue
+                except (OSError, ValueError):
+                    other = {}  # half-written or unreadable: its writer died at once
+                break
+            if not self._stale(other):
+                raise RuntimeError(
+                    f"run folder {self.path.parent} is in use by another run (pid {other.get('pid')} on host "
+                    f"{other.get('host')}, since {other.get('since')}): wait for it to end, or pass another "
+                    f"--train.run_name; if that run is gone, delete {self.path}"
+                )
+            # Only a holder of the mutex replaces a lock that exists; a fresh run's hard link
+            # (``_create``) cannot succeed while it exists.
+            own = self.path.with_name(f".lock.{os.getpid()}.tmp")
+            own.write_text(json.dumps(self.holder))
+            os.replace(own, self.path)
+        return f"took over the stale lock of pid {other.get('pid')} on {other.get('host')} ({self.path})"
 
     def _create(self) -> None:
         """Create the lock whole: its content goes to a file of this process first, which is then
