@@ -83,9 +83,9 @@ def test_a_saved_warmup_cosine_state_continues_exactly() -> None:
     ours = _two_groups()
     schedule = client_scheduler(_opt(warmup_steps=5), 40)(ours)
     schedule.load_state_dict(deepspeed_lr.state_dict())
-    for group, saved in zip(ours.param_groups, reference.param_groups, strict=True):
-        group["lr"] = saved["lr"]  # as the optimizer's own saved state restores it
     assert schedule.get_last_lr() == [g["lr"] for g in reference.param_groups]
+    for group, lr in zip(ours.param_groups, schedule.get_last_lr(), strict=True):
+        group["lr"] = lr  # as the checkpointer sets them after a load
     for update in range(8, 45):
         reference.step(), deepspeed_lr.step(), ours.step(), schedule.step()
         assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in reference.param_groups], update
@@ -205,3 +205,19 @@ def test_optimizer_trains_and_resumes_exactly_on_two_ranks(train, name: str, zer
     assert f"resumed from {checkpoint} at step {RESUME_AT}" in resumed.output
     assert resumed.losses() == losses[RESUME_AT:]  # optimizer and schedule state restored exactly
     assert resumed.metrics["loss"] == whole.metrics["loss"]
+
+
+def test_a_resume_keeps_its_position_and_takes_this_runs_peak_rate() -> None:
+    """The divergence advice resumes with a lower ``--optim.lr``: the saved schedule brings its
+    step, never its old peak."""
+    saved_run = _two_groups()
+    for group in saved_run.param_groups:
+        group["lr"] *= 1e6
+    saved = client_scheduler(_opt(warmup_steps=5), 40)(saved_run)
+    for _ in range(7):
+        saved_run.step(), saved.step()
+    resumed_run = _two_groups()
+    resumed = client_scheduler(_opt(warmup_steps=5), 40)(resumed_run)
+    resumed.load_state_dict(saved.state_dict())
+    factor = lr_factor(7, _opt(warmup_steps=5), 40)
+    assert resumed.last_epoch == 7 and resumed.get_last_lr() == [5e-4 * factor, 5e-5 * factor]

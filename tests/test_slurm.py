@@ -7,8 +7,9 @@ loopback addresses of this host, so the master address the script derives from t
 name resolves as on a cluster. Everything they start is real: the scripts, ``launch/slurm/task.sh``,
 the trainer, DeepSpeed on gloo.
 
-Three launches in all: the one-node script to the end (the reference), the multi-node script
-preempted on one node, and its requeued job.
+Five launches in all: the one-node script to the end (the reference), the multi-node script
+preempted on one node and its requeued job, and the multi-node script whose data worker on one
+node is killed and its requeued job.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ JOB_ID = 4242
 
 
 def _job(
-    script: str, out: Path, data_cache: Path, *, nodes: int, tasks_per_node: int, run_name: str
+    script: str, out: Path, data_cache: Path, *, nodes: int, tasks_per_node: int, run_name: str, extra: tuple = ()
 ) -> tuple[subprocess.Popen, Path]:
     """Run an sbatch script with bash as SLURM would inside an allocation of ``nodes`` nodes."""
     log = out / "slurm.log"
@@ -65,6 +66,7 @@ def _job(
         "--eval.at_end=false",
         "--train.log_every=1",
         "--data.num_workers=1",  # a preemption signals the data workers too
+        *extra,
     ]
     process = subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -144,5 +146,45 @@ def test_preemption_on_one_node_checkpoints_every_rank_requeues_and_resumes_exac
     assert [record["step"] for record in requeued.steps()] == list(range(stopped["step"] + 1, STEPS + 1))
     assert log.read_text().count("requeue") == 1
     # Preempted and requeued on 2 nodes x 1 task = uninterrupted on 1 node x 2 tasks, bit for bit.
+    expected = {record["step"]: record["loss"] for record in reference[0].steps()}
+    assert losses_by_step(run_dir) == expected
+
+
+def test_a_data_worker_killed_on_one_node_requeues_the_job_and_it_resumes_exactly(
+    reference: tuple[Run, int, Path], tmp_path: Path, data_cache: Path
+) -> None:
+    """A fault, not a preemption: the out-of-memory killer takes rank 1's data worker on the second
+    node. That rank stops every rank with exit code 75, srun ends the step, the job requeues
+    itself, and the requeued job resumes from the newest checkpoint to the reference's losses."""
+    assert reference[1] == 0, reference[0].output[-3000:]
+    run_dir = tmp_path / "runs" / "faultrun"
+    job = dict(nodes=2, tasks_per_node=1, run_name="faultrun", extra=("--checkpoint.every_steps=2",))
+    process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
+    deadline = time.time() + 300
+    while not [record for record in read_log(run_dir) if record.get("step", 0) >= 3]:
+        assert process.poll() is None and time.time() < deadline, _finish(process)[-3000:]
+        time.sleep(0.1)
+    (task,) = [
+        line.split() for line in log.read_text().splitlines() if line.startswith("task ") and line.split()[3] == "1"
+    ]
+    python = [pid for pid in _tree(int(task[1])) if "launch/train.py" in Path(f"/proc/{pid}/cmdline").read_text()]
+    rank = min(python)  # the rank itself; its data worker is its child
+    (worker,) = [
+        pid for pid in python if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == rank
+    ]
+    os.kill(worker, signal.SIGKILL)
+    output = _finish(process)
+    assert process.returncode == 0, output[-3000:]
+    assert "rank 1: a data-loader worker died" in output, output[-3000:]
+    assert f"requeue {JOB_ID}" in log.read_text(), output[-3000:]
+    newest = (run_dir / "checkpoints" / "latest").read_text().strip()
+
+    requeued = Run.before(run_dir)
+    process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
+    output = _finish(process)
+    assert process.returncode == 0, output[-3000:]
+    requeued.finished(output)
+    assert f"resumed from {run_dir / 'checkpoints' / newest}" in output
+    assert log.read_text().count("requeue") == 1
     expected = {record["step"]: record["loss"] for record in reference[0].steps()}
     assert losses_by_step(run_dir) == expected

@@ -164,6 +164,9 @@ def load(engine: DeepSpeedEngine, folder: Path, tag: str) -> dict:
     load_path, client_state = engine.load_checkpoint(str(folder), tag=tag)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load tag {tag} from {folder}")
+    if engine.lr_scheduler is not None:  # the next update's rate is the schedule's, not the one saved
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
     return client_state or {}
 
 

@@ -102,20 +102,19 @@ def client_scheduler(
         from torch.optim.lr_scheduler import LambdaLR
 
         class Schedule(LambdaLR):
-            """``lr_factor`` as a LambdaLR; also loads the state DeepSpeed's WarmupCosineLR saved
-            (``{"last_batch_iteration": k}``: ``k + 1`` updates done, this schedule's ``last_epoch``)."""
+            """``lr_factor`` as a LambdaLR. A checkpoint holds its position, not its peak: on load
+            the peak ``lr`` of each group stays this run's (a resume with ``--optim.lr`` changed
+            continues at the new rate, as the divergence advice asks). It also loads the state
+            DeepSpeed's WarmupCosineLR saved (``{"last_batch_iteration": k}``: ``k + 1`` updates)."""
 
             def load_state_dict(self, state_dict: dict) -> None:
-                if "last_batch_iteration" in state_dict and "last_epoch" not in state_dict:
-                    done = int(state_dict["last_batch_iteration"]) + 1
-                    factor = lr_factor(done, opt, total_steps)
-                    state_dict = {
-                        "last_epoch": done,
-                        "_step_count": done + 1,
-                        "_last_lr": [base * factor for base in self.base_lrs],
-                        "lr_lambdas": [None],
-                    }
-                super().load_state_dict(state_dict)
+                state = {key: value for key, value in state_dict.items() if key != "base_lrs"}
+                if "last_batch_iteration" in state and "last_epoch" not in state:
+                    done = int(state["last_batch_iteration"]) + 1
+                    state = {"last_epoch": done, "_step_count": done + 1, "lr_lambdas": [None]}
+                super().load_state_dict(state)
+                factor = lr_factor(self.last_epoch, opt, total_steps)
+                self._last_lr = [base * factor for base in self.base_lrs]
 
         return Schedule(optimizer, lambda step: lr_factor(step, opt, total_steps))
 
