@@ -184,16 +184,19 @@ def nested(fields: dict) -> dict:
 def check_manifest(
     manifest: dict, where: str, *, world_size: int, model: dict, data: dict | None = None, training: dict | None = None
 ) -> None:
-    """What a resume can check before any engine exists: the same world size, the same model
+    """What a resume can check before any engine exists: a world size that divides the saved data
+    ranks (``data/elastic.py``; another world size is resharded on load), the same model
     architecture (``ARCHITECTURE_FIELDS``), given ``training`` (``training_identity`` of this run)
     the same ZeRO stage, optimizer, precision and global batch, and given ``data`` (``data_identity``
     of this run) the same training data stream. ValueError naming the mismatch and the fix."""
     saved_world = manifest.get("world_size", world_size)
-    if saved_world != world_size:
+    data_ranks = manifest.get("data_ranks", saved_world)
+    if data_ranks % world_size:
         raise ValueError(
-            f"{where} was written by {saved_world} ranks, this run has {world_size}: "
-            "resume with the same world size (the data position and RNG streams are per rank), or "
-            "export its weights and start a new run from them (docs/export.md)"
+            f"{where} was written by {saved_world} ranks, this run has {world_size}: its data stream is laid "
+            f"out for {data_ranks} data ranks, which {world_size} ranks cannot share evenly; resume on a world "
+            f"size that divides {data_ranks}, or start runs meant to change size with --data.data_ranks set to "
+            "a multiple of every world size they may get (docs/training.md, elastic resume)"
         )
     saved_model, this_model = architecture(manifest.get("model", {})), architecture(model)
     changed = [f"model.{key}={value!r} there, {this_model.get(key)!r} here"
