@@ -5,7 +5,7 @@ Real launches on CPU ranks (gloo): the reference runs 6 steps on 2 ranks under Z
 its step-3 checkpoint; a copy of its run folder holding only that checkpoint is resumed with
 ``--resume auto`` on 1 rank. Not bit-exact: one rank encodes the 32 samples in one forward where
 two ranks encode 16 each, and the gradient is one sum instead of an all-reduce of two, so the
-float32 reduction order differs (relative differences of about 1e-7 per step, grown by Adam).
+float reduction order differs (``TOLERANCE`` gives what was measured).
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ COMMON = (
     "--checkpoint.keep_last=0",
     "--eval.at_end=false",
 )
-RTOL = 1e-4
-"""Relative tolerance on losses and weights after 3 resumed steps (see the module docstring)."""
+TOLERANCE = {"fp32": dict(rtol=1e-5, atol=1e-6), "bf16": dict(rtol=5e-4, atol=2e-3)}
+"""On losses (rtol) and final weights (rtol, atol) after 3 resumed steps. Measured: fp32 losses
+equal to the last bit under ZeRO-1 and ZeRO-2, weights within 1.2e-7; bf16 losses within 6.3e-5
+relative, weights (saved in bf16) within 9.8e-4, one bf16 step at their magnitude."""
 
 
 def _keys_by_step(run: Path) -> dict[int, list[str]]:
@@ -41,9 +43,13 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
-def test_two_ranks_resumed_on_one_rank_match_the_uninterrupted_run(train, tmp_path: Path) -> None:
+@pytest.mark.parametrize("zero,precision", [("z2", "fp32"), ("z1", "fp32"), ("z2", "bf16")])
+def test_two_ranks_resumed_on_one_rank_match_the_uninterrupted_run(
+    train, tmp_path: Path, zero: str, precision: str
+) -> None:
     reference = tmp_path / "runs" / "run"
-    train(*COMMON, ranks=2, zero="zero_configs/z2.json")
+    common = (*COMMON, f"--deepspeed.precision={precision}")
+    train(*common, ranks=2, zero=f"zero_configs/{zero}.json")
 
     # The reference's folder as a run preempted right after its step-3 checkpoint.
     resumed = tmp_path / "elastic" / "run"
@@ -52,8 +58,8 @@ def test_two_ranks_resumed_on_one_rank_match_the_uninterrupted_run(train, tmp_pa
     (resumed / "checkpoints" / "latest").write_text("step00000003")
     for name in ("metrics.json", "train_log.jsonl", "lock"):
         (resumed / name).unlink(missing_ok=True)
-    output = train(*COMMON, "--resume=auto", f"--train.output_dir={tmp_path / 'elastic'}", ranks=1,
-                   zero="zero_configs/z2.json").output  # fmt: skip
+    output = train(*common, "--resume=auto", f"--train.output_dir={tmp_path / 'elastic'}", ranks=1,
+                   zero=f"zero_configs/{zero}.json").output  # fmt: skip
     assert "elastic resume from 2 to 1 ranks" in output, output[-3000:]
 
     expected_keys, got_keys = _keys_by_step(reference), _keys_by_step(resumed)
@@ -63,8 +69,8 @@ def test_two_ranks_resumed_on_one_rank_match_the_uninterrupted_run(train, tmp_pa
     expected, got = losses_by_step(reference), losses_by_step(resumed)
     assert sorted(got) == [4, 5, 6]
     for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=RTOL), step
+        assert got[step] == pytest.approx(expected[step], rel=TOLERANCE[precision]["rtol"]), step
     final_ref, final_got = _weights(reference), _weights(resumed)
     assert final_ref.keys() == final_got.keys()
     for name in final_ref:
-        torch.testing.assert_close(final_got[name], final_ref[name], rtol=RTOL, atol=1e-6, msg=name)
+        torch.testing.assert_close(final_got[name], final_ref[name], **TOLERANCE[precision], msg=name)

@@ -40,12 +40,14 @@ from tritower.data.elastic import data_rank_states
 from tritower.launch.checkpoint.manifest import (
     MANIFEST,
     PARTIAL_SUFFIX,
+    RESHARDABLE_STAGES,
     SUSPECT,
     architecture,
     check_locked,
     complete_tags,
     data_identity,
     nested,
+    not_reshardable,
     tag_for,
     training_identity,
     write_manifest,
@@ -58,10 +60,6 @@ if TYPE_CHECKING:
     from tritower.data.embeddings import EmbeddingsMeta
     from tritower.launch.checkpoint.config import CheckpointConfig
     from tritower.model.locked import LockedTowers
-
-
-RESHARDABLE_STAGES = (1, 2, 3)
-"""ZeRO stages whose checkpoints ``Checkpointer.reshard`` converts to another world size."""
 
 
 def _saved_world_size(tag_folder: Path) -> int | None:
@@ -259,6 +257,10 @@ class Checkpointer:
             ) from None
         finally:
             config.load_universal_checkpoint = before
+        if universal:  # loaded on every rank: the converted copy is no longer needed
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(load_folder / tag, ignore_errors=True)
         check_locked(state.get("locked", {}), locked, str(folder / tag))
         return state
 
@@ -268,12 +270,8 @@ class Checkpointer:
         ``resharded/<tag>``) that loads at any data-parallel degree; returns its parent folder.
         ValueError with DeepSpeed's own error where the conversion fails (every rank together)."""
         stage = self.engine.zero_optimization_stage()
-        if stage not in RESHARDABLE_STAGES:
-            raise ValueError(
-                f"{folder / tag} was written by {saved_world} ranks, this run has {world_size}: ZeRO stage {stage} "
-                f"is not resharded here (tested: stages {', '.join(map(str, RESHARDABLE_STAGES))}); resume on "
-                f"{saved_world} ranks, or export its weights and start a new run from them (docs/export.md)"
-            )
+        if stage not in RESHARDABLE_STAGES:  # check_manifest refuses it earlier; a tag without a manifest
+            raise ValueError(not_reshardable(str(folder / tag), saved_world, world_size, stage))
         out = self.folder.parent / "resharded"
         error = None
         if dist.get_rank() == 0:
