@@ -9,6 +9,7 @@ Layout of ``<run>/checkpoints/``::
     step00000400/manifest.json   every file of the tag and its size, written last
     step00000400/suspect marker: its weights gave a non-finite loss; ``--resume auto`` skips it
     latest               names the newest complete tag
+    ../resharded/<tag>/  a universal copy of a tag resumed on another world size (removed once loaded)
 
 A save writes a temporary tag (``step00000600.partial``) on every rank, waits until every rank
 has finished, lists the tag's files and sizes in its manifest (written last), renames it (one
@@ -260,7 +261,7 @@ class Checkpointer:
         if universal:  # loaded on every rank: the converted copy is no longer needed
             dist.barrier()
             if dist.get_rank() == 0:
-                shutil.rmtree(load_folder / tag, ignore_errors=True)
+                shutil.rmtree(load_folder, ignore_errors=True)  # the tag and DeepSpeed's latest_universal
         check_locked(state.get("locked", {}), locked, str(folder / tag))
         return state
 
