@@ -26,6 +26,11 @@ class DataConfig:
     """Global batch: image-text pairs per optimizer step over all ranks."""
     num_workers: int = 1
     """Dataloader worker processes per rank."""
+    data_ranks: int = 0
+    """The number of ranks the training stream is laid out for (0: the world size of the run's first
+    start; a resume keeps the saved one). Global step s holds the same samples on any world size that
+    divides it (``data/elastic.py``), so a run meant to resume on other world sizes sets a multiple of
+    all of them (12 serves 1, 2, 3, 4, 6 and 12 ranks). Must divide ``batch_size``."""
     shuffle_buffer: int = 2000
     """Samples held in the in-worker shuffle buffer."""
     crop_scale_min: float = 0.8
@@ -81,6 +86,8 @@ class DataConfig:
             raise ValueError(f"data.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if self.shard_retries < 0:
             raise ValueError(f"data.shard_retries must be >= 0, got {self.shard_retries}")
+        if self.data_ranks < 0:
+            raise ValueError(f"data.data_ranks must be >= 0, got {self.data_ranks}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.batch_size <= 0:

@@ -203,7 +203,7 @@ def test_resume_falls_back_past_an_incomplete_tag_and_mismatches_fail_early(tmp_
     assert f"resumed from {checkpoints / 'step00000002'} at step 2" in output
 
     early = {
-        "written by 2 ranks, this run has 1": dict(ranks=1, args=data),
+        "written by 2 ranks, this run has 4": dict(ranks=4, args=data),  # 4 cannot share 2 data ranks
         "model.embed_dim=32 there, 64 here": dict(ranks=2, args=[*data, "--model.embed_dim=64"]),
         f"data.train_shards={str(shard_list)!r} there, {scenes.train_shards[0]!r} here": dict(
             ranks=2, args=[f"--data.train_shards={scenes.train_shards[0]}", f"--data.vocab={scenes.vocab_path}"]

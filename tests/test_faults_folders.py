@@ -62,8 +62,14 @@ def test_resume_auto_falls_back_past_an_incomplete_newest_tag(tmp_path: Path) ->
 
 def test_resume_mismatches_are_found_from_the_manifest(tmp_path: Path) -> None:
     manifest = json.loads((_tag(tmp_path, 2) / "manifest.json").read_text())
-    with pytest.raises(ValueError, match="written by 2 ranks, this run has 1"):
-        check_manifest(manifest, "x", world_size=1, model={"embed_dim": 32})
+    check_manifest(manifest, "x", world_size=1, model={"embed_dim": 32})  # 1 rank reads both data ranks
+    with pytest.raises(ValueError, match="written by 2 ranks, this run has 4: .* laid out for 2 data ranks"):
+        check_manifest(manifest, "x", world_size=4, model={"embed_dim": 32})
+    for stage in (0, 3):  # no universal conversion; DeepSpeed's ZeRO-3 universal load of the optimizer state
+        manifest["training"] = {"zero_stage": stage}
+        with pytest.raises(ValueError, match=f"ZeRO-{stage} checkpoints are not resharded"):
+            check_manifest(manifest, "x", world_size=1, model={"embed_dim": 32})
+        check_manifest(manifest, "x", world_size=2, model={"embed_dim": 32})  # the same world size loads
     with pytest.raises(ValueError, match="model.embed_dim=32 there, 64 here"):
         check_manifest(manifest, "x", world_size=2, model={"embed_dim": 64})
 

@@ -9,6 +9,7 @@ Layout of ``<run>/checkpoints/``::
     step00000400/manifest.json   every file of the tag and its size, written last
     step00000400/suspect marker: its weights gave a non-finite loss; ``--resume auto`` skips it
     latest               names the newest complete tag
+    ../resharded/<tag>/  a universal copy of a tag resumed on another world size (removed once loaded)
 
 A save writes a temporary tag (``step00000600.partial``) on every rank, waits until every rank
 has finished, lists the tag's files and sizes in its manifest (written last), renames it (one
@@ -26,6 +27,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,16 +37,19 @@ import torch
 import torch.distributed as dist
 
 from tritower.data.atomic import write_text_atomic
+from tritower.data.elastic import data_rank_states
 from tritower.launch.checkpoint.disk import disk_full, full_disk_error
 from tritower.launch.checkpoint.manifest import (
     MANIFEST,
     PARTIAL_SUFFIX,
+    RESHARDABLE_STAGES,
     SUSPECT,
     architecture,
     check_locked,
     complete_tags,
     data_identity,
     nested,
+    not_reshardable,
     tag_for,
     training_identity,
     write_manifest,
@@ -55,6 +61,14 @@ if TYPE_CHECKING:
     from tritower.data.embeddings import EmbeddingsMeta
     from tritower.launch.checkpoint.config import CheckpointConfig
     from tritower.model.locked import LockedTowers
+
+
+def _saved_world_size(tag_folder: Path) -> int | None:
+    """The world size the tag's manifest records (None: no manifest or none recorded)."""
+    try:
+        return json.loads((tag_folder / MANIFEST).read_text()).get("world_size")
+    except (OSError, ValueError):
+        return None
 
 
 def rng_state(device: torch.device) -> dict:
@@ -191,7 +205,7 @@ class Checkpointer:
         tags pruning must spare."""
         keep = bool(self.keep_every_steps and step % self.keep_every_steps == 0)
         model = client_state.get("config", {}).get("model", {})
-        manifest = {"world_size": client_state.get("world_size")}
+        manifest = {"world_size": client_state.get("world_size"), "data_ranks": client_state.get("data_ranks")}
         manifest["model"] = nested(architecture(model))
         if "config" in client_state:
             manifest["data"] = data_identity(client_state["config"])
@@ -225,11 +239,19 @@ class Checkpointer:
             write_text_atomic(self.folder / "latest", good.name)
 
     def load(self, folder: Path, tag: str, *, world_size: int, locked: dict[str, dict[str, str]]) -> dict:
-        """Load tag ``folder/tag`` into the engine after checking it fits this run: the same world
-        size (data positions and RNG streams are per rank) and the same locked-tower files.
-        Returns the trainer's client state; ValueError naming the mismatch and the fix."""
+        """Load tag ``folder/tag`` into the engine after checking it fits this run: the same locked-
+        tower files, and a world size the saved data stream can be shared by (``check_manifest``).
+        A tag written by another number of ranks is resharded first (``reshard``). Returns the
+        trainer's client state; ValueError naming the mismatch and the fix."""
+        saved_world = _saved_world_size(folder / tag) or world_size
+        load_folder, universal = folder, False
+        if saved_world != world_size:
+            load_folder, universal = self.reshard(folder, tag, saved_world, world_size), True
+        config = self.engine._config  # DeepSpeed reads its load_universal setting from here at load time
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = universal
         try:
-            state = load(self.engine, folder, tag)
+            state = load(self.engine, load_folder, tag)
         except (AssertionError, KeyError, RuntimeError) as error:  # a tag without a manifest's training fields
             detail = f"{type(error).__name__}: {error}".splitlines()[0][:200]
             raise ValueError(
@@ -237,14 +259,40 @@ class Checkpointer:
                 "with another ZeRO stage, optimizer or precision; resume with its settings (its config.yaml), or "
                 "export its weights and start a new run from them (docs/export.md)"
             ) from None
-        saved_world = state.get("world_size", world_size)
-        if saved_world != world_size:
-            raise ValueError(
-                f"{folder / tag} was written by {saved_world} ranks, this run has {world_size}: "
-                "resume with the same world size (the data position and RNG streams are per rank)"
-            )
+        finally:
+            config.load_universal_checkpoint = before
+        if universal:  # loaded on every rank: the converted copy is no longer needed
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(load_folder, ignore_errors=True)  # the tag and DeepSpeed's latest_universal
         check_locked(state.get("locked", {}), locked, str(folder / tag))
         return state
+
+    def reshard(self, folder: Path, tag: str, saved_world: int, world_size: int) -> Path:
+        """Convert tag ``folder/tag``, written by ``saved_world`` ranks, into a DeepSpeed universal
+        checkpoint (``deepspeed.checkpoint.ds_to_universal``, run by rank 0 into this run's
+        ``resharded/<tag>``) that loads at any data-parallel degree; returns its parent folder.
+        ValueError with DeepSpeed's own error where the conversion fails (every rank together)."""
+        stage = self.engine.zero_optimization_stage()
+        if stage not in RESHARDABLE_STAGES:  # check_manifest refuses it earlier; a tag without a manifest
+            raise ValueError(not_reshardable(str(folder / tag), saved_world, world_size, stage))
+        out = self.folder.parent / "resharded"
+        error = None
+        if dist.get_rank() == 0:
+            shutil.rmtree(out / tag, ignore_errors=True)
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                       str(folder / tag), "--output_folder", str(out / tag), "--num_extract_workers", "1",
+                       "--num_merge_workers", "1", "--inject_missing_state"]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+                error = lines[-1][:300] if lines else f"exit code {done.returncode}"
+        if _any_rank(error is not None):
+            raise ValueError(
+                f"{folder / tag} was written by {saved_world} ranks, this run has {world_size}, and DeepSpeed's "
+                f"ds_to_universal could not reshard it ({error or 'on rank 0'}); resume on {saved_world} ranks"
+            )
+        return out
 
     def resume(self, folder: Path, tag: str, loader: object, device: torch.device, env: object, *,
                locked: dict[str, dict[str, str]]) -> dict:  # fmt: skip
@@ -252,8 +300,8 @@ class Checkpointer:
         their saved state (``env``: the rank environment); returns the trainer's client state."""
         state = self.load(folder, tag, world_size=env.world_size, locked=locked)
         self.restore_data_position(loader, state, folder / tag)
-        if "rng" in state:
-            set_rng_state(state["rng"][env.rank], device)
+        if "rng" in state:  # another world size: rank r takes saved rank r's streams (dropout is not exact)
+            set_rng_state(state["rng"][env.rank % len(state["rng"])], device)
         return state
 
     def restore_data_position(self, loader: object, state: dict, where: Path) -> None:
@@ -295,7 +343,8 @@ def trainer_state(
     the world size, the trainer's counters, per-rank data positions and RNG state, the wandb run id
     and the locked towers' identities (what ``Checkpointer.resume`` reads back)."""
     per_rank = gather_per_rank({"data": loader.state_dict(), "rng": rng_state(device)})
+    data = data_rank_states([rank["data"] for rank in per_rank])  # world-size free (data/elastic.py)
     state = {"step": step, "samples_seen": step * config["data"]["batch_size"], "config": config}
-    state |= {"world_size": world_size, **counters}
-    state |= {"data": [rank["data"] for rank in per_rank], "rng": [rank["rng"] for rank in per_rank]}
+    state |= {"world_size": world_size, "data_ranks": len(data), **counters}
+    state |= {"data": data, "rng": [rank["rng"] for rank in per_rank]}
     return state | {"wandb_id": wandb_id, "locked": locked}

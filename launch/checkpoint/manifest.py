@@ -25,6 +25,22 @@ STREAM_FIELDS = ("data.train_shards", "data.train_weights", "data.resampled", "d
 loader exists): the shards, how they are drawn and split over workers, and their seed."""
 
 
+RESHARDABLE_STAGES = (1, 2)
+"""ZeRO stages whose checkpoints load on another world size (``Checkpointer.reshard``). ZeRO-0 has
+no universal conversion; under ZeRO-3, DeepSpeed 0.19.8's universal load got the weights right but
+not the optimizer state (2 -> 1 ranks, ``clip_test``: the first resumed step's loss matched to 1e-7,
+the second differed by 3.5e-4 relative, where ZeRO-1 and ZeRO-2 matched bit for bit)."""
+
+
+def not_reshardable(where: str, saved_world: int, world_size: int, stage: int) -> str:
+    """The one line refusing another world size for ``stage``."""
+    return (
+        f"{where} was written by {saved_world} ranks, this run has {world_size}: ZeRO-{stage} checkpoints are "
+        f"not resharded (only ZeRO-{' and ZeRO-'.join(map(str, RESHARDABLE_STAGES))}: docs/training.md, elastic "
+        f"resume); resume on {saved_world} ranks, or export its weights and start a new run from them (docs/export.md)"
+    )
+
+
 TRAINING_FIELDS = ("zero_stage", "optim.name", "deepspeed.precision", "data.batch_size")
 """What the saved optimizer state and data position are laid out for: DeepSpeed cannot load
 another ZeRO stage's partitions, another optimizer's state or another precision's master
@@ -184,17 +200,23 @@ def nested(fields: dict) -> dict:
 def check_manifest(
     manifest: dict, where: str, *, world_size: int, model: dict, data: dict | None = None, training: dict | None = None
 ) -> None:
-    """What a resume can check before any engine exists: the same world size, the same model
+    """What a resume can check before any engine exists: a world size that divides the saved data
+    ranks (``data/elastic.py``; another world size is resharded on load), the same model
     architecture (``ARCHITECTURE_FIELDS``), given ``training`` (``training_identity`` of this run)
     the same ZeRO stage, optimizer, precision and global batch, and given ``data`` (``data_identity``
     of this run) the same training data stream. ValueError naming the mismatch and the fix."""
     saved_world = manifest.get("world_size", world_size)
-    if saved_world != world_size:
+    data_ranks = manifest.get("data_ranks", saved_world)
+    if data_ranks % world_size:
         raise ValueError(
-            f"{where} was written by {saved_world} ranks, this run has {world_size}: "
-            "resume with the same world size (the data position and RNG streams are per rank), or "
-            "export its weights and start a new run from them (docs/export.md)"
+            f"{where} was written by {saved_world} ranks, this run has {world_size}: its data stream is laid "
+            f"out for {data_ranks} data ranks, which {world_size} ranks cannot share evenly; resume on a world "
+            f"size that divides {data_ranks}, or start runs meant to change size with --data.data_ranks set to "
+            "a multiple of every world size they may get (docs/training.md, elastic resume)"
         )
+    saved_stage = manifest.get("training", {}).get("zero_stage")
+    if saved_world != world_size and saved_stage is not None and saved_stage not in RESHARDABLE_STAGES:
+        raise ValueError(not_reshardable(where, saved_world, world_size, saved_stage))
     saved_model, this_model = architecture(manifest.get("model", {})), architecture(model)
     changed = [f"model.{key}={value!r} there, {this_model.get(key)!r} here"
                for key, value in saved_model.items() if value != this_model.get(key)]  # fmt: skip

@@ -38,6 +38,9 @@ class TrainLoopConfig:
     nothing (ZeRO-0/1 reduce once per step already) or where DeepSpeed does not support it."""
     log_every: int = 10
     """Print a progress line (and log to wandb) every N steps."""
+    log_sample_keys: bool = False
+    """Append every step's global batch as sample keys (all ranks, rank order) to ``train_log.jsonl``
+    (``{"step": s, "keys": [...]}``): which samples a step saw, to check a resume against a reference."""
     output_dir: str = "runs"
     """Parent folder of run folders."""
     run_name: str = ""

@@ -27,6 +27,7 @@ from tritower.launch.loop.run_setup import (
     build_loaders,
     check_embeddings,
     check_inputs,
+    data_ranks_of,
     prepare_run_folder,
     resolve_data,
 )
@@ -90,9 +91,11 @@ class Run:
                 f"exact accumulation (GradCache): {self.micro_batches} micro-batches of "
                 f"{self.per_rank_batch // self.micro_batches} per rank, global batch {cfg.data.batch_size}"
             )
+        self.data_ranks = data_ranks_of(cfg, folder, self.env.world_size)
         self.train_loader, eval_sets = build_loaders(
-            cfg, sources, self.tokenizer, self.env, self.per_rank_batch, self.inputs.needs_images(), opened
-        )
+            cfg, sources, self.tokenizer, self.env, self.per_rank_batch, self.inputs.needs_images(), opened,
+            data_ranks=self.data_ranks,
+        )  # fmt: skip
         self.evaluator = None
         if eval_sets:
             model = (self.towers, self.locked, self.engine.module)
@@ -155,6 +158,14 @@ class Run:
         self.guard.collapsed_total = int(state.get("collapsed_total", 0))
         self.guard.last_tag = tag if folder == self.checkpointer.folder else None
         self.log(f"resumed from {folder / tag} at step {self.step}")
+        saved_world = int(state.get("world_size") or self.env.world_size)
+        if saved_world != self.env.world_size:
+            self.log(
+                f"elastic resume from {saved_world} to {self.env.world_size} ranks: model weights, fp32 master weights "
+                "and optimizer moments resharded (DeepSpeed universal checkpoint), learning-rate schedule at step "
+                f"{self.step}, data position of {self.data_ranks} data ranks ({self.data_ranks // self.env.world_size} "
+                "per rank) continued exactly; per-rank RNG streams (dropout) are not continued exactly"
+            )
         return state.get("wandb_id")
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -50,6 +50,8 @@ class RunFolder:
 
     resume: tuple[Path, str] | None = None
     """(checkpoints folder, tag) to resume from, or None to start fresh."""
+    data_ranks: int = 0
+    """The data ranks the resumed checkpoint's stream is laid out for (0: none resumed)."""
     warnings: list[str] = field(default_factory=list)
     """Things to say: a stale lock taken over, newer incomplete checkpoints skipped."""
     finished: str = ""
@@ -135,7 +137,27 @@ def _check_run_folder(cfg: TrainConfig, run_dir: Path, world_size: int) -> RunFo
         training = training_identity(config, int(stage))
         data = data_identity(config)
         check_manifest(manifest, where, world_size=world_size, model=config["model"], data=data, training=training)
+        folder.data_ranks = int(manifest.get("data_ranks") or manifest.get("world_size") or world_size)
     return folder
+
+
+def data_ranks_of(cfg: TrainConfig, folder: RunFolder, world_size: int) -> int:
+    """The data ranks this run's stream is laid out for (``data/elastic.py``): a resumed
+    checkpoint's, else ``data.data_ranks``, else the world size. ConfigError naming the fix."""
+    from tritower.data.elastic import check_data_ranks
+
+    saved, asked = folder.data_ranks, cfg.data.data_ranks
+    if saved and asked and saved != asked:
+        raise ConfigError(
+            f"data.data_ranks={asked} here, but the checkpoint's data stream is laid out for {saved} data ranks: "
+            f"drop --data.data_ranks (or pass {saved}) to resume it"
+        )
+    data_ranks = saved or asked or world_size
+    try:
+        check_data_ranks(data_ranks, world_size, cfg.data.batch_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return data_ranks
 
 
 def finished_run(run_dir: Path, steps: int) -> str:
@@ -188,16 +210,18 @@ def build_loaders(
     per_rank_batch: int,
     needs_images: bool,
     eval_sets: list[tuple[EvalSetSpec, EvalSource]] | None = None,
+    data_ranks: int = 0,
 ) -> tuple[TrainLoader, list[tuple[EvalSetSpec, EvalSource]]]:
     """This rank's training loader, preprocessed for the image tower and tokenised for the text
     tower, and the run's eval sets (``data.eval_shards`` under the name "", then ``eval.sets``),
     found and checked but not read: evaluation streams them (``run_eval.py``); ``eval_sets``: those
-    ``check_inputs`` opened already."""
-    from tritower.data import build_train_loader
+    ``check_inputs`` opened already; ``data_ranks``: what the stream is laid out for (0: the world size)."""
+    from tritower.data.elastic import build_rank_loader
 
     image_spec = cfg.model.parsed.image_spec  # input size, mean, std: overrides included
-    loader = build_train_loader(
-        cfg.data,
+    loader = build_rank_loader(
+        cfg=cfg.data,
+        data_ranks=data_ranks or env.world_size,
         shards=sources.train_shards,
         rank=env.rank,
         world_size=env.world_size,

@@ -19,6 +19,7 @@ import time
 import torch
 
 from tritower.data.atomic import write_json_atomic
+from tritower.launch.checkpoint.checkpointer import gather_per_rank
 from tritower.launch.config import TrainConfig
 from tritower.launch.engine.gradcache import gradcache_backward, split_batch
 from tritower.launch.lifecycle.preemption import Diverged, EvalFailed, Preempted
@@ -140,6 +141,9 @@ class Trainer(Run):
             judged = self.guard.last_tag  # this step's loss is the first made with that checkpoint's weights
             self.watchdog.phase = "data"
             batch_now = next(batches)
+            if cfg.train.log_sample_keys:  # a collective: every rank's keys, in rank order
+                keys = [key for part in gather_per_rank(batch_now["key"]) for key in part]
+                self.append_log({"step": self.step + 1, "keys": keys})
             self.watchdog.phase = "step"
             result, scale = self.train_step(batch_now)
             loss, terms = result.pop("loss"), result
