@@ -11,8 +11,9 @@ model's); its image tower is also saved as a plain timm state dict, the "pretrai
 Then, for each rank count and setting, ``--pairs`` interleaved pairs run: tritower
 (``deepspeed --num_gpus N launch/train.py``, its default ZeRO policy), then open_clip
 (``open_clip_train.main`` through ``benchmarks/open_clip_main.py``, which fixes its reading of
-webdataset 1.0 shards and changes nothing else; ``torchrun --nproc_per_node N`` for several ranks, with
-``--local-loss --gather-with-grad``: the same global loss), both on the built-in scene shards
+webdataset 1.0 shards and its DDP wrapping on the CPU and changes nothing else; under
+``torchrun --nproc_per_node N`` for several ranks, with ``--local-loss --gather-with-grad``: the
+same global loss), both on the built-in scene shards
 (open_clip as ``--dataset-type webdataset``), the same global batch, AdamW lr/betas/eps/weight
 decay, warm-up steps, fp32, loader workers. Lu is tritower ``--model.setting=Lu`` against open_clip
 ``--lock-image``, both from the same image weights. Neither sets a thread count unless the user's
@@ -56,6 +57,8 @@ TRITOWER_STEP = re.compile(r"\bstep (\d+)/(\d+) \|")
 OPEN_CLIP_STEP = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/")
 Settings = listed(str, SETTINGS)
 """Settings, several: ``--settings uu Lu``."""
+LAUNCHER = re.compile(r"bin/deepspeed\b|deepspeed\.launcher\.launch|bin/torchrun\b")
+"""Processes that only start and watch the ranks: DeepSpeed's two launcher levels, torchrun."""
 THREADS_LINE = re.compile(r"multiplies float32 matrices at [\d.]+ GFLOP/s \((\d+) thread")
 
 
@@ -77,6 +80,8 @@ class PeerOptions:
     """Steps excluded from the steady rate (start-up, caches, the loader filling)."""
     workers: int = 1
     """Data loader workers per rank, both trainers."""
+    zero: str = ""
+    """tritower's ZeRO policy (its ``--zero``); default: the trainer's own (zero_configs/z3.json)."""
     tiny: bool = False
     """A seconds-long check: experiment clip_test, 6 steps (skip 2), 1 pair, 1 rank, uu."""
     work_dir: str = ""
@@ -167,6 +172,8 @@ def tritower_command(job: dict, opts: PeerOptions, ranks: int, setting: str, run
     ]
     if setting == "Lu":
         command += ["--model.setting=Lu", f"--model.image.pretrained={job['image_weights']}"]
+    if opts.zero:
+        command += ["--zero", opts.zero]
     return command
 
 
@@ -214,8 +221,6 @@ def open_clip_command(job: dict, opts: PeerOptions, ranks: int, setting: str, ru
         "1",
         "--save-frequency",
         "0",
-        "--logs",
-        str(run_dir.parent),
         "--name",
         run_dir.name,
         "--seed",
@@ -239,6 +244,7 @@ class RunResult:
     first_step_s: float = math.nan
     wall_s: float = math.nan
     peak_total_rss_mib: float = 0.0
+    launcher_rss_mib: float = 0.0
     processes: list[dict] = field(default_factory=list)
     threads_per_rank: int | None = None
     tail: str = ""
@@ -253,14 +259,14 @@ def _label(process: psutil.Process) -> str:  # noqa: F821 - psutil imported wher
     return " ".join(short)
 
 
-def run_one(command: list[str], env: dict, timeout_s: float, step_pattern: re.Pattern, batch: int) -> dict:
+def run_one(command: list[str], env: dict, timeout_s: float, step_pattern: re.Pattern, batch: int, cwd: Path) -> dict:
     """Runs ``command`` in its own session; returns step lines' arrival times, RSS peaks, output."""
     import psutil
 
     start = time.perf_counter()
     process = subprocess.Popen(
         command,
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -329,6 +335,7 @@ def summarise_run(raw: dict, trainer: str, ranks: int, setting: str, pair: int, 
         {"pid": pid, "command": label, "peak_rss_mib": round(rss / MIB, 1)}
         for pid, (label, rss) in sorted(raw["peaks"].items())
     ]
+    result.launcher_rss_mib = round(sum(rss for label, rss in raw["peaks"].values() if LAUNCHER.search(label)) / MIB, 1)
     result.threads_per_rank = raw["threads"]
     arrivals = raw["arrivals"]
     if arrivals:
@@ -363,6 +370,7 @@ def summary_rows(runs: list[RunResult]) -> list[dict]:
                 "steady_samples_per_s": median([r.steady_samples_per_s for r in group]),
                 "first_step_s": median([r.first_step_s for r in group]),
                 "peak_total_rss_mib": max((r.peak_total_rss_mib for r in group), default=0.0),
+                "launcher_rss_mib": max((r.launcher_rss_mib for r in group), default=0.0),
                 "threads_per_rank": group[0].threads_per_rank if group else None,
                 "runs_ok": sum(r.returncode == 0 and r.steps > 0 for r in group),
             }
@@ -377,14 +385,15 @@ def summary_rows(runs: list[RunResult]) -> list[dict]:
 def table(rows: list[dict], before: dict, after: dict) -> str:
     head = (
         "| ranks | setting | tritower samples/s | open_clip samples/s | ratio | tritower first step s "
-        "| open_clip first step s | ratio | tritower peak RSS MiB | open_clip peak RSS MiB |\n"
+        "| open_clip first step s | ratio | tritower peak RSS MiB (launchers) | open_clip peak RSS MiB (launchers) |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {r['ranks']} | {r['setting']} | {r['tritower']['steady_samples_per_s']} "
         f"| {r['open_clip']['steady_samples_per_s']} | {r['speed_ratio']}x | {r['tritower']['first_step_s']} "
-        f"| {r['open_clip']['first_step_s']} | {r['first_step_ratio']}x | {r['tritower']['peak_total_rss_mib']} "
-        f"| {r['open_clip']['peak_total_rss_mib']} |\n"
+        f"| {r['open_clip']['first_step_s']} | {r['first_step_ratio']}x "
+        f"| {r['tritower']['peak_total_rss_mib']} ({r['tritower']['launcher_rss_mib']}) "
+        f"| {r['open_clip']['peak_total_rss_mib']} ({r['open_clip']['launcher_rss_mib']}) |\n"
         for r in rows
     )
     machine = (
@@ -419,10 +428,15 @@ def main(argv: list[str] | None = None) -> dict:
                 for trainer in TRAINERS:  # interleaved A/B: drifts in machine load hit both alike
                     run_dir = work / "runs" / f"{trainer}_{ranks}r_{setting}_{pair}"
                     shutil.rmtree(run_dir, ignore_errors=True)  # neither trainer may resume an old run
+                    run_dir.parent.mkdir(parents=True, exist_ok=True)
                     build = tritower_command if trainer == "tritower" else open_clip_command
                     pattern = TRITOWER_STEP if trainer == "tritower" else OPEN_CLIP_STEP
                     command = build(job, opts, ranks, setting, run_dir)
-                    raw = run_one(command, env, opts.timeout_s, pattern, job["global_batch"])
+                    # open_clip writes to ./logs/<name>: its --logs flag is an ambiguous prefix of
+                    # torchrun's own --logs-specs, which torchrun refuses even after the script.
+                    cwd = REPO if trainer == "tritower" else run_dir
+                    cwd.mkdir(exist_ok=True)
+                    raw = run_one(command, env, opts.timeout_s, pattern, job["global_batch"], cwd)
                     result = summarise_run(raw, trainer, ranks, setting, pair, opts.skip, job["global_batch"])
                     result.processes.insert(0, {"command_line": " ".join(command)})
                     runs.append(result)

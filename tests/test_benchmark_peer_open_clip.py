@@ -48,6 +48,8 @@ def test_tiny_comparison_runs_both_trainers(tmp_path: Path) -> None:
         assert peaks and all(p["peak_rss_mib"] > 0 for p in peaks)
     assert "launch/train.py" in runs["tritower"]["processes"][0]["command_line"]
     assert "open_clip_main.py" in runs["open_clip"]["processes"][0]["command_line"]
+    # DeepSpeed's launcher stands between the user and even one rank; open_clip's 1 rank has none.
+    assert runs["tritower"]["launcher_rss_mib"] > 0 and runs["open_clip"]["launcher_rss_mib"] == 0
     # tritower says its thread count in its start-up line; the benchmark read it.
     assert runs["tritower"]["threads_per_rank"] >= 1
     (row,) = results["summary"]
