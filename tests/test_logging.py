@@ -39,10 +39,10 @@ def test_noise_is_filtered_and_other_warnings_are_not() -> None:
 
 def test_speed_line_states_the_rate_and_the_default_runs_reference() -> None:
     assert matmul_gflops(size=128, repeats=1) > 0
-    line = speed_line(load_config([]), gflops=50.0, threads=2)
-    assert "50 GFLOP/s (2 thread(s))" in line
+    line = speed_line(load_config([]), gflops=50.0, threads="2 thread(s): OMP_NUM_THREADS")
+    assert "50 GFLOP/s (2 thread(s): OMP_NUM_THREADS)" in line
     assert "at 100 GFLOP/s on the 2-core reference machine: about 20 min here" in line
-    assert "reference" not in speed_line(load_config(["--experiment", "clip_test"]), 50.0, 2)
+    assert "reference" not in speed_line(load_config(["--experiment", "clip_test"]), 50.0, "2 thread(s)")
 
 
 def test_monitor_sections_point_into_the_run_folder(tmp_path) -> None:

@@ -17,6 +17,8 @@ class DistEnv:
     rank: int
     local_rank: int
     world_size: int
+    local_world_size: int = 1
+    """Ranks on this node (``LOCAL_WORLD_SIZE`` of torchrun, ``LOCAL_SIZE`` of DeepSpeed's launcher)."""
 
     @property
     def is_main(self) -> bool:
@@ -29,6 +31,7 @@ def from_environ() -> DistEnv:
         rank=int(os.environ.get("RANK", "0")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))),
     )
 
 

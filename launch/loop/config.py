@@ -36,6 +36,10 @@ class TrainLoopConfig:
     for one unpartitioned gradient copy per rank, and the one reduction no longer overlaps the
     backward; see docs/gpu.md for the measurement and the default. Ignored where it changes
     nothing (ZeRO-0/1 reduce once per step already) or where DeepSpeed does not support it."""
+    threads_per_rank: int = 0
+    """Torch compute threads of each rank; 0 = ``OMP_NUM_THREADS`` if set, else the cores this
+    process may use (``os.sched_getaffinity``) divided by the ranks on the node
+    (``launch/engine/threads.py``; the start-up line says which)."""
     log_every: int = 10
     """Print a progress line (and log to wandb) every N steps."""
     log_sample_keys: bool = False

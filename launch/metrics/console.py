@@ -11,7 +11,9 @@ before DeepSpeed is imported:
   scheduler, should one be built) and "Setting accelerator to CPU ... unable to detect it"
   (the run's ``kernels:`` line names the device);
 * announces, in one line, the first-run JIT compilation of DeepSpeed's CPU ops (about a minute);
-* prints the machine's matrix-multiply rate, the number every time in the README is quoted with.
+* sets the rank's torch compute threads (``launch/engine/threads.py``: cores / local ranks unless
+  the user chose) and prints them with the machine's matrix-multiply rate, the number every time
+  in the README is quoted with.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import warnings
 
 from tritower.launch.config import TrainConfig
+from tritower.launch.engine.threads import set_rank_threads
 from tritower.launch.lifecycle import dist_env
 
 # Substrings of DeepSpeed log records that are dropped.
@@ -88,9 +91,10 @@ def matmul_gflops(size: int = 1024, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def speed_line(cfg: TrainConfig, gflops: float, threads: int) -> str:
-    """The start-of-run line with the machine's rate, and for the default run its expected time."""
-    line = f"tritower: this rank multiplies float32 matrices at {gflops:.0f} GFLOP/s ({threads} thread(s))"
+def speed_line(cfg: TrainConfig, gflops: float, threads: str) -> str:
+    """The start-of-run line with the machine's rate (``threads``: how many, and why), and for the
+    default run its expected time."""
+    line = f"tritower: this rank multiplies float32 matrices at {gflops:.0f} GFLOP/s ({threads})"
     if cfg.experiment == "clip_tiny":
         estimate = REFERENCE_DEFAULT_TRAIN_S * REFERENCE_GFLOPS / max(gflops, 1e-3)
         line += (
@@ -101,13 +105,14 @@ def speed_line(cfg: TrainConfig, gflops: float, threads: int) -> str:
 
 
 def setup_console(cfg: TrainConfig) -> None:
-    """Quiet the libraries on every rank; on global rank 0, say what the start will cost."""
+    """Quiet the libraries and set the rank's compute threads on every rank; on global rank 0, say
+    what the start will cost."""
     quiet_libraries()
-    if not dist_env.from_environ().is_main:
+    env = dist_env.from_environ()
+    threads = set_rank_threads(cfg.train.threads_per_rank, env.local_world_size)
+    if not env.is_main:
         return
-    import torch
-
-    print(speed_line(cfg, matmul_gflops(), torch.get_num_threads()), flush=True)
+    print(speed_line(cfg, matmul_gflops(), threads), flush=True)
     missing = cpu_ops_to_compile()
     if missing:
         print(
