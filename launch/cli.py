@@ -20,10 +20,11 @@ import typing
 import tyro
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
-from tritower.launch.config import ConfigError, TrainConfig, closest, validate
+from tritower.launch.config import ConfigError, TrainConfig, validate
 from tritower.launch.config_file import file_arguments, read_config_file
 from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
 from tritower.model.config import LEGACY_KEYS
+from tritower.suggest import closest
 
 ALIASES = {"zero": "deepspeed.zero", "resume": "checkpoint.resume"}
 """Top-level flags that are shorthands for a field."""

@@ -8,7 +8,6 @@ pass. ``validate`` runs every check before anything is built.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import typing
@@ -28,12 +27,6 @@ from tritower.model.config import ModelConfig
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the problem and the fix."""
-
-
-def closest(name: str, options: list[str]) -> str:
-    """`` (did you mean 'X'?)`` for the option closest to a misspelt ``name``; "" for none."""
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 @dataclass

@@ -22,8 +22,9 @@ from typing import Any
 import yaml
 
 from tritower.data.atomic import write_text_atomic
-from tritower.launch.config import ConfigError, TrainConfig, closest
+from tritower.launch.config import ConfigError, TrainConfig
 from tritower.model.config import migrate_model
+from tritower.suggest import closest
 
 FILE_NAME = "config.yaml"
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from tritower.launch.config import ConfigError, TrainConfig, closest
+from tritower.launch.config import ConfigError, TrainConfig
+from tritower.suggest import closest
 
 DEFAULT_EXPERIMENT = "clip_tiny"
 

@@ -12,10 +12,10 @@ strings. ``migrate_model`` reads configs saved with the older flat keys (``image
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 
+from ..suggest import closest
 from .registry import TEXT_POOLINGS, ImageTowerSpec, image_spec_at, image_tower_spec, text_tower_spec
 from .setting import LETTERS, MAIN_TOWERS, TowerSetting, parse_setting
 
@@ -434,5 +434,5 @@ def _refuse_unknown(values: dict, cls: type, prefix: str) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.0)
-            raise ValueError(f"unknown config key '{prefix}{key}' (did you mean '{prefix}{close[0]}'?)")
+            hint = closest(f"{prefix}{key}", [f"{prefix}{name}" for name in names])
+            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")

@@ -13,9 +13,9 @@ CLIP and timm, so a local checkpoint of the published model loads key-for-key.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict
 
+from ..suggest import closest
 from .external import HF_PREFIX, TIMM_PREFIX, hf_spec, image_spec_at, timm_spec
 from .specs import (
     BERT_UNCASED_VOCAB_SIZE,
@@ -269,9 +269,7 @@ _TEXT_TOWERS: dict[str, TextTowerSpec] = {
 
 
 def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"Unknown {kind} tower {name!r}.{hint} Valid {kind} towers: {valid}")
+    return ValueError(f"Unknown {kind} tower {name!r}{closest(name, valid)}. Valid {kind} towers: {valid}")
 
 
 def image_tower_spec(name: str) -> ImageTowerSpec:

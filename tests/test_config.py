@@ -80,7 +80,7 @@ def test_unknown_names_fail_naming_the_closest(argv: list[str], expected: str) -
     [
         (["--data.batch_size=abc"], "Error parsing --data.batch_size: invalid literal for int() with base 10: 'abc'"),
         (["--loss.impl=fast"], "loss.impl"),
-        (["--model.image.tower=vit_scene_tinyy"], "Did you mean 'vit_scene_tiny'?"),
+        (["--model.image.tower=vit_scene_tinyy"], "(did you mean 'vit_scene_tiny'?)"),
         (["--deepspeed.precision=fp8"], "Expected one of ('fp32', 'bf16', 'fp16')"),
         (["--optim.lr"], "Missing value for argument '--optim.lr'"),
     ],

@@ -9,7 +9,7 @@ The rules (docs/architecture.md):
 - ``evaluation/`` imports nothing from ``launch/`` or ``inference/``;
 - ``inference/`` (what joins model and data for users) imports nothing from ``launch/``;
 - none of the library folders (model, losses, data, evaluation, inference) imports DeepSpeed;
-- the modules at the package root below the folders (``sources``: what ``model/`` and ``data/``
+- the modules at the package root below the folders (``sources``, ``suggest``: what the folders
   share) import nothing of the project and no DeepSpeed;
 - inside ``launch/``, the components (``optim``, ``checkpoint``, ``metrics``, ``engine``,
   ``lifecycle``, ``towers``) import no tool (``launch/tools/``), nor the planner
@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ["model", "losses", "data", "evaluation", "inference", "launch"]
-ROOT_MODULES = ["sources"]
+ROOT_MODULES = ["sources", "suggest"]
 FORBIDDEN: dict[str, set[str]] = {
     "model": {"data", "evaluation", "launch", "inference"},
     "losses": {"model", "data", "evaluation", "launch", "inference"},

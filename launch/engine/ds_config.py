@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tritower.launch.config import ConfigError, TrainConfig, closest
+from tritower.launch.config import ConfigError, TrainConfig
 from tritower.launch.optim.config import OptimConfig
 from tritower.launch.optim.optimizers import client_optimizer_needed
+from tritower.suggest import closest
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
