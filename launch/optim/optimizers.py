@@ -75,7 +75,7 @@ def lr_factor(step: int, opt: OptimConfig, total_steps: int) -> float:
     written in DeepSpeed's order of float operations, so the default is bit-identical to it."""
     warmup, cooldown = opt.warmup_steps, opt.cooldown_steps
     t = step - 1
-    if t < warmup:
+    if warmup and t < warmup:
         return max(t, 0) / warmup
     progress = min(1.0, (t - warmup + 1) / max(1, total_steps - warmup - cooldown))
     floor = opt.min_lr_ratio
