@@ -373,7 +373,10 @@ def test_a_hung_rank_or_a_killed_data_worker_stops_every_rank_with_one_line(
     fault: str, tmp_path: Path, data_cache: Path
 ) -> None:
     run = tmp_path / "runs" / "run"
-    args = ["--train.steps=400", "--train.hang_timeout_s=6", "--checkpoint.every_steps=2", "--data.num_workers=1"]
+    # A killed worker is seen by its own rank; a short hang timeout would let rank 0's watchdog
+    # name rank 1 first on a loaded machine, so that case waits longer.
+    hang = 6 if fault == "SIGSTOP a rank" else 60
+    args = ["--train.steps=400", f"--train.hang_timeout_s={hang}", "--checkpoint.every_steps=2", "--data.num_workers=1"]
     process = _start(args, data_cache, tmp_path / "runs")
     deadline = time.time() + 300
     while not [r for r in read_log(run) if r.get("step", 0) >= 3]:
