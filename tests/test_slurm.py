@@ -89,6 +89,24 @@ def _finish(process: subprocess.Popen, timeout: int = 400) -> str:
         raise AssertionError(f"the job ran past {timeout} s (killed); its output:\n{output[-6000:]}") from None
 
 
+def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int) -> None:
+    """Until the run has logged ``step`` (AssertionError if the job ended or 300 s passed first)."""
+    deadline = time.time() + 300
+    while not [record for record in read_log(run_dir) if record.get("step", 0) >= step]:
+        assert process.poll() is None and time.time() < deadline, _finish(process)[-3000:]
+        time.sleep(0.1)
+
+
+def _requeued(tmp_path: Path, data_cache: Path, run_dir: Path, job: dict) -> tuple[Run, str, Path]:
+    """The requeued job: the same script, job id and run name, resuming by itself (--resume=auto)."""
+    requeued = Run.before(run_dir)
+    process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
+    output = _finish(process)
+    assert process.returncode == 0, output[-3000:]
+    requeued.finished(output)
+    return requeued, output, log
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> tuple[Run, int, Path]:
     """The one-node script (1 node x 2 tasks) trained to the end, uninterrupted."""
@@ -114,10 +132,7 @@ def test_preemption_on_one_node_checkpoints_every_rank_requeues_and_resumes_exac
     run_dir = tmp_path / "runs" / "slurmrun"
     job = dict(nodes=2, tasks_per_node=1, run_name="slurmrun")
     process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
-    deadline = time.time() + 300
-    while not [record for record in read_log(run_dir) if record.get("step", 0) >= 2]:
-        assert process.poll() is None and time.time() < deadline, _finish(process)[-3000:]
-        time.sleep(0.1)
+    _wait_for_step(process, run_dir, 2)
     tasks = [line.split() for line in log.read_text().splitlines() if line.startswith("task ")]
     # task PID node NODEID NODENAME rank PROCID: one task on each simulated node.
     assert [(t[3], t[4], t[6]) for t in tasks] == [("0", "127.0.0.1", "0"), ("1", "127.0.0.2", "1")], tasks
@@ -136,12 +151,7 @@ def test_preemption_on_one_node_checkpoints_every_rank_requeues_and_resumes_exac
     for rank in (0, 1):  # both ranks wrote their part (ZeRO-2 optimizer partitions)
         assert (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file(), sorted(tag.iterdir())
 
-    # The requeued job: the same script, job id and run name, resuming by itself (--resume=auto).
-    requeued = Run.before(run_dir)
-    process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
-    output = _finish(process)
-    assert process.returncode == 0, output[-3000:]
-    requeued.finished(output)
+    requeued, output, log = _requeued(tmp_path, data_cache, run_dir, job)
     assert f"resumed from {tag} at step {stopped['step']}" in output
     assert [record["step"] for record in requeued.steps()] == list(range(stopped["step"] + 1, STEPS + 1))
     assert log.read_text().count("requeue") == 1
@@ -160,10 +170,7 @@ def test_a_data_worker_killed_on_one_node_requeues_the_job_and_it_resumes_exactl
     run_dir = tmp_path / "runs" / "faultrun"
     job = dict(nodes=2, tasks_per_node=1, run_name="faultrun", extra=("--checkpoint.every_steps=2",))
     process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
-    deadline = time.time() + 300
-    while not [record for record in read_log(run_dir) if record.get("step", 0) >= 3]:
-        assert process.poll() is None and time.time() < deadline, _finish(process)[-3000:]
-        time.sleep(0.1)
+    _wait_for_step(process, run_dir, 3)
     (task,) = [
         line.split() for line in log.read_text().splitlines() if line.startswith("task ") and line.split()[3] == "1"
     ]
@@ -179,11 +186,7 @@ def test_a_data_worker_killed_on_one_node_requeues_the_job_and_it_resumes_exactl
     assert f"requeue {JOB_ID}" in log.read_text(), output[-3000:]
     newest = (run_dir / "checkpoints" / "latest").read_text().strip()
 
-    requeued = Run.before(run_dir)
-    process, log = _job("train_multinode.sbatch", tmp_path, data_cache, **job)
-    output = _finish(process)
-    assert process.returncode == 0, output[-3000:]
-    requeued.finished(output)
+    _, output, log = _requeued(tmp_path, data_cache, run_dir, job)
     assert f"resumed from {run_dir / 'checkpoints' / newest}" in output
     assert log.read_text().count("requeue") == 1
     expected = {record["step"]: record["loss"] for record in reference[0].steps()}
