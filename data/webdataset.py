@@ -36,6 +36,7 @@ import math
 import os
 import random
 import signal
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -255,6 +256,20 @@ class TrainStream(torch.utils.data.IterableDataset):
         return iter(pipeline)
 
 
+def _worker_deaths_at_the_next_batch() -> None:
+    """Remove torch's SIGCHLD handler, which raises a killed worker's ``RuntimeError`` in the main
+    thread wherever it happens to be: inside a collective's ``except RuntimeError`` (a fallback, a
+    retry) it made one rank skip or repeat a collective, and every rank then waited forever. Without
+    it the iterator still finds the dead worker itself: its next batch waits at most 5 s
+    (``MP_STATUS_CHECK_INTERVAL``), sees the worker gone and raises "DataLoader worker (pid(s) ...)
+    exited unexpectedly" from ``next()``, between steps, on that rank."""
+    handler = signal.getsignal(signal.SIGCHLD)
+    if threading.current_thread() is threading.main_thread() and getattr(handler, "__module__", "") == (
+        torch.utils.data._utils.signal_handling.__name__
+    ):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 class TrainLoader:
     """Iterable over training batches of one rank, with ``state_dict``/``load_state_dict``.
 
@@ -287,7 +302,9 @@ class TrainLoader:
             prefetch_factor=2 if self.num_workers > 0 else None,
             worker_init_fn=_outlive_sigterm,
         )
-        for batch in loader:
+        batches = iter(loader)
+        _worker_deaths_at_the_next_batch()
+        for batch in batches:
             logical, epoch, index = batch.pop("__state__")
             self.positions[logical] = (epoch, index)
             self.worker_stats[logical] = batch.pop("__stats__")

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
+import signal
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -355,3 +359,22 @@ def test_samples_per_epoch_sets_the_resampled_epoch_length(tmp_path, tokenizer) 
     assert loader.epoch() == 1.0
     with pytest.raises(ValueError, match="samples_per_epoch"):
         DataConfig(samples_per_epoch=10, resampled=False)
+
+
+def test_a_killed_worker_is_raised_at_the_next_batch_not_anywhere_else(tmp_path, tokenizer) -> None:
+    # torch's own SIGCHLD handler raises the worker's death wherever the main thread is; inside a
+    # collective's "except RuntimeError" that made one rank run one collective more than the other
+    # and every rank waited forever. The error must come from next(), between steps, and only there.
+    shards = write_dataset(tmp_path, "d", shards=1, per_shard=8)
+    batches = iter(make_loader(shards, tokenizer, resampled=True, num_workers=1))
+    next(batches)
+    (worker,) = multiprocessing.active_children()
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(timeout=30)
+    assert worker.exitcode == -signal.SIGKILL
+    deadline = time.time() + 1.0
+    while time.time() < deadline:  # plain Python code: a SIGCHLD handler would raise here
+        sum(range(1000))
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly"):
+        for _ in range(10):  # the batches it had already sent come first
+            next(batches)

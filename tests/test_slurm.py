@@ -174,10 +174,12 @@ def test_a_data_worker_killed_on_one_node_requeues_the_job_and_it_resumes_exactl
     (task,) = [
         line.split() for line in log.read_text().splitlines() if line.startswith("task ") and line.split()[3] == "1"
     ]
-    python = [pid for pid in _tree(int(task[1])) if "launch/train.py" in Path(f"/proc/{pid}/cmdline").read_text()]
-    rank = min(python)  # the rank itself; its data worker is its child
+    rank = int(task[1])  # task.sh execs python: the task is the rank itself; its data worker is its child
     (worker,) = [
-        pid for pid in python if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == rank
+        pid
+        for pid in _tree(rank)[1:]
+        if "launch/train.py" in Path(f"/proc/{pid}/cmdline").read_text()
+        and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == rank
     ]
     os.kill(worker, signal.SIGKILL)
     output = _finish(process)
