@@ -67,6 +67,11 @@ class DataConfig:
     """Seed of the built-in scene generator; the held-out split uses a different derived seed."""
     builtin_shard_size: int = 500
     """Built-in scenes per tar shard."""
+    builtin_styles: str = "plain"
+    """How the built-in scenes (both splits) are drawn: ``+``-joined styles out of plain, outline,
+    noisy, shades, offgrid, or ``broad`` (all); with several, each scene takes one at random
+    (``data/scenes.py``). An eval set ``NAME=builtin:STYLES`` in ``eval.sets`` is the held-out
+    split in other styles: the same scenes out of the training distribution."""
     views: int = 0
     """Training crops per sample. 0: a fresh random resized crop every time a sample is read
     (seeded by its stream position). V > 0: each sample has V fixed crops (view v of sample
@@ -106,6 +111,9 @@ class DataConfig:
             raise ValueError(f"data.views must be >= 0, got {self.views}")
         if self.train_weights and not self.resampled:
             raise ValueError("data.train_weights needs data.resampled=True (sources are sampled)")
+        from .scenes import parse_styles  # scenes.py imports this module
+
+        parse_styles(self.builtin_styles)
         for name in ("builtin_train_samples", "builtin_eval_samples", "builtin_image_size",
                      "builtin_shard_size"):  # fmt: skip
             if getattr(self, name) <= 0:

@@ -6,6 +6,14 @@ background, with a templated English caption. Shards follow the img2dataset layo
 same loader as user data. The zero-shot class of a scene is colour x shape of its first shape
 (30 classes); the held-out split holds single-shape scenes only, so its labels are unambiguous.
 
+Scenes are drawn in one or more styles (``data.builtin_styles``): ``plain`` (filled shapes on a
+light background, the default), ``outline`` (the shapes' outlines only), ``noisy`` (a textured,
+noisy background), ``shades`` (other shades of the same colour names) and ``offgrid`` (sizes and
+positions outside the plain range). A split of several styles draws each scene in one of them at
+random; ``broad`` is all five. The same symbolic scenes in another style make an out-of-distribution
+set of the same content: an eval set ``NAME=builtin:STYLES`` (``eval.sets``) is the held-out split
+drawn in ``STYLES``.
+
 ``ensure_builtin_data(cfg)`` generates the data once into ``cache_dir/scenes-<hash>/`` and reuses
 it afterwards; concurrent callers (several ranks on one machine) serialise on a file lock.
 """
@@ -22,6 +30,7 @@ import random
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +100,19 @@ PAIR_TEMPLATES = (
     "a {a} and a {b}",
     "a picture of a {a} next to a {b}",
 )
+STYLES: tuple[str, ...] = ("plain", "outline", "noisy", "shades", "offgrid")
+"""Drawing styles of the built-in scenes (module docstring); ``broad`` names all of them."""
+SHADES: dict[str, tuple[int, int, int]] = {
+    "red": (150, 20, 45),
+    "green": (110, 205, 95),
+    "blue": (95, 150, 245),
+    "yellow": (200, 185, 60),
+    "purple": (200, 120, 225),
+    "orange": (255, 165, 70),
+}
+"""The ``shades`` style's colours: other shades that the same colour names cover."""
+OFFGRID_SIZES: dict[str, float] = {"small": 0.08, "large": 0.29}
+"""The ``offgrid`` style's half-widths: smaller and larger than every plain size."""
 EXTRA_WORDS = "an image with photo of".split()
 """Words of the zero-shot templates that the caption templates do not use."""
 
@@ -148,10 +170,46 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"not a polygon shape: {shape}")
 
 
-def draw_scene(scene: list[dict[str, str]], image_size: int, rng: random.Random) -> Image.Image:
-    """Renders a scene; the background tint and a small position jitter vary per image."""
+def parse_styles(text: str) -> tuple[str, ...]:
+    """``outline+noisy`` -> ("outline", "noisy"); ``broad`` -> every style. One clear error for
+    an unknown name."""
+    names = [name.strip() for name in text.replace(",", "+").split("+") if name.strip()]
+    if names == ["broad"]:
+        return STYLES
+    unknown = [name for name in names if name not in STYLES]
+    if unknown or not names:
+        raise ValueError(
+            f"scene styles {text!r}: unknown {', '.join(map(repr, unknown)) or 'empty'}; use '+'-joined "
+            f"names out of {', '.join(STYLES)}, or broad (all of them)"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def _noise_background(image_size: int, rng: random.Random) -> Image.Image:
+    """A light, noisy texture: per-pixel grey values in [150, 250] from ``rng``."""
+    table = bytes(150 + value * 100 // 255 for value in range(256))
+    noise = rng.randbytes(image_size * image_size).translate(table)
+    grey = Image.frombytes("L", (image_size, image_size), noise)
+    tint = Image.new("RGB", (image_size, image_size), tuple(rng.randint(200, 255) for _ in range(3)))
+    return Image.blend(Image.merge("RGB", (grey, grey, grey)), tint, 0.3)
+
+
+def draw_scene(
+    scene: list[dict[str, str]],
+    image_size: int,
+    rng: random.Random,
+    style: str = "plain",
+    style_rng: random.Random | None = None,
+) -> Image.Image:
+    """Renders a scene; the background tint and a small position jitter vary per image. ``style``
+    (``STYLES``) draws its own randomness from ``style_rng``, so that ``plain`` consumes ``rng``
+    exactly as before styles existed (the same seed writes the same plain shards)."""
+    style_rng = style_rng or random.Random(0)
     background = tuple(rng.randint(225, 250) for _ in range(3))
-    image = Image.new("RGB", (image_size, image_size), background)
+    if style == "noisy":
+        image = _noise_background(image_size, style_rng)
+    else:
+        image = Image.new("RGB", (image_size, image_size), background)
     draw = ImageDraw.Draw(image)
     jitter = 0.03 * image_size
     for item in scene:
@@ -159,12 +217,22 @@ def draw_scene(scene: list[dict[str, str]], image_size: int, rng: random.Random)
         cx = fx * image_size + rng.uniform(-jitter, jitter)
         cy = fy * image_size + rng.uniform(-jitter, jitter)
         r = SIZES[item["size"]] * image_size
-        fill = COLOURS[item["colour"]]
+        fill = (SHADES if style == "shades" else COLOURS)[item["colour"]]
+        if style == "offgrid":  # off the five positions: anywhere the shape fits, off-range sizes
+            r = OFFGRID_SIZES[item["size"]] * image_size
+            shift = (0.23 if len(scene) == 1 else 0.1) * image_size
+            cx += style_rng.uniform(-shift, shift)
+            cy += style_rng.uniform(-shift, shift)
+            cx, cy = (min(max(c, r), image_size - r) for c in (cx, cy))
+        paint = {"fill": fill} if style != "outline" else {"outline": fill, "width": max(2, round(r / 4))}
         if item["shape"] == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), **paint)
         elif item["shape"] == "square":
             s = r * 0.85  # a square of the same half-width looks bigger than the other shapes
-            draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+            draw.rectangle((cx - s, cy - s, cx + s, cy + s), **paint)
+        elif style == "outline":  # a polygon's outline of width w (PIL's polygon width is 1-pixel-stepped)
+            points = _polygon(item["shape"], cx, cy, r)
+            draw.line([*points, points[0], points[1]], fill=fill, width=paint["width"], joint="curve")
         else:
             draw.polygon(_polygon(item["shape"], cx, cy, r), fill=fill)
     return image
@@ -232,13 +300,16 @@ def write_split(
     image_size: int,
     shard_size: int,
     single_fraction: float,
+    styles: tuple[str, ...] = ("plain",),
 ) -> list[str]:
     """Writes ``num_samples`` scenes into ``{prefix}-NNNNNN.tar`` shards; returns their paths.
 
-    ``single_fraction`` of the scenes hold one shape, the rest two. Everything derives from
-    ``seed``: the same arguments write byte-identical shards.
+    ``single_fraction`` of the scenes hold one shape, the rest two; each is drawn in one of
+    ``styles`` at random. Everything derives from ``seed``: the same arguments write byte-identical
+    shards, and the same seed in other styles draws the same scenes with the same captions.
     """
     rng = random.Random(seed)
+    style_rng = random.Random(f"styles-{seed}")
     paths: list[str] = []
     tar: tarfile.TarFile | None = None
     for index in range(num_samples):
@@ -252,9 +323,13 @@ def write_split(
         caption = caption_scene(scene, rng)
         key = f"{prefix}{index:07d}"
         label = CLASSNAMES.index(f"{scene[0]['colour']} {scene[0]['shape']}")
+        style = styles[0] if len(styles) == 1 else style_rng.choice(styles)
         meta = {"key": key, "caption": caption, "label": label,
                 "classname": CLASSNAMES[label], "shapes": scene}  # fmt: skip
-        add_tar_member(tar, f"{key}.jpg", encode_jpeg(draw_scene(scene, image_size, rng)))
+        if styles != ("plain",):
+            meta["style"] = style
+        image = draw_scene(scene, image_size, rng, style, style_rng)
+        add_tar_member(tar, f"{key}.jpg", encode_jpeg(image))
         add_tar_member(tar, f"{key}.txt", caption.encode("utf-8"))
         add_tar_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
     if tar is not None:
@@ -262,8 +337,8 @@ def write_split(
     return paths
 
 
-def _generation_params(cfg: DataConfig) -> dict[str, int]:
-    return {
+def _generation_params(cfg: DataConfig) -> dict[str, int | str]:
+    params: dict[str, int | str] = {
         "version": GENERATOR_VERSION,
         "train": cfg.builtin_train_samples,
         "eval": cfg.builtin_eval_samples,
@@ -271,6 +346,10 @@ def _generation_params(cfg: DataConfig) -> dict[str, int]:
         "seed": cfg.builtin_seed,
         "shard": cfg.builtin_shard_size,
     }
+    styles = parse_styles(cfg.builtin_styles)
+    if styles != ("plain",):  # plain data keeps the cache folder it had before styles existed
+        params["styles"] = "+".join(styles)
+    return params
 
 
 def _describe(root: Path) -> BuiltinData:
@@ -291,6 +370,7 @@ def generate_builtin_data(cfg: DataConfig, root: Path) -> None:
     root.mkdir(parents=True)
     # Different seeds for the splits: held-out scenes are new draws, not training repeats
     # (a few coincide by chance: the scene space is small, but captions and jitter differ).
+    styles = parse_styles(cfg.builtin_styles)
     train = write_split(
         root,
         "train",
@@ -299,16 +379,9 @@ def generate_builtin_data(cfg: DataConfig, root: Path) -> None:
         cfg.builtin_image_size,
         cfg.builtin_shard_size,
         single_fraction=0.75,
+        styles=styles,
     )
-    held_out = write_split(
-        root,
-        "eval",
-        cfg.builtin_eval_samples,
-        2 * cfg.builtin_seed + 1,
-        cfg.builtin_image_size,
-        cfg.builtin_shard_size,
-        single_fraction=1.0,
-    )
+    held_out = _write_held_out(root, cfg, styles)
     write_vocab(root / "vocab.txt", caption_words())
     (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (root / "templates.txt").write_text("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
@@ -322,6 +395,71 @@ def generate_builtin_data(cfg: DataConfig, root: Path) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+def _write_held_out(root: Path, cfg: DataConfig, styles: tuple[str, ...]) -> list[str]:
+    """The held-out split: single-shape scenes of the held-out seed, in ``styles``."""
+    return write_split(
+        root,
+        "eval",
+        cfg.builtin_eval_samples,
+        2 * cfg.builtin_seed + 1,
+        cfg.builtin_image_size,
+        cfg.builtin_shard_size,
+        single_fraction=1.0,
+        styles=styles,
+    )
+
+
+def builtin_eval_split(cfg: DataConfig, styles: str) -> list[str]:
+    """Shards of the held-out split drawn in ``styles`` (``outline+noisy``, ``broad``): the same
+    scenes, captions and labels as the run's own held-out split, drawn otherwise. Generated once
+    into ``cache_dir/scenes-eval-<hash>/`` (the training split is not written)."""
+    chosen = parse_styles(styles)
+    params = _generation_params(cfg) | {"split": "eval", "styles": "+".join(chosen)}
+    params.pop("train")
+
+    def generate(root: Path) -> None:
+        root.mkdir(parents=True)
+        shards = _write_held_out(root, cfg, chosen)
+        (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+        (root / "templates.txt").write_text("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
+        manifest = {"params": params, "train_shards": [], "eval_shards": [Path(p).name for p in shards]}
+        (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+    return _describe(_generate_once(cfg, "scenes-eval", params, generate)).eval_shards
+
+
+def builtin_set_styles(path: str) -> str | None:
+    """``builtin:outline+noisy`` -> ``outline+noisy`` (an eval set's path naming built-in styles);
+    None for any other path."""
+    return path.removeprefix("builtin:") if path.startswith("builtin:") else None
+
+
+def _generate_once(cfg: DataConfig, prefix: str, params: dict, generate: Callable[[Path], None]) -> Path:
+    """``cache_dir/<prefix>-<hash of params>``, made by ``generate(folder)`` on first use.
+
+    Safe when several processes call it at once: they serialise on an ``fcntl`` lock next to
+    the data, the first generates into a temporary folder and renames it into place (atomic on
+    one file system), the others find it complete."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(cfg.cache_dir).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    root = cache / f"{prefix}-{digest}"
+    if (root / "manifest.json").exists():
+        return root
+    with open(cache / f"{prefix}-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process generates
+        if not (root / "manifest.json").exists():
+            if root.exists():  # left over by a crashed, non-atomic writer: never reuse
+                shutil.rmtree(root)
+            staging = Path(tempfile.mkdtemp(prefix=f".{prefix}-{digest}-", dir=cache))
+            try:
+                generate(staging / "data")
+                os.rename(staging / "data", root)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
 def ensure_builtin_data(cfg: DataConfig) -> BuiltinData:
     """Returns the built-in data for ``cfg``, generating it on first use.
 
@@ -330,22 +468,5 @@ def ensure_builtin_data(cfg: DataConfig) -> BuiltinData:
     one file system), the others find it complete. Ranks on different machines each generate
     their own identical copy when ``cache_dir`` is machine-local.
     """
-    params = _generation_params(cfg)
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(cfg.cache_dir).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
-    root = cache / f"scenes-{digest}"
-    if (root / "manifest.json").exists():
-        return _describe(root)
-    with open(cache / f"scenes-{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process generates
-        if not (root / "manifest.json").exists():
-            if root.exists():  # left over by a crashed, non-atomic writer: never reuse
-                shutil.rmtree(root)
-            staging = Path(tempfile.mkdtemp(prefix=f".scenes-{digest}-", dir=cache))
-            try:
-                generate_builtin_data(cfg, staging / "data")
-                os.rename(staging / "data", root)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+    root = _generate_once(cfg, "scenes", _generation_params(cfg), lambda folder: generate_builtin_data(cfg, folder))
     return _describe(root)

@@ -256,6 +256,7 @@ def open_eval_sets(cfg: TrainConfig, sources: DataSources) -> list[tuple[EvalSet
     """The run's eval sets (``data.eval_shards`` under the name "", then ``eval.sets``), found and
     checked but not read: evaluation streams them (``run_eval.py``)."""
     from tritower.data.eval_formats import open_eval_source
+    from tritower.data.scenes import builtin_eval_split, builtin_set_styles
 
     specs = [EvalSetSpec("", "", cfg.eval.legacy_kinds())] if sources.eval_shards else []
     specs += cfg.eval.set_specs()
@@ -264,7 +265,9 @@ def open_eval_sets(cfg: TrainConfig, sources: DataSources) -> list[tuple[EvalSet
         keys = dict(caption_key=cfg.data.caption_key, label_key=cfg.data.label_key, split=cfg.eval.split)
         try:
             # The run's own held-out split arrives as a shard list; a named set as one path or pattern.
-            source = open_eval_source(spec.path or sources.eval_shards, **keys)
+            styles = builtin_set_styles(spec.path)
+            path = builtin_eval_split(cfg.data, styles) if styles is not None else spec.path
+            source = open_eval_source(path or sources.eval_shards, **keys)
         except (FileNotFoundError, ValueError) as error:
             label = f"eval.sets {spec.name}" if spec.name else "data.eval_shards"
             raise ConfigError(f"{label}: {error}") from None

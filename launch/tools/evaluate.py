@@ -37,6 +37,7 @@ from tritower.data.atomic import write_json_atomic
 from tritower.data.eval_formats import expected_samples, open_eval_source
 from tritower.data.eval_set import iter_eval_batches
 from tritower.data.samples import BadDataStats
+from tritower.data.scenes import builtin_eval_split, builtin_set_styles
 from tritower.evaluation import COUNTS, EvalSetError, ProbeOptions, evaluate_batches, plan_kinds
 from tritower.evaluation.config import EvalConfig, parse_kinds
 from tritower.evaluation.features import ProgressReporter
@@ -47,16 +48,27 @@ from tritower.launch.config import ConfigError
 COMMAND = "python -m tritower.launch.tools.evaluate"
 
 
-def eval_shards_for(exported: ExportedModel, spec: str | None, cache_dir: str | None) -> list[str] | str:
-    """``spec`` (a shard pattern or a set folder), or the run's own held-out shards (see the module)."""
-    if spec:
-        return spec
+def _training_data(exported: ExportedModel, cache_dir: str | None) -> DataConfig:
+    """The data config the exported run trained with (``cache_dir`` overriding its cache folder)."""
     saved = dict((exported.config.get("training") or {}).get("data") or {})
     if not saved:
         raise SystemExit("the export records no training data config: pass --eval-shards")
     if cache_dir:
         saved["cache_dir"] = cache_dir
-    data_cfg = DataConfig(**saved)
+    return DataConfig(**saved)
+
+
+def named_set_path(exported: ExportedModel, path: str, cache_dir: str | None) -> list[str] | str:
+    """A named set's path; ``builtin:STYLES`` is the run's built-in held-out split in those styles."""
+    styles = builtin_set_styles(path)
+    return path if styles is None else builtin_eval_split(_training_data(exported, cache_dir), styles)
+
+
+def eval_shards_for(exported: ExportedModel, spec: str | None, cache_dir: str | None) -> list[str] | str:
+    """``spec`` (a shard pattern or a set folder), or the run's own held-out shards (see the module)."""
+    if spec:
+        return spec
+    data_cfg = _training_data(exported, cache_dir)
     if data_cfg.uses_builtin:
         return ensure_builtin_data(data_cfg).eval_shards
     if not data_cfg.eval_shards:
@@ -246,7 +258,7 @@ def evaluate_export(options: EvaluateOptions) -> int:
         if not options.no_default:
             default_kinds = parse_kinds(options.kinds, "--kinds") if options.kinds else run_eval.legacy_kinds()
             sets.append(("", eval_shards_for(exported, options.eval_shards, options.cache_dir), default_kinds))
-        sets += [(spec.name, spec.path, spec.kinds) for spec in named]
+        sets += [(spec.name, named_set_path(exported, spec.path, options.cache_dir), spec.kinds) for spec in named]
         if not sets:
             raise SystemExit("nothing to evaluate: --no-default without --set")
         per_set = {
