@@ -4,6 +4,11 @@ over seeds, through the real trainer, against three kinds of pretrained image to
     nice -n 5 python benchmarks/study.py --out runs/study                  # full: 3 seeds (docs/study.md)
     nice -n 5 python benchmarks/study.py --quick --out runs/study_quick    # 1 seed, fewer settings, scene towers
     python benchmarks/study.py --out runs/study --seeds 0,1 --towers matched,mismatched --settings uu,Lu,3T
+    python benchmarks/study.py --claims --out runs/claims                  # the papers' claims, paired over 5 seeds
+
+``--claims`` runs only what the papers' central claims need, towers pretrained on the broad scene
+distribution and tuned on the narrow one, evaluated in and out of distribution, with a verdict per
+claim (``benchmarks/study_claims.py``).
 
 Image towers (made once per study, cached in ``<out>/towers/``, reused by every setting and seed):
 ``matched`` = ``launch/tools/pretrain_image.py`` on the 30 colour x shape labels the captions
@@ -35,6 +40,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tritower.benchmarks.cli import parse_benchmark
+from tritower.benchmarks.study_claims import (
+    CLAIM_RUNS,
+    CLAIM_TOWERS,
+    CURVE_SETTINGS,
+    OOD_STYLES,
+    TOWER_STYLES,
+    claim_verdicts,
+    draw_claims,
+    format_claims,
+)
 from tritower.benchmarks.study_report import (
     ALPHAS,
     SHARED_SETTINGS,
@@ -89,6 +104,9 @@ class Budget:
 
 
 FULL = Budget()
+CLAIMS = Budget(steps=300, warmup=30)
+"""The claims' budget: long enough that uu is well above its 100-step level (docs/study.md "Claims")."""
+CLAIM_SEEDS = 5
 # The test's size: the quick code path, seconds per run, not for its numbers.
 TOY = Budget(
     steps=3,
@@ -127,6 +145,10 @@ class StudyOptions:
     """Comma-separated subset of matched,mismatched,real (default: all; ``--quick``: the scene towers)."""
     real_all: bool = False
     """EfficientNet-Lite0 in every setting, not only Lu,LU,3T (at 224 px it is the costliest tower)."""
+    claims: bool = False
+    """Claims mode (``benchmarks/study_claims.py``): uu, Lu, Uu, 3T (matched tower) and Lu, 3T
+    (mismatched) per seed, towers pretrained on all scene styles, tuned on plain scenes, evaluated
+    in and out of distribution; verdicts with paired-seed standard errors (default seeds 0-4)."""
     toy: bool = False
     """Tiny towers and data: the code path in seconds per run, for tests; not for its numbers."""
     steps: int = 0
@@ -211,6 +233,55 @@ def train_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cac
     return argv
 
 
+def claim_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache: Path) -> list[str]:
+    """A claims run: the study's run, also evaluated out of distribution (and during training for
+    the settings of the curve figure)."""
+    every = max(1, budget.steps // 5) if run.setting in CURVE_SETTINGS else 0
+    argv = [a for a in train_argv(run, towers, budget, out, cache) if not a.startswith("--eval.every_steps=")]
+    return argv + [f"--eval.every_steps={every}", f"--eval.sets=ood=builtin:{OOD_STYLES}"]
+
+
+def run_claims(options: StudyOptions, budget: Budget, seeds: list[int], out: Path, cache: Path, argv: list[str]) -> int:
+    """Claims mode: towers pretrained on every style, the claim runs per seed, verdicts and figure."""
+    gflops_start = _gflops()
+    print(f"study claims: seeds {','.join(map(str, seeds))}, {budget.steps} steps of {budget.batch}; "
+          f"machine {gflops_start:.0f} GFLOP/s ({torch_threads()} thread(s))", flush=True)  # fmt: skip
+    started = time.time()
+    towers = {kind: prepare_tower(kind, out, budget, cache, styles=TOWER_STYLES) for kind in CLAIM_TOWERS}
+    runs = [Run(setting, tower, seed) for seed in seeds for setting, tower in CLAIM_RUNS]
+    for index, run in enumerate(runs):
+        if (out / "results" / f"{run.key}.json").exists():
+            continue
+        print(f"study claims: run {index + 1}/{len(runs)} {run.key} ({time.time() - started:.0f} s so far)", flush=True)
+        run_one(run, towers, budget, out, cache, claim_argv(run, towers, budget, out, cache))
+    results = [json.loads((out / "results" / f"{r.key}.json").read_text()) for r in runs]
+    claims = claim_verdicts(results)
+    print(format_claims(claims))
+    report = {
+        "meta": {
+            "command": "python benchmarks/study.py " + " ".join(argv),
+            "budget": asdict(budget),
+            "seeds": seeds,
+            "ood_styles": OOD_STYLES,
+            "tower_styles": TOWER_STYLES,
+            "wall_s": round(time.time() - started, 1),
+            "threads": torch_threads(),
+            "gflops_start": round(gflops_start, 1),
+            "gflops_end": round(_gflops(), 1),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "towers": towers,
+        "claims": claims,
+        "runs": {r["key"]: {k: v for k, v in r["metrics"].items() if "zeroshot_top1" in k} for r in results},
+    }
+    json_path = Path(options.json) if options.json else out / "claims.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    figure = Path(options.figure) if options.figure else out / "claims.png"
+    draw_claims(results, out / "runs", figure)
+    print(f"study claims: wrote {json_path} and {figure} in {time.time() - started:.0f} s", flush=True)
+    return 0
+
+
 def _step_seconds(run_dir: Path, batch: int) -> float:
     """Median step time over the logged windows after the first (which holds start-up costs)."""
     rates = []
@@ -238,12 +309,14 @@ def train_in_process(argv: list[str]) -> dict:
     return run(cfg)
 
 
-def run_one(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache: Path) -> dict:
-    """Trains one run through the real trainer and writes its result JSON."""
+def run_one(
+    run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache: Path, argv: list[str] | None = None
+) -> dict:
+    """Trains one run through the real trainer (``argv``: default ``train_argv``) and writes its result JSON."""
     run_dir = out / "runs" / run.key
     if run_dir.exists():  # an interrupted run: its folder is this study's own, start it afresh
         shutil.rmtree(run_dir)
-    argv = train_argv(run, towers, budget, out, cache)
+    argv = argv or train_argv(run, towers, budget, out, cache)
     started, gflops = time.time(), _gflops()
     train_in_process(argv)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -286,7 +359,7 @@ def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     options = parse_benchmark(StudyOptions, argv, command="python benchmarks/study.py", example="--quick --out runs/q")
     argv = sys.argv[1:] if argv is None else argv
-    budget = TOY if options.toy else FULL
+    budget = TOY if options.toy else CLAIMS if options.claims else FULL
     if options.steps:
         budget = replace(budget, steps=options.steps, warmup=max(1, options.steps // 10))
     if options.eval_samples >= 0:
@@ -299,12 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(options.threads)
-    seeds = [int(s) for s in options.seeds.split(",")] if options.seeds else ([0] if options.quick else [0, 1, 2])
+    default_seeds = [0] if options.quick else list(range(CLAIM_SEEDS)) if options.claims else [0, 1, 2]
+    seeds = [int(s) for s in options.seeds.split(",")] if options.seeds else default_seeds
     settings = _names(options.settings, SETTINGS, "setting") or list(QUICK_SETTINGS if options.quick else SETTINGS)
     towers = _names(options.towers, TOWERS, "tower") or list(QUICK_TOWERS if options.quick else TOWERS)
     out = Path(options.out).resolve()
     cache = out / "cache" if options.toy else Path("~/.cache/tritower").expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    if options.claims:
+        return run_claims(options, budget, seeds, out, cache, argv)
 
     gflops_start = math.nan if options.report_only else _gflops()
     rate = f"{gflops_start:.0f} GFLOP/s (1024x1024 float32 matmul, {torch_threads()} thread(s))"

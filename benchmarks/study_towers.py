@@ -24,10 +24,12 @@ def data_args(budget: Budget, cache: Path) -> list[str]:
     return [f"--data.cache_dir={cache}", *(f"--data.{k}={v}" for k, v in budget.data.items())]
 
 
-def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
+def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path, styles: str = "") -> dict:
     """Makes (once) and describes one pretrained image tower: its weights, architecture, its
-    held-out accuracy on its own labels and a linear probe on the captions' 30 colour x shape labels."""
-    folder = out / "towers" / kind
+    held-out accuracy on its own labels and a linear probe on the captions' 30 colour x shape labels.
+    ``styles``: pretrain on the built-in scenes drawn in those styles (``broad``; "" = plain), into
+    ``towers/<kind>-<styles>``."""
+    folder = out / "towers" / (f"{kind}-{styles}" if styles else kind)
     info_path = folder / "tower.json"
     if info_path.exists():
         return json.loads(info_path.read_text())
@@ -52,6 +54,7 @@ def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
             f"--warmup_steps={max(1, budget.pretrain_steps // 10)}",
             f"--out={folder}",
             *data_args(budget, cache),
+            *([f"--data.builtin_styles={styles}"] if styles else []),
         ]
         config = parse_args(argv)
         previous = folder / SIDECAR
@@ -62,6 +65,7 @@ def prepare_tower(kind: str, out: Path, budget: Budget, cache: Path) -> dict:
             sidecar = pretrain(config)
         weights = folder / "image_tower.safetensors"
         info = {"arch": budget.image_tower, "labels": TOWER_LABELS[kind], "own_accuracy": sidecar["held_out_accuracy"]}
+        info["styles"] = styles or "plain"
         info["command"] = "python launch/tools/pretrain_image.py " + " ".join(argv)
     info |= {"weights": str(weights), "probe_top1": probe_accuracy(info["arch"], weights, budget, cache)}
     info["prepare_s"] = round(time.time() - started, 1)
