@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .styles import parse_styles
+
 
 @dataclass
 class DataConfig:
@@ -111,8 +113,6 @@ class DataConfig:
             raise ValueError(f"data.views must be >= 0, got {self.views}")
         if self.train_weights and not self.resampled:
             raise ValueError("data.train_weights needs data.resampled=True (sources are sampled)")
-        from .scenes import parse_styles  # scenes.py imports this module
-
         parse_styles(self.builtin_styles)
         for name in ("builtin_train_samples", "builtin_eval_samples", "builtin_image_size",
                      "builtin_shard_size"):  # fmt: skip

@@ -37,6 +37,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .config import DataConfig
+from .styles import parse_styles
 from .tokenizer import SPECIAL_TOKENS, write_vocab
 
 GENERATOR_VERSION = 2
@@ -100,8 +101,6 @@ PAIR_TEMPLATES = (
     "a {a} and a {b}",
     "a picture of a {a} next to a {b}",
 )
-STYLES: tuple[str, ...] = ("plain", "outline", "noisy", "shades", "offgrid")
-"""Drawing styles of the built-in scenes (module docstring); ``broad`` names all of them."""
 SHADES: dict[str, tuple[int, int, int]] = {
     "red": (150, 20, 45),
     "green": (110, 205, 95),
@@ -168,21 +167,6 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t),
         ]  # fmt: skip
     raise ValueError(f"not a polygon shape: {shape}")
-
-
-def parse_styles(text: str) -> tuple[str, ...]:
-    """``outline+noisy`` -> ("outline", "noisy"); ``broad`` -> every style. One clear error for
-    an unknown name."""
-    names = [name.strip() for name in text.replace(",", "+").split("+") if name.strip()]
-    if names == ["broad"]:
-        return STYLES
-    unknown = [name for name in names if name not in STYLES]
-    if unknown or not names:
-        raise ValueError(
-            f"scene styles {text!r}: unknown {', '.join(map(repr, unknown)) or 'empty'}; use '+'-joined "
-            f"names out of {', '.join(STYLES)}, or broad (all of them)"
-        )
-    return tuple(dict.fromkeys(names))
 
 
 def _noise_background(image_size: int, rng: random.Random) -> Image.Image:

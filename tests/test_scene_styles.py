@@ -19,13 +19,12 @@ from tritower.data.scenes import (
     OFFGRID_SIZES,
     SHADES,
     SIZES,
-    STYLES,
     builtin_eval_split,
     builtin_set_styles,
     draw_scene,
     ensure_builtin_data,
-    parse_styles,
 )
+from tritower.data.styles import STYLES, parse_styles
 
 SMALL = dict(builtin_train_samples=200, builtin_eval_samples=40, builtin_shard_size=20, builtin_image_size=32)
 SIDE = 64
