@@ -9,6 +9,7 @@ cannot support is skipped with its reason.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,17 @@ AUTO_KINDS: tuple[str, ...] = ("zeroshot", "retrieval")
 
 COUNTS = frozenset({"eval_samples", "eval_bad", "eval_nonfinite", "zeroshot_unlabelled"})
 """Metric names that are sample counts, not fractions (printed as integers)."""
+
+
+def counts_as_int(metrics: dict[str, float]) -> dict[str, float | int]:
+    """``metrics`` with every count (``COUNTS``, also under a set's ``NAME/`` and an ``@alpha``
+    suffix) as an int: JSON readers get 1500 for every set, never 1500.0 for some."""
+
+    def is_count(key: str) -> bool:
+        return key.rsplit("/", 1)[-1].split("@", 1)[0] in COUNTS
+
+    return {k: int(v) if is_count(k) and isinstance(v, float) and math.isfinite(v) else v for k, v in metrics.items()}
+
 
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from tritower.evaluation import class_embeddings, recall_at_k, topk_accuracy
@@ -49,3 +51,15 @@ def test_class_embeddings_average_prompts() -> None:
     red = torch.tensor([0.6 + 0.0, 0.8 + 1.0]) / 2
     assert torch.allclose(got[0], red / red.norm(), atol=1e-7)
     assert torch.allclose(got[1], torch.tensor([1.0, 0.0]))
+
+
+def test_counts_are_ints_in_every_set_and_fractions_stay_floats() -> None:
+    from tritower.evaluation.runner import counts_as_int
+
+    metrics = {"eval_samples": 1500.0, "ood/eval_samples": 1500.0, "ood/eval_bad": 0.0,
+               "eval_nonfinite@alpha=0.5": 0.0, "zeroshot_top1": 1.0, "ood/zeroshot_top1": 0.5}  # fmt: skip
+    text = json.dumps(counts_as_int(metrics))
+    assert text == (
+        '{"eval_samples": 1500, "ood/eval_samples": 1500, "ood/eval_bad": 0, "eval_nonfinite@alpha=0.5": 0, '
+        '"zeroshot_top1": 1.0, "ood/zeroshot_top1": 0.5}'
+    )

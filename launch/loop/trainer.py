@@ -19,6 +19,7 @@ import time
 import torch
 
 from tritower.data.atomic import write_json_atomic
+from tritower.evaluation.runner import counts_as_int
 from tritower.launch.checkpoint.checkpointer import gather_per_rank
 from tritower.launch.config import TrainConfig
 from tritower.launch.engine.gradcache import gradcache_backward, split_batch
@@ -198,7 +199,7 @@ class Trainer(Run):
         final |= {"samples_per_s": round(trained * batch / wall, 1) if trained else 0.0}
         final |= {"nonfinite_steps": self.guard.total, "collapsed_steps": self.guard.collapsed_total}
         final |= {"data_samples": quality["good"], "data_bad": quality["bad"]}
-        final |= metrics
+        final |= counts_as_int(metrics)
         if self.eval_failures:
             final |= {"eval_failed": len(self.eval_failures), "eval_error": self.eval_failures[-1][1]}
         if self.env.is_main:

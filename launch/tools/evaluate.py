@@ -41,6 +41,7 @@ from tritower.data.scenes import builtin_eval_split, builtin_set_styles
 from tritower.evaluation import COUNTS, EvalSetError, ProbeOptions, evaluate_batches, plan_kinds
 from tritower.evaluation.config import EvalConfig, parse_kinds
 from tritower.evaluation.features import ProgressReporter
+from tritower.evaluation.runner import counts_as_int
 from tritower.inference import ExportedModel, load_export
 from tritower.launch.cli import parse_options
 from tritower.launch.config import ConfigError
@@ -281,9 +282,7 @@ def evaluate_export(options: EvaluateOptions) -> int:
             else f"  {key:<{width}}  {value:.0f}"
         )
     head = {"export": str(options.export), "step": source.get("step")}
-    line = head | metrics
-    if "eval_samples" in line:
-        line["eval_samples"] = int(line["eval_samples"])
+    line = head | counts_as_int(metrics)
     print(json.dumps(line), flush=True)
     if options.out:
         write_json_atomic(Path(options.out), line)
@@ -292,7 +291,8 @@ def evaluate_export(options: EvaluateOptions) -> int:
             prefix = f"{name}/" if name else ""
             plain = {key.removeprefix(prefix): value for key, value in result.items()}
             write_json_atomic(
-                Path(options.out_dir) / f"{name or 'default'}.json", head | {"set": name or "default"} | plain
+                Path(options.out_dir) / f"{name or 'default'}.json",
+                head | {"set": name or "default"} | counts_as_int(plain),
             )
     return 0
 
