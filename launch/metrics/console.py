@@ -91,11 +91,26 @@ def matmul_gflops(size: int = 1024, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def is_default_run(cfg: TrainConfig) -> bool:
+    """True for the README's default job: ``clip_tiny`` with its own towers, steps, batch and
+    built-in data (what the reference time was measured on); any other run gets no estimate."""
+    if cfg.experiment != "clip_tiny":
+        return False
+    from tritower.launch.cli import load_config  # the experiment's own values, as the README runs it
+
+    default = load_config(["--experiment=clip_tiny"])
+
+    def cost(c: TrainConfig) -> tuple:
+        return (c.model, c.train.steps, c.data.batch_size, c.data.uses_builtin, c.data.embeddings, c.eval.every_steps)
+
+    return cost(cfg) == cost(default)
+
+
 def speed_line(cfg: TrainConfig, gflops: float, threads: str) -> str:
     """The start-of-run line with the machine's rate (``threads``: how many, and why), and for the
     default run its expected time."""
     line = f"tritower: this rank multiplies float32 matrices at {gflops:.0f} GFLOP/s ({threads})"
-    if cfg.experiment == "clip_tiny":
+    if is_default_run(cfg):
         estimate = REFERENCE_DEFAULT_TRAIN_S * REFERENCE_GFLOPS / max(gflops, 1e-3)
         line += (
             f"; the default run trained in {REFERENCE_DEFAULT_TRAIN_S / 60:.1f} min at {REFERENCE_GFLOPS:.0f} GFLOP/s "
