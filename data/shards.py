@@ -15,6 +15,7 @@ next to local shards (``{"00000.tar": 9871, ...}``) gives their sample counts.
 from __future__ import annotations
 
 import json
+import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,22 @@ def load_shard_sizes(urls: list[str]) -> dict[str, int] | None:
             return None
         sizes[url] = count
     return sizes
+
+
+def estimate_samples(urls: list[str]) -> int | None:
+    """Samples in local tar shards without ``sizes.json``: the first shard's samples (its members'
+    keys, read from the tar headers only), scaled by the shards' total file size. None for remote
+    shards. An estimate for progress lines (ETA), never for anything that must be exact."""
+    if not urls or not all(_is_local(url) and Path(url).is_file() for url in urls):
+        return None
+    keys = set()
+    with tarfile.open(urls[0]) as tar:  # iterating reads the headers and seeks over the payloads
+        for member in tar:
+            if member.isfile():
+                folder, _, name = member.name.rpartition("/")
+                keys.add((folder, name.split(".", 1)[0]))  # webdataset's key: up to the first dot
+    first = Path(urls[0]).stat().st_size
+    return round(len(keys) * sum(Path(url).stat().st_size for url in urls) / max(first, 1)) if keys else None
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:

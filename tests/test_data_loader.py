@@ -378,3 +378,18 @@ def test_a_killed_worker_is_raised_at_the_next_batch_not_anywhere_else(tmp_path,
     with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly"):
         for _ in range(10):  # the batches it had already sent come first
             next(batches)
+
+
+def test_sample_estimate_for_progress_lines_without_sizes_json(tmp_path) -> None:
+    from tritower.data.shards import estimate_samples
+
+    counts = [40, 40, 80]
+    paths = [
+        str(write_tar(tmp_path / f"s{i}.tar", [good_sample(f"k{i}_{j:03d}", j) for j in range(n)]))
+        for i, n in enumerate(counts)
+    ]
+    exact = sum(len(tarfile.open(p).getnames()) // 3 for p in paths)  # jpg + txt + json per sample
+    assert exact == sum(counts)
+    assert abs(estimate_samples(paths) - exact) <= 0.2 * exact
+    assert estimate_samples(paths[:1]) == counts[0]  # the first shard itself is counted exactly
+    assert estimate_samples(["pipe:cat x.tar"]) is None and estimate_samples([str(tmp_path / "missing.tar")]) is None

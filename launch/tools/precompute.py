@@ -43,7 +43,7 @@ from tritower.data.embeddings import (
     write_meta,
 )
 from tritower.data.samples import BadDataStats, decode_image, image_field, read_shard
-from tritower.data.shards import expand_shards, load_shard_sizes
+from tritower.data.shards import estimate_samples, expand_shards, load_shard_sizes
 from tritower.data.transforms import TrainTransform, view_rng
 from tritower.launch.cli import parse, parse_options
 from tritower.launch.config import ConfigError, TrainConfig
@@ -240,7 +240,10 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
         flush=True,
     )
     sizes = load_shard_sizes([url for _, url in mine])
-    total = sum(sizes.values()) if sizes else None
+    total = sum(sizes.values()) if sizes else estimate_samples([url for _, url in mine])
+    if total:
+        estimate = "" if sizes else " (estimated from the first shard's size; sizes.json gives it exactly)"
+        print(f"precompute: about {total:,} samples to embed{estimate}", flush=True)
 
     writers: dict[int, CompanionWriter] = {}
     entries: list[dict[str, Any]] = []
@@ -276,7 +279,7 @@ def precompute(cfg: PrecomputeConfig) -> EmbeddingsMeta:
             if now - last_log >= cfg.log_every_s:
                 last_log = now
                 rate = seen / (now - started)
-                done = (seen / total) if total else len(entries) / max(1, len(mine))
+                done = min(seen / total, 0.99) if total else len(entries) / max(1, len(mine))
                 eta = _duration((now - started) * (1 - done) / done) if done > 0 else "?"
                 print(
                     f"precompute: {seen:,} samples, {len(entries)}/{len(mine)} shards, {rate:.0f} samples/s, ETA {eta}",
