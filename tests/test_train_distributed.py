@@ -137,3 +137,13 @@ def test_stage_trains_saves_and_resumes(zero: str, train, tmp_path: Path) -> Non
     assert [record["step"] for record in resumed.steps()] == [17, 18]  # appended to the first launch's log
     assert resumed.log_start == len(first.log) and resumed.metrics["step"] == 18
     assert resumed.losses()[0] < losses[0]
+    # metrics.json labels both scopes: this start's steps, time and samples, and the whole run's.
+    batch = metrics["global_batch"]
+    assert (metrics["start_step"], metrics["this_start"]["steps"], metrics["run"]["steps"]) == (0, 16, 16)
+    assert metrics["run"]["train_wall_s"] == metrics["this_start"]["train_wall_s"] == metrics["train_wall_s"]
+    again = resumed.metrics
+    assert (again["start_step"], again["this_start"]["steps"], again["run"]["steps"]) == (16, 2, 18)
+    assert (again["this_start"]["data_samples"], again["run"]["data_samples"]) == (2 * batch, 18 * batch)
+    assert again["data_samples"] == 18 * batch and again["this_start"]["train_wall_s"] == again["train_wall_s"]
+    # The whole run's time holds the first start's 16 steps (up to its checkpoint) and this start's.
+    assert again["run"]["train_wall_s"] >= 0.9 * metrics["train_wall_s"] + again["train_wall_s"]

@@ -104,6 +104,9 @@ class Run:
                 self.log(line)
 
         self.step = 0
+        self.wall_before: float | None = 0.0
+        """Training seconds of the starts before this one (None: a checkpoint from before it was kept)."""
+        self.train_started: float | None = None
         self.eval_failures: list[tuple[int, str]] = []  # (step, error) of evaluations that failed
         chance = chance_loss(cfg.loss.kind, self.parsed.three_towers, cfg.data.batch_size)
         self.guard = DivergenceGuard(cfg.train.max_nonfinite_in_row, chance, cfg.train.collapse_warn_steps)
@@ -136,6 +139,7 @@ class Run:
             self.log(f"no checkpoint ({reason}) at step {self.step}: inside a run of non-finite losses")
             return
         counters = {"nonfinite_total": self.guard.total, "collapsed_total": self.guard.collapsed_total}
+        counters["train_wall_s"] = self.run_wall_s()
         state = trainer_state(
             self.step, self.cfg.to_dict(), self.env.world_size, counters, self.train_loader, self.device,
             wandb_id=self.wandb.run_id, locked=self.locked_identities(),
@@ -144,6 +148,13 @@ class Run:
             written = self.checkpointer.save(self.step, state, protect=self.guard.protected)
         self.guard.last_tag, self.last_save = written.name, (self.step, time.time())
         self.log(f"checkpoint written ({reason}): {written}")
+
+    def run_wall_s(self) -> float | None:
+        """Training seconds of the whole run so far, over every start (None if an older checkpoint
+        did not keep them)."""
+        if self.wall_before is None:
+            return None
+        return self.wall_before + (time.time() - self.train_started if self.train_started else 0.0)
 
     def restore(self, folder: Path, tag: str) -> str | None:
         """Load a checkpoint into the engine and the trainer; returns its wandb run id."""
@@ -154,6 +165,7 @@ class Run:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self.step = int(state.get("step", 0))
+        self.wall_before = state.get("train_wall_s")
         self.guard.total = int(state.get("nonfinite_total", 0))
         self.guard.collapsed_total = int(state.get("collapsed_total", 0))
         self.guard.last_tag = tag if folder == self.checkpointer.folder else None

@@ -133,6 +133,7 @@ class Trainer(Run):
         steps, batch = cfg.train.steps, cfg.data.batch_size
         start_step = self.step
         started = window_start = time.time()
+        self.train_started, samples_before = started, data_quality(self.train_loader)["good"]
         self.last_save = (self.step, started)
         window_steps, last_loss, scale, metrics = 0, math.nan, math.nan, {}
         batches = iter(self.train_loader)
@@ -199,6 +200,14 @@ class Trainer(Run):
         final |= {"samples_per_s": round(trained * batch / wall, 1) if trained else 0.0}
         final |= {"nonfinite_steps": self.guard.total, "collapsed_steps": self.guard.collapsed_total}
         final |= {"data_samples": quality["good"], "data_bad": quality["bad"]}
+        # A resumed run: the values above are of this start (train_wall_s, samples_per_s) and of the
+        # whole run (data_samples); both scopes, labelled.
+        total_wall = None if self.wall_before is None else self.wall_before + wall
+        final |= {"start_step": start_step, "this_start": {
+            "steps": trained, "train_wall_s": round(wall, 2), "samples_per_s": final["samples_per_s"],
+            "data_samples": quality["good"] - samples_before}}  # fmt: skip
+        final |= {"run": {"steps": self.step, "train_wall_s": None if total_wall is None else round(total_wall, 2),
+                          "data_samples": quality["good"]}}  # fmt: skip
         final |= counts_as_int(metrics)
         if self.eval_failures:
             final |= {"eval_failed": len(self.eval_failures), "eval_error": self.eval_failures[-1][1]}
