@@ -9,12 +9,29 @@ import tempfile
 from pathlib import Path
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` can only set it, and setting it
+    even for an instant would let another thread create files with the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the only other way
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``. The file
+    gets the mode any other file of the run gets (0666 less the umask): ``mkstemp`` makes it 0600,
+    which teammates and monitoring on a shared cluster could not read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~process_umask())
         with os.fdopen(handle, "w") as out:
             out.write(text)
             out.flush()
