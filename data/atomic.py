@@ -4,6 +4,7 @@ file. The one implementation for embeddings metadata, run files, configs and che
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,18 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def strict_json(value: object) -> object:
+    """``value`` with every non-finite float (NaN, inf) as None: JSON has no NaN, and strict readers
+    (``jq``, JavaScript, Go) refuse Python's bare ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """``payload`` as indented JSON, atomically."""
-    write_text_atomic(path, json.dumps(payload, indent=2))
+    """``payload`` as indented strict JSON (non-finite floats as null), atomically."""
+    write_text_atomic(path, json.dumps(strict_json(payload), indent=2, allow_nan=False))

@@ -26,3 +26,15 @@ def test_atomic_files_get_the_mode_a_plain_open_gets(tmp_path: Path, umask: int)
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
     finally:
         os.umask(previous)
+
+
+def test_json_files_are_strict_json_with_null_for_non_finite(tmp_path: Path) -> None:
+    import json
+    import math
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    write_json_atomic(tmp_path / "metrics.json", {"loss": math.nan, "x": [math.inf, 1.5], "n": {"y": -math.inf}})
+    text = (tmp_path / "metrics.json").read_text()
+    assert json.loads(text, parse_constant=refuse) == {"loss": None, "x": [None, 1.5], "n": {"y": None}}

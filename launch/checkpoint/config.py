@@ -21,5 +21,6 @@ class CheckpointConfig:
     keep_every_steps: int = 0
     """Mark checkpoints at multiples of N steps as keep: never deleted (0: none)."""
     resume: str = ""
-    """``--resume auto``: continue from this run's ``latest`` (or start fresh when there is none);
-    ``--resume PATH``: a run's ``checkpoints`` folder (its ``latest``) or one step folder in it."""
+    """``--resume auto``: continue from this run's newest complete checkpoint (one cut short or
+    missing files is skipped with a warning; none: start fresh); ``--resume PATH``: a run's
+    ``checkpoints`` folder (its newest complete checkpoint) or one step folder in it."""

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from tritower.data.atomic import write_json_atomic
+from tritower.data.atomic import strict_json, write_json_atomic
 from tritower.evaluation.runner import counts_as_int
 from tritower.launch.checkpoint.checkpointer import gather_per_rank
 from tritower.launch.config import TrainConfig
@@ -212,7 +212,7 @@ class Trainer(Run):
         if self.eval_failures:
             final |= {"eval_failed": len(self.eval_failures), "eval_error": self.eval_failures[-1][1]}
         if self.env.is_main:
-            print(json.dumps(final), flush=True)
+            print(json.dumps(strict_json(final)), flush=True)
             write_json_atomic(self.run_dir / "metrics.json", final)
             write_curves(self.run_dir, cfg.log.curves)
         self.wandb.finish(final)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tritower.data import DataConfig, ensure_builtin_data, expand_shards, tokenize
-from tritower.data.atomic import write_json_atomic
+from tritower.data.atomic import strict_json, write_json_atomic
 from tritower.data.eval_formats import expected_samples, open_eval_source
 from tritower.data.eval_set import iter_eval_batches
 from tritower.data.samples import BadDataStats
@@ -283,7 +283,7 @@ def evaluate_export(options: EvaluateOptions) -> int:
         )
     head = {"export": str(options.export), "step": source.get("step")}
     line = head | counts_as_int(metrics)
-    print(json.dumps(line), flush=True)
+    print(json.dumps(strict_json(line)), flush=True)
     if options.out:
         write_json_atomic(Path(options.out), line)
     if options.out_dir:
