@@ -23,4 +23,4 @@ class CheckpointConfig:
     resume: str = ""
     """``--resume auto``: continue from this run's newest complete checkpoint (one cut short or
     missing files is skipped with a warning; none: start fresh); ``--resume PATH``: a run's
-    ``checkpoints`` folder (its newest complete checkpoint) or one step folder in it."""
+    ``checkpoints`` folder (its ``latest``) or one step folder in it."""
