@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 
@@ -270,10 +271,33 @@ def _label(sample: dict[str, Any], label_key: str) -> int:
 
 
 def decode_image(payload: bytes) -> Image.Image:
-    """Decodes fully (``load``), so a truncated file fails here and not later in a transform."""
+    """Decodes fully (``load``), so a truncated file fails here and not later in a transform.
+    Single-channel images deeper than 8 bits are scaled to 8 bits first (``to_8bit``)."""
     image = Image.open(io.BytesIO(payload))
     image.load()
-    return image.convert("RGB")
+    return to_8bit(image).convert("RGB")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (``I;16*``), 32-bit integer (``I``) and float (``F``) grey images as 8-bit ``L``.
+
+    Written by hand because PIL's ``convert`` clips them at 255 (a 16-bit PNG or an int32 TIFF
+    turns all white, a float TIFF in [0, 1] all black). Scale by the range the values lie in:
+    16-bit data (and integers up to 65535) by 255/65535, floats in [0, 1] by 255, values already in
+    [0, 255] as they are, anything else from its own minimum and maximum."""
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and 255 < high <= 65535):
+        scaled = values * (255.0 / 65535.0)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    elif low >= 0 and high <= 255:
+        scaled = values
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def image_field(sample: dict[str, Any]) -> str | None:

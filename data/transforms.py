@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, functional
 
+from .samples import to_8bit
+
 
 def random_resized_crop_box(
     width: int,
@@ -104,7 +106,7 @@ class TrainTransform:
         self.scale = (crop_scale_min, 1.0)
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_8bit(image).convert("RGB")
         box = random_resized_crop_box(image.width, image.height, rng, self.scale)
         size = (self.image_size, self.image_size)
         # Crop first: resize(box=...) would let pixels outside the crop bleed in at the edges.
@@ -140,7 +142,7 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         # RGB first, as every image loader here (and torchvision's, webdataset's "pil") decodes.
-        image = image.convert("RGB")
+        image = to_8bit(image).convert("RGB")  # deeper than 8 bits: scaled, not clipped
         image = functional.resize(image, self.image_size, interpolation=self._mode)
         image = functional.center_crop(image, [self.image_size, self.image_size])
         return to_normalised_tensor(image, self.mean, self.std)
