@@ -226,3 +226,34 @@ def test_the_watchdog_names_the_stale_the_waiting_for_data_or_the_behind_rank(tm
     assert ranks == [1] and "drawing the batch of step 8" in why
     ranks, why = dog.stuck({0: beat(7, 1), 1: beat(7, 1), 2: beat(6, 1)}, now)
     assert ranks == [2] and "at step 6, the others at step 7" in why
+
+
+def test_a_streak_of_non_finite_inputs_names_them_not_the_learning_rate(tmp_path) -> None:  # noqa: ANN001
+    """NaN in a locked tower's outputs or in precomputed embeddings is not a divergence: the stop
+    names the inputs and does not advise a lower learning rate; a NaN loss from finite inputs does."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tritower.launch.loop.divergence import DivergenceGuard
+    from tritower.launch.loop.trainer import nonfinite_inputs
+
+    finite = {"image_embeddings": torch.ones(2, 4), "text_ids": torch.ones(2, 3)}
+    nan = {"image_embeddings": torch.tensor([[1.0, float("nan")], [0.0, 0.0]])}
+    assert nonfinite_inputs([finite], torch.device("cpu")) == ()
+    assert nonfinite_inputs([finite, nan], torch.device("cpu")) == ("image_embeddings",)  # any micro-batch
+    folder = SimpleNamespace(folder=tmp_path)  # stop() reads only the folder when nothing was saved
+    bad = DivergenceGuard(2)
+    assert "non-finite inputs: image_embeddings" in bad.nonfinite(3, math.nan, ("image_embeddings",))
+    bad.nonfinite(4, math.nan, ("image_embeddings",))
+    record, line = bad.stop(4, folder, True, 1e-3)
+    assert record["cause"] == "non-finite inputs" and "inputs were not finite (image_embeddings" in line
+    assert "lower learning rate:" not in line and "cannot help" in line
+    plain = DivergenceGuard(2)
+    plain.nonfinite(3, math.nan)
+    plain.nonfinite(4, math.nan)
+    record, line = plain.stop(4, folder, True, 1e-3)
+    assert record["cause"] == "non-finite loss from finite inputs" and "--optim.lr=0.0001" in line
+    # A finite step ends the streak and forgets its inputs.
+    bad.finite(None, 3.0, 14.0)
+    assert not bad.bad_inputs

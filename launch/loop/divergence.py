@@ -48,6 +48,9 @@ class DivergenceGuard:
         self.chance, self.collapse_warn_steps = chance, collapse_warn_steps
         self.collapsed_total = self.collapsed_in_row = 0
         self.total = self.in_row = 0
+        self.bad_inputs: set[str] = set()
+        """Inputs of the streak's steps that were themselves non-finite (``*_embeddings``: a locked
+        tower's outputs or precomputed embeddings); empty when the loss went non-finite from finite inputs."""
         self.last_tag: str | None = None  # the newest checkpoint written or resumed from
         self.verified_tag: str | None = None  # the newest whose weights then gave a finite loss
 
@@ -71,6 +74,7 @@ class DivergenceGuard:
         step). A healthy one proves ``judged`` good; a collapsed one is counted. Returns the
         warning line at the ``collapse_warn_steps``-th collapsed step in a row, else None."""
         self.in_row = 0
+        self.bad_inputs.clear()
         if not self.collapsed(loss, scale):
             self.collapsed_in_row, self.verified_tag = 0, judged
             return None
@@ -87,11 +91,17 @@ class DivergenceGuard:
             f"last good one is {good}"
         )
 
-    def nonfinite(self, step: int, loss: float) -> str:
-        """Count a skipped step; returns the line to print."""
+    def nonfinite(self, step: int, loss: float, bad_inputs: tuple[str, ...] = ()) -> str:
+        """Count a skipped step (``bad_inputs``: which of its inputs were non-finite themselves);
+        returns the line to print."""
         self.total += 1
         self.in_row += 1
-        return f"step {step}: non-finite loss ({loss}), step skipped ({self.in_row} in a row, {self.total} in total)"
+        self.bad_inputs.update(bad_inputs)
+        cause = f"; non-finite inputs: {', '.join(bad_inputs)}" if bad_inputs else ""
+        return (
+            f"step {step}: non-finite loss ({loss}), step skipped ({self.in_row} in a row, {self.total} in total)"
+            + cause
+        )
 
     @property
     def ended_collapsed(self) -> bool:
@@ -126,7 +136,20 @@ class DivergenceGuard:
             )
         elif ended:
             reason = f"the run ended inside a streak of {reason}, so its last weights are not good"
-        return record, f"tritower: stopped: {reason}; {divergence_advice(good, lr)}. Exit code 3."
+        advice = input_advice(self.bad_inputs) if self.bad_inputs else divergence_advice(good, lr)
+        record["cause"] = "non-finite inputs" if self.bad_inputs else "non-finite loss from finite inputs"
+        return record, f"tritower: stopped: {reason}; {advice}. Exit code 3."
+
+
+def input_advice(bad_inputs: set[str]) -> str:
+    """What a run whose inputs were non-finite tells its user: the inputs, where they come from, and
+    that no learning rate fixes them."""
+    names = ", ".join(sorted(bad_inputs))
+    return (
+        f"the steps' inputs were not finite ({names}: a locked tower's outputs or precomputed embeddings "
+        "holding NaN/Inf), so a lower learning rate cannot help: check the locked tower's weights "
+        "(--model.<tower>.pretrained) and, with --data.embeddings, write them again with launch/tools/precompute.py"
+    )
 
 
 def divergence_advice(good: Path | None, lr: float) -> str:

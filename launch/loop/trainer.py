@@ -40,9 +40,29 @@ from tritower.launch.towers.model_setup import (
 )
 from tritower.losses import NonFiniteInputError
 
+INPUT_NAMES = ("image_embeddings", "text_embeddings", "third_embeddings")
+"""The engine's inputs made outside it: locked towers' outputs, precomputed embeddings."""
+
+
+def nonfinite_inputs(inputs: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[str, ...]:
+    """Which of ``INPUT_NAMES`` held NaN/Inf on any rank (one all-reduce on ``device``, which NCCL
+    needs to be the GPU: every rank calls it)."""
+    import torch.distributed as dist
+
+    flags = torch.tensor(
+        [float(any(name in i and not torch.isfinite(i[name]).all() for i in inputs)) for name in INPUT_NAMES],
+        device=device,
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return tuple(name for name, flag in zip(INPUT_NAMES, flags.tolist(), strict=True) if flag)
+
 
 class Trainer(Run):
     """The loop over a ``Run``: ``train()`` steps it to ``train.steps``."""
+
+    bad_inputs: tuple[str, ...] = ()
+    """The last step's non-finite inputs (``nonfinite_inputs``), for the divergence stop."""
 
     # -- one step ----------------------------------------------------------------------------
     def objective_of(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,11 +84,16 @@ class Trainer(Run):
         if self.micro_batches > 1:
             micro_inputs = [self.inputs(micro, self.step) for micro in split_batch(batch, self.micro_batches)]
             result, out = gradcache_backward(self.engine, micro_inputs, self.objective_of, self.device)
+            self.bad_inputs = () if torch.isfinite(result["loss"]) else nonfinite_inputs(micro_inputs, self.device)
             return result, out["logit_scale"].item()
-        out = self.engine(**self.inputs(batch, self.step))
+        inputs = self.inputs(batch, self.step)
+        out = self.engine(**inputs)
         result = self.objective_of(out)
         if torch.isfinite(result["loss"]):
             self.engine.backward(result["loss"])
+            self.bad_inputs = ()
+        else:  # the loss is global: every rank is here, so the collective below is met
+            self.bad_inputs = nonfinite_inputs([inputs], self.device)
         return {key: value.detach() for key, value in result.items()}, out["logit_scale"].item()
 
     def train_step(self, batch: dict) -> tuple[dict[str, float], float]:
@@ -93,7 +118,7 @@ class Trainer(Run):
     def count_nonfinite(self, loss: float) -> None:
         """Count a skipped step; too many in a row stop the run (exit code 3), naming the newest
         checkpoint whose weights gave a finite loss and how to resume from it (``divergence.py``)."""
-        self.log(self.guard.nonfinite(self.step, loss))
+        self.log(self.guard.nonfinite(self.step, loss, self.bad_inputs))
         if self.guard.must_stop:
             self.diverge()
 
