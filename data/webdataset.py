@@ -179,6 +179,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         embedding = None
         if self.embeddings is not None:
             embedding = decode_embedding(sample, view, self.views, self.embeddings.width)
+            if not np.isfinite(embedding).all():  # counted as the bad image it stands for, and skipped
+                self.stats.add_bad("image", url)
+                return None
         self.stats.good += 1
         return pixels, caption, label, key, view, embedding
 

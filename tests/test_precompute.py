@@ -333,3 +333,30 @@ def test_builtin_scenes_from_the_training_cache(tmp_path, tokenizer, checkpoint)
     vocab = build_tokenizer(builtin.vocab_path)
     loader = make_loader(builtin.train_shards, vocab, batch=8, needs_images=False, embeddings=str(tmp_path / "emb"))
     assert len(set(keys_of(take(loader, 3)))) == 24
+
+
+def test_a_non_finite_embedding_row_is_skipped_and_counted_as_a_bad_image(tmp_path, tokenizer, checkpoint) -> None:
+    shards = write_source(tmp_path / "src")  # 18 samples, one corrupt JPEG: 17 embedded
+    out = tmp_path / "emb"
+    precompute(shards, out, checkpoint)
+    companion = out / load_meta(out).shards[1]["companion"]
+    members = {}
+    with tarfile.open(companion) as tar:
+        for member in tar.getmembers():
+            members[member.name] = tar.extractfile(member).read()
+    poisoned = sorted(name for name in members if name.endswith(".emb.npy"))[0]
+    row = np.load(io.BytesIO(members[poisoned]))
+    row[0, 3] = np.nan  # one value of one view
+    buffer = io.BytesIO()
+    np.save(buffer, row)
+    members[poisoned] = buffer.getvalue()
+    with tarfile.open(companion, "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    loader = make_loader(shards, tokenizer, batch=1, embeddings=str(out), needs_images=False)
+    keys = keys_of(take(loader, 16))  # one epoch: 17 embedded, one of them not finite
+    assert poisoned.removesuffix(".emb.npy") not in keys and len(set(keys)) == 16
+    assert dict(loader.stats().bad) == {"image": 2}  # the corrupt JPEG and the non-finite row
+    assert all(torch.isfinite(batch["embedding"]).all() for batch in take(loader, 4))
