@@ -43,9 +43,10 @@ def main(argv: list[str]) -> int:
     env = from_environ()
     try:
         cfg = load_config(argv)
+        from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
         from tritower.launch.metrics.console import setup_console  # library noise off; say what the start costs
 
-        setup_console(cfg)
+        setup_console(cfg, default=get_experiment(DEFAULT_EXPERIMENT))
         # Fill the ZeRO policy now, so a wrong JSON fails before data or towers are built.
         from tritower.launch.engine.ds_config import check_zero_policy
 

@@ -39,14 +39,19 @@ def test_noise_is_filtered_and_other_warnings_are_not() -> None:
 
 def test_speed_line_states_the_rate_and_the_default_runs_reference() -> None:
     assert matmul_gflops(size=128, repeats=1) > 0
-    line = speed_line(load_config([]), gflops=50.0, threads="2 thread(s): OMP_NUM_THREADS")
+    default = load_config([])  # what launch/train.py passes: the default experiment as the README runs it
+    line = speed_line(load_config([]), gflops=50.0, threads="2 thread(s): OMP_NUM_THREADS", default=default)
     assert "50 GFLOP/s (2 thread(s): OMP_NUM_THREADS)" in line
     assert "at 100 GFLOP/s on the 2-core reference machine: about 20 min here" in line
-    assert "reference" not in speed_line(load_config(["--experiment", "clip_test"]), 50.0, "2 thread(s)")
+    assert "reference" not in speed_line(load_config(["--experiment", "clip_test"]), 50.0, "2 thread(s)", default)
     # Another job on the default experiment (fewer steps, another setting, the user's shards): no estimate.
     for change in ("--train.steps=300", "--model.embed_dim=64", "--data.train_shards=/data/mine/{0..9}.tar"):
-        assert "reference" not in speed_line(load_config([change]), 50.0, "2 thread(s)"), change
-    assert "about 20 min here" in speed_line(load_config(["--train.log_every=5"]), 50.0, "2 thread(s)")
+        assert "reference" not in speed_line(load_config([change]), 50.0, "2 thread(s)", default), change
+    assert "about 20 min here" in speed_line(load_config(["--train.log_every=5"]), 50.0, "2 thread(s)", default)
+    assert "reference" not in speed_line(default, 50.0, "2 thread(s)")  # no default given: no estimate
+    from tritower.launch.experiments import DEFAULT_EXPERIMENT, get_experiment
+
+    assert "about 20 min" in speed_line(default, 50.0, "2 thread(s)", get_experiment(DEFAULT_EXPERIMENT))
 
 
 def test_monitor_sections_point_into_the_run_folder(tmp_path) -> None:

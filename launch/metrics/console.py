@@ -91,14 +91,12 @@ def matmul_gflops(size: int = 1024, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def is_default_run(cfg: TrainConfig) -> bool:
-    """True for the README's default job: ``clip_tiny`` with its own towers, steps, batch and
-    built-in data (what the reference time was measured on); any other run gets no estimate."""
-    if cfg.experiment != "clip_tiny":
+def is_default_run(cfg: TrainConfig, default: TrainConfig | None) -> bool:
+    """True for the README's default job: the default experiment (``default``, as the README runs
+    it) with its own towers, steps, batch and built-in data, what the reference time was measured
+    on; any other run gets no estimate."""
+    if default is None or cfg.experiment != default.experiment:
         return False
-    from tritower.launch.cli import load_config  # the experiment's own values, as the README runs it
-
-    default = load_config(["--experiment=clip_tiny"])
 
     def cost(c: TrainConfig) -> tuple:
         return (c.model, c.train.steps, c.data.batch_size, c.data.uses_builtin, c.data.embeddings, c.eval.every_steps)
@@ -106,11 +104,11 @@ def is_default_run(cfg: TrainConfig) -> bool:
     return cost(cfg) == cost(default)
 
 
-def speed_line(cfg: TrainConfig, gflops: float, threads: str) -> str:
+def speed_line(cfg: TrainConfig, gflops: float, threads: str, default: TrainConfig | None = None) -> str:
     """The start-of-run line with the machine's rate (``threads``: how many, and why), and for the
-    default run its expected time."""
+    default run (``default``: the default experiment's config) its expected time."""
     line = f"tritower: this rank multiplies float32 matrices at {gflops:.0f} GFLOP/s ({threads})"
-    if is_default_run(cfg):
+    if is_default_run(cfg, default):
         estimate = REFERENCE_DEFAULT_TRAIN_S * REFERENCE_GFLOPS / max(gflops, 1e-3)
         line += (
             f"; the default run trained in {REFERENCE_DEFAULT_TRAIN_S / 60:.1f} min at {REFERENCE_GFLOPS:.0f} GFLOP/s "
@@ -119,15 +117,15 @@ def speed_line(cfg: TrainConfig, gflops: float, threads: str) -> str:
     return line
 
 
-def setup_console(cfg: TrainConfig) -> None:
+def setup_console(cfg: TrainConfig, default: TrainConfig | None = None) -> None:
     """Quiet the libraries and set the rank's compute threads on every rank; on global rank 0, say
-    what the start will cost."""
+    what the start will cost (``default``: the default experiment's config, for its time estimate)."""
     quiet_libraries()
     env = dist_env.from_environ()
     threads = set_rank_threads(cfg.train.threads_per_rank, env.local_world_size)
     if not env.is_main:
         return
-    print(speed_line(cfg, matmul_gflops(), threads), flush=True)
+    print(speed_line(cfg, matmul_gflops(), threads, default), flush=True)
     missing = cpu_ops_to_compile()
     if missing:
         print(
