@@ -83,6 +83,8 @@ def test_train_help_shows_every_field_with_its_docstring(capsys: pytest.CaptureF
             assert f"--{section}.{name}" in text and doc[:60] in text, (name, doc)
     steps = get_experiment("clip_test").train.steps
     assert f"--train.steps INT Optimizer steps in the run. (default: {steps})" in text  # the experiment's value
+    # What --resume auto does, as it does it: the newest complete checkpoint, not whatever latest names.
+    assert "``--resume auto``: continue from this run's newest complete checkpoint" in text
 
 
 @pytest.mark.parametrize("module, options", TOOLS)
