@@ -36,6 +36,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -242,6 +243,17 @@ def claim_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cac
     return argv + [f"--eval.every_steps={every}", f"--eval.sets=ood=builtin:{OOD_STYLES}"]
 
 
+def run_all(runs: list[Run], out: Path, started: float, label: str, train: Callable[[Run], dict]) -> list[dict]:
+    """Train (``train``) each run that has no result yet, saying which; returns every run's result.
+    A result on disk is a finished run: an interrupted study resumes where it stopped."""
+    for index, run in enumerate(runs):
+        if (out / "results" / f"{run.key}.json").exists():
+            continue
+        print(f"{label}: run {index + 1}/{len(runs)} {run.key} ({time.time() - started:.0f} s so far)", flush=True)
+        train(run)
+    return [json.loads((out / "results" / f"{r.key}.json").read_text()) for r in runs]
+
+
 def run_claims(options: StudyOptions, budget: Budget, seeds: list[int], out: Path, cache: Path, argv: list[str]) -> int:
     """Claims mode: towers pretrained on every style, the claim runs per seed, verdicts and figure."""
     gflops_start = _gflops()
@@ -250,12 +262,8 @@ def run_claims(options: StudyOptions, budget: Budget, seeds: list[int], out: Pat
     started = time.time()
     towers = {kind: prepare_tower(kind, out, budget, cache, styles=TOWER_STYLES) for kind in CLAIM_TOWERS}
     runs = [Run(setting, tower, seed) for seed in seeds for setting, tower in CLAIM_RUNS]
-    for index, run in enumerate(runs):
-        if (out / "results" / f"{run.key}.json").exists():
-            continue
-        print(f"study claims: run {index + 1}/{len(runs)} {run.key} ({time.time() - started:.0f} s so far)", flush=True)
-        run_one(run, towers, budget, out, cache, claim_argv(run, towers, budget, out, cache))
-    results = [json.loads((out / "results" / f"{r.key}.json").read_text()) for r in runs]
+    results = run_all(runs, out, started, "study claims", lambda run: run_one(
+        run, towers, budget, out, cache, claim_argv(run, towers, budget, out, cache)))  # fmt: skip
     claims = claim_verdicts(results)
     print(format_claims(claims))
     report = {
@@ -394,13 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         tower_info = {k: json.loads((out / "towers" / k / "tower.json").read_text()) for k in towers}
     else:
         tower_info = {kind: prepare_tower(kind, out, budget, cache) for kind in towers}
-    for index, run in enumerate(runs):
-        if (out / "results" / f"{run.key}.json").exists():
-            continue
-        print(f"study: run {index + 1}/{len(runs)} {run.key} ({time.time() - started:.0f} s so far)", flush=True)
-        run_one(run, tower_info, budget, out, cache)
-
-    results = [json.loads((out / "results" / f"{r.key}.json").read_text()) for r in runs]
+    results = run_all(runs, out, started, "study", lambda run: run_one(run, tower_info, budget, out, cache))
     rows = aggregate(results, towers)
     expectations = check_expectations(rows)
     gflops_end = math.nan if options.report_only else _gflops()

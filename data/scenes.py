@@ -37,7 +37,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .config import DataConfig
-from .styles import parse_styles
+from .styles import OFFGRID_SIZES, SHADES, parse_styles
 from .tokenizer import SPECIAL_TOKENS, write_vocab
 
 GENERATOR_VERSION = 2
@@ -101,17 +101,6 @@ PAIR_TEMPLATES = (
     "a {a} and a {b}",
     "a picture of a {a} next to a {b}",
 )
-SHADES: dict[str, tuple[int, int, int]] = {
-    "red": (150, 20, 45),
-    "green": (110, 205, 95),
-    "blue": (95, 150, 245),
-    "yellow": (200, 185, 60),
-    "purple": (200, 120, 225),
-    "orange": (255, 165, 70),
-}
-"""The ``shades`` style's colours: other shades that the same colour names cover."""
-OFFGRID_SIZES: dict[str, float] = {"small": 0.08, "large": 0.29}
-"""The ``offgrid`` style's half-widths: smaller and larger than every plain size."""
 EXTRA_WORDS = "an image with photo of".split()
 """Words of the zero-shot templates that the caption templates do not use."""
 

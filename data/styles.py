@@ -1,10 +1,21 @@
-"""Names of the built-in scenes' drawing styles (``data/scenes.py`` draws them), apart so that
-the data config can check ``data.builtin_styles`` without importing the generator."""
+"""The built-in scenes' drawing styles: their names, palette and sizes (``data/scenes.py`` draws
+them), apart so that the data config can check ``data.builtin_styles`` without importing the generator."""
 
 from __future__ import annotations
 
 STYLES: tuple[str, ...] = ("plain", "outline", "noisy", "shades", "offgrid")
 """Drawing styles of the built-in scenes (module docstring); ``broad`` names all of them."""
+SHADES: dict[str, tuple[int, int, int]] = {
+    "red": (150, 20, 45),
+    "green": (110, 205, 95),
+    "blue": (95, 150, 245),
+    "yellow": (200, 185, 60),
+    "purple": (200, 120, 225),
+    "orange": (255, 165, 70),
+}
+"""The ``shades`` style's colours: other shades that the same colour names cover."""
+OFFGRID_SIZES: dict[str, float] = {"small": 0.08, "large": 0.29}
+"""The ``offgrid`` style's half-widths: smaller and larger than every plain size."""
 
 
 def parse_styles(text: str) -> tuple[str, ...]:

@@ -35,8 +35,6 @@ import itertools
 import math
 import os
 import random
-import signal
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -60,6 +58,7 @@ from .samples import BadDataStats, DataQualityError, decode_sample, probe_shards
 from .shards import ShardSource, check_local_shards, load_shard_sizes, resolve_sources
 from .tokenizer import tokenize
 from .transforms import TrainTransform, epoch_view, view_rng
+from .workers import outlive_sigterm, worker_deaths_at_the_next_batch
 
 STATE_VERSION = 1
 
@@ -259,20 +258,6 @@ class TrainStream(torch.utils.data.IterableDataset):
         return iter(pipeline)
 
 
-def _worker_deaths_at_the_next_batch() -> None:
-    """Remove torch's SIGCHLD handler, which raises a killed worker's ``RuntimeError`` in the main
-    thread wherever it happens to be: inside a collective's ``except RuntimeError`` (a fallback, a
-    retry) it made one rank skip or repeat a collective, and every rank then waited forever. Without
-    it the iterator still finds the dead worker itself: its next batch waits at most 5 s
-    (``MP_STATUS_CHECK_INTERVAL``), sees the worker gone and raises "DataLoader worker (pid(s) ...)
-    exited unexpectedly" from ``next()``, between steps, on that rank."""
-    handler = signal.getsignal(signal.SIGCHLD)
-    if threading.current_thread() is threading.main_thread() and getattr(handler, "__module__", "") == (
-        torch.utils.data._utils.signal_handling.__name__
-    ):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-
 class TrainLoader:
     """Iterable over training batches of one rank, with ``state_dict``/``load_state_dict``.
 
@@ -303,10 +288,10 @@ class TrainLoader:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=2 if self.num_workers > 0 else None,
-            worker_init_fn=_outlive_sigterm,
+            worker_init_fn=outlive_sigterm,
         )
         batches = iter(loader)
-        _worker_deaths_at_the_next_batch()
+        worker_deaths_at_the_next_batch()
         for batch in batches:
             logical, epoch, index = batch.pop("__state__")
             self.positions[logical] = (epoch, index)
@@ -361,15 +346,6 @@ class TrainLoader:
         self.batches = state["batches"]
         self.positions = {int(k): (v[0], v[1]) for k, v in state["positions"].items()}
         self.worker_stats = {int(k): v for k, v in state["worker_stats"].items()}
-
-
-def _outlive_sigterm(worker: int) -> None:
-    """A SIGTERM sent to every process of a job (SLURM signals all processes of a step; DeepSpeed's
-    launcher terminates each rank's process tree) must not kill the workers of a rank that is
-    finishing its step and checkpoint: torch's own handler, installed before this runs, lets a
-    worker die of any SIGTERM not sent by its rank, and the rank then fails instead of saving.
-    The rank ends its workers itself (done event), and they exit when the rank is gone."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_train_loader(

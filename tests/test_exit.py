@@ -22,13 +22,13 @@ import atexit, sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from tritower.data.webdataset import _outlive_sigterm
+from tritower.data.workers import outlive_sigterm
 from tritower.launch.lifecycle.preemption import exit_rank
 
 rank, folder, code = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 dist.init_process_group("gloo", rank=rank, world_size=2)
 dist.all_reduce(torch.ones(3))
-loader = torch.utils.data.DataLoader(list(range(64)), num_workers=1, worker_init_fn=_outlive_sigterm)
+loader = torch.utils.data.DataLoader(list(range(64)), num_workers=1, worker_init_fn=outlive_sigterm)
 batches = iter(loader)
 next(batches)  # a live worker at exit: multiprocessing's handler alone would wait for it forever
 atexit.register(lambda: (folder / f"atexit{rank}").write_text("ran"))

@@ -16,15 +16,13 @@ from PIL import Image
 from tritower.data.config import DataConfig
 from tritower.data.scenes import (
     COLOURS,
-    OFFGRID_SIZES,
-    SHADES,
     SIZES,
     builtin_eval_split,
     builtin_set_styles,
     draw_scene,
     ensure_builtin_data,
 )
-from tritower.data.styles import STYLES, parse_styles
+from tritower.data.styles import OFFGRID_SIZES, SHADES, STYLES, parse_styles
 
 SMALL = dict(builtin_train_samples=200, builtin_eval_samples=40, builtin_shard_size=20, builtin_image_size=32)
 SIDE = 64
