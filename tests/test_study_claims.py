@@ -102,7 +102,7 @@ def test_claims_code_path_at_toy_size(tmp_path: Path) -> None:
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "claims"
-    command = [sys.executable, str(repo / "benchmarks" / "study.py"), "--toy", "--claims", "--seeds=0,1"]
+    command = [sys.executable, str(repo / "benchmarks" / "study.py"), "--toy", "--claims", "--seeds=0,1", "--jobs=2"]
     command.append(f"--out={out}")
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
