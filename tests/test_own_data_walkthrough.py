@@ -4,6 +4,7 @@ export in both formats, and open_clip and clip_benchmark on the export."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,13 @@ from test_export_open_clip import CAPTIONS, MINILM, TOLERANCE, load_open_clip
 from tritower.inference import load_export
 
 
-def walkthrough_commands() -> list[list[str]]:
-    """The commands of docs/towers.md's "LiT on your own data" block, as argument lists."""
+def walkthrough_commands(marker: str = "walkthrough") -> list[list[str]]:
+    """The commands of docs/towers.md's block between ``<!-- marker:start -->`` and its end, as
+    argument lists ("walkthrough": the GPU-sized one; "walkthrough-cpu": its CPU variant)."""
     import shlex
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "towers.md").read_text()
-    block = text.split("<!-- walkthrough:start -->")[1].split("<!-- walkthrough:end -->")[0]
+    block = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
     lines = block.replace("\\\n", " ").splitlines()
     return [shlex.split(line) for line in lines if line and not line.startswith(("#", "```"))]
 
@@ -166,6 +168,73 @@ def test_lit_on_your_own_data_walkthrough(tmp_path: Path, monkeypatch: pytest.Mo
         assert (loaded.encode_image(pixels, normalize=True) - native.encode_image(pixels)).abs().max() <= TOLERANCE
         text = loaded.encode_text(tokenizer(CAPTIONS), normalize=True)
         assert (text - native.encode_text(CAPTIONS)).abs().max() <= TOLERANCE
+
+
+@pytest.mark.launch
+def test_the_cpu_walkthrough_at_toy_size(tmp_path: Path) -> None:
+    """docs/towers.md's CPU variant as written, at toy size: the packages it installs are the real
+    distributions, EfficientNet-Lite0 converted from its package, its embeddings of img2dataset
+    shards precomputed (two views), ``python launch/train.py --experiment=lit_emoji`` as ``LU``
+    on them for 3 steps of 8 (one process, no launcher), the export and its evaluation, which
+    reproduces the run's own final evaluation."""
+    import importlib.metadata
+
+    from tritower.launch.tools import convert_efficientnet, evaluate, precompute
+    from tritower.launch.tools import export as export_tool
+
+    write_img2dataset_shards(tmp_path / "data" / "train", shards=4, per_shard=8, seed=0)
+    write_img2dataset_shards(tmp_path / "data" / "eval", shards=1, per_shard=16, seed=1)
+    toy = {
+        "models/": f"{tmp_path}/models/",
+        "embeddings/mine": f"{tmp_path}/embeddings/mine",
+        "/data/mine/": f"{tmp_path}/data/",
+        "{00000..00009}": "{00000..00003}",
+        "runs/": f"{tmp_path}/runs/",
+        "exports/": f"{tmp_path}/exports/",
+    }
+    commands = []
+    for argv in walkthrough_commands("walkthrough-cpu"):
+        for placeholder, value in toy.items():
+            argv = [item.replace(placeholder, value) for item in argv]
+        commands.append(argv)
+    install, convert, embed, train, export, evaluation = commands
+    assert install[:2] == ["pip", "install"]
+    for name in install[2:]:  # each is a distribution this project's test install has put here
+        assert importlib.metadata.distribution(name).version
+
+    assert convert[:3] == ["python", "-m", "tritower.launch.tools.convert_efficientnet"]
+    assert convert_efficientnet.main(convert[3:]) == 0
+    assert embed[:3] == ["python", "-m", "tritower.launch.tools.precompute"]
+    assert precompute.main([*embed[3:], "--num_workers=0", "--batch_size=16"]) == 0
+    meta = json.loads((tmp_path / "embeddings" / "mine" / "meta.json").read_text())
+    assert meta["views"] == 2 and meta["tower"] == "efficientnet_lite0", meta
+
+    assert train[:2] == ["python", "launch/train.py"]
+    small = ["--data.batch_size=8", "--train.steps=3", "--optim.warmup_steps=1", "--train.log_every=1",
+             "--data.num_workers=0", "--eval.batch_size=8", "--wandb.mode=disabled", "--log.curves=False",
+             f"--train.output_dir={tmp_path}/runs"]  # fmt: skip
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None)
+    done = subprocess.run(
+        [sys.executable, *train[1:], *small], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    run_dir = tmp_path / "runs" / "lit_mine_cpu"
+    logged = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logged if "loss" in r and "event" not in r]
+    assert len(losses) == 3 and all(np.isfinite(losses)), logged
+    run_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert run_metrics["step"] == 3 and "image_to_text_R@1" in run_metrics
+
+    assert export[:3] == ["python", "-m", "tritower.launch.tools.export"]
+    assert export_tool.main(export[3:]) == 0
+    assert evaluation[:3] == ["python", "-m", "tritower.launch.tools.evaluate"]
+    assert evaluate.main(evaluation[3:]) == 0
+    metrics = json.loads((tmp_path / "exports" / "lit_mine_cpu" / "metrics.json").read_text())
+    assert load_export(tmp_path / "exports" / "lit_mine_cpu").config["model"]["setting"] == "LU"
+    for name in ("image_to_text_R@1", "text_to_image_R@1"):
+        assert metrics[name] == pytest.approx(run_metrics[name], abs=1e-6), (name, metrics, run_metrics)
 
 
 def _eval_jpegs(shard: Path, count: int) -> list:
