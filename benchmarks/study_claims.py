@@ -132,24 +132,25 @@ def claim_verdicts(results: list[dict]) -> list[dict]:
         {"3T mismatched - matched": statistics.fmean(drop_3t.values()) if drop_3t else math.nan,
          "Lu mismatched - matched": statistics.fmean(drop_lit.values()) if drop_lit else math.nan},
     )  # fmt: skip
-    ends = {
-        seed: _metric(r, _alpha(IN, MIXTURE_ALPHA)) - max(_metric(r, _alpha(IN, 0.0)), _metric(r, _alpha(IN, 1.0)))
-        for seed, r in sorted(three.items())
-    }
-    add(
-        f"the alpha = {MIXTURE_ALPHA:g} mixture beats both ends",
-        "3T, Figure 5",
-        ends,
-        ">",
-        {f"alpha={a:g}": means(three, _alpha(IN, a)) for a in (0.0, 0.25, 0.5, 0.75, 1.0)},
-    )
+    for tower, runs in (("matched", three), ("mismatched", three_mis)):
+        ends = {
+            seed: _metric(r, _alpha(IN, MIXTURE_ALPHA)) - max(_metric(r, _alpha(IN, 0.0)), _metric(r, _alpha(IN, 1.0)))
+            for seed, r in sorted(runs.items())
+        }
+        add(
+            f"the alpha = {MIXTURE_ALPHA:g} mixture beats both ends ({tower} tower)",
+            "3T, Figure 5",
+            ends,
+            ">",
+            {f"alpha={a:g}": means(runs, _alpha(IN, a)) for a in (0.0, 0.25, 0.5, 0.75, 1.0)},
+        )
     return claims
 
 
 def format_claims(claims: list[dict]) -> str:
-    lines = ["claim                                              difference        SE   n  verdict"]
+    lines = [f"{'claim':<58} difference        SE   n  verdict"]
     for c in claims:
-        lines.append(f"{c['claim']:<50} {c['mean']:+10.3f} {c['se']:9.3f} {c['n']:3d}  {c['verdict']}")
+        lines.append(f"{c['claim']:<58} {c['mean']:+10.3f} {c['se']:9.3f} {c['n']:3d}  {c['verdict']}")
         lines.append("    " + ", ".join(f"{k} {v:.3f}" for k, v in c["context"].items()))
     return "\n".join(lines)
 
@@ -192,7 +193,8 @@ def draw_claims(results: list[dict], runs_dir: Path, path: Path) -> None:
         )
     bars.set_xticks([i + 0.19 for i in range(len(groups))], [s for s, _ in groups])
     bars.set(ylabel="zero-shot top-1 (30 classes)", title="tuned on plain scenes, towers pretrained broad")
-    bars.legend(fontsize=8)
+    bars.set_ylim(0, 1)
+    bars.legend(fontsize=8, loc="upper left")
     for setting, tower in (("uu", "none"), ("3T", "matched")):
         per_seed = [dict(eval_curve(runs_dir / r["key"], IN)) for r in by_seed(results, setting, tower).values()]
         steps = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
@@ -202,12 +204,16 @@ def draw_claims(results: list[dict], runs_dir: Path, path: Path) -> None:
     curves.set(xlabel="step", ylabel="zero-shot top-1 (in distribution)", title="3T against CLIP from scratch")
     curves.legend(fontsize=8)
     grid = (0.0, 0.25, 0.5, 0.75, 1.0)
-    for metric, label in ((IN, "in distribution"), (OOD, "out of distribution")):
-        runs = by_seed(results, "3T", "matched").values()
+    for tower, metric, label in (
+        ("matched", IN, "matched tower, in distribution"),
+        ("matched", OOD, "matched tower, out of distribution"),
+        ("mismatched", IN, "mismatched tower, in distribution"),
+    ):
+        runs = by_seed(results, "3T", tower).values()
         points = [stat([_metric(r, _alpha(metric, a)) for r in runs]) for a in grid]
         alphas.errorbar(grid, [m for m, _ in points], yerr=[e for _, e in points], marker="o", capsize=3, label=label)
     alphas.set(xlabel="alpha (0: third tower's end, 1: 3T's main towers)", ylabel="zero-shot top-1")
-    alphas.set_title("3T alpha mixture (matched tower)")
+    alphas.set_title("3T alpha mixture")
     alphas.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ and CPAL palette read with fontTools."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -55,11 +56,17 @@ def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-def glyph_colours(codepoint: int) -> list[tuple[int, int, int]]:
-    """The RGB colours of the glyph's COLR layers, white and black (fill and outline) left out."""
+@functools.cache
+def colour_font():  # noqa: ANN201
+    """OpenMoji's COLRv0 font read by fontTools (once: it is a large file)."""
     from fontTools.ttLib import TTFont
 
-    font = TTFont(str(emoji_shards.openmoji_folder() / "font" / "glyf_colr0.ttf"))
+    return TTFont(str(emoji_shards.openmoji_folder() / "font" / "glyf_colr0.ttf"))
+
+
+def glyph_colours(codepoint: int) -> list[tuple[int, int, int]]:
+    """The RGB colours of the glyph's COLR layers, white and black (fill and outline) left out."""
+    font = colour_font()
     palette = font["CPAL"].palettes[0]
     layers = font["COLR"].ColorLayers[font.getBestCmap()[codepoint]]
     colours = {
