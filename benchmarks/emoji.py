@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -203,6 +204,8 @@ def main(argv: list[str]) -> int:
     if options.threads:
         # On a machine shared with other jobs one thread avoids stalls at every parallel region's
         # barrier while a sibling thread waits for a core (benchmarks/study.py measured ~3x).
+        # The trainer takes a rank's threads from OMP_NUM_THREADS (train.threads_per_rank = 0).
+        os.environ["OMP_NUM_THREADS"] = str(options.threads)
         import torch
 
         torch.set_num_threads(options.threads)

@@ -26,6 +26,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def launcher_argv(script: Path, args: list[str], *, ranks: int, command: bool) -> list[str]:
+    """``deepspeed --num_gpus ranks script args`` (``command``), or what that command starts on one
+    node: ``python -u -m deepspeed.launcher.launch`` with the same world (see ``deepspeed_launch``);
+    each on a free master port. The caller puts the working folder on PYTHONPATH, as the command does."""
+    port = str(free_port())
+    if command:
+        deepspeed = Path(sys.executable).parent / "deepspeed"
+        return [str(deepspeed), "--num_gpus", str(ranks), "--master_port", port, str(script), *args]
+    from deepspeed.launcher.runner import encode_world_info  # the command's own encoding
+
+    world = encode_world_info({"localhost": list(range(ranks))})
+    launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"]
+    return [*launcher, "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *args]
+
+
 def deepspeed_launch(
     script: Path,
     args: list[str],
@@ -48,16 +63,7 @@ def deepspeed_launch(
     if Path(script) == TRAIN and not any(arg.startswith("--log.curves") for arg in args):
         # Drawing curves.png costs a run about a second at its end; only the test of it asks for it.
         args = [*args, "--log.curves=False"]
-    port = str(free_port())
-    if command:
-        deepspeed = Path(sys.executable).parent / "deepspeed"
-        argv = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", port, str(script), *args]
-    else:
-        from deepspeed.launcher.runner import encode_world_info  # the command's own encoding
-
-        world = encode_world_info({"localhost": list(range(ranks))})
-        launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"]
-        argv = [*launcher, "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *args]
+    argv = launcher_argv(script, args, ranks=ranks, command=command)
     python_path = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))  # as the command sets it
     env = dict(
         os.environ,
