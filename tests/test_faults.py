@@ -63,8 +63,15 @@ def _start(
     environment |= env or {}
     return subprocess.Popen(
         command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_default_sigint,
     )  # fmt: skip
+
+
+def _default_sigint() -> None:
+    """SIGINT as in a terminal's job: a background job of a script without job control (``cmd &``)
+    starts with SIGINT ignored, and Python then installs no KeyboardInterrupt, so the command
+    would not react to the SIGINT this test sends it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _finish(process: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
@@ -307,7 +314,9 @@ def test_a_signal_to_any_process_of_the_run_checkpoints_and_stops_every_rank(
     status, output = _finish(process, timeout=300)  # returns once every process holding the pipe is gone
     for pid in ranks:  # gone, or a zombie; a rank closes its output before its interpreter has quite exited
         _wait_gone(pid, timeout=60)
-    (stopped,) = [r for r in read_log(run) if r.get("event") == "stopped"]
+    stops = [r for r in read_log(run) if r.get("event") == "stopped"]
+    assert len(stops) == 1, (status, [r for r in read_log(run) if "event" in r], output[-4000:])
+    (stopped,) = stops
     assert stopped["exit_code"] == 75, output[-3000:]
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert int(latest.removeprefix("step")) == stopped["step"] < 400
