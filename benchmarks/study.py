@@ -33,14 +33,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -64,7 +61,8 @@ from tritower.benchmarks.study_report import (
     format_expectations,
     format_table,
 )
-from tritower.benchmarks.study_towers import data_args, prepare_tower
+from tritower.benchmarks.study_runs import prepare_towers, run_all
+from tritower.benchmarks.study_towers import data_args
 
 SETTINGS = ("uu", "Lu", "LU", "3T", "Uu", "UU", "UL", "uL", "LL")
 TOWERS = ("matched", "mismatched", "real")
@@ -250,71 +248,9 @@ def claim_argv(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cac
     return argv + [f"--eval.every_steps={every}", f"--eval.sets=ood=builtin:{OOD_STYLES}"]
 
 
-def run_all(
-    runs: list[Run],
-    out: Path,
-    started: float,
-    label: str,
-    train: Callable[[Run], dict],
-    jobs: int = 1,
-    threads: int = 1,
-) -> list[dict]:
-    """Train (``train``, picklable when ``jobs`` > 1) each run that has no result yet, saying which;
-    returns every run's result. A result on disk is a finished run: an interrupted study resumes
-    where it stopped. ``jobs`` > 1 trains that many runs at once, each in a process of its own with
-    ``threads`` torch threads (the runs are small: two one-thread processes on two cores train
-    about twice what one two-thread process does)."""
-    todo = [(index, run) for index, run in enumerate(runs) if not (out / "results" / f"{run.key}.json").exists()]
-    announce = functools.partial(_announce_and_train, train, label, len(runs), started)
-    if jobs <= 1:
-        for index, run in todo:
-            announce(index, run)
-    else:
-        with _pool(jobs, threads) as pool:
-            for future in [pool.submit(announce, index, run) for index, run in todo]:
-                future.result()  # the first failure stops the study with its own traceback
-    return [json.loads((out / "results" / f"{r.key}.json").read_text()) for r in runs]
-
-
-def _announce_and_train(
-    train: Callable[[Run], dict], label: str, total: int, started: float, index: int, run: Run
-) -> dict:
-    print(f"{label}: run {index + 1}/{total} {run.key} ({time.time() - started:.0f} s so far)", flush=True)
-    return train(run)
-
-
-def _pool(jobs: int, threads: int) -> ProcessPoolExecutor:
-    """``jobs`` fresh processes (spawned: no state of this one's torch or process group), each on
-    ``threads`` threads and its own master port (``launch/train.py``'s single-process default)."""
-    return ProcessPoolExecutor(
-        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads, initargs=(threads,)
-    )
-
-
-def _set_threads(threads: int) -> None:
-    """Each run's compute threads: the trainer sets a rank's threads from ``OMP_NUM_THREADS``
-    (``train.threads_per_rank``'s default), else from the cores, which would put two threads of
-    each of ``jobs`` processes on every core."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def claim_run(run: Run, towers: dict[str, dict], budget: Budget, out: Path, cache: Path) -> dict:
     """Trains one claims run (``claim_argv``) and writes its result JSON."""
     return run_one(run, towers, budget, out, cache, claim_argv(run, towers, budget, out, cache))
-
-
-def prepare_towers(
-    kinds: list[str], out: Path, budget: Budget, cache: Path, styles: str, jobs: int, threads: int
-) -> dict[str, dict]:
-    """``prepare_tower`` of each kind, ``jobs`` at once (as ``run_all``)."""
-    if jobs <= 1 or len(kinds) < 2:
-        return {kind: prepare_tower(kind, out, budget, cache, styles=styles) for kind in kinds}
-    with _pool(min(jobs, len(kinds)), threads) as pool:
-        futures = {kind: pool.submit(prepare_tower, kind, out, budget, cache, styles) for kind in kinds}
-        return {kind: future.result() for kind, future in futures.items()}
 
 
 def run_claims(options: StudyOptions, budget: Budget, seeds: list[int], out: Path, cache: Path, argv: list[str]) -> int:

@@ -34,10 +34,7 @@ from tritower.launch.metrics.progress import (
     wandb_values,
     write_curves,
 )
-from tritower.launch.towers.model_setup import (
-    apply_unlock_schedule,
-    unlock_events,
-)
+from tritower.launch.towers.model_setup import apply_unlock_schedule, unlock_events
 from tritower.losses import NonFiniteInputError
 
 INPUT_NAMES = ("image_embeddings", "text_embeddings", "third_embeddings")
