@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from tritower.benchmarks.cli import parse_benchmark
 from tritower.benchmarks.study import _step_seconds, train_in_process
+from tritower.benchmarks.study_runs import set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ("Lu", "LU", "uu")
@@ -202,13 +202,7 @@ def main(argv: list[str]) -> int:
     from tritower.launch.metrics.console import matmul_gflops
 
     if options.threads:
-        # On a machine shared with other jobs one thread avoids stalls at every parallel region's
-        # barrier while a sibling thread waits for a core (benchmarks/study.py measured ~3x).
-        # The trainer takes a rank's threads from OMP_NUM_THREADS (train.threads_per_rank = 0).
-        os.environ["OMP_NUM_THREADS"] = str(options.threads)
-        import torch
-
-        torch.set_num_threads(options.threads)
+        set_threads(options.threads)
 
     out = Path(options.out).resolve()
     seeds = [int(s) for s in options.seeds.split(",")]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -61,7 +60,7 @@ from tritower.benchmarks.study_report import (
     format_expectations,
     format_table,
 )
-from tritower.benchmarks.study_runs import prepare_towers, run_all
+from tritower.benchmarks.study_runs import prepare_towers, run_all, set_threads
 from tritower.benchmarks.study_towers import data_args
 
 SETTINGS = ("uu", "Lu", "LU", "3T", "Uu", "UU", "UL", "uL", "LL")
@@ -377,13 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.pretrain_steps:
         budget = replace(budget, pretrain_steps=options.pretrain_steps)
     if options.threads:
-        # On a machine shared with other jobs, one thread per process avoids stalls at every
-        # parallel region's barrier while a sibling thread waits for a core (~3x here, loaded).
-        # The trainer takes a rank's threads from OMP_NUM_THREADS (train.threads_per_rank = 0).
-        os.environ["OMP_NUM_THREADS"] = str(options.threads)
-        import torch
-
-        torch.set_num_threads(options.threads)
+        set_threads(options.threads)
     default_seeds = [0] if options.quick else list(range(CLAIM_SEEDS)) if options.claims else [0, 1, 2]
     seeds = [int(s) for s in options.seeds.split(",")] if options.seeds else default_seeds
     settings = _names(options.settings, SETTINGS, "setting") or list(QUICK_SETTINGS if options.quick else SETTINGS)

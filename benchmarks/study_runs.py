@@ -57,14 +57,16 @@ def _pool(jobs: int, threads: int) -> ProcessPoolExecutor:
     """``jobs`` fresh processes (spawned: no state of this one's torch or process group), each on
     ``threads`` threads and its own master port (``launch/train.py``'s single-process default)."""
     return ProcessPoolExecutor(
-        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads, initargs=(threads,)
+        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=set_threads, initargs=(threads,)
     )
 
 
-def _set_threads(threads: int) -> None:
-    """Each run's compute threads: the trainer sets a rank's threads from ``OMP_NUM_THREADS``
-    (``train.threads_per_rank``'s default), else from the cores, which would put two threads of
-    each of ``jobs`` processes on every core."""
+def set_threads(threads: int) -> None:
+    """This process's runs on ``threads`` compute threads. The trainer sets a rank's threads from
+    ``OMP_NUM_THREADS`` (``train.threads_per_rank``'s default), else from the cores, which would
+    put two threads of each of ``jobs`` processes on every core. On a machine shared with other
+    jobs one thread per process avoids stalls at every parallel region's barrier while a sibling
+    thread waits for a core (~3x here, loaded)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 

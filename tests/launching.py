@@ -41,6 +41,19 @@ def launcher_argv(script: Path, args: list[str], *, ranks: int, command: bool) -
     return [*launcher, "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *args]
 
 
+def launch_env(cwd: Path, extra: dict | None = None) -> dict:
+    """A launch's environment: this one, ``cwd`` on PYTHONPATH (as the ``deepspeed`` command sets
+    it), one compute thread per rank, unbuffered output, no tokenizer threads; then ``extra``."""
+    python_path = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))
+    base = {
+        "PYTHONPATH": python_path,
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return dict(os.environ, **base) | (extra or {})
+
+
 def deepspeed_launch(
     script: Path,
     args: list[str],
@@ -64,16 +77,9 @@ def deepspeed_launch(
         # Drawing curves.png costs a run about a second at its end; only the test of it asks for it.
         args = [*args, "--log.curves=False"]
     argv = launcher_argv(script, args, ranks=ranks, command=command)
-    python_path = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))  # as the command sets it
-    env = dict(
-        os.environ,
-        PYTHONPATH=python_path,
-        WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
-        WANDB_SILENT="true",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-    ) | (env or {})
+    env = launch_env(
+        cwd, {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true", **(env or {})}
+    )
     env = {key: value for key, value in env.items() if value is not None}  # None: unset it
     # Its own session: a launch that runs past its timeout (or a Ctrl-C of pytest) is killed whole,
     # launcher and ranks, not left training on cores that other launches share.

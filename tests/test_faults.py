@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from launching import REPO, TRAIN, launcher_argv, read_log
+from launching import REPO, TRAIN, launch_env, launcher_argv, read_log
 
 from tritower.data import ensure_builtin_data
 from tritower.launch.experiments import get_experiment
@@ -55,12 +55,7 @@ def _start(
     command = launcher_argv(TRAIN, run, ranks=ranks, command=typed or supervised)
     if supervised:  # the user-facing command that exits 75 (launch/lifecycle/supervise.py)
         command = [sys.executable, "-m", "tritower.launch.lifecycle.supervise", *command]
-    environment = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    environment |= {
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    environment |= env or {}
+    environment = launch_env(REPO, {"WANDB_MODE": "disabled", **(env or {})})
     return subprocess.Popen(
         command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, preexec_fn=_default_sigint,
